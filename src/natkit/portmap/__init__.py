@@ -1,0 +1,1 @@
+"""Port mapping on home routers: UPnP IGD, NAT-PMP and PCP."""
