@@ -1,0 +1,1 @@
+"""The ``natkit`` command line."""

@@ -1,0 +1,115 @@
+"""``natkit lab``: build and drive the network-namespace NAT testbed."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+from rich.table import Table
+
+from natkit.cli.common import emit_json, fail, out
+from natkit.lab import Lab, LabConfig, parse_portmap
+from natkit.lab.config import NAT_BEHAVIOURS, NODES
+
+NAME = click.option("--name", default="natkit", show_default=True, help="Lab name (several may coexist).")
+
+
+@click.group()
+def lab() -> None:
+    """A real NAT testbed: namespaces, nftables NAT, miniupnpd (Linux, root)."""
+
+
+@lab.command("up")
+@NAME
+@click.option("--portmap", default="upnp,natpmp,pcp", show_default=True,
+              help="What the router offers: a comma list of upnp, natpmp, pcp; or none.")  # fmt: skip
+@click.option("--nat", type=click.Choice(NAT_BEHAVIOURS), default="eim", show_default=True,
+              help="eim: port-keeping masquerade; random: address-and-port-dependent mapping.")  # fmt: skip
+@click.option("--replace", is_flag=True, help="Replace a lab of the same name if one exists.")
+@click.option("--json", "as_json", is_flag=True)
+def lab_up(name: str, portmap: str, nat: str, replace: bool, as_json: bool) -> None:
+    """Build the lab: lan and dev behind rtr (NAT + miniupnpd), and wan (the Internet)."""
+    try:
+        chosen = parse_portmap(portmap)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    cfg = LabConfig(name=name, portmap=chosen, nat="random" if nat == "random" else "eim")
+    the_lab = Lab.create(cfg, replace=replace)
+    status = the_lab.status()
+    if as_json:
+        emit_json(status)
+    else:
+        _print_status(status)
+
+
+@lab.command("down")
+@NAME
+def lab_down(name: str) -> None:
+    """Remove the lab and everything running in it (idempotent)."""
+    from natkit.lab.lab import check_host
+
+    check_host()
+    Lab(LabConfig(name=name)).down()
+    out.print(f"lab {name!r} is down")
+
+
+@lab.command("status")
+@NAME
+@click.option("--json", "as_json", is_flag=True)
+def lab_status(name: str, as_json: bool) -> None:
+    """Show the lab's nodes, addresses and router."""
+    status = Lab.open(name).status()
+    if as_json:
+        emit_json(status)
+    else:
+        _print_status(status)
+
+
+@lab.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@NAME
+@click.argument("node", type=click.Choice(NODES))
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def lab_exec(name: str, node: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND on NODE: natkit lab exec lan -- curl http://100.200.0.2/"""
+    argv = Lab.open(name).command(node, list(command))
+    os.execvp(argv[0], argv)
+
+
+@lab.command("reboot")
+@NAME
+@click.argument("node", type=click.Choice(["rtr"]))
+def lab_reboot(name: str, node: str) -> None:
+    """Reboot the router: the daemon restarts and every mapping and NAT state is lost."""
+    Lab.open(name).reboot_router()
+    out.print(f"router of lab {name!r} rebooted")
+
+
+@lab.command("demo")
+@click.option("--name", default="natkit-demo", show_default=True, help="Lab name.")
+@click.option("--keep", is_flag=True, help="Leave the lab up afterwards.")
+def lab_demo(name: str, keep: bool) -> None:
+    """Build a lab, map a LAN web server through the router with natkit, fetch it from wan."""
+    from natkit.lab.demo import run_demo
+
+    raise SystemExit(run_demo(name, keep=keep))
+
+
+def _print_status(status: dict[str, object]) -> None:
+    t = Table(title=f"lab {status['name']!r}  nat={status['nat']}  portmap="
+                    f"{','.join(status['portmap']) or 'none'}", title_justify="left")  # type: ignore[arg-type]  # fmt: skip
+    t.add_column("node")
+    t.add_column("netns")
+    t.add_column("addresses")
+    nodes = status["nodes"]
+    assert isinstance(nodes, dict)
+    for node, info in nodes.items():
+        t.add_row(node, info["netns"], ", ".join(info["addresses"]))
+    out.print(t)
+    router = status["router"]
+    assert isinstance(router, dict)
+    out.print(f"router: LAN {router['lan_ip']}  WAN {router['wan_ip']}  "
+              f"miniupnpd {'running, pid ' + str(router['miniupnpd_pid']) if router['miniupnpd_running'] else 'off'}")  # fmt: skip
+    if router.get("upnp_description"):
+        out.print(f"UPnP IGD: {router['upnp_description']}")
+    _ = json  # status is JSON-shaped; --json prints it as is

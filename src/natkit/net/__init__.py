@@ -1,0 +1,1 @@
+"""Small networking helpers shared by every protocol: routes, addresses, HTTP."""

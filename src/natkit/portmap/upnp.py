@@ -1,0 +1,157 @@
+"""Port mapping through a UPnP IGD, surviving the quirks of real routers.
+
+AddPortMapping is retried the way field experience demands (see shared/lab-facts.md):
+725 OnlyPermanentLeasesSupported and 402 on a lease value → another lease (a permanent one
+is reported as such so the caller deletes it on exit); 718 ConflictInMappingEntry → our own
+stale entry is replaced, someone else's makes us ask for AddAnyPortMapping (IGD2) or try
+other ports; 724 SamePortValuesRequired → external port = internal port.
+"""
+
+from __future__ import annotations
+
+import random
+
+from natkit.errors import MappingConflictError, ProtocolError, UPnPError
+from natkit.portmap.discovery import discover_igd
+from natkit.portmap.igd import Gateway, IGDClient, PortMappingEntry
+from natkit.portmap.mapping import PortMapping, normalize_protocol
+
+MAX_LEASE = 604800  # IGD2 caps leases at a week; larger values get 402 from some routers
+LEASE_FALLBACKS = (3600, 600)  # tried on 402 before accepting a permanent (tracked) lease
+PORT_ATTEMPTS = 8
+
+
+class UPnPMapper:
+    """Creates, renews, lists and deletes mappings on one discovered IGD."""
+
+    method = "upnp"
+
+    def __init__(self, gateway: Gateway, *, timeout: float = 2.0) -> None:
+        self.gateway = gateway
+        self.client = IGDClient.for_gateway(gateway, timeout=timeout)
+
+    @classmethod
+    async def discover(cls, *, timeout: float = 2.0, gateway_ip: str | None = None) -> UPnPMapper:
+        return cls(await discover_igd(timeout=timeout, gateway_ip=gateway_ip), timeout=timeout)
+
+    @property
+    def internal_ip(self) -> str:
+        return self.gateway.local_ip
+
+    async def external_ip(self) -> str:
+        return await self.client.get_external_ip()
+
+    async def add(
+        self,
+        internal_port: int,
+        *,
+        external_port: int | None = None,
+        protocol: str = "tcp",
+        lease: int = 3600,
+        description: str = "natkit",
+    ) -> PortMapping:
+        proto = normalize_protocol(protocol)
+        if not 0 < internal_port < 65536 or (external_port is not None and not 0 < external_port < 65536):
+            raise ValueError("ports must be between 1 and 65535")
+        explicit = external_port is not None
+        port = external_port if external_port is not None else internal_port
+        lease = min(max(lease, 0), MAX_LEASE)
+        lease_fallbacks = [x for x in LEASE_FALLBACKS if 0 < x < lease or lease == 0]
+        replaced_own = tried_any = False
+        tried_ports = {port}
+        c, me = self.client, self.internal_ip
+        for _ in range(PORT_ATTEMPTS + len(LEASE_FALLBACKS) + 4):
+            try:
+                await c.add_port_mapping(
+                    port, proto, internal_port, me, description=description, lease=lease
+                )
+                break
+            except UPnPError as exc:
+                if exc.code == 725 and lease != 0:
+                    lease = 0  # the router only does permanent leases: tracked, deleted on exit
+                    continue
+                if exc.code == 402 and lease != 0:
+                    lease = lease_fallbacks.pop(0) if lease_fallbacks else 0
+                    continue
+                if exc.code == 724 and port != internal_port and not explicit:
+                    port = internal_port
+                    continue
+                if exc.code != 718:
+                    raise
+                owner = await self._owner(port, proto)
+                if owner and owner.internal_client == me and owner.internal_port == internal_port:
+                    if replaced_own:
+                        raise
+                    replaced_own = True  # our own stale entry (e.g. from a crash): replace it
+                    await c.delete_port_mapping(port, proto)
+                    continue
+                if explicit:
+                    who = f" to {owner.internal_client}:{owner.internal_port}" if owner else ""
+                    raise MappingConflictError(
+                        718, f"external port {port}/{proto} is already mapped{who}", "AddPortMapping"
+                    ) from None
+                if c.is_igd2 and not tried_any:
+                    tried_any = True
+                    try:
+                        port = await c.add_any_port_mapping(
+                            port, proto, internal_port, me, description=description, lease=lease
+                        )
+                        break
+                    except UPnPError:
+                        pass  # fall back to picking ports ourselves
+                port = self._another_port(tried_ports)
+        else:
+            raise MappingConflictError(
+                718, f"no free external port after {len(tried_ports)} tries", "AddPortMapping"
+            )
+        ext_ip = self.gateway.external_ip or await c.get_external_ip()
+        return PortMapping("upnp", proto, me, internal_port, ext_ip, port, lease, description)
+
+    async def renew(self, mapping: PortMapping) -> PortMapping:
+        """Re-add the same mapping (same external port) to extend its lease."""
+        return await self.add(
+            mapping.internal_port,
+            external_port=mapping.external_port,
+            protocol=mapping.protocol,
+            lease=mapping.lease or 3600,
+            description=mapping.description,
+        )
+
+    async def delete(self, external_port: int, protocol: str = "tcp") -> None:
+        await self.client.delete_port_mapping(external_port, normalize_protocol(protocol))
+
+    async def get(self, external_port: int, protocol: str = "tcp") -> PortMapping | None:
+        entry = await self._owner(external_port, normalize_protocol(protocol))
+        if entry is None:
+            return None
+        return self._from_entry(entry, self.gateway.external_ip)
+
+    async def list(self) -> list[PortMapping]:
+        entries = await self.client.list_port_mappings()
+        ext_ip = self.gateway.external_ip or await self.client.get_external_ip()
+        return [self._from_entry(e, ext_ip) for e in entries]
+
+    async def _owner(self, port: int, proto: str) -> PortMappingEntry | None:
+        try:
+            return await self.client.get_specific_port_mapping_entry(port, proto)
+        except UPnPError as exc:
+            if exc.code in (714, 402):
+                return None
+            raise
+        except ProtocolError:
+            return None
+
+    @staticmethod
+    def _another_port(tried: set[int]) -> int:
+        while True:
+            port = random.randint(20000, 60999)
+            if port not in tried:
+                tried.add(port)
+                return port
+
+    @staticmethod
+    def _from_entry(e: PortMappingEntry, ext_ip: str) -> PortMapping:
+        return PortMapping(
+            "upnp", normalize_protocol(e.protocol), e.internal_client, e.internal_port,
+            ext_ip, e.external_port, e.lease, e.description,
+        )  # fmt: skip
