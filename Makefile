@@ -1,0 +1,53 @@
+# natkit — everything a fresh Debian 12 machine (as root) needs, idempotently.
+#   make demo   build a NAT lab and expose a LAN web server through its router with natkit
+#   make test   lint (ruff, mypy --strict) and the whole test suite, lab tests included
+#   make bench  benchmarks against the reference tools (on demand, not in CI)
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEBS := iproute2 nftables conntrack miniupnpd-nftables miniupnpc natpmpc python3-venv curl
+STAMP_DEBS := $(VENV)/.debs-installed
+STAMP_PY := $(VENV)/.py-installed
+
+.PHONY: demo test lint unit bench deps clean-labs
+
+$(STAMP_DEBS):
+	@missing=""; for p in $(DEBS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+$(STAMP_PY): pyproject.toml $(STAMP_DEBS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	@touch $@
+
+deps: $(STAMP_PY)
+
+demo: deps
+	$(VENV)/bin/natkit lab demo
+
+lint: deps
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src
+	$(VENV)/bin/mypy --strict src
+
+unit: deps
+	$(VENV)/bin/pytest -q tests/unit
+
+test: lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+bench: deps
+	$(PY) bench/run.py
+
+# Remove every lab left by interrupted runs (namespaces outlive their processes).
+clean-labs:
+	@for ns in $$(ip netns list | awk '{print $$1}' | grep -E -- '-(lan|dev|rtr|wan)$$' | sed -E 's/-(lan|dev|rtr|wan)$$//' | sort -u); do \
+	  $(VENV)/bin/natkit lab down --name $$ns; done
