@@ -31,6 +31,8 @@ from natkit.errors import LabError  # noqa: E402
 
 T = TypeVar("T")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Lab names: change the prefix to run two test sessions side by side without collisions.
+LAB_PREFIX = os.environ.get("NATKIT_TEST_LAB", "nkt")
 
 
 @pytest.fixture(autouse=True)
@@ -59,19 +61,19 @@ def _build(cfg: LabConfig) -> Lab:
 @pytest.fixture(scope="session")
 def lab() -> Iterator[Lab]:
     """The default lab: UPnP + NAT-PMP + PCP, port-keeping NAT. Shared; don't break it."""
-    the_lab = _build(LabConfig(name="nkt"))
+    the_lab = _build(LabConfig(name=LAB_PREFIX))
     yield the_lab
     the_lab.down()
 
 
 @pytest.fixture
 def make_lab() -> Iterator[Callable[..., Lab]]:
-    """Build a private lab with other settings; removed after the test."""
+    """Build a private lab with other settings (named PREFIX-name); removed after the test."""
     made: list[Lab] = []
 
     def make(name: str, portmap: frozenset[PortmapProtocol] | None = None, nat: str = "eim") -> Lab:
         cfg = LabConfig(
-            name=name,
+            name=f"{LAB_PREFIX}-{name}",
             portmap=frozenset(("upnp", "natpmp", "pcp")) if portmap is None else portmap,
             nat="random" if nat == "random" else "eim",
         )

@@ -168,7 +168,7 @@ def test_own_stale_mapping_is_refreshed(lab: Lab) -> None:
 
 
 def test_no_igd_is_a_clear_error_in_bounded_time(make_lab) -> None:  # type: ignore[no-untyped-def]
-    off = make_lab("nkt-noigd", portmap=frozenset({"natpmp", "pcp"}))
+    off = make_lab("noigd", portmap=frozenset({"natpmp", "pcp"}))
     t0 = time.monotonic()
     with pytest.raises(DiscoveryError, match="is UPnP enabled on the router"):
         run_in_node(off, "lan", lambda: discover_igd(timeout=1.0))
