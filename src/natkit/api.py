@@ -1,35 +1,44 @@
 """The one-call API: ``natkit.open_port(8080)`` (blocking) and ``open_port_async`` (asyncio).
 
-Both give a handle whose mapping is leased, renewed at half the lease while the handle is
-open, and deleted when it is closed (or when the ``with`` block ends).
+Both give a handle whose mapping is leased, kept alive while the handle is open (renewed
+at half the lease, restored after a router reboot) and deleted when it is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import threading
 from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
 from natkit.portmap.mapping import PortMapping
-from natkit.portmap.upnp import UPnPMapper
+from natkit.portmap.manager import KeptMapping
 
-log = logging.getLogger("natkit")
 T = TypeVar("T")
 
 
 class OpenPort:
-    """A live port mapping (async). Use ``async with await open_port_async(...)`` or ``close()``."""
+    """A live port mapping (async): ``async with await open_port_async(8080) as port: ...``.
 
-    def __init__(self, mapper: UPnPMapper, mapping: PortMapping) -> None:
-        self._mapper = mapper
-        self.mapping = mapping
-        self._renewer: asyncio.Task[None] | None = None
-        self._listeners: list[Callable[[PortMapping], None]] = []
-        self.closed = False
+    ``mapping`` (and ``public_address``) stay current: the mapping is renewed, and restored
+    after a router reboot or a gateway change. ``on_change`` tells you when it moves.
+    """
+
+    def __init__(self, keeper: KeptMapping) -> None:
+        self._keeper = keeper
+        self._change_listeners: list[Callable[[PortMapping], None]] = []
+        keeper.on_event(self._on_event)
+
+    @property
+    def mapping(self) -> PortMapping:
+        assert self._keeper.mapping is not None
+        return self._keeper.mapping
+
+    @property
+    def method(self) -> str:
+        return self.mapping.method
 
     @property
     def public_address(self) -> str:
@@ -39,44 +48,26 @@ class OpenPort:
     def publicly_reachable(self) -> bool:
         return self.mapping.publicly_reachable
 
+    @property
+    def closed(self) -> bool:
+        return self._keeper.closed
+
     def on_change(self, callback: Callable[[PortMapping], None]) -> None:
         """Call ``callback(mapping)`` whenever the public address changes."""
-        self._listeners.append(callback)
+        self._change_listeners.append(callback)
 
-    def _start(self) -> None:
-        if self.mapping.lease > 0:
-            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+    def on_event(self, callback: Callable[[str, PortMapping, dict[str, Any]], None]) -> None:
+        """Call ``callback(event, mapping, info)`` for renewed, lost, restored and closed."""
+        self._keeper.on_event(callback)
 
-    async def _renew_forever(self) -> None:
-        while True:
-            await asyncio.sleep(max(1.0, self.mapping.lease / 2))
-            try:
-                fresh = await self._mapper.renew(self.mapping)
-            except Exception as exc:  # keep trying; the lease still has half its time left
-                log.warning("renewing %s failed: %s", self.mapping.public_address, exc)
-                continue
-            changed = fresh.public_address != self.mapping.public_address
-            self.mapping = fresh
-            if changed:
-                for cb in self._listeners:
-                    cb(fresh)
+    def _on_event(self, event: str, mapping: PortMapping, info: dict[str, Any]) -> None:
+        if info.get("changed"):
+            for cb in self._change_listeners:
+                cb(mapping)
 
     async def close(self) -> None:
         """Delete the mapping from the router. Safe to call twice."""
-        if self.closed:
-            return
-        self.closed = True
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-        m = self.mapping
-        try:
-            await self._mapper.delete(m.external_port, m.protocol)
-        except Exception as exc:
-            log.warning("could not delete mapping %s/%s: %s", m.public_address, m.protocol, exc)
-            if m.lease == 0:
-                raise  # a permanent mapping must not be left behind silently
+        await self._keeper.close()
 
     async def __aenter__(self) -> OpenPort:
         return self
@@ -87,7 +78,9 @@ class OpenPort:
         await self.close()
 
     def __repr__(self) -> str:
-        m = self.mapping
+        m = self._keeper.mapping
+        if m is None:
+            return "<OpenPort (not mapped)>"
         return f"<OpenPort {m.protocol} {m.public_address} -> {m.internal_ip}:{m.internal_port} via {m.method}>"
 
 
@@ -98,18 +91,20 @@ async def open_port_async(
     external_port: int | None = None,
     lease: int = 3600,
     description: str = "natkit",
+    via: str = "auto",
     timeout: float = 2.0,
     gateway_ip: str | None = None,
+    check_interval: float = 2.0,
 ) -> OpenPort:
-    """Discover the router, map ``internal_port`` and return the live :class:`OpenPort`."""
-    mapper = await UPnPMapper.discover(timeout=timeout, gateway_ip=gateway_ip)
-    mapping = await mapper.add(
-        internal_port, external_port=external_port, protocol=protocol, lease=lease,
-        description=description,
+    """Map ``internal_port`` on the router (UPnP, NAT-PMP or PCP: the best it offers) and
+    keep the mapping alive until the returned :class:`OpenPort` is closed."""
+    keeper = KeptMapping(
+        internal_port, protocol=protocol, external_port=external_port, lease=lease,
+        description=description, via=via, gateway_ip=gateway_ip, timeout=timeout,
+        check_interval=check_interval,
     )  # fmt: skip
-    handle = OpenPort(mapper, mapping)
-    handle._start()
-    return handle
+    await keeper.start()
+    return OpenPort(keeper)
 
 
 class _LoopThread:
@@ -152,7 +147,12 @@ class Port:
     def publicly_reachable(self) -> bool:
         return self._handle.publicly_reachable
 
+    @property
+    def method(self) -> str:
+        return self._handle.method
+
     def on_change(self, callback: Callable[[PortMapping], None]) -> None:
+        """Called (from natkit's background thread) when the public address changes."""
         self._handle.on_change(callback)
 
     def close(self) -> None:
@@ -182,15 +182,20 @@ def open_port(
     external_port: int | None = None,
     lease: int = 3600,
     description: str = "natkit",
+    via: str = "auto",
     timeout: float = 2.0,
     gateway_ip: str | None = None,
 ) -> Port:
-    """Map ``internal_port`` on the router; blocking. ``with natkit.open_port(8080) as p: ...``"""
+    """Map ``internal_port`` on the router; blocking. ``with natkit.open_port(8080) as p: ...``
+
+    The mapping is kept alive (renewed, restored after a router reboot) by a background
+    thread until the port is closed.
+    """
     runner = _LoopThread()
     try:
         handle = runner.run(open_port_async(
             internal_port, protocol=protocol, external_port=external_port, lease=lease,
-            description=description, timeout=timeout, gateway_ip=gateway_ip,
+            description=description, via=via, timeout=timeout, gateway_ip=gateway_ip,
         ))  # fmt: skip
     except BaseException:
         runner.stop()

@@ -90,3 +90,48 @@ def upnp_error(code: int, description: str, action: str = "") -> UPnPError:
     elif code == 606:
         cls = NotAuthorizedError
     return cls(code, description, action)
+
+
+class NatPmpError(NatkitError):
+    """A NAT-PMP (RFC 6886) server answered with a non-zero result code."""
+
+    NAMES = {
+        1: ("UNSUPP_VERSION", "the router does not speak this NAT-PMP version"),
+        2: ("NOT_AUTHORIZED", "the router refuses mappings (NAT-PMP may be disabled in its settings)"),
+        3: ("NETWORK_FAILURE", "the router has no external address yet (its WAN link may be down)"),
+        4: ("OUT_OF_RESOURCES", "the router has no free ports or mapping slots left"),
+        5: ("UNSUPP_OPCODE", "the router does not support this request"),
+    }
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        name, hint = self.NAMES.get(code, (f"result {code}", "unknown NAT-PMP result code"))
+        self.name = name
+        super().__init__(f"NAT-PMP error {code} {name} — {hint}")
+
+
+class PcpError(NatkitError):
+    """A PCP (RFC 6887) server answered with a non-zero result code."""
+
+    NAMES = {
+        1: ("UNSUPP_VERSION", "the router does not speak this PCP version"),
+        2: ("NOT_AUTHORIZED", "the router refuses this mapping (PCP may be restricted in its settings)"),
+        3: ("MALFORMED_REQUEST", "the router could not parse the request"),
+        4: ("UNSUPP_OPCODE", "the router does not support this request"),
+        5: ("UNSUPP_OPTION", "the router does not support a mandatory option"),
+        6: ("MALFORMED_OPTION", "the router could not parse an option"),
+        7: ("NETWORK_FAILURE", "the router cannot map right now (its WAN link may be down)"),
+        8: ("NO_RESOURCES", "the router has no free mapping slots left"),
+        9: ("UNSUPP_PROTOCOL", "the router cannot map this transport protocol"),
+        10: ("USER_EX_QUOTA", "this host has used up its mapping quota on the router"),
+        11: ("CANNOT_PROVIDE_EXTERNAL", "the router cannot give the requested external port/address"),
+        12: ("ADDRESS_MISMATCH", "the router saw another source address than the one in the request"),
+        13: ("EXCESSIVE_REMOTE_PEERS", "too many remote peers"),
+    }
+
+    def __init__(self, code: int, lifetime: int = 0) -> None:
+        self.code = code
+        self.lifetime = lifetime  # for errors: how long the condition is expected to last
+        name, hint = self.NAMES.get(code, (f"result {code}", "unknown PCP result code"))
+        self.name = name
+        super().__init__(f"PCP error {code} {name} — {hint}")

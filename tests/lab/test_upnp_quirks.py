@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from natkit.api import OpenPort
 from natkit.errors import NotAuthorizedError, UPnPError
 from natkit.lab import Lab, netns
 from natkit.lab import config as C
 from natkit.portmap.description import DeviceDescription, Service
 from natkit.portmap.igd import Gateway
+from natkit.portmap.manager import KeptMapping
 from natkit.portmap.upnp import UPnPMapper
 from tests.conftest import run_in_node
 
@@ -139,8 +139,9 @@ def test_725_only_permanent_leases_then_deleted_on_close(lab: Lab) -> None:
 
         async def run() -> int:
             m = await mapper.add(8080, lease=3600)
-            handle = OpenPort(mapper, m)
-            await handle.close()  # a permanent mapping must not outlive us
+            keeper = KeptMapping(8080)  # what open_port/expose hold: it owns the mapping
+            keeper.mapper, keeper.mapping = mapper, m
+            await keeper.close()  # a permanent mapping must not outlive us
             return m.lease
 
         assert run_in_node(lab, "lan", run) == 0

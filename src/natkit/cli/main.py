@@ -9,6 +9,7 @@ import click
 
 from natkit import __version__
 from natkit.cli.common import fail
+from natkit.cli.expose import expose
 from natkit.cli.lab import lab
 from natkit.cli.map import map_group
 from natkit.errors import NatkitError
@@ -27,6 +28,7 @@ def cli(verbose: bool) -> None:
 
 
 cli.add_command(map_group)
+cli.add_command(expose)
 cli.add_command(lab)
 
 

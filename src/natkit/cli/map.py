@@ -3,26 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 from rich.table import Table
 
+from natkit import state
 from natkit.cli.common import emit_json, err, out
-from natkit.portmap.mapping import PortMapping
+from natkit.errors import DiscoveryError, NatkitError
+from natkit.portmap.manager import probe
+from natkit.portmap.mapping import Mapper, PortMapping
 from natkit.portmap.upnp import UPnPMapper
 
-VIA = click.Choice(["auto", "upnp"])
 PROTO = click.Choice(["tcp", "udp"], case_sensitive=False)
 
 
-def _common(f: click.decorators.FC) -> click.decorators.FC:
-    f = click.option("--via", type=VIA, default="auto", show_default=True,
-                     help="Port-mapping protocol to use.")(f)  # fmt: skip
-    f = click.option("--gateway", metavar="IP", help="Router address (default: the default gateway).")(f)
-    f = click.option("--timeout", type=float, default=2.0, show_default=True,
-                     help="Seconds to wait for the router.")(f)  # fmt: skip
-    f = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
-    return f
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _common(default_via: str) -> Callable[[F], F]:
+    def deco(f: F) -> F:
+        f = click.option("--via", type=click.Choice(["auto", "upnp", "natpmp", "pcp"]),
+                         default=default_via, show_default=True,
+                         help="Port-mapping protocol (auto: the best the router offers).")(f)  # fmt: skip
+        f = click.option("--gateway", metavar="IP", help="Router address (default: the default gateway).")(f)
+        f = click.option("--timeout", type=float, default=2.0, show_default=True,
+                         help="Seconds to wait for the router.")(f)  # fmt: skip
+        return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
+
+    return deco
 
 
 def _table(mappings: list[PortMapping], title: str) -> Table:
@@ -36,10 +46,6 @@ def _table(mappings: list[PortMapping], title: str) -> Table:
     return t
 
 
-async def _mapper(gateway: str | None, timeout: float) -> UPnPMapper:
-    return await UPnPMapper.discover(timeout=timeout, gateway_ip=gateway)
-
-
 @click.group("map")
 def map_group() -> None:
     """Create, list and delete port mappings on the router."""
@@ -50,21 +56,27 @@ def map_group() -> None:
 @click.option("--external-port", type=click.IntRange(1, 65535), help="Public port (default: same).")
 @click.option("--protocol", type=PROTO, default="tcp", show_default=True)
 @click.option("--lease", type=click.IntRange(0, 604800), default=3600, show_default=True,
-              help="Seconds the router keeps the mapping (0 = permanent; avoid).")  # fmt: skip
+              help="Seconds the router keeps the mapping (0 = permanent; UPnP only; avoid).")  # fmt: skip
 @click.option("--description", default="natkit", show_default=True)
-@_common
+@_common("auto")
 def map_add(
     internal_port: int, external_port: int | None, protocol: str, lease: int, description: str,
     via: str, gateway: str | None, timeout: float, as_json: bool,
 ) -> None:  # fmt: skip
     """Map INTERNAL_PORT on this machine to a public port on the router, then exit."""
 
-    async def run() -> PortMapping:
-        mapper = await _mapper(gateway, timeout)
-        return await mapper.add(internal_port, external_port=external_port, protocol=protocol,
-                                lease=lease, description=description)  # fmt: skip
+    async def run() -> tuple[PortMapping, str]:
+        result = await probe(via=via, gateway_ip=gateway, timeout=timeout)
+        try:
+            m = await result.chosen.add(internal_port, external_port=external_port,
+                                        protocol=protocol, lease=lease, description=description)  # fmt: skip
+        finally:
+            result.chosen.close()
+        return m, result.gateway_ip
 
-    m = asyncio.run(run())
+    m, gw = asyncio.run(run())
+    if m.method != "upnp" or m.lease == 0:
+        state.record(m, gw)  # NAT-PMP/PCP cannot list or delete by external port: remember
     if as_json:
         emit_json(m.to_json())
         return
@@ -74,38 +86,85 @@ def map_add(
 
 
 @map_group.command("list")
-@_common
+@_common("auto")
 def map_list(via: str, gateway: str | None, timeout: float, as_json: bool) -> None:
-    """List the router's port mappings."""
+    """List port mappings: the router's own table (UPnP), and those natkit made with
+    NAT-PMP/PCP from this host (those protocols cannot list a router's mappings)."""
 
     async def run() -> list[PortMapping]:
-        return await (await _mapper(gateway, timeout)).list()
+        result: list[PortMapping] = []
+        if via in ("auto", "upnp"):
+            try:
+                upnp = await UPnPMapper.discover(timeout=timeout, gateway_ip=gateway)
+                result += await upnp.list()
+            except DiscoveryError:
+                if via == "upnp":
+                    raise
+        if via != "upnp":
+            from natkit.net.routes import default_gateway
+
+            gw = gateway or default_gateway()
+            for method in ("natpmp", "pcp") if via == "auto" else (via,):
+                result += state.listed(gw, method)
+        return result
 
     mappings = asyncio.run(run())
     if as_json:
         emit_json([m.to_json() for m in mappings])
         return
     if not mappings:
-        out.print("the router has no port mappings")
+        out.print("no port mappings")
         return
-    out.print(_table(mappings, f"{len(mappings)} mapping(s) on the router"))
+    out.print(_table(mappings, f"{len(mappings)} mapping(s)"))
 
 
 @map_group.command("delete")
 @click.argument("external_port", type=click.IntRange(1, 65535))
 @click.option("--protocol", type=PROTO, default="tcp", show_default=True)
-@_common
+@click.option("--internal-port", type=click.IntRange(1, 65535),
+              help="NAT-PMP deletes by internal port: give it if natkit did not make the mapping.")  # fmt: skip
+@_common("auto")
 def map_delete(
-    external_port: int, protocol: str, via: str, gateway: str | None, timeout: float, as_json: bool
-) -> None:
+    external_port: int, protocol: str, internal_port: int | None, via: str, gateway: str | None,
+    timeout: float, as_json: bool,
+) -> None:  # fmt: skip
     """Delete the mapping of EXTERNAL_PORT from the router."""
+    from natkit.net.routes import default_gateway
 
-    async def run() -> None:
-        await (await _mapper(gateway, timeout)).delete(external_port, protocol)
+    proto = protocol.lower()
 
-    asyncio.run(run())
+    async def run() -> str:
+        gw = gateway or default_gateway()
+        # Which protocol made it? natkit's own records say for NAT-PMP/PCP mappings.
+        methods = ["natpmp", "pcp"] if via == "auto" else [via] if via != "upnp" else []
+        for method in methods:
+            rec = state.find(gw, method, external_port, proto)
+            if rec is None and method == "natpmp" and internal_port is not None and via == "natpmp":
+                rec = PortMapping("natpmp", "udp" if proto == "udp" else "tcp", "", internal_port, "",
+                                  external_port, 0)  # fmt: skip
+            if rec is None:
+                continue
+            result = await probe(via=method, gateway_ip=gw, timeout=timeout)
+            try:
+                await result.chosen.remove(rec)
+            finally:
+                result.chosen.close()
+            state.forget(gw, method, external_port, proto)
+            return method
+        if via not in ("auto", "upnp"):
+            raise NatkitError(
+                f"natkit has no record of a {via} mapping of external port {external_port}/{proto} "
+                f"on {gw}; {via} cannot delete by external port"
+                + (" (give --internal-port)" if via == "natpmp" else "")
+            )
+        upnp: Mapper = await UPnPMapper.discover(timeout=timeout, gateway_ip=gateway)
+        assert isinstance(upnp, UPnPMapper)
+        await upnp.delete(external_port, proto)
+        state.forget(gw, "upnp", external_port, proto)
+        return "upnp"
+
+    method = asyncio.run(run())
     if as_json:
-        emit_json({"deleted": True, "method": "upnp", "external_port": external_port,
-                   "protocol": protocol.lower()})  # fmt: skip
+        emit_json({"deleted": True, "method": method, "external_port": external_port, "protocol": proto})
     else:
-        out.print(f"deleted {protocol.lower()} mapping of external port {external_port}")
+        out.print(f"deleted {proto} mapping of external port {external_port} ({method})")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, Literal, Protocol as TypingProtocol
 
 from natkit.net.routes import is_cgnat, is_public_ipv4
 
@@ -30,6 +30,7 @@ class PortMapping:
     external_port: int
     lease: int  # seconds granted; 0 = permanent (natkit then deletes it itself on exit)
     description: str = ""
+    nonce: str = dataclasses.field(default="", repr=False)  # PCP: hex nonce that owns it
 
     @property
     def public_address(self) -> str:
@@ -70,3 +71,32 @@ class PortMapping:
             "lease": self.lease,
             "description": self.description,
         }
+
+
+class Mapper(TypingProtocol):
+    """What every port-mapping protocol offers natkit (UPnP, NAT-PMP, PCP)."""
+
+    method: Method
+
+    @property
+    def internal_ip(self) -> str: ...
+
+    async def add(
+        self,
+        internal_port: int,
+        *,
+        external_port: int | None = None,
+        protocol: str = "tcp",
+        lease: int = 3600,
+        description: str = "natkit",
+    ) -> PortMapping: ...
+
+    async def renew(self, mapping: PortMapping) -> PortMapping: ...
+
+    async def remove(self, mapping: PortMapping) -> None: ...
+
+    async def check(self, mapping: PortMapping) -> bool:
+        """False if the router has visibly lost the mapping (rebooted, purged it)."""
+        ...
+
+    def close(self) -> None: ...

@@ -14,7 +14,7 @@ import random
 from natkit.errors import MappingConflictError, ProtocolError, UPnPError
 from natkit.portmap.discovery import discover_igd
 from natkit.portmap.igd import Gateway, IGDClient, PortMappingEntry
-from natkit.portmap.mapping import PortMapping, normalize_protocol
+from natkit.portmap.mapping import Method, PortMapping, normalize_protocol
 
 MAX_LEASE = 604800  # IGD2 caps leases at a week; larger values get 402 from some routers
 LEASE_FALLBACKS = (3600, 600)  # tried on 402 before accepting a permanent (tracked) lease
@@ -24,7 +24,7 @@ PORT_ATTEMPTS = 8
 class UPnPMapper:
     """Creates, renews, lists and deletes mappings on one discovered IGD."""
 
-    method = "upnp"
+    method: Method = "upnp"
 
     def __init__(self, gateway: Gateway, *, timeout: float = 2.0) -> None:
         self.gateway = gateway
@@ -117,6 +117,21 @@ class UPnPMapper:
             description=mapping.description,
         )
 
+    async def remove(self, mapping: PortMapping) -> None:
+        await self.delete(mapping.external_port, mapping.protocol)
+
+    async def check(self, mapping: PortMapping) -> bool:
+        """Is our mapping still on the router? (A reboot or purge loses it.)"""
+        entry = await self._owner(mapping.external_port, mapping.protocol, quiet=False)
+        return (
+            entry is not None
+            and entry.internal_client == mapping.internal_ip
+            and entry.internal_port == mapping.internal_port
+        )
+
+    def close(self) -> None:
+        pass
+
     async def delete(self, external_port: int, protocol: str = "tcp") -> None:
         await self.client.delete_port_mapping(external_port, normalize_protocol(protocol))
 
@@ -131,7 +146,7 @@ class UPnPMapper:
         ext_ip = self.gateway.external_ip or await self.client.get_external_ip()
         return [self._from_entry(e, ext_ip) for e in entries]
 
-    async def _owner(self, port: int, proto: str) -> PortMappingEntry | None:
+    async def _owner(self, port: int, proto: str, *, quiet: bool = True) -> PortMappingEntry | None:
         try:
             return await self.client.get_specific_port_mapping_entry(port, proto)
         except UPnPError as exc:
@@ -139,7 +154,9 @@ class UPnPMapper:
                 return None
             raise
         except ProtocolError:
-            return None
+            if quiet:
+                return None
+            raise  # the IGD stopped answering (rebooted, moved its SOAP port)
 
     @staticmethod
     def _another_port(tried: set[int]) -> int:

@@ -1,0 +1,92 @@
+"""natkit's own record of the mappings it made with one-shot commands (``natkit map add``).
+
+NAT-PMP and PCP cannot list a router's mappings, and deleting one needs what created it
+(the internal port; for PCP the nonce). So ``map add`` writes a record here, ``map delete``
+and ``map list`` read it, and expired records are pruned. A permanent UPnP mapping is
+recorded too, so that it is never forgotten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from natkit.portmap.mapping import PortMapping, normalize_protocol
+
+
+def state_dir() -> Path:
+    base = os.environ.get("NATKIT_STATE_DIR") or os.path.join(
+        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "natkit"
+    )
+    return Path(base)
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[Path]:
+    d = state_dir()
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(d / "mappings.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield d / "mappings.json"
+
+
+def _load(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    now = time.time()
+    return [r for r in data if isinstance(r, dict) and (not r.get("expires") or r["expires"] > now)]
+
+
+def _save(path: Path, records: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(records, indent=1))
+    os.replace(tmp, path)
+
+
+def _key(r: dict[str, Any]) -> tuple[str, str, int, str]:
+    return (r.get("gateway", ""), r.get("method", ""), int(r.get("external_port", 0)), r.get("protocol", ""))
+
+
+def record(mapping: PortMapping, gateway: str) -> None:
+    rec = mapping.to_json() | {"nonce": mapping.nonce, "gateway": gateway}
+    rec["expires"] = time.time() + mapping.lease if mapping.lease else 0
+    with _locked() as path:
+        records = [r for r in _load(path) if _key(r) != _key(rec)]
+        records.append(rec)
+        _save(path, records)
+
+
+def find(gateway: str, method: str, external_port: int, protocol: str) -> PortMapping | None:
+    with _locked() as path:
+        for r in _load(path):
+            if _key(r) == (gateway, method, external_port, normalize_protocol(protocol)):
+                return _to_mapping(r)
+    return None
+
+
+def forget(gateway: str, method: str, external_port: int, protocol: str) -> None:
+    key = (gateway, method, external_port, normalize_protocol(protocol))
+    with _locked() as path:
+        _save(path, [r for r in _load(path) if _key(r) != key])
+
+
+def listed(gateway: str, method: str | None = None) -> list[PortMapping]:
+    with _locked() as path:
+        return [_to_mapping(r) for r in _load(path)
+                if r.get("gateway") == gateway and (method is None or r.get("method") == method)]  # fmt: skip
+
+
+def _to_mapping(r: dict[str, Any]) -> PortMapping:
+    return PortMapping(
+        r["method"], normalize_protocol(r["protocol"]), r["internal_ip"], int(r["internal_port"]),
+        r["external_ip"], int(r["external_port"]), int(r["lease"]), r.get("description", ""),
+        r.get("nonce", ""),
+    )  # fmt: skip
