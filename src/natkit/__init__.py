@@ -1,8 +1,8 @@
 """natkit: make a service behind NAT reachable from the Internet.
 
-    >>> import natkit
-    >>> with natkit.open_port(8080) as port:      # UPnP IGD on the LAN's router
-    ...     print(port.public_address)            # e.g. 203.0.113.7:8080
+>>> import natkit
+>>> with natkit.open_port(8080) as port:      # UPnP IGD on the LAN's router
+...     print(port.public_address)            # e.g. 203.0.113.7:8080
 """
 
 from natkit.api import OpenPort, Port, open_port, open_port_async

@@ -7,14 +7,13 @@ at half the lease, restored after a router reboot) and deleted when it is closed
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
-from natkit.portmap.mapping import PortMapping
 from natkit.portmap.manager import KeptMapping
+from natkit.portmap.mapping import PortMapping
 
 T = TypeVar("T")
 
@@ -99,10 +98,16 @@ async def open_port_async(
     """Map ``internal_port`` on the router (UPnP, NAT-PMP or PCP: the best it offers) and
     keep the mapping alive until the returned :class:`OpenPort` is closed."""
     keeper = KeptMapping(
-        internal_port, protocol=protocol, external_port=external_port, lease=lease,
-        description=description, via=via, gateway_ip=gateway_ip, timeout=timeout,
+        internal_port,
+        protocol=protocol,
+        external_port=external_port,
+        lease=lease,
+        description=description,
+        via=via,
+        gateway_ip=gateway_ip,
+        timeout=timeout,
         check_interval=check_interval,
-    )  # fmt: skip
+    )
     await keeper.start()
     return OpenPort(keeper)
 
@@ -116,7 +121,9 @@ class _LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="natkit-loop", daemon=True)
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="natkit-loop", daemon=True
+        )
         self.thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -193,10 +200,18 @@ def open_port(
     """
     runner = _LoopThread()
     try:
-        handle = runner.run(open_port_async(
-            internal_port, protocol=protocol, external_port=external_port, lease=lease,
-            description=description, via=via, timeout=timeout, gateway_ip=gateway_ip,
-        ))  # fmt: skip
+        handle = runner.run(
+            open_port_async(
+                internal_port,
+                protocol=protocol,
+                external_port=external_port,
+                lease=lease,
+                description=description,
+                via=via,
+                timeout=timeout,
+                gateway_ip=gateway_ip,
+            )
+        )
     except BaseException:
         runner.stop()
         raise

@@ -7,6 +7,8 @@ input raise only :class:`ProtocolError` (or a subclass).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class NatkitError(Exception):
     """Base class of every error natkit raises on purpose."""
@@ -28,7 +30,7 @@ class UPnPError(NatkitError):
     """The IGD answered a SOAP action with a UPnP error code."""
 
     #: What to do about the well-known codes (UPnP IGD WANIPConnection:2, section 2.5).
-    HINTS: dict[int, str] = {
+    HINTS: ClassVar[dict[int, str]] = {
         401: "the router does not offer this action",
         402: "the router rejected an argument (some routers reject certain lease values)",
         501: "the router failed to perform the action; try again",
@@ -79,7 +81,9 @@ class MissingPackageError(LabError):
     def __init__(self, packages: list[str]) -> None:
         self.packages = packages
         line = "apt-get update && apt-get install -y " + " ".join(packages)
-        super().__init__(f"missing Debian package(s) {', '.join(packages)}; install them with: {line}")
+        super().__init__(
+            f"missing Debian package(s) {', '.join(packages)}; install them with: {line}"
+        )
 
 
 def upnp_error(code: int, description: str, action: str = "") -> UPnPError:
@@ -95,9 +99,12 @@ def upnp_error(code: int, description: str, action: str = "") -> UPnPError:
 class NatPmpError(NatkitError):
     """A NAT-PMP (RFC 6886) server answered with a non-zero result code."""
 
-    NAMES = {
+    NAMES: ClassVar[dict[int, tuple[str, str]]] = {
         1: ("UNSUPP_VERSION", "the router does not speak this NAT-PMP version"),
-        2: ("NOT_AUTHORIZED", "the router refuses mappings (NAT-PMP may be disabled in its settings)"),
+        2: (
+            "NOT_AUTHORIZED",
+            "the router refuses mappings (NAT-PMP may be disabled in its settings)",
+        ),
         3: ("NETWORK_FAILURE", "the router has no external address yet (its WAN link may be down)"),
         4: ("OUT_OF_RESOURCES", "the router has no free ports or mapping slots left"),
         5: ("UNSUPP_OPCODE", "the router does not support this request"),
@@ -113,9 +120,12 @@ class NatPmpError(NatkitError):
 class PcpError(NatkitError):
     """A PCP (RFC 6887) server answered with a non-zero result code."""
 
-    NAMES = {
+    NAMES: ClassVar[dict[int, tuple[str, str]]] = {
         1: ("UNSUPP_VERSION", "the router does not speak this PCP version"),
-        2: ("NOT_AUTHORIZED", "the router refuses this mapping (PCP may be restricted in its settings)"),
+        2: (
+            "NOT_AUTHORIZED",
+            "the router refuses this mapping (PCP may be restricted in its settings)",
+        ),
         3: ("MALFORMED_REQUEST", "the router could not parse the request"),
         4: ("UNSUPP_OPCODE", "the router does not support this request"),
         5: ("UNSUPP_OPTION", "the router does not support a mandatory option"),
@@ -124,8 +134,14 @@ class PcpError(NatkitError):
         8: ("NO_RESOURCES", "the router has no free mapping slots left"),
         9: ("UNSUPP_PROTOCOL", "the router cannot map this transport protocol"),
         10: ("USER_EX_QUOTA", "this host has used up its mapping quota on the router"),
-        11: ("CANNOT_PROVIDE_EXTERNAL", "the router cannot give the requested external port/address"),
-        12: ("ADDRESS_MISMATCH", "the router saw another source address than the one in the request"),
+        11: (
+            "CANNOT_PROVIDE_EXTERNAL",
+            "the router cannot give the requested external port/address",
+        ),
+        12: (
+            "ADDRESS_MISMATCH",
+            "the router saw another source address than the one in the request",
+        ),
         13: ("EXCESSIVE_REMOTE_PEERS", "too many remote peers"),
     }
 

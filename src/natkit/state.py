@@ -52,7 +52,12 @@ def _save(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def _key(r: dict[str, Any]) -> tuple[str, str, int, str]:
-    return (r.get("gateway", ""), r.get("method", ""), int(r.get("external_port", 0)), r.get("protocol", ""))
+    return (
+        r.get("gateway", ""),
+        r.get("method", ""),
+        int(r.get("external_port", 0)),
+        r.get("protocol", ""),
+    )
 
 
 def record(mapping: PortMapping, gateway: str) -> None:
@@ -80,13 +85,22 @@ def forget(gateway: str, method: str, external_port: int, protocol: str) -> None
 
 def listed(gateway: str, method: str | None = None) -> list[PortMapping]:
     with _locked() as path:
-        return [_to_mapping(r) for r in _load(path)
-                if r.get("gateway") == gateway and (method is None or r.get("method") == method)]  # fmt: skip
+        return [
+            _to_mapping(r)
+            for r in _load(path)
+            if r.get("gateway") == gateway and (method is None or r.get("method") == method)
+        ]
 
 
 def _to_mapping(r: dict[str, Any]) -> PortMapping:
     return PortMapping(
-        r["method"], normalize_protocol(r["protocol"]), r["internal_ip"], int(r["internal_port"]),
-        r["external_ip"], int(r["external_port"]), int(r["lease"]), r.get("description", ""),
+        r["method"],
+        normalize_protocol(r["protocol"]),
+        r["internal_ip"],
+        int(r["internal_port"]),
+        r["external_ip"],
+        int(r["external_port"]),
+        int(r["lease"]),
+        r.get("description", ""),
         r.get("nonce", ""),
-    )  # fmt: skip
+    )

@@ -33,11 +33,17 @@ class _Status:
         m = self.mapping
         t.add_row("state", self.state)
         if m is not None:
-            t.add_row("public address", f"[b green]{m.public_address}[/] ({m.protocol})"
-                      if m.publicly_reachable else f"[b yellow]{m.public_address}[/] ({m.protocol})")  # fmt: skip
+            t.add_row(
+                "public address",
+                f"[b green]{m.public_address}[/] ({m.protocol})"
+                if m.publicly_reachable
+                else f"[b yellow]{m.public_address}[/] ({m.protocol})",
+            )
             t.add_row("reachability", m.reachability_note)
             t.add_row("forwards to", f"{m.internal_ip}:{m.internal_port}")
-            t.add_row("via", f"{m.method}, lease {m.lease or 'permanent'} s, renewed {self.renewals}×")
+            t.add_row(
+                "via", f"{m.method}, lease {m.lease or 'permanent'} s, renewed {self.renewals}×"
+            )
         for line in self.history[-3:]:
             t.add_row("", f"[dim]{line}[/]")
         t.add_row("", "[dim]Ctrl-C to stop and remove the mapping[/]")
@@ -57,36 +63,79 @@ def _event_json(event: str, m: PortMapping, info: dict[str, Any]) -> dict[str, A
 
 @click.command("expose")
 @click.argument("port", type=click.IntRange(1, 65535))
-@click.option("--protocol", type=click.Choice(["tcp", "udp"], case_sensitive=False), default="tcp",
-              show_default=True)  # fmt: skip
-@click.option("--via", type=click.Choice(["auto", "upnp", "natpmp", "pcp"]), default="auto",
-              show_default=True, help="Port-mapping protocol (auto: the best the router offers).")  # fmt: skip
-@click.option("--external-port", type=click.IntRange(1, 65535), help="Public port wanted (default: same).")
-@click.option("--lease", type=click.IntRange(10, 604800), default=3600, show_default=True,
-              help="Lease asked of the router; renewed at half of it.")  # fmt: skip
+@click.option(
+    "--protocol",
+    type=click.Choice(["tcp", "udp"], case_sensitive=False),
+    default="tcp",
+    show_default=True,
+)
+@click.option(
+    "--via",
+    type=click.Choice(["auto", "upnp", "natpmp", "pcp"]),
+    default="auto",
+    show_default=True,
+    help="Port-mapping protocol (auto: the best the router offers).",
+)
+@click.option(
+    "--external-port", type=click.IntRange(1, 65535), help="Public port wanted (default: same)."
+)
+@click.option(
+    "--lease",
+    type=click.IntRange(10, 604800),
+    default=3600,
+    show_default=True,
+    help="Lease asked of the router; renewed at half of it.",
+)
 @click.option("--gateway", metavar="IP", help="Router address (default: the default gateway).")
-@click.option("--check-interval", type=float, default=2.0, show_default=True,
-              help="Seconds between checks that the router still has the mapping.")  # fmt: skip
-@click.option("--json", "as_json", is_flag=True, help="JSON lines: ready, renewed, lost, restored, closed.")
+@click.option(
+    "--check-interval",
+    type=float,
+    default=2.0,
+    show_default=True,
+    help="Seconds between checks that the router still has the mapping.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="JSON lines: ready, renewed, lost, restored, closed."
+)
 def expose(
-    port: int, protocol: str, via: str, external_port: int | None, lease: int, gateway: str | None,
-    check_interval: float, as_json: bool,
-) -> None:  # fmt: skip
+    port: int,
+    protocol: str,
+    via: str,
+    external_port: int | None,
+    lease: int,
+    gateway: str | None,
+    check_interval: float,
+    as_json: bool,
+) -> None:
     """Make local PORT reachable from the Internet and keep it so until stopped."""
-    asyncio.run(_expose(port, protocol.lower(), via, external_port, lease, gateway, check_interval,
-                        as_json))  # fmt: skip
+    asyncio.run(
+        _expose(port, protocol.lower(), via, external_port, lease, gateway, check_interval, as_json)
+    )
 
 
 async def _expose(
-    port: int, protocol: str, via: str, external_port: int | None, lease: int, gateway: str | None,
-    check_interval: float, as_json: bool,
-) -> None:  # fmt: skip
+    port: int,
+    protocol: str,
+    via: str,
+    external_port: int | None,
+    lease: int,
+    gateway: str | None,
+    check_interval: float,
+    as_json: bool,
+) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    keeper = KeptMapping(port, protocol=protocol, external_port=external_port, lease=lease,
-                         via=via, gateway_ip=gateway, check_interval=check_interval)  # fmt: skip
+    keeper = KeptMapping(
+        port,
+        protocol=protocol,
+        external_port=external_port,
+        lease=lease,
+        via=via,
+        gateway_ip=gateway,
+        check_interval=check_interval,
+    )
     status = _Status(port)
     live: Live | None = None
 
@@ -97,7 +146,9 @@ async def _expose(
         status.mapping = m
         stamp = time.strftime("%H:%M:%S")
         if event == "ready":
-            status.state = "[green]public[/]" if m.publicly_reachable else "[yellow]mapped, not public[/]"
+            status.state = (
+                "[green]public[/]" if m.publicly_reachable else "[yellow]mapped, not public[/]"
+            )
             status.history.append(f"{stamp} mapped via {m.method}")
         elif event == "renewed":
             status.renewals += 1
@@ -105,7 +156,9 @@ async def _expose(
             status.state = "[red]lost — restoring…[/]"
             status.history.append(f"{stamp} lost: {info.get('reason')}")
         elif event == "restored":
-            status.state = "[green]public[/]" if m.publicly_reachable else "[yellow]mapped, not public[/]"
+            status.state = (
+                "[green]public[/]" if m.publicly_reachable else "[yellow]mapped, not public[/]"
+            )
             status.history.append(f"{stamp} restored via {m.method} at {m.public_address}")
         elif event == "closed":
             status.state = "closed, mapping removed" if info.get("removed") else "closed"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
+from typing import Any
 
 import click
 from rich.table import Table
@@ -12,7 +12,9 @@ from natkit.cli.common import emit_json, fail, out
 from natkit.lab import Lab, LabConfig, parse_portmap
 from natkit.lab.config import NAT_BEHAVIOURS, NODES
 
-NAME = click.option("--name", default="natkit", show_default=True, help="Lab name (several may coexist).")
+NAME = click.option(
+    "--name", default="natkit", show_default=True, help="Lab name (several may coexist)."
+)
 
 
 @click.group()
@@ -22,10 +24,19 @@ def lab() -> None:
 
 @lab.command("up")
 @NAME
-@click.option("--portmap", default="upnp,natpmp,pcp", show_default=True,
-              help="What the router offers: a comma list of upnp, natpmp, pcp; or none.")  # fmt: skip
-@click.option("--nat", type=click.Choice(NAT_BEHAVIOURS), default="eim", show_default=True,
-              help="eim: port-keeping masquerade; random: address-and-port-dependent mapping.")  # fmt: skip
+@click.option(
+    "--portmap",
+    default="upnp,natpmp,pcp",
+    show_default=True,
+    help="What the router offers: a comma list of upnp, natpmp, pcp; or none.",
+)
+@click.option(
+    "--nat",
+    type=click.Choice(NAT_BEHAVIOURS),
+    default="eim",
+    show_default=True,
+    help="eim: port-keeping masquerade; random: address-and-port-dependent mapping.",
+)
 @click.option("--replace", is_flag=True, help="Replace a lab of the same name if one exists.")
 @click.option("--json", "as_json", is_flag=True)
 def lab_up(name: str, portmap: str, nat: str, replace: bool, as_json: bool) -> None:
@@ -66,7 +77,9 @@ def lab_status(name: str, as_json: bool) -> None:
         _print_status(status)
 
 
-@lab.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@lab.command(
+    "exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
+)
 @NAME
 @click.argument("node", type=click.Choice(NODES))
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
@@ -95,21 +108,20 @@ def lab_demo(name: str, keep: bool) -> None:
     raise SystemExit(run_demo(name, keep=keep))
 
 
-def _print_status(status: dict[str, object]) -> None:
-    t = Table(title=f"lab {status['name']!r}  nat={status['nat']}  portmap="
-                    f"{','.join(status['portmap']) or 'none'}", title_justify="left")  # type: ignore[arg-type]  # fmt: skip
+def _print_status(status: dict[str, Any]) -> None:
+    portmap = ",".join(status["portmap"]) or "none"
+    t = Table(
+        title=f"lab {status['name']!r}  nat={status['nat']}  portmap={portmap}",
+        title_justify="left",
+    )
     t.add_column("node")
     t.add_column("netns")
     t.add_column("addresses")
-    nodes = status["nodes"]
-    assert isinstance(nodes, dict)
-    for node, info in nodes.items():
+    for node, info in status["nodes"].items():
         t.add_row(node, info["netns"], ", ".join(info["addresses"]))
     out.print(t)
     router = status["router"]
-    assert isinstance(router, dict)
-    out.print(f"router: LAN {router['lan_ip']}  WAN {router['wan_ip']}  "
-              f"miniupnpd {'running, pid ' + str(router['miniupnpd_pid']) if router['miniupnpd_running'] else 'off'}")  # fmt: skip
+    daemon = f"running, pid {router['miniupnpd_pid']}" if router["miniupnpd_running"] else "off"
+    out.print(f"router: LAN {router['lan_ip']}  WAN {router['wan_ip']}  miniupnpd {daemon}")
     if router.get("upnp_description"):
         out.print(f"UPnP IGD: {router['upnp_description']}")
-    _ = json  # status is JSON-shaped; --json prints it as is

@@ -24,12 +24,23 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _common(default_via: str) -> Callable[[F], F]:
     def deco(f: F) -> F:
-        f = click.option("--via", type=click.Choice(["auto", "upnp", "natpmp", "pcp"]),
-                         default=default_via, show_default=True,
-                         help="Port-mapping protocol (auto: the best the router offers).")(f)  # fmt: skip
-        f = click.option("--gateway", metavar="IP", help="Router address (default: the default gateway).")(f)
-        f = click.option("--timeout", type=float, default=2.0, show_default=True,
-                         help="Seconds to wait for the router.")(f)  # fmt: skip
+        f = click.option(
+            "--via",
+            type=click.Choice(["auto", "upnp", "natpmp", "pcp"]),
+            default=default_via,
+            show_default=True,
+            help="Port-mapping protocol (auto: the best the router offers).",
+        )(f)
+        f = click.option(
+            "--gateway", metavar="IP", help="Router address (default: the default gateway)."
+        )(f)
+        f = click.option(
+            "--timeout",
+            type=float,
+            default=2.0,
+            show_default=True,
+            help="Seconds to wait for the router.",
+        )(f)
         return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
 
     return deco
@@ -41,8 +52,14 @@ def _table(mappings: list[PortMapping], title: str) -> Table:
         t.add_column(col)
     for m in mappings:
         lease = "permanent" if m.lease == 0 else f"{m.lease} s"
-        t.add_row(m.protocol, m.public_address, f"{m.internal_ip}:{m.internal_port}", lease, m.method,
-                  m.description)  # fmt: skip
+        t.add_row(
+            m.protocol,
+            m.public_address,
+            f"{m.internal_ip}:{m.internal_port}",
+            lease,
+            m.method,
+            m.description,
+        )
     return t
 
 
@@ -55,21 +72,38 @@ def map_group() -> None:
 @click.argument("internal_port", type=click.IntRange(1, 65535))
 @click.option("--external-port", type=click.IntRange(1, 65535), help="Public port (default: same).")
 @click.option("--protocol", type=PROTO, default="tcp", show_default=True)
-@click.option("--lease", type=click.IntRange(0, 604800), default=3600, show_default=True,
-              help="Seconds the router keeps the mapping (0 = permanent; UPnP only; avoid).")  # fmt: skip
+@click.option(
+    "--lease",
+    type=click.IntRange(0, 604800),
+    default=3600,
+    show_default=True,
+    help="Seconds the router keeps the mapping (0 = permanent; UPnP only; avoid).",
+)
 @click.option("--description", default="natkit", show_default=True)
 @_common("auto")
 def map_add(
-    internal_port: int, external_port: int | None, protocol: str, lease: int, description: str,
-    via: str, gateway: str | None, timeout: float, as_json: bool,
-) -> None:  # fmt: skip
+    internal_port: int,
+    external_port: int | None,
+    protocol: str,
+    lease: int,
+    description: str,
+    via: str,
+    gateway: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
     """Map INTERNAL_PORT on this machine to a public port on the router, then exit."""
 
     async def run() -> tuple[PortMapping, str]:
         result = await probe(via=via, gateway_ip=gateway, timeout=timeout)
         try:
-            m = await result.chosen.add(internal_port, external_port=external_port,
-                                        protocol=protocol, lease=lease, description=description)  # fmt: skip
+            m = await result.chosen.add(
+                internal_port,
+                external_port=external_port,
+                protocol=protocol,
+                lease=lease,
+                description=description,
+            )
         finally:
             result.chosen.close()
         return m, result.gateway_ip
@@ -121,13 +155,21 @@ def map_list(via: str, gateway: str | None, timeout: float, as_json: bool) -> No
 @map_group.command("delete")
 @click.argument("external_port", type=click.IntRange(1, 65535))
 @click.option("--protocol", type=PROTO, default="tcp", show_default=True)
-@click.option("--internal-port", type=click.IntRange(1, 65535),
-              help="NAT-PMP deletes by internal port: give it if natkit did not make the mapping.")  # fmt: skip
+@click.option(
+    "--internal-port",
+    type=click.IntRange(1, 65535),
+    help="NAT-PMP deletes by internal port: give it if natkit did not make the mapping.",
+)
 @_common("auto")
 def map_delete(
-    external_port: int, protocol: str, internal_port: int | None, via: str, gateway: str | None,
-    timeout: float, as_json: bool,
-) -> None:  # fmt: skip
+    external_port: int,
+    protocol: str,
+    internal_port: int | None,
+    via: str,
+    gateway: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
     """Delete the mapping of EXTERNAL_PORT from the router."""
     from natkit.net.routes import default_gateway
 
@@ -140,8 +182,15 @@ def map_delete(
         for method in methods:
             rec = state.find(gw, method, external_port, proto)
             if rec is None and method == "natpmp" and internal_port is not None and via == "natpmp":
-                rec = PortMapping("natpmp", "udp" if proto == "udp" else "tcp", "", internal_port, "",
-                                  external_port, 0)  # fmt: skip
+                rec = PortMapping(
+                    "natpmp",
+                    "udp" if proto == "udp" else "tcp",
+                    "",
+                    internal_port,
+                    "",
+                    external_port,
+                    0,
+                )
             if rec is None:
                 continue
             result = await probe(via=method, gateway_ip=gw, timeout=timeout)
@@ -165,6 +214,8 @@ def map_delete(
 
     method = asyncio.run(run())
     if as_json:
-        emit_json({"deleted": True, "method": method, "external_port": external_port, "protocol": proto})
+        emit_json(
+            {"deleted": True, "method": method, "external_port": external_port, "protocol": proto}
+        )
     else:
         out.print(f"deleted {proto} mapping of external port {external_port} ({method})")

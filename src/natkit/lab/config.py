@@ -88,7 +88,9 @@ def parse_portmap(text: str) -> frozenset[PortmapProtocol]:
                 chosen.add(proto)
                 break
         else:
-            raise ValueError(f"unknown port-mapping protocol {word!r} (use upnp, natpmp, pcp or none)")
+            raise ValueError(
+                f"unknown port-mapping protocol {word!r} (use upnp, natpmp, pcp or none)"
+            )
     return frozenset(chosen)
 
 

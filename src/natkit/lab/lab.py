@@ -66,7 +66,9 @@ def check_host() -> None:
 def _run(argv: Sequence[str], *, input: str | None = None, check: bool = True) -> str:
     proc = subprocess.run(list(argv), input=input, capture_output=True, text=True, check=False)
     if check and proc.returncode != 0:
-        raise LabError(f"command failed ({proc.returncode}): {' '.join(argv)}: {proc.stderr.strip()}")
+        raise LabError(
+            f"command failed ({proc.returncode}): {' '.join(argv)}: {proc.stderr.strip()}"
+        )
     return proc.stdout
 
 
@@ -129,7 +131,9 @@ class Lab:
     def open(cls, name: str = "natkit") -> Lab:
         path = STATE_ROOT / name / "lab.json"
         if not netns.exists(f"{name}-rtr"):
-            raise LabError(f"no lab named {name!r} is up (start one with 'natkit lab up --name {name}')")
+            raise LabError(
+                f"no lab named {name!r} is up (start one with 'natkit lab up --name {name}')"
+            )
         try:
             cfg = LabConfig.from_json(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError) as exc:
@@ -163,22 +167,78 @@ class Lab:
             _run(["ip", "-n", ns[n], "link", "set", "lo", "up"])
         rtr = ns["rtr"]
         # The LAN: a bridge on the router, one veth per LAN host.
-        _run(["ip", "-n", rtr, "link", "add", C.RTR_LAN_BRIDGE, "type", "bridge", "mcast_snooping", "0"])
-        _run(["ip", "-n", rtr, "addr", "add", f"{C.RTR_LAN_IP}/{C.LAN_PREFIX}", "dev", C.RTR_LAN_BRIDGE])
+        _run(
+            [
+                "ip",
+                "-n",
+                rtr,
+                "link",
+                "add",
+                C.RTR_LAN_BRIDGE,
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ]
+        )
+        _run(
+            [
+                "ip",
+                "-n",
+                rtr,
+                "addr",
+                "add",
+                f"{C.RTR_LAN_IP}/{C.LAN_PREFIX}",
+                "dev",
+                C.RTR_LAN_BRIDGE,
+            ]
+        )
         _run(["ip", "-n", rtr, "link", "set", C.RTR_LAN_BRIDGE, "up"])
         for host, ip in (("lan", C.LAN_IP), ("dev", C.DEV_IP)):
             port = f"{host}-p"
-            _run(["ip", "-n", rtr, "link", "add", port, "type", "veth",
-                  "peer", "name", C.HOST_IF, "netns", ns[host]])  # fmt: skip
+            _run(
+                [
+                    "ip",
+                    "-n",
+                    rtr,
+                    "link",
+                    "add",
+                    port,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    C.HOST_IF,
+                    "netns",
+                    ns[host],
+                ]
+            )
             _run(["ip", "-n", rtr, "link", "set", port, "master", C.RTR_LAN_BRIDGE, "up"])
             _run(["ip", "-n", ns[host], "addr", "add", f"{ip}/{C.LAN_PREFIX}", "dev", C.HOST_IF])
             _run(["ip", "-n", ns[host], "link", "set", C.HOST_IF, "up"])
             _run(["ip", "-n", ns[host], "route", "add", "default", "via", C.RTR_LAN_IP])
         # The "Internet": a veth from the router's WAN port to the wan host (two addresses).
         wan = ns["wan"]
-        _run(["ip", "-n", rtr, "link", "add", C.RTR_WAN_IF, "type", "veth",
-              "peer", "name", C.HOST_IF, "netns", wan])  # fmt: skip
-        _run(["ip", "-n", rtr, "addr", "add", f"{C.RTR_WAN_IP}/{C.WAN_PREFIX}", "dev", C.RTR_WAN_IF])
+        _run(
+            [
+                "ip",
+                "-n",
+                rtr,
+                "link",
+                "add",
+                C.RTR_WAN_IF,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                C.HOST_IF,
+                "netns",
+                wan,
+            ]
+        )
+        _run(
+            ["ip", "-n", rtr, "addr", "add", f"{C.RTR_WAN_IP}/{C.WAN_PREFIX}", "dev", C.RTR_WAN_IF]
+        )
         _run(["ip", "-n", rtr, "link", "set", C.RTR_WAN_IF, "up"])
         for ip in C.WAN_IPS:
             _run(["ip", "-n", wan, "addr", "add", f"{ip}/{C.WAN_PREFIX}", "dev", C.HOST_IF])
@@ -201,8 +261,10 @@ class Lab:
         return self.state_dir / "miniupnpd.log"
 
     def _load_ruleset(self) -> None:
-        _run(["ip", "netns", "exec", self.cfg.netns("rtr"), "nft", "-f", "-"],
-             input=C.router_ruleset(self.cfg))  # fmt: skip
+        _run(
+            ["ip", "netns", "exec", self.cfg.netns("rtr"), "nft", "-f", "-"],
+            input=C.router_ruleset(self.cfg),
+        )
 
     def router_pid(self) -> int | None:
         try:
@@ -220,9 +282,22 @@ class Lab:
         log = open(self.router_log, "ab")  # noqa: SIM115 - handed to the daemon
         try:
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.cfg.netns("rtr"), _which("miniupnpd") or "miniupnpd",
-                 "-f", str(conf), "-d", "-P", str(self._pidfile)],  # fmt: skip
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.cfg.netns("rtr"),
+                    _which("miniupnpd") or "miniupnpd",
+                    "-f",
+                    str(conf),
+                    "-d",
+                    "-P",
+                    str(self._pidfile),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
             )
         finally:
             log.close()
@@ -311,7 +386,9 @@ class Lab:
                 "wan_subnet": f"{C.WAN_NET}/{C.WAN_PREFIX}",
                 "miniupnpd_pid": pid,
                 "miniupnpd_running": pid is not None,
-                "upnp_description": f"http://{C.RTR_LAN_IP}:{cfg.upnp_port}/rootDesc.xml" if upnp else None,
+                "upnp_description": f"http://{C.RTR_LAN_IP}:{cfg.upnp_port}/rootDesc.xml"
+                if upnp
+                else None,
                 "natpmp_port": 5351 if ("natpmp" in cfg.portmap or "pcp" in cfg.portmap) else None,
             },
             "lan_ip": C.LAN_IP,

@@ -7,6 +7,7 @@ namespace without DNS; this one answers every request with TEXT at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 
 
@@ -22,7 +23,12 @@ async def serve(host: str, port: int, text: str) -> None:
                 + body
             )
             await writer.drain()
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+        except (
+            asyncio.TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            OSError,
+        ):
             pass
         finally:
             writer.close()
@@ -36,10 +42,8 @@ async def serve(host: str, port: int, text: str) -> None:
 def main() -> None:
     host, port = sys.argv[1], int(sys.argv[2])
     text = sys.argv[3] if len(sys.argv) > 3 else f"hello from {host}:{port}\n"
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(host, port, text))
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

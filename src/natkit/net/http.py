@@ -8,6 +8,7 @@ This is the control path (a few small requests), so asyncio streams are fine her
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 
 import h11
@@ -46,7 +47,9 @@ async def request(
             f"{method} http://{host}:{port}{target}: no complete answer within {timeout:g} s"
         ) from None
     except OSError as exc:
-        raise ProtocolError(f"{method} http://{host}:{port}{target}: {exc.strerror or exc}") from None
+        raise ProtocolError(
+            f"{method} http://{host}:{port}{target}: {exc.strerror or exc}"
+        ) from None
 
 
 async def _request(
@@ -95,7 +98,9 @@ async def _request(
                 continue
             if isinstance(event, h11.Response):
                 status = event.status_code
-                resp_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers]
+                resp_headers = [
+                    (k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers
+                ]
                 if 300 <= status < 400:
                     raise ProtocolError(f"{where}: redirect (HTTP {status}) refused")
                 length = {k.lower(): v for k, v in resp_headers}.get("content-length")
@@ -114,7 +119,5 @@ async def _request(
                 raise ProtocolError(f"{where}: connection closed before a complete response")
     finally:
         writer.close()
-        try:
+        with contextlib.suppress(OSError):
             await writer.wait_closed()
-        except OSError:
-            pass

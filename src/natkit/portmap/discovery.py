@@ -63,10 +63,15 @@ async def _probe(
 ) -> Gateway:
     host, port, path = ssdp.parse_http_url(location)
     resp = await http.request(
-        host, port, "GET", path,
+        host,
+        port,
+        "GET",
+        path,
         [("Host", f"{host}:{port}"), ("Connection", "close"), ("User-Agent", ssdp.USER_AGENT)],
-        max_body=MAX_DESCRIPTION_BYTES, timeout=timeout, local_addr=local_ip,
-    )  # fmt: skip
+        max_body=MAX_DESCRIPTION_BYTES,
+        timeout=timeout,
+        local_addr=local_ip,
+    )
     if resp.status != 200:
         raise ProtocolError(f"{location}: HTTP {resp.status}")
     desc = parse_description(resp.body, location)
@@ -80,7 +85,7 @@ async def _probe(
     )
     best: Gateway | None = None
     errors: list[str] = []
-    for svc, result in zip(services, results):
+    for svc, result in zip(services, results, strict=True):
         if isinstance(result, BaseException):
             if not isinstance(result, NatkitError):
                 raise result
@@ -130,13 +135,17 @@ async def discover_igd(
     def send_round(round_no: int) -> None:
         # First the two root-device searches every IGD answers; later rounds widen the net
         # (each search costs the router an answer, and a busy router answers slower).
-        targets = list(ssdp.IGD_SEARCH_TARGETS[:2]) if round_no == 0 else list(ssdp.IGD_SEARCH_TARGETS)
+        targets = (
+            list(ssdp.IGD_SEARCH_TARGETS[:2]) if round_no == 0 else list(ssdp.IGD_SEARCH_TARGETS)
+        )
         if round_no == len(SEND_SCHEDULE) - 1:
             targets.append(ssdp.ALL_TARGET)
         for st in targets:
             with contextlib.suppress(OSError):
-                transport.sendto(ssdp.build_msearch(st, host=f"{gw_ip}:{ssdp.SSDP_PORT}"),
-                                 (gw_ip, ssdp.SSDP_PORT))  # fmt: skip
+                transport.sendto(
+                    ssdp.build_msearch(st, host=f"{gw_ip}:{ssdp.SSDP_PORT}"),
+                    (gw_ip, ssdp.SSDP_PORT),
+                )
                 transport.sendto(ssdp.build_msearch(st, mx=1), (ssdp.SSDP_GROUP, ssdp.SSDP_PORT))
 
     async def sender() -> None:
@@ -158,15 +167,19 @@ async def discover_igd(
             if best is not None and not probes:
                 break  # a usable (if imperfect) gateway and nothing left to hear from
             getter = asyncio.ensure_future(collector.queue.get())
-            done, _ = await asyncio.wait({getter, *probes}, timeout=deadline - now,
-                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            done, _ = await asyncio.wait(
+                {getter, *probes}, timeout=deadline - now, return_when=asyncio.FIRST_COMPLETED
+            )
             if getter in done:
                 data, addr = getter.result()
                 location = _accept(data, addr, lan, seen, refused)
                 if location is not None and len(seen) <= MAX_LOCATIONS:
                     probe_timeout = min(fetch_timeout, max(0.05, deadline - time.monotonic()))
-                    probes.add(asyncio.create_task(
-                        _probe(location[0], location[1], local_ip, lan, probe_timeout)))  # fmt: skip
+                    probes.add(
+                        asyncio.create_task(
+                            _probe(location[0], location[1], local_ip, lan, probe_timeout)
+                        )
+                    )
             else:
                 getter.cancel()
             for task in [t for t in probes if t.done()]:

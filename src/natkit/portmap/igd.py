@@ -100,9 +100,16 @@ class IGDClient:
             st, action, args or [], host=self.host, port=self.port, path=self.path
         )
         resp = await http.request(
-            self.host, self.port, "POST", self.path, headers, body,
-            max_body=soap.MAX_RESPONSE_BYTES, timeout=self.timeout, local_addr=self.local_ip,
-        )  # fmt: skip
+            self.host,
+            self.port,
+            "POST",
+            self.path,
+            headers,
+            body,
+            max_body=soap.MAX_RESPONSE_BYTES,
+            timeout=self.timeout,
+            local_addr=self.local_ip,
+        )
         return soap.parse_response(resp.status, resp.body, action)
 
     async def get_external_ip(self) -> str:
@@ -140,16 +147,19 @@ class IGDClient:
         lease: int = 3600,
         remote_host: str = "",
     ) -> None:
-        await self.call("AddPortMapping", [
-            ("NewRemoteHost", remote_host),
-            ("NewExternalPort", external_port),
-            ("NewProtocol", _protocol(protocol)),
-            ("NewInternalPort", internal_port),
-            ("NewInternalClient", internal_client),
-            ("NewEnabled", 1),
-            ("NewPortMappingDescription", description),
-            ("NewLeaseDuration", lease),
-        ])  # fmt: skip
+        await self.call(
+            "AddPortMapping",
+            [
+                ("NewRemoteHost", remote_host),
+                ("NewExternalPort", external_port),
+                ("NewProtocol", _protocol(protocol)),
+                ("NewInternalPort", internal_port),
+                ("NewInternalClient", internal_client),
+                ("NewEnabled", 1),
+                ("NewPortMappingDescription", description),
+                ("NewLeaseDuration", lease),
+            ],
+        )
 
     async def add_any_port_mapping(
         self,
@@ -163,36 +173,45 @@ class IGDClient:
         remote_host: str = "",
     ) -> int:
         """IGD2 only: the router picks a free external port near ``external_port``; returns it."""
-        v = await self.call("AddAnyPortMapping", [
-            ("NewRemoteHost", remote_host),
-            ("NewExternalPort", external_port),
-            ("NewProtocol", _protocol(protocol)),
-            ("NewInternalPort", internal_port),
-            ("NewInternalClient", internal_client),
-            ("NewEnabled", 1),
-            ("NewPortMappingDescription", description),
-            ("NewLeaseDuration", lease),
-        ])  # fmt: skip
+        v = await self.call(
+            "AddAnyPortMapping",
+            [
+                ("NewRemoteHost", remote_host),
+                ("NewExternalPort", external_port),
+                ("NewProtocol", _protocol(protocol)),
+                ("NewInternalPort", internal_port),
+                ("NewInternalClient", internal_client),
+                ("NewEnabled", 1),
+                ("NewPortMappingDescription", description),
+                ("NewLeaseDuration", lease),
+            ],
+        )
         return _port(v, "NewReservedPort", "AddAnyPortMapping")
 
     async def delete_port_mapping(
         self, external_port: int, protocol: str, remote_host: str = ""
     ) -> None:
-        await self.call("DeletePortMapping", [
-            ("NewRemoteHost", remote_host),
-            ("NewExternalPort", external_port),
-            ("NewProtocol", _protocol(protocol)),
-        ])  # fmt: skip
+        await self.call(
+            "DeletePortMapping",
+            [
+                ("NewRemoteHost", remote_host),
+                ("NewExternalPort", external_port),
+                ("NewProtocol", _protocol(protocol)),
+            ],
+        )
 
     async def get_specific_port_mapping_entry(
         self, external_port: int, protocol: str, remote_host: str = ""
     ) -> PortMappingEntry:
         action = "GetSpecificPortMappingEntry"
-        v = await self.call(action, [
-            ("NewRemoteHost", remote_host),
-            ("NewExternalPort", external_port),
-            ("NewProtocol", _protocol(protocol)),
-        ])  # fmt: skip
+        v = await self.call(
+            action,
+            [
+                ("NewRemoteHost", remote_host),
+                ("NewExternalPort", external_port),
+                ("NewProtocol", _protocol(protocol)),
+            ],
+        )
         return PortMappingEntry(
             remote_host=remote_host,
             external_port=external_port,

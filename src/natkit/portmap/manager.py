@@ -126,8 +126,9 @@ async def probe(
     if chosen is None:
         detail = "; ".join(f"{m}: {why}" for m, why in refused.items())
         raise DiscoveryError(f"the gateway {gw} offers no port mapping ({detail})")
-    return ProbeResult(gw, won[chosen][0], {m: ip for m, (_, ip) in won.items()}, refused,
-                       time.monotonic() - start)  # fmt: skip
+    return ProbeResult(
+        gw, won[chosen][0], {m: ip for m, (_, ip) in won.items()}, refused, time.monotonic() - start
+    )
 
 
 Listener = Callable[[str, PortMapping, dict[str, Any]], None]
@@ -183,12 +184,17 @@ class KeptMapping:
     async def _establish(self, prefer_port: int | None) -> PortMapping:
         if self.mapper is not None:
             self.mapper.close()
-        result = await probe(via=self.via, order=self.order, gateway_ip=self.fixed_gateway,
-                             timeout=self.timeout)  # fmt: skip
+        result = await probe(
+            via=self.via, order=self.order, gateway_ip=self.fixed_gateway, timeout=self.timeout
+        )
         self.probe_result, self.mapper, self.gateway_ip = result, result.chosen, result.gateway_ip
-        m = await self.mapper.add(self.internal_port, external_port=prefer_port,
-                                  protocol=self.protocol, lease=self.lease,
-                                  description=self.description)  # fmt: skip
+        m = await self.mapper.add(
+            self.internal_port,
+            external_port=prefer_port,
+            protocol=self.protocol,
+            lease=self.lease,
+            description=self.description,
+        )
         self._schedule_renewal(m)
         return m
 
@@ -248,8 +254,11 @@ class KeptMapping:
                 log.info("restoring the mapping failed (%s); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, 30.0)
-        self._emit("restored", previous=old.public_address,
-                   changed=self.mapping.public_address != old.public_address)  # fmt: skip
+        self._emit(
+            "restored",
+            previous=old.public_address,
+            changed=self.mapping.public_address != old.public_address,
+        )
 
     async def close(self) -> None:
         """Stop keeping the mapping and delete it from the router (event: closed)."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Protocol as TypingProtocol
+from typing import Any, Literal
+from typing import Protocol as TypingProtocol
 
 from natkit.net.routes import is_cgnat, is_public_ipv4
 

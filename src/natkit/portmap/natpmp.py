@@ -53,13 +53,17 @@ def build_external_address_request() -> bytes:
     return bytes((VERSION, OP_EXTERNAL_ADDRESS))
 
 
-def build_map_request(protocol: str, internal_port: int, external_port: int, lifetime: int) -> bytes:
+def build_map_request(
+    protocol: str, internal_port: int, external_port: int, lifetime: int
+) -> bytes:
     """A mapping request; ``lifetime`` 0 with ``external_port`` 0 deletes the mapping."""
     if not 0 < internal_port < 65536 or not 0 <= external_port < 65536:
         raise ValueError("ports must be 1-65535 (0 allowed for the suggested external port)")
     if not 0 <= lifetime <= 0xFFFFFFFF:
         raise ValueError("lifetime out of range")
-    return struct.pack("!BBHHHI", VERSION, map_opcode(protocol), 0, internal_port, external_port, lifetime)
+    return struct.pack(
+        "!BBHHHI", VERSION, map_opcode(protocol), 0, internal_port, external_port, lifetime
+    )
 
 
 def _header(data: bytes, opcode: int, length: int) -> tuple[int, int]:

@@ -137,7 +137,9 @@ def parse_announce_response(data: bytes) -> Header:
     return parse_header(data, OP_ANNOUNCE)
 
 
-def parse_map_response(data: bytes, *, nonce: bytes, protocol: str, internal_port: int) -> MapResult:
+def parse_map_response(
+    data: bytes, *, nonce: bytes, protocol: str, internal_port: int
+) -> MapResult:
     """Decode a MAP reply that must answer *our* request (nonce, protocol, port)."""
     head = parse_header(data, OP_MAP)
     if len(data) < HEADER_LEN + MAP_PAYLOAD_LEN:

@@ -62,9 +62,11 @@ class GatewayUDP:
         loop = asyncio.get_running_loop()
         peer = (gw, natpmp.SERVER_PORT)
         self._transport, self._endpoint = await loop.create_datagram_endpoint(
-            lambda: _Endpoint(peer), local_addr=(self.local_ip, 0), remote_addr=peer,
+            lambda: _Endpoint(peer),
+            local_addr=(self.local_ip, 0),
+            remote_addr=peer,
             family=socket.AF_INET,
-        )  # fmt: skip
+        )
         return self
 
     def close(self) -> None:
@@ -135,9 +137,12 @@ class NatPmpClient:
 
     async def external_address(self, timeout: float | None = None) -> natpmp.ExternalAddress:
         sched = cap_schedule(natpmp.RETRANSMIT_SCHEDULE, timeout or self.timeout)
-        res = await self.udp.exchange(natpmp.build_external_address_request(),
-                                      natpmp.parse_external_address_response, sched,
-                                      "NAT-PMP external address")  # fmt: skip
+        res = await self.udp.exchange(
+            natpmp.build_external_address_request(),
+            natpmp.parse_external_address_response,
+            sched,
+            "NAT-PMP external address",
+        )
         self._saw_epoch(res.epoch)
         return res
 
@@ -146,9 +151,11 @@ class NatPmpClient:
     ) -> natpmp.MapResult:
         req = natpmp.build_map_request(protocol, internal_port, external_port, lifetime)
         res = await self.udp.exchange(
-            req, lambda d: natpmp.parse_map_response(d, protocol, internal_port),
-            cap_schedule(natpmp.RETRANSMIT_SCHEDULE, self.timeout), "NAT-PMP map",
-        )  # fmt: skip
+            req,
+            lambda d: natpmp.parse_map_response(d, protocol, internal_port),
+            cap_schedule(natpmp.RETRANSMIT_SCHEDULE, self.timeout),
+            "NAT-PMP map",
+        )
         self._saw_epoch(res.epoch)
         return res
 
@@ -170,9 +177,12 @@ class PcpClient:
         return cap_schedule(pcp.retransmit_schedule(), timeout or self.timeout)
 
     async def announce(self, timeout: float | None = None) -> pcp.Header:
-        head = await self.udp.exchange(pcp.build_announce(self.udp.local_ip),
-                                       pcp.parse_announce_response, self._schedule(timeout),
-                                       "PCP announce")  # fmt: skip
+        head = await self.udp.exchange(
+            pcp.build_announce(self.udp.local_ip),
+            pcp.parse_announce_response,
+            self._schedule(timeout),
+            "PCP announce",
+        )
         self._saw_epoch(head.epoch)
         return head
 
@@ -187,17 +197,31 @@ class PcpClient:
         suggested_ip: str | None = None,
     ) -> pcp.MapResult:
         req = pcp.build_map(
-            client_ip=self.udp.local_ip, nonce=nonce, protocol=protocol,
-            internal_port=internal_port, lifetime=lifetime, suggested_port=suggested_port,
+            client_ip=self.udp.local_ip,
+            nonce=nonce,
+            protocol=protocol,
+            internal_port=internal_port,
+            lifetime=lifetime,
+            suggested_port=suggested_port,
             suggested_ip=suggested_ip,
-        )  # fmt: skip
+        )
         res = await self.udp.exchange(
             req,
-            lambda d: pcp.parse_map_response(d, nonce=nonce, protocol=protocol, internal_port=internal_port),
-            self._schedule(None), "PCP map",
-        )  # fmt: skip
+            lambda d: pcp.parse_map_response(
+                d, nonce=nonce, protocol=protocol, internal_port=internal_port
+            ),
+            self._schedule(None),
+            "PCP map",
+        )
         self._saw_epoch(res.epoch)
         return res
 
 
-__all__ = ["GatewayUDP", "NatPmpClient", "NatkitError", "NotOfferedError", "PcpClient", "cap_schedule"]
+__all__ = [
+    "GatewayUDP",
+    "NatPmpClient",
+    "NatkitError",
+    "NotOfferedError",
+    "PcpClient",
+    "cap_schedule",
+]

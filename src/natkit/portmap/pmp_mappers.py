@@ -12,7 +12,9 @@ MAX_LIFETIME = 0xFFFFFFFF
 
 
 def _check_ports(internal_port: int, external_port: int | None) -> None:
-    if not 0 < internal_port < 65536 or (external_port is not None and not 0 < external_port < 65536):
+    if not 0 < internal_port < 65536 or (
+        external_port is not None and not 0 < external_port < 65536
+    ):
         raise ValueError("ports must be between 1 and 65535")
 
 
@@ -55,13 +57,25 @@ class NatPmpMapper:
         lifetime = lease if lease > 0 else natpmp.RECOMMENDED_LIFETIME
         res = await self.client.map(proto, internal_port, external_port or internal_port, lifetime)
         ext_ip = await self.external_ip()
-        return PortMapping("natpmp", proto, self.internal_ip, internal_port, ext_ip,
-                           res.external_port, res.lifetime, description)  # fmt: skip
+        return PortMapping(
+            "natpmp",
+            proto,
+            self.internal_ip,
+            internal_port,
+            ext_ip,
+            res.external_port,
+            res.lifetime,
+            description,
+        )
 
     async def renew(self, mapping: PortMapping) -> PortMapping:
-        return await self.add(mapping.internal_port, external_port=mapping.external_port,
-                              protocol=mapping.protocol, lease=mapping.lease or 3600,
-                              description=mapping.description)  # fmt: skip
+        return await self.add(
+            mapping.internal_port,
+            external_port=mapping.external_port,
+            protocol=mapping.protocol,
+            lease=mapping.lease or 3600,
+            description=mapping.description,
+        )
 
     async def remove(self, mapping: PortMapping) -> None:
         # RFC 6886 3.4: lifetime 0 and suggested external port 0 delete the mapping.
@@ -111,19 +125,37 @@ class PcpMapper:
         _check_ports(internal_port, external_port)
         nonce = nonce or pcp.new_nonce()
         lifetime = min(lease, MAX_LIFETIME) if lease > 0 else 7200  # 0 would delete
-        res = await self.client.map(proto, internal_port, lifetime, nonce,
-                                    suggested_port=external_port or internal_port,
-                                    suggested_ip=suggested_ip)  # fmt: skip
-        return PortMapping("pcp", proto, self.internal_ip, internal_port, res.external_ip,
-                           res.external_port, res.lifetime, description, nonce.hex())  # fmt: skip
+        res = await self.client.map(
+            proto,
+            internal_port,
+            lifetime,
+            nonce,
+            suggested_port=external_port or internal_port,
+            suggested_ip=suggested_ip,
+        )
+        return PortMapping(
+            "pcp",
+            proto,
+            self.internal_ip,
+            internal_port,
+            res.external_ip,
+            res.external_port,
+            res.lifetime,
+            description,
+            nonce.hex(),
+        )
 
     async def renew(self, mapping: PortMapping) -> PortMapping:
         # Same nonce, and the current address as the suggestion (RFC 6887 11.2.1).
-        return await self.add(mapping.internal_port, external_port=mapping.external_port,
-                              protocol=mapping.protocol, lease=mapping.lease or 3600,
-                              description=mapping.description,
-                              nonce=bytes.fromhex(mapping.nonce) if mapping.nonce else None,
-                              suggested_ip=mapping.external_ip or None)  # fmt: skip
+        return await self.add(
+            mapping.internal_port,
+            external_port=mapping.external_port,
+            protocol=mapping.protocol,
+            lease=mapping.lease or 3600,
+            description=mapping.description,
+            nonce=bytes.fromhex(mapping.nonce) if mapping.nonce else None,
+            suggested_ip=mapping.external_ip or None,
+        )
 
     async def remove(self, mapping: PortMapping) -> None:
         nonce = bytes.fromhex(mapping.nonce) if mapping.nonce else pcp.new_nonce()

@@ -51,7 +51,9 @@ class UPnPMapper:
         description: str = "natkit",
     ) -> PortMapping:
         proto = normalize_protocol(protocol)
-        if not 0 < internal_port < 65536 or (external_port is not None and not 0 < external_port < 65536):
+        if not 0 < internal_port < 65536 or (
+            external_port is not None and not 0 < external_port < 65536
+        ):
             raise ValueError("ports must be between 1 and 65535")
         explicit = external_port is not None
         port = external_port if external_port is not None else internal_port
@@ -88,7 +90,9 @@ class UPnPMapper:
                 if explicit:
                     who = f" to {owner.internal_client}:{owner.internal_port}" if owner else ""
                     raise MappingConflictError(
-                        718, f"external port {port}/{proto} is already mapped{who}", "AddPortMapping"
+                        718,
+                        f"external port {port}/{proto} is already mapped{who}",
+                        "AddPortMapping",
                     ) from None
                 if c.is_igd2 and not tried_any:
                     tried_any = True
@@ -169,6 +173,12 @@ class UPnPMapper:
     @staticmethod
     def _from_entry(e: PortMappingEntry, ext_ip: str) -> PortMapping:
         return PortMapping(
-            "upnp", normalize_protocol(e.protocol), e.internal_client, e.internal_port,
-            ext_ip, e.external_port, e.lease, e.description,
-        )  # fmt: skip
+            "upnp",
+            normalize_protocol(e.protocol),
+            e.internal_client,
+            e.internal_port,
+            ext_ip,
+            e.external_port,
+            e.lease,
+            e.description,
+        )
