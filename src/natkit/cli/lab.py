@@ -92,9 +92,12 @@ def lab_exec(name: str, node: str, command: tuple[str, ...]) -> None:
 @lab.command("reboot")
 @NAME
 @click.argument("node", type=click.Choice(["rtr"]))
-def lab_reboot(name: str, node: str) -> None:
+@click.option(
+    "--move-upnp-port", is_flag=True, help="Also move the IGD's SOAP port, as some routers do."
+)
+def lab_reboot(name: str, node: str, move_upnp_port: bool) -> None:
     """Reboot the router: the daemon restarts and every mapping and NAT state is lost."""
-    Lab.open(name).reboot_router()
+    Lab.open(name).reboot_router(move_upnp_port=move_upnp_port)
     out.print(f"router of lab {name!r} rebooted")
 
 

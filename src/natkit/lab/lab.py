@@ -13,6 +13,7 @@ is linked to the host's own network.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -324,9 +325,20 @@ class Lab:
             _kill(pid)
         self._pidfile.unlink(missing_ok=True)
 
-    def reboot_router(self) -> None:
-        """As a real router reboot: the daemon restarts and every mapping and NAT state is lost."""
+    def reboot_router(self, *, move_upnp_port: bool = False) -> None:
+        """As a real router reboot: the daemon restarts and every mapping and NAT state is lost.
+
+        ``move_upnp_port`` also moves the IGD's HTTP (SOAP) port, as some routers do.
+        """
         self.stop_router_daemon()
+        if move_upnp_port:
+            port = (
+                self.cfg.upnp_port + 1
+                if self.cfg.upnp_port < C.UPNP_HTTP_PORT + 99
+                else C.UPNP_HTTP_PORT
+            )
+            self.cfg = dataclasses.replace(self.cfg, upnp_port=port)
+            (self.state_dir / "lab.json").write_text(json.dumps(self.cfg.to_json(), indent=2))
         self._load_ruleset()
         _run(["ip", "netns", "exec", self.cfg.netns("rtr"), "conntrack", "-F"], check=False)
         with open(self.router_log, "a") as log:
