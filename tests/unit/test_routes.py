@@ -5,7 +5,13 @@ import ipaddress
 import pytest
 
 from natkit.errors import DiscoveryError
-from natkit.net.routes import default_gateway, is_cgnat, is_public_ipv4, lan_network, parse_route_table
+from natkit.net.routes import (
+    default_gateway,
+    is_cgnat,
+    is_public_ipv4,
+    lan_network,
+    parse_route_table,
+)
 from natkit.portmap.mapping import PortMapping
 
 # /proc/net/route of the lab's lan host (addresses are little-endian hex).

@@ -105,7 +105,8 @@ def build_map(
         raise ValueError("ports must be 1-65535 (0 allowed for the suggested port)")
     if suggested_ip is None:
         # "Any address of the same family as the client's": all zeros, or ::ffff:0.0.0.0.
-        is_v4 = isinstance(ipaddress.ip_address(client_ip), ipaddress.IPv4Address)
+        # (An IPv4-mapped client address such as ::ffff:192.0.2.1 is IPv4 on the wire.)
+        is_v4 = encode_address(client_ip)[:12] == b"\x00" * 10 + b"\xff\xff"
         suggested_ip = "0.0.0.0" if is_v4 else "::"
     payload = nonce + struct.pack("!B3xHH", PROTOCOLS[protocol], internal_port, suggested_port)
     return _request_header(OP_MAP, lifetime, client_ip) + payload + encode_address(suggested_ip)
@@ -141,23 +142,38 @@ def parse_map_response(
     data: bytes, *, nonce: bytes, protocol: str, internal_port: int
 ) -> MapResult:
     """Decode a MAP reply that must answer *our* request (nonce, protocol, port)."""
-    head = parse_header(data, OP_MAP)
+    try:
+        head = parse_header(data, OP_MAP)
+    except PcpError:
+        # RFC 6887 7.2/11.4: an error reply copies the request's payload; when it carries
+        # one, it is matched like a success reply (a stray answer to another request is
+        # ignored). A reply too short to carry one (e.g. from NAT-PMP) cannot be matched.
+        if len(data) >= HEADER_LEN + MAP_PAYLOAD_LEN:
+            _match(data, nonce, protocol, internal_port)
+        raise
     if len(data) < HEADER_LEN + MAP_PAYLOAD_LEN:
         raise ProtocolError(f"PCP MAP reply of {len(data)} bytes is truncated")
     _check_options(data[HEADER_LEN + MAP_PAYLOAD_LEN :])
+    internal, external = _match(data, nonce, protocol, internal_port)
     p = HEADER_LEN
     got_nonce = data[p : p + 12]
-    if got_nonce != nonce:
+    if head.lifetime and not external:
+        raise ProtocolError("PCP MAP reply grants a lifetime but no external port")
+    ext_ip = decode_address(data[p + 20 : p + 36])
+    return MapResult(head.epoch, head.lifetime, got_nonce, protocol, internal, external, ext_ip)
+
+
+def _match(data: bytes, nonce: bytes, protocol: str, internal_port: int) -> tuple[int, int]:
+    """Check that a MAP reply's payload answers our request; return (internal, external)."""
+    p = HEADER_LEN
+    if data[p : p + 12] != nonce:
         raise ProtocolError("PCP MAP reply carries another nonce: not an answer to our request")
     proto_num, internal, external = struct.unpack_from("!B3xHH", data, p + 12)
     if proto_num != PROTOCOLS[protocol]:
         raise ProtocolError(f"PCP MAP reply is for protocol {proto_num}, not {protocol}")
     if internal != internal_port:
         raise ProtocolError(f"PCP MAP reply is for internal port {internal}, not {internal_port}")
-    if head.lifetime and not external:
-        raise ProtocolError("PCP MAP reply grants a lifetime but no external port")
-    ext_ip = decode_address(data[p + 20 : p + 36])
-    return MapResult(head.epoch, head.lifetime, got_nonce, protocol, internal, external, ext_ip)
+    return internal, external
 
 
 def _check_options(data: bytes) -> None:
