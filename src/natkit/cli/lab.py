@@ -85,6 +85,11 @@ def lab_status(name: str, as_json: bool) -> None:
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def lab_exec(name: str, node: str, command: tuple[str, ...]) -> None:
     """Run COMMAND on NODE: natkit lab exec lan -- curl http://100.200.0.2/"""
+    # allow_interspersed_args=False hands a "--" separator through to us: drop it.
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise click.UsageError("give a COMMAND to run on the node (after --)")
     argv = Lab.open(name).command(node, list(command))
     os.execvp(argv[0], argv)
 

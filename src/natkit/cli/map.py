@@ -48,8 +48,11 @@ def _common(default_via: str) -> Callable[[F], F]:
 
 def _table(mappings: list[PortMapping], title: str) -> Table:
     t = Table(title=title, title_justify="left")
-    for col in ("protocol", "public address", "→ internal", "lease", "via", "description"):
-        t.add_column(col)
+    # Addresses and ports must stay whole on a narrow (or piped, 80-column) output: only the
+    # free-text description may wrap.
+    for col in ("protocol", "public address", "→ internal", "lease", "via"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("description")
     for m in mappings:
         lease = "permanent" if m.lease == 0 else f"{m.lease} s"
         t.add_row(
@@ -138,8 +141,14 @@ def map_list(via: str, gateway: str | None, timeout: float, as_json: bool) -> No
             from natkit.net.routes import default_gateway
 
             gw = gateway or default_gateway()
+            # The router's UPnP table may already show them (one table behind all protocols).
+            shown = {(m.external_port, m.protocol) for m in result}
             for method in ("natpmp", "pcp") if via == "auto" else (via,):
-                result += state.listed(gw, method)
+                result += [
+                    m
+                    for m in state.listed(gw, method)
+                    if (m.external_port, m.protocol) not in shown
+                ]
         return result
 
     mappings = asyncio.run(run())
