@@ -1,0 +1,1 @@
+"""Relay tunnels: a self-hosted ngrok (``natkit relay serve`` + ``natkit expose --relay``)."""

@@ -1,0 +1,121 @@
+"""The relay's TLS identity and the agent's memory of it (trust on first use, like ssh).
+
+A relay without ``--cert/--key`` makes a self-signed ECDSA certificate once and keeps it.
+An agent that is given no CA and no ``--fingerprint`` pins the fingerprint it sees first in
+``known_relays`` and refuses a different one later, loudly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from natkit.errors import NatkitError
+
+
+class RelayTrustError(NatkitError):
+    """The relay's certificate is not the one this agent trusts."""
+
+
+def ensure_self_signed(directory: Path, name: str = "natkit-relay") -> tuple[Path, Path]:
+    """Return (cert, key) paths in ``directory``, creating a self-signed pair if missing."""
+    cert_path, key_path = directory / "relay-cert.pem", directory / "relay-key.pem"
+    if cert_path.exists() and key_path.exists():
+        return cert_path, key_path
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))  # fmt: skip
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
+def fingerprint_der(der: bytes) -> str:
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def fingerprint_file(cert_path: Path) -> str:
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    return fingerprint_der(cert.public_bytes(serialization.Encoding.DER))
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def client_context(cafile: Path | None) -> ssl.SSLContext:
+    """With a CA: full verification. Without: no chain check here; the caller pins the
+    certificate's fingerprint instead (see :class:`KnownRelays`)."""
+    if cafile is not None:
+        ctx = ssl.create_default_context(cafile=str(cafile))
+        ctx.check_hostname = False  # relays are often addressed by IP; the CA vouches
+        return ctx
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class KnownRelays:
+    """``known_relays``: relay address → pinned certificate fingerprint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _load(self) -> dict[str, str]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    def check(self, relay: str, seen: str, expected: str | None = None) -> bool:
+        """Verify ``seen`` for ``relay``; True if it was pinned just now (first use)."""
+        if expected is not None:
+            if seen != expected:
+                raise RelayTrustError(
+                    f"relay {relay} presented {seen}, not the expected {expected}"
+                )
+            return False
+        known = self._load()
+        pinned = known.get(relay)
+        if pinned is None:
+            known[relay] = seen
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.path.write_text(json.dumps(known, indent=1))
+            return True
+        if pinned != seen:
+            raise RelayTrustError(
+                f"relay {relay} presented certificate {seen}, but {pinned} was pinned on first "
+                f"use (in {self.path}). If the relay really changed its certificate, remove that "
+                "line; otherwise someone may be intercepting the connection."
+            )
+        return False

@@ -1,0 +1,711 @@
+"""``natkit relay serve``: the public side of relay tunnels.
+
+One listening port carries agents' control connections (TLS) and their data connections
+(TLS, or plain TCP with ``--plaintext-data``); the first byte tells them apart (0x16 is a
+TLS handshake). Visitors arrive on a tunnel's public TCP port, or on the shared HTTP port
+(routed by Host) or HTTPS port (routed by TLS SNI, passed through untouched). Each visitor
+takes a data connection the agent opened ahead of time, so it does not wait a round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import functools
+import logging
+import os
+import secrets
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from natkit.errors import NatkitError, ProtocolError
+from natkit.relay import protocol as P
+from natkit.relay import sniff
+from natkit.relay.certs import ensure_self_signed, fingerprint_file, server_context
+from natkit.relay.pump import bridge_protocols, join_sockets, link
+
+log = logging.getLogger("natkit.relay")
+
+HANDSHAKE_TIMEOUT = 10.0
+HEADER_TIMEOUT = 10.0  # slowloris: a visitor's routing bytes must arrive within this
+VISITOR_WAIT = 10.0  # how long a visitor waits for a data connection
+PING_INTERVAL = 10.0
+IDLE_TIMEOUT = 35.0
+
+
+@dataclasses.dataclass
+class RelayConfig:
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 7835
+    tokens: dict[str, str] = dataclasses.field(default_factory=dict)  # label -> token
+    ports: tuple[int, int] = (20000, 20999)
+    http_port: int | None = None
+    https_port: int | None = None
+    domain: str | None = None
+    public_host: str | None = None  # how visitors reach this relay (default: listen host)
+    cert: Path | None = None
+    key: Path | None = None
+    state_dir: Path = Path(os.path.expanduser("~/.local/state/natkit/relay"))
+    metrics: tuple[str, int] | None = None
+    pool_size: int = 4
+    max_tunnels_per_token: int = 16
+    max_pending_visitors: int = 512
+    max_agents: int = 1024
+    grace: float = 60.0
+    allow_plaintext_data: bool = True
+
+
+class _Conn:
+    """A data connection parked in a tunnel's pool: a plain socket or a TLS transport."""
+
+    def __init__(self, sock: socket.socket | None = None, transport: asyncio.Transport | None = None,
+                 proto: Any = None) -> None:  # fmt: skip
+        self.sock, self.transport, self.proto = sock, transport, proto
+        self.dead = False
+
+    def close(self) -> None:
+        self.dead = True
+        if self.sock is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class Tunnel:
+    def __init__(self, tid: str, kind: str, key: str, public: str, session: Session) -> None:
+        self.id, self.kind, self.key, self.public, self.session = tid, kind, key, public, session
+        self.pool: collections.deque[_Conn] = collections.deque()
+        self.waiting: collections.deque[asyncio.Future[_Conn]] = collections.deque()
+        self.tickets: set[str] = set()
+        self.listener: socket.socket | None = None
+        self.visitors = 0
+
+
+class Session:
+    """One agent's control connection."""
+
+    def __init__(self, server: RelayServer, transport: asyncio.Transport, fingerprint: str) -> None:
+        self.server = server
+        self.transport = transport
+        self.fingerprint = fingerprint
+        self.nonce = secrets.token_hex(16)
+        self.token_label: str | None = None
+        self.token_id: str | None = None
+        self.plaintext_ok = False
+        self.tunnels: dict[str, Tunnel] = {}
+        self.last_seen = time.monotonic()
+        self.id = secrets.token_hex(8)
+
+    def send(self, msg_type: int, **fields: Any) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(P.encode(msg_type, **fields))
+
+    def fail(self, code: str, message: str) -> None:
+        self.send(P.ERROR, code=code, message=message)
+        self.transport.close()
+
+
+class _Entry(asyncio.Protocol):
+    """First frames on a TLS connection to the listen port: a control session or a data conn."""
+
+    def __init__(self, server: RelayServer) -> None:
+        self.server = server
+        self.decoder = P.Decoder()
+        self.session: Session | None = None
+        self.transport: asyncio.Transport | None = None
+        self.handshake_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        loop = asyncio.get_running_loop()
+        self.handshake_timer = loop.call_later(HANDSHAKE_TIMEOUT, self._too_slow)
+
+    def _too_slow(self) -> None:
+        if self.transport is not None and (self.session is None or self.session.token_id is None):
+            log.info("dropping a connection that did not authenticate in time")
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        try:
+            messages = self.decoder.feed(data)
+        except ProtocolError as exc:
+            peer = self.transport.get_extra_info("peername")
+            log.warning("dropping %s: %s", peer, exc)
+            self.server.stats["garbage"] += 1
+            if self.session is not None:
+                self.session.fail("protocol", str(exc))
+            else:
+                self.transport.abort()
+            return
+        for i, msg in enumerate(messages):
+            if self.session is None and msg.type == P.DATA:
+                if self.handshake_timer:
+                    self.handshake_timer.cancel()
+                rest = b"".join(P.encode(m.type, **m.fields) for m in messages[i + 1 :])
+                self.server.data_conn_tls(
+                    msg["ticket"], self.transport, rest + self.decoder.buffered
+                )
+                return
+            if self.session is None:
+                if msg.type != P.HELLO:
+                    self.transport.abort()
+                    return
+                fp = self.server.fingerprint
+                self.session = Session(self.server, self.transport, fp)
+                self.session.send(P.CHALLENGE, nonce=self.session.nonce)
+                continue
+            try:
+                self.server.on_control(self.session, msg)
+            except ProtocolError as exc:
+                self.session.fail("protocol", str(exc))
+                return
+            if self.session.token_id is not None and self.handshake_timer is not None:
+                self.handshake_timer.cancel()
+                self.handshake_timer = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.handshake_timer:
+            self.handshake_timer.cancel()
+        if self.session is not None:
+            self.server.session_ended(self.session)
+
+
+class RelayServer:
+    def __init__(self, cfg: RelayConfig) -> None:
+        self.cfg = cfg
+        if cfg.cert is None or cfg.key is None:
+            cfg.cert, cfg.key = ensure_self_signed(cfg.state_dir)
+        self.fingerprint = fingerprint_file(cfg.cert)
+        self.ssl = server_context(cfg.cert, cfg.key)
+        self.tokens = {P.token_id(tok): (label, tok) for label, tok in cfg.tokens.items()}
+        self.tunnels_by_key: dict[str, Tunnel] = {}
+        self.reservations: dict[str, tuple[str, float]] = {}  # key -> (token_id, until)
+        self.tickets: dict[str, Tunnel] = {}
+        self.sessions: set[Session] = set()
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._listeners: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+        self.listen_port = cfg.listen_port
+        self.http_port = cfg.http_port
+        self.https_port = cfg.https_port
+
+    # ---- life cycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = self._listen(self.cfg.listen_host, self.cfg.listen_port)
+        self.listen_port = sock.getsockname()[1]
+        self._accept(sock, self._on_listen_conn)
+        if self.cfg.http_port is not None:
+            s = self._listen(self.cfg.listen_host, self.cfg.http_port)
+            self.http_port = s.getsockname()[1]
+            self._accept(s, lambda c, a: self._visitor_by_name(c, "http"))
+        if self.cfg.https_port is not None:
+            s = self._listen(self.cfg.listen_host, self.cfg.https_port)
+            self.https_port = s.getsockname()[1]
+            self._accept(s, lambda c, a: self._visitor_by_name(c, "tls"))
+        if self.cfg.metrics is not None:
+            self._servers.append(await asyncio.start_server(self._metrics, *self.cfg.metrics))
+        self._spawn(self._housekeeping())
+        _ = loop
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for sock in self._listeners:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
+        for srv in self._servers:
+            srv.close()
+        for session in list(self.sessions):
+            session.transport.abort()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @staticmethod
+    def _listen(host: str, port: int, backlog: int = 4096) -> socket.socket:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        sock.listen(backlog)
+        sock.setblocking(False)
+        return sock
+
+    def _accept(self, sock: socket.socket, handler: Callable[[socket.socket, Any], Any]) -> None:
+        loop = asyncio.get_running_loop()
+        self._listeners.append(sock)
+
+        def ready() -> None:
+            for _ in range(64):  # accept a burst, then let others run
+                try:
+                    conn, addr = sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    log.warning("accept failed: %s", exc)
+                    return
+                conn.setblocking(False)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                result = handler(conn, addr)
+                if asyncio.iscoroutine(result):
+                    self._spawn(result)
+
+        loop.add_reader(sock.fileno(), ready)
+
+    # ---- the listen port: TLS (control or data) or plaintext data -------------------------
+
+    async def _on_listen_conn(self, conn: socket.socket, addr: Any) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            first = await asyncio.wait_for(_peek(conn, 1), HANDSHAKE_TIMEOUT)
+        except (asyncio.TimeoutError, OSError):
+            conn.close()
+            return
+        if not first:
+            conn.close()
+            return
+        if first[0] == 0x16:  # a TLS handshake: control, or an encrypted data connection
+            try:
+                await asyncio.wait_for(
+                    loop.connect_accepted_socket(lambda: _Entry(self), conn, ssl=self.ssl),
+                    HANDSHAKE_TIMEOUT,
+                )
+            except (asyncio.TimeoutError, OSError, ssl.SSLError) as exc:
+                log.info("TLS handshake with %s failed: %s", addr, exc)
+                self.stats["garbage"] += 1
+                conn.close()
+            return
+        await self._data_conn_plain(conn, addr)
+
+    async def _data_conn_plain(self, conn: socket.socket, addr: Any) -> None:
+        try:
+            msg = await asyncio.wait_for(read_frame(conn), HANDSHAKE_TIMEOUT)
+        except (asyncio.TimeoutError, OSError, ProtocolError) as exc:
+            log.warning("dropping %s: %s", addr, exc)
+            self.stats["garbage"] += 1
+            conn.close()
+            return
+        tunnel = self._take_ticket(msg["ticket"]) if msg.type == P.DATA else None
+        if tunnel is None or not tunnel.session.plaintext_ok:
+            self.stats["bad_tickets"] += 1
+            conn.close()
+            return
+        entry = _Conn(sock=conn)
+        loop = asyncio.get_running_loop()
+        # While parked, readable means the agent went away (or misbehaves): drop it.
+        loop.add_reader(conn.fileno(), lambda: self._drop_parked(tunnel, entry))
+        self._park(tunnel, entry)
+
+    def data_conn_tls(self, ticket: str, transport: asyncio.Transport, rest: bytes) -> None:
+        tunnel = self._take_ticket(ticket)
+        if tunnel is None or rest:
+            self.stats["bad_tickets"] += 1
+            transport.abort()
+            return
+        a, b, fa, fb = bridge_protocols(asyncio.get_running_loop())
+        transport.set_protocol(b)
+        b.connection_made(transport)
+        entry = _Conn(transport=transport, proto=(a, b, fa, fb))
+        fb.add_done_callback(lambda _: self._drop_parked(tunnel, entry) if not entry.dead else None)
+        self._park(tunnel, entry)
+
+    def _take_ticket(self, ticket: str) -> Tunnel | None:
+        tunnel = self.tickets.pop(ticket, None)
+        if tunnel is not None:
+            tunnel.tickets.discard(ticket)
+            if tunnel.session not in self.sessions:
+                return None
+        return tunnel
+
+    def _park(self, tunnel: Tunnel, entry: _Conn) -> None:
+        while tunnel.waiting:
+            fut = tunnel.waiting.popleft()
+            if not fut.done():
+                fut.set_result(entry)
+                return
+        tunnel.pool.append(entry)
+
+    def _drop_parked(self, tunnel: Tunnel, entry: _Conn) -> None:
+        with contextlib.suppress(ValueError):
+            tunnel.pool.remove(entry)
+        if not entry.dead:
+            entry.close()
+            self._refill(tunnel)
+
+    def _refill(self, tunnel: Tunnel, extra: int = 0) -> None:
+        """Ask the agent for data connections: the pool target plus the visitors waiting."""
+        if tunnel.session not in self.sessions:
+            return
+        want = self.cfg.pool_size + len(tunnel.waiting) + extra
+        have = len(tunnel.pool) + len(tunnel.tickets)
+        n = min(want - have, P.MAX_TICKETS)
+        if n <= 0:
+            return
+        new = [secrets.token_urlsafe(18) for _ in range(n)]
+        for t in new:
+            self.tickets[t] = tunnel
+            tunnel.tickets.add(t)
+        tunnel.session.send(P.TICKETS, tunnel=tunnel.id, tickets=new)
+
+    # ---- control messages -------------------------------------------------------------------
+
+    def on_control(self, s: Session, msg: P.Message) -> None:
+        s.last_seen = time.monotonic()
+        if s.token_id is None:
+            if msg.type != P.AUTH:
+                raise ProtocolError(f"expected AUTH, got {msg.name}")
+            found = self.tokens.get(msg["token_id"])
+            if found is None or not P.check_mac(found[1], s.nonce, s.fingerprint, msg["mac"]):
+                self.stats["auth_failures"] += 1
+                log.warning(
+                    "agent %s failed authentication", s.transport.get_extra_info("peername")
+                )
+                s.fail("auth", "the relay does not accept this token")
+                return
+            if len(self.sessions) >= self.cfg.max_agents:
+                s.fail("busy", "the relay has too many agents connected")
+                return
+            s.token_label, s.token_id = found[0], msg["token_id"]
+            s.plaintext_ok = self.cfg.allow_plaintext_data
+            self.sessions.add(s)
+            s.send(P.WELCOME, session=s.id)
+            return
+        if msg.type == P.OPEN:
+            self._open(s, msg)
+        elif msg.type == P.CLOSE:
+            t = s.tunnels.pop(msg["tunnel"], None)
+            if t is not None:
+                self._close_tunnel(t, keep=False)
+        elif msg.type == P.PING:
+            s.send(P.PONG, t=msg["t"])
+        elif msg.type == P.PONG:
+            pass
+        elif msg.type == P.DIAL:
+            self._spawn(self._dial(s, msg["id"], msg["host"], msg["port"]))
+        else:
+            raise ProtocolError(f"unexpected {msg.name} from an agent")
+
+    def _open(self, s: Session, msg: P.Message) -> None:
+        kind, name, port, tid = msg["kind"], msg["name"], msg["port"], msg["tunnel"]
+        assert s.token_id is not None
+        if tid in s.tunnels:
+            s.send(P.ERROR, code="exists", message=f"tunnel {tid} is already open")
+            return
+        if (
+            sum(len(x.tunnels) for x in self.sessions if x.token_id == s.token_id)
+            >= self.cfg.max_tunnels_per_token
+        ):
+            s.send(P.ERROR, code="limit", message="too many tunnels for this token")
+            return
+        try:
+            if kind == "tcp":
+                tunnel = self._open_tcp(s, tid, port)
+            else:
+                tunnel = self._open_named(s, tid, kind, name)
+        except NatkitError as exc:
+            s.send(P.ERROR, code="refused", message=str(exc))
+            return
+        s.tunnels[tid] = tunnel
+        self.tunnels_by_key[tunnel.key] = tunnel
+        self.reservations.pop(tunnel.key, None)
+        s.send(P.OPENED, tunnel=tid, public=tunnel.public)
+        self._refill(tunnel)
+        log.info("tunnel %s (%s) for %s at %s", tid, kind, s.token_label, tunnel.public)
+
+    def _held_by_other(self, key: str, token_id: str) -> bool:
+        t = self.tunnels_by_key.get(key)
+        if t is not None:
+            return True  # even our own token: one live tunnel per port/name
+        r = self.reservations.get(key)
+        return r is not None and r[0] != token_id and r[1] > time.monotonic()
+
+    def _open_tcp(self, s: Session, tid: str, port: int) -> Tunnel:
+        low, high = self.cfg.ports
+        assert s.token_id is not None
+        if port:
+            if not low <= port <= high:
+                raise NatkitError(f"port {port} is outside the relay's range {low}-{high}")
+            candidates = [port]
+        else:
+            mine = [int(k.split(":")[1]) for k, (tok, until) in self.reservations.items()
+                    if k.startswith("tcp:") and tok == s.token_id and until > time.monotonic()]  # fmt: skip
+            candidates = mine + [p for p in range(low, high + 1) if p not in mine]
+        for p in candidates:
+            key = f"tcp:{p}"
+            if self._held_by_other(key, s.token_id):
+                if port:
+                    raise NatkitError(f"port {p} is held by another tunnel")
+                continue
+            try:
+                sock = self._listen(self.cfg.listen_host, p)
+            except OSError:
+                if port:
+                    raise NatkitError(f"port {p} is in use on the relay") from None
+                continue
+            host = self.cfg.public_host or self.cfg.listen_host
+            tunnel = Tunnel(tid, "tcp", key, f"{host}:{p}", s)
+            tunnel.listener = sock
+            self._accept(sock, functools.partial(self._tcp_visitor, tunnel))
+            return tunnel
+        raise NatkitError("no free public port on the relay")
+
+    def _open_named(self, s: Session, tid: str, kind: str, name: str) -> Tunnel:
+        assert s.token_id is not None
+        port = self.http_port if kind == "http" else self.https_port
+        if port is None or not self.cfg.domain:
+            raise NatkitError(
+                f"this relay does not serve {kind} tunnels (no --{'http' if kind == 'http' else 'https'}-port/--domain)"
+            )
+        label = sniff.normalize_hostname(name or secrets.token_hex(4))
+        host = label if label.endswith("." + self.cfg.domain) else f"{label}.{self.cfg.domain}"
+        host = sniff.normalize_hostname(host)
+        key = f"{kind}:{host}"
+        if self._held_by_other(key, s.token_id):
+            raise NatkitError(f"host name {host} is held by another tunnel")
+        scheme = "http" if kind == "http" else "https"
+        default = 80 if kind == "http" else 443
+        public = f"{scheme}://{host}" + ("" if port == default else f":{port}")
+        return Tunnel(tid, kind, key, public, s)
+
+    def _close_tunnel(self, t: Tunnel, *, keep: bool) -> None:
+        if self.tunnels_by_key.get(t.key) is t:
+            del self.tunnels_by_key[t.key]
+        if keep and t.session.token_id:
+            self.reservations[t.key] = (t.session.token_id, time.monotonic() + self.cfg.grace)
+        if t.listener is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(t.listener.fileno())
+            t.listener.close()
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(t.listener)
+        for entry in t.pool:
+            entry.close()
+        t.pool.clear()
+        for fut in t.waiting:
+            if not fut.done():
+                fut.cancel()
+        for ticket in t.tickets:
+            self.tickets.pop(ticket, None)
+
+    def session_ended(self, s: Session) -> None:
+        self.sessions.discard(s)
+        for t in s.tunnels.values():
+            self._close_tunnel(t, keep=True)  # the address waits for the agent's return
+        s.tunnels.clear()
+
+    async def _dial(self, s: Session, dial_id: int, host: str, port: int) -> None:
+        """Dial back an address for the agent (is its port mapping reachable from outside?)."""
+        error = ""
+        try:
+            _, w = await asyncio.wait_for(asyncio.open_connection(host, port), 3.0)
+            w.close()
+        except (OSError, asyncio.TimeoutError) as exc:
+            error = str(exc) or type(exc).__name__
+        s.send(P.DIALED, id=dial_id, ok=not error, error=error[:200])
+
+    # ---- visitors ----------------------------------------------------------------------------
+
+    async def _visitor_by_name(self, conn: socket.socket, kind: str) -> None:
+        """HTTP: route by Host; TLS: route by SNI. The bytes are peeked, not consumed."""
+        parse = sniff.http_host if kind == "http" else sniff.tls_sni
+        limit = sniff.MAX_HTTP_HEAD if kind == "http" else sniff.MAX_CLIENT_HELLO
+        try:
+            host = await asyncio.wait_for(_peek_until(conn, parse, limit), HEADER_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.stats["slow_visitors"] += 1
+            conn.close()
+            return
+        except (OSError, ProtocolError) as exc:
+            log.info("refusing a %s visitor: %s", kind, exc)
+            self.stats["bad_visitors"] += 1
+            if kind == "http" and isinstance(exc, ProtocolError):
+                with contextlib.suppress(OSError):
+                    conn.send(
+                        b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+                    )
+            conn.close()
+            return
+        tunnel = self.tunnels_by_key.get(f"{kind}:{host}") if host else None
+        if tunnel is None:
+            self.stats["unrouted_visitors"] += 1
+            if kind == "http":
+                with contextlib.suppress(OSError):
+                    body = b"no tunnel for this host\n"
+                    conn.send(
+                        b"HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                        % (len(body), body)
+                    )
+            conn.close()
+            return
+        await self._visitor(conn, tunnel, b"")
+
+    def _tcp_visitor(self, tunnel: Tunnel, conn: socket.socket, addr: Any) -> Any:
+        return self._visitor(conn, tunnel, b"")
+
+    async def _visitor(self, conn: socket.socket, tunnel: Tunnel, _: bytes) -> None:
+        self.stats["visitors"] += 1
+        tunnel.visitors += 1
+        entry = None
+        while tunnel.pool:
+            candidate = tunnel.pool.popleft()
+            if not candidate.dead:
+                entry = candidate
+                break
+        if entry is None:
+            if len(tunnel.waiting) >= self.cfg.max_pending_visitors:
+                self.stats["visitors_refused"] += 1
+                conn.close()
+                return
+            fut: asyncio.Future[_Conn] = asyncio.get_running_loop().create_future()
+            tunnel.waiting.append(fut)
+            self._refill(tunnel)
+            try:
+                entry = await asyncio.wait_for(fut, VISITOR_WAIT)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                self.stats["visitors_timed_out"] += 1
+                conn.close()
+                return
+        else:
+            self._refill(tunnel)
+        peer = conn.getpeername()
+        start = P.encode(P.START, tunnel=tunnel.id, visitor=f"{peer[0]}:{peer[1]}")
+        self.stats["active"] += 1
+        try:
+            await self._join(conn, entry, start)
+        finally:
+            self.stats["active"] -= 1
+
+    async def _join(self, visitor: socket.socket, entry: _Conn, start: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        if entry.sock is not None:
+            data = entry.sock
+            with contextlib.suppress(Exception):
+                loop.remove_reader(data.fileno())
+            try:
+                await loop.sock_sendall(data, start)
+            except OSError:
+                data.close()
+                visitor.close()
+                return
+            await join_sockets(visitor, data)
+            return
+        assert entry.transport is not None
+        a, b, fa, fb = entry.proto
+        entry.transport.write(start)
+        await loop.connect_accepted_socket(lambda: a, visitor)
+        link(a, b)
+        await asyncio.gather(fa, fb)
+
+    # ---- housekeeping and metrics ---------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            now = time.monotonic()
+            for key in [k for k, (_, until) in self.reservations.items() if until <= now]:
+                del self.reservations[key]
+            for s in list(self.sessions):
+                if now - s.last_seen > IDLE_TIMEOUT:
+                    log.info(
+                        "agent %s silent for %.0f s: dropping", s.token_label, now - s.last_seen
+                    )
+                    s.transport.abort()
+
+    async def _metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            lines = [
+                f"natkit_relay_agents {len(self.sessions)}",
+                f"natkit_relay_tunnels {len(self.tunnels_by_key)}",
+            ] + [
+                f'natkit_relay_events_total{{event="{k}"}} {v}'
+                for k, v in sorted(self.stats.items())
+            ]
+            body = ("\n".join(lines) + "\n").encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))  # fmt: skip
+            await writer.drain()
+        writer.close()
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _peek(conn: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return conn.recv(n, socket.MSG_PEEK)
+        except BlockingIOError:
+            fut: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(conn.fileno(), _wake, fut)
+            try:
+                await fut
+            finally:
+                loop.remove_reader(conn.fileno())
+
+
+async def _peek_until(
+    conn: socket.socket, parse: Callable[[bytes], str | None], limit: int
+) -> str | None:
+    """Peek at the visitor's first bytes until ``parse`` can route them (the bytes stay queued)."""
+    loop = asyncio.get_running_loop()
+    seen = 0
+    while True:
+        data = await _peek(conn, limit + 1)
+        if not data:
+            raise ProtocolError("visitor closed before sending its request")
+        result = parse(data)
+        if result is not None:
+            return result
+        if len(data) > limit:
+            raise ProtocolError("visitor's request head is too large")
+        if len(data) == seen:
+            # Nothing new yet: wait a moment (peeking again at once would spin).
+            await asyncio.sleep(0.005)
+        seen = len(data)
+        _ = loop
+
+
+async def read_frame(conn: socket.socket) -> P.Message:
+    """Read exactly one frame from a non-blocking socket, no byte more."""
+    loop = asyncio.get_running_loop()
+    head = await _recv_exact(loop, conn, P.HEADER.size)
+    word = P.HEADER.unpack(head)[0]
+    msg_type, length = word >> 24, word & 0xFFFFFF
+    if msg_type not in P.SCHEMAS or length > P.MAX_FRAME:
+        raise ProtocolError("not a natkit relay frame")
+    return P.decode_body(msg_type, await _recv_exact(loop, conn, length))
+
+
+async def _recv_exact(loop: asyncio.AbstractEventLoop, conn: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await loop.sock_recv(conn, n - len(buf))
+        if not chunk:
+            raise ProtocolError("connection closed mid-frame")
+        buf += chunk
+    return bytes(buf)
