@@ -32,6 +32,9 @@ from natkit.portmap.igd import Gateway, IGDClient
 SEND_SCHEDULE = (0.0, 0.25, 0.75)
 MAX_PENDING_DATAGRAMS = 256
 MAX_LOCATIONS = 32
+# Per answering host, so that one device advertising many LOCATIONs cannot use up
+# MAX_LOCATIONS and hide the router (whose own answers are always probed).
+MAX_LOCATIONS_PER_HOST = 8
 
 
 class _Collector(asyncio.DatagramProtocol):
@@ -154,6 +157,8 @@ async def discover_igd(
             send_round(i)
 
     seen: set[str] = set()
+    probed: dict[str, int] = {}  # answering host -> new acceptable LOCATIONs it gave
+    probes_started = 0
     refused: list[str] = []
     probes: set[asyncio.Task[Gateway]] = set()
     best: Gateway | None = None
@@ -173,7 +178,16 @@ async def discover_igd(
             if getter in done:
                 data, addr = getter.result()
                 location = _accept(data, addr, lan, seen, refused)
-                if location is not None and len(seen) <= MAX_LOCATIONS:
+                if location is not None:
+                    host_count = probed[addr[0]] = probed.get(addr[0], 0) + 1
+                    if host_count == MAX_LOCATIONS_PER_HOST + 1:
+                        refused.append(f"{addr[0]} gave over {MAX_LOCATIONS_PER_HOST} LOCATIONs")
+                    if host_count > MAX_LOCATIONS_PER_HOST or (
+                        addr[0] != gw_ip and probes_started >= MAX_LOCATIONS
+                    ):
+                        location = None
+                if location is not None:
+                    probes_started += 1
                     probe_timeout = min(fetch_timeout, max(0.05, deadline - time.monotonic()))
                     probes.add(
                         asyncio.create_task(
