@@ -11,7 +11,7 @@ import click
 from rich.live import Live
 from rich.table import Table
 
-from natkit.cli.common import emit_json, err
+from natkit.cli.common import emit_json, err, out
 from natkit.portmap.manager import KeptMapping
 from natkit.portmap.mapping import PortMapping
 
@@ -138,6 +138,9 @@ async def _expose(
     )
     status = _Status(port)
     live: Live | None = None
+    # Not a terminal (a pipe, a log file): rich's Live would show nothing until the end, so
+    # print the block once mapped and a line per event instead.
+    plain = not as_json and not out.is_terminal
 
     def on_event(event: str, m: PortMapping, info: dict[str, Any]) -> None:
         if as_json:
@@ -164,11 +167,21 @@ async def _expose(
             status.state = "closed, mapping removed" if info.get("removed") else "closed"
         if live is not None:
             live.update(status.render())
+        elif plain and event != "ready":  # ready: the whole block is printed after start
+            if event in ("lost", "restored"):
+                line = status.history[-1]
+            elif event == "renewed":
+                line = f"{stamp} renewed {m.public_address}"
+            else:
+                line = status.state
+            out.print(line, markup=False, soft_wrap=True)
 
     keeper.on_event(on_event)
     try:
         mapping = await keeper.start()
-        if not as_json:
+        if plain:
+            out.print(status.render())
+        elif not as_json:
             live = Live(status.render(), auto_refresh=False, transient=False)
             live.start()
             live.update(status.render(), refresh=True)

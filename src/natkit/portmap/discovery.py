@@ -32,6 +32,9 @@ from natkit.portmap.igd import Gateway, IGDClient
 SEND_SCHEDULE = (0.0, 0.25, 0.75)
 MAX_PENDING_DATAGRAMS = 256
 MAX_LOCATIONS = 32
+# Another LAN device that claims to be a perfect IGD does not win at once: the default
+# gateway's own answer gets this long to arrive (a LAN device could answer faster).
+OTHER_DEVICE_GRACE = 0.3
 # Per answering host, so that one device advertising many LOCATIONs cannot use up
 # MAX_LOCATIONS and hide the router (whose own answers are always probed).
 MAX_LOCATIONS_PER_HOST = 8
@@ -51,8 +54,14 @@ class _Collector(asyncio.DatagramProtocol):
         pass  # ICMP errors (e.g. port unreachable for the unicast search) are expected
 
 
-def _score(gw: Gateway) -> int:
-    return (2 if gw.connected else 0) + (1 if is_public_ipv4(gw.external_ip) else 0)
+def _score(gw: Gateway, gateway_ip: str = "") -> int:
+    """Rank answers: the default gateway itself first, then connected, then public."""
+    own = gateway_ip != "" and ssdp.parse_http_url(gw.location)[0] == gateway_ip
+    return (
+        (4 if own else 0)
+        + (2 if gw.connected else 0)
+        + (1 if is_public_ipv4(gw.external_ip) else 0)
+    )
 
 
 async def _rank_service(svc: Service, local_ip: str, timeout: float) -> tuple[str, bool]:
@@ -162,18 +171,23 @@ async def discover_igd(
     refused: list[str] = []
     probes: set[asyncio.Task[Gateway]] = set()
     best: Gateway | None = None
+    best_at = 0.0
     send_task = asyncio.create_task(sender())
     deadline = start + timeout
+    getter: asyncio.Future[tuple[bytes, tuple[str, int]]] | None = None
     try:
         while True:
             now = time.monotonic()
             if now >= deadline:
                 break
-            if best is not None and not probes:
+            if best is not None and not probes and now >= best_at + OTHER_DEVICE_GRACE:
                 break  # a usable (if imperfect) gateway and nothing left to hear from
+            limit = deadline if best is None else min(deadline, best_at + OTHER_DEVICE_GRACE)
             getter = asyncio.ensure_future(collector.queue.get())
             done, _ = await asyncio.wait(
-                {getter, *probes}, timeout=deadline - now, return_when=asyncio.FIRST_COMPLETED
+                {getter, *probes},
+                timeout=max(0.0, limit - now),
+                return_when=asyncio.FIRST_COMPLETED,
             )
             if getter in done:
                 data, addr = getter.result()
@@ -205,11 +219,13 @@ async def discover_igd(
                     refused.append(str(failure))
                     continue
                 gw = task.result()
-                if best is None or _score(gw) > _score(best):
-                    best = gw
-                if _score(best) == 3:
-                    return best
+                if best is None or _score(gw, gw_ip) > _score(best, gw_ip):
+                    best, best_at = gw, time.monotonic()
+                if _score(best, gw_ip) == 7:
+                    return best  # the default gateway itself, connected, with a public address
     finally:
+        if getter is not None and not getter.done():
+            getter.cancel()
         send_task.cancel()
         for task in probes:
             task.cancel()
