@@ -280,6 +280,8 @@ class Lab:
         conf = self.state_dir / "miniupnpd.conf"
         conf.write_text(C.miniupnpd_conf(self.cfg))
         self._pidfile.unlink(missing_ok=True)
+        # The log is appended to across reboots: look for readiness only in what follows.
+        offset = self.router_log.stat().st_size if self.router_log.exists() else 0
         log = open(self.router_log, "ab")  # noqa: SIM115 - handed to the daemon
         try:
             proc = subprocess.Popen(
@@ -308,7 +310,10 @@ class Lab:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise LabError(f"miniupnpd exited with {proc.returncode}: {self._log_tail()}")
-            if want in self.router_log.read_text(errors="replace") and self.router_pid():
+            with open(self.router_log, "rb") as f:
+                f.seek(offset)
+                fresh = f.read().decode(errors="replace")
+            if want in fresh and self.router_pid():
                 return
             time.sleep(0.02)
         raise LabError(f"miniupnpd did not become ready in 10 s: {self._log_tail()}")

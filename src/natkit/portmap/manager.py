@@ -71,7 +71,8 @@ async def probe(
     """Find which mapping protocols the gateway offers and choose one.
 
     ``via`` forces one protocol (then its full ``timeout`` applies); ``auto`` asks all in
-    ``order`` of preference within ``budget`` seconds.
+    ``order`` of preference and chooses within ``budget`` seconds once any has answered
+    (a router that answers nothing that fast still gets ``timeout``).
     """
     start = time.monotonic()
     gw = gateway_ip or default_gateway()
@@ -81,7 +82,7 @@ async def probe(
             raise ValueError(f"--via must be auto, upnp, natpmp or pcp, not {via!r}")
         methods = [m for m in METHODS if m == via]
         budget = timeout
-    tasks = {m: asyncio.create_task(_probe_one(m, gw, budget)) for m in methods}
+    tasks = {m: asyncio.create_task(_probe_one(m, gw, max(budget, timeout))) for m in methods}
     by_task = {t: m for m, t in tasks.items()}
     won: dict[str, tuple[Mapper, str]] = {}
     refused: dict[str, str] = {}
@@ -95,7 +96,9 @@ async def probe(
                 break  # the most preferred protocol still in the running has answered
             if not pending:
                 break
-            limit = deadline
+            # Nothing has answered within the budget: a slow router still gets the full
+            # timeout rather than being declared absent.
+            limit = deadline if won or time.monotonic() < deadline else start + max(timeout, budget)
             if first_success is not None:
                 limit = min(limit, first_success + GRACE)
             wait = limit - time.monotonic()

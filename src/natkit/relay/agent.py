@@ -1,0 +1,378 @@
+"""The agent beside the service: ``natkit expose PORT --relay HOST:PORT``.
+
+It keeps one control connection to the relay (TLS; the relay is verified by a pinned
+fingerprint or a CA; the token is proven by HMAC, never sent), reconnects forever with
+backoff and jitter, and opens data connections ahead of visitors when the relay hands it
+tickets. Each data connection waits for START, then is joined to a fresh connection to
+the local service: spliced when both are plain TCP, a Protocol bridge over TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from natkit.errors import NatkitError, ProtocolError
+from natkit.relay import protocol as P
+from natkit.relay.certs import KnownRelays, RelayTrustError, client_context, fingerprint_der
+from natkit.relay.pump import bridge_protocols, join_sockets, link
+from natkit.relay.server import read_frame
+from natkit.state import state_dir
+
+log = logging.getLogger("natkit.relay")
+PING_INTERVAL = 10.0
+SILENCE_LIMIT = 30.0
+
+
+class RelayAuthError(NatkitError):
+    """The relay rejected the token: final, not retried."""
+
+
+class TunnelRefusedError(NatkitError):
+    """The relay refused to open the tunnel (name held by another token, limits…)."""
+
+
+@dataclasses.dataclass
+class TunnelSpec:
+    local_port: int
+    kind: str = "tcp"  # tcp | http | tls
+    name: str = ""  # requested host name label for http/tls
+    port: int = 0  # requested public port for tcp (0: any; remembered across reconnects)
+    local_host: str = "127.0.0.1"
+    id: str = "t0"
+    public: str = ""
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise ValueError(f"{text!r} is not HOST:PORT")
+        return text, default_port
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host, int(port)
+
+
+Listener = Callable[[str, dict[str, Any]], None]
+
+
+class Agent:
+    def __init__(
+        self,
+        relay: str,
+        token: str,
+        tunnels: list[TunnelSpec],
+        *,
+        plaintext_data: bool = False,
+        fingerprint: str | None = None,
+        cafile: Path | None = None,
+        known_relays: Path | None = None,
+        max_backoff: float = 30.0,
+    ) -> None:
+        self.relay_host, self.relay_port = parse_hostport(relay)
+        self.relay = relay
+        self.token = token
+        self.tunnels = {t.id: t for t in tunnels}
+        self.plaintext_data = plaintext_data
+        self.expected_fingerprint = fingerprint
+        self.ssl = client_context(cafile)
+        self.known = KnownRelays(known_relays or state_dir() / "known_relays.json")
+        self.max_backoff = max_backoff
+        self.listeners: list[Listener] = []
+        self.connected = asyncio.Event()
+        self._writer: asyncio.StreamWriter | None = None
+        self._dials: dict[int, asyncio.Future[tuple[bool, str]]] = {}
+        self._dial_seq = 0
+        self._opened: dict[str, asyncio.Future[str]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._fatal: BaseException | None = None
+        self.fingerprint = ""
+        self.connections = 0
+        self._queued: list[P.Message] = []
+
+    def on_event(self, listener: Listener) -> None:
+        self.listeners.append(listener)
+
+    def _emit(self, event: str, **info: Any) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(event, info)
+            except Exception:
+                log.exception("agent event listener failed")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- the control connection -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Stay connected until cancelled; raises RelayAuthError/TunnelRefusedError/trust errors."""
+        delay = 0.5
+        while True:
+            started = time.monotonic()
+            try:
+                await self._session()
+            except (RelayAuthError, TunnelRefusedError, RelayTrustError):
+                raise
+            except (OSError, ProtocolError, ssl.SSLError, asyncio.TimeoutError, NatkitError) as exc:
+                reason = str(exc) or type(exc).__name__
+            else:
+                reason = "the relay closed the connection"
+            self.connected.clear()
+            if time.monotonic() - started > 10:
+                delay = 0.5  # it had been up a while: start the backoff afresh
+            wait = delay * random.uniform(0.8, 1.2)
+            self._emit("reconnecting", reason=reason, delay=round(wait, 2))
+            log.info("relay connection lost (%s); reconnecting in %.1f s", reason, wait)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, self.max_backoff)
+
+    async def _session(self) -> None:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self.relay_host, self.relay_port, ssl=self.ssl), 10.0
+        )
+        try:
+            self._check_peer(writer.get_extra_info("ssl_object"))
+            decoder = P.Decoder()
+            self._queued = []
+            writer.write(P.encode(P.HELLO, version=P.VERSION, agent="natkit"))
+            msg = await self._next(reader, decoder)
+            if msg.type != P.CHALLENGE:
+                raise ProtocolError(f"expected CHALLENGE, got {msg.name}")
+            writer.write(P.encode(P.AUTH, token_id=P.token_id(self.token),
+                                  mac=P.auth_mac(self.token, msg["nonce"], self.fingerprint)))  # fmt: skip
+            msg = await self._next(reader, decoder)
+            if msg.type == P.ERROR and msg["code"] == "auth":
+                raise RelayAuthError(f"relay {self.relay} rejected the token: {msg['message']}")
+            if msg.type != P.WELCOME:
+                raise ProtocolError(f"expected WELCOME, got {msg.name}: {msg.fields}")
+            self._writer = writer
+            self.connections += 1
+            pending = list(self.tunnels.values())
+            for t in pending:
+                writer.write(P.encode(P.OPEN, tunnel=t.id, kind=t.kind, name=t.name, port=t.port))
+            self.connected.set()
+            last = time.monotonic()
+            ping = asyncio.get_running_loop().create_task(self._pinger(writer))
+            try:
+                while True:
+                    try:
+                        msg = await asyncio.wait_for(self._next(reader, decoder), SILENCE_LIMIT)
+                    except asyncio.TimeoutError:
+                        raise ProtocolError(f"relay silent for {SILENCE_LIMIT:g} s") from None
+                    last = time.monotonic()
+                    self._handle(msg)
+            finally:
+                ping.cancel()
+                _ = last
+        finally:
+            self._writer = None
+            for fut in self._dials.values():
+                if not fut.done():
+                    fut.set_exception(NatkitError("relay connection lost"))
+            self._dials.clear()
+            writer.close()
+
+    def _check_peer(self, ssl_object: Any) -> None:
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            raise RelayTrustError(f"relay {self.relay} presented no certificate")
+        self.fingerprint = fingerprint_der(der)
+        if self.known.check(self.relay, self.fingerprint, self.expected_fingerprint):
+            self._emit("pinned", relay=self.relay, fingerprint=self.fingerprint)
+
+    async def _next(self, reader: asyncio.StreamReader, decoder: P.Decoder) -> P.Message:
+        while True:
+            if self._queued:
+                return self._queued.pop(0)
+            data = await reader.read(65536)
+            if not data:
+                raise ProtocolError("relay closed the connection")
+            self._queued.extend(decoder.feed(data))
+
+    async def _pinger(self, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await asyncio.sleep(PING_INTERVAL)
+            writer.write(P.encode(P.PING, t=time.time()))
+
+    def _handle(self, msg: P.Message) -> None:
+        if msg.type == P.OPENED:
+            t = self.tunnels.get(msg["tunnel"])
+            if t is None:
+                return
+            previous, t.public = t.public, msg["public"]
+            if t.kind == "tcp":
+                t.port = int(t.public.rsplit(":", 1)[1])  # ask for the same port next time
+            event = "ready" if not previous else "restored"
+            self._emit(
+                event, tunnel=t.id, public=t.public, changed=bool(previous) and previous != t.public
+            )
+            fut = self._opened.get(t.id)
+            if fut is not None and not fut.done():
+                fut.set_result(t.public)
+        elif msg.type == P.TICKETS:
+            t = self.tunnels.get(msg["tunnel"])
+            if t is not None:
+                for ticket in msg["tickets"]:
+                    self._spawn(self._data_conn(t, ticket))
+        elif msg.type == P.PING:
+            if self._writer is not None:
+                self._writer.write(P.encode(P.PONG, t=msg["t"]))
+        elif msg.type == P.DIALED:
+            dialed = self._dials.pop(msg["id"], None)
+            if dialed is not None and not dialed.done():
+                dialed.set_result((msg["ok"], msg["error"]))
+        elif msg.type == P.ERROR:
+            if msg["code"] == "refused":
+                err = TunnelRefusedError(f"relay {self.relay} refused the tunnel: {msg['message']}")
+                for fut in self._opened.values():
+                    if not fut.done():
+                        fut.set_exception(err)
+                raise err
+            log.warning("relay error %s: %s", msg["code"], msg["message"])
+
+    async def wait_open(self, tunnel_id: str, timeout: float | None = None) -> str:
+        t = self.tunnels[tunnel_id]
+        if t.public and self.connected.is_set():
+            return t.public
+        fut = self._opened.setdefault(tunnel_id, asyncio.get_running_loop().create_future())
+        return await asyncio.wait_for(asyncio.shield(fut), timeout)
+
+    async def dial(self, host: str, port: int, timeout: float = 10.0) -> tuple[bool, str]:
+        """Ask the relay to connect to host:port from the outside (proves reachability)."""
+        await asyncio.wait_for(self.connected.wait(), timeout)
+        assert self._writer is not None
+        self._dial_seq += 1
+        fut: asyncio.Future[tuple[bool, str]] = asyncio.get_running_loop().create_future()
+        self._dials[self._dial_seq] = fut
+        self._writer.write(P.encode(P.DIAL, id=self._dial_seq, host=host, port=port))
+        return await asyncio.wait_for(fut, timeout)
+
+    # ---- data connections -------------------------------------------------------------------
+
+    async def _data_conn(self, t: TunnelSpec, ticket: str) -> None:
+        try:
+            if self.plaintext_data:
+                await self._data_conn_plain(t, ticket)
+            else:
+                await self._data_conn_tls(t, ticket)
+        except (OSError, ProtocolError, ssl.SSLError, RelayTrustError) as exc:
+            log.debug("data connection ended: %s", exc)
+
+    async def _data_conn_plain(self, t: TunnelSpec, ticket: str) -> None:
+        loop = asyncio.get_running_loop()
+        data = socket.socket(socket.AF_INET6 if ":" in self.relay_host else socket.AF_INET)
+        data.setblocking(False)
+        data.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await loop.sock_connect(data, (self.relay_host, self.relay_port))
+            await loop.sock_sendall(data, P.encode(P.DATA, ticket=ticket))
+            start = await read_frame(data)  # parked until a visitor arrives
+            if start.type != P.START:
+                raise ProtocolError(f"expected START, got {start.name}")
+            local = await self._connect_local(t)
+        except BaseException:
+            data.close()
+            raise
+        await join_sockets(data, local)
+
+    async def _connect_local(self, t: TunnelSpec) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        local = socket.socket(socket.AF_INET6 if ":" in t.local_host else socket.AF_INET)
+        local.setblocking(False)
+        local.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await loop.sock_connect(local, (t.local_host, t.local_port))
+        except BaseException:
+            local.close()
+            raise
+        return local
+
+    async def _data_conn_tls(self, t: TunnelSpec, ticket: str) -> None:
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[bytes] = loop.create_future()
+        entry = _TlsDataEntry(ticket, started)
+        transport, _ = await loop.create_connection(lambda: entry, self.relay_host, self.relay_port,
+                                                    ssl=self.ssl)  # fmt: skip
+        try:
+            der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            if fingerprint_der(der) != self.fingerprint:
+                raise RelayTrustError("data connection reached a relay with another certificate")
+            leftover = await started
+        except BaseException:
+            transport.abort()
+            raise
+        transport.pause_reading()
+        ha, hb, fa, fb = bridge_protocols(loop)
+        try:
+            await loop.create_connection(lambda: hb, t.local_host, t.local_port)
+        except OSError:
+            transport.abort()
+            raise
+        transport.set_protocol(ha)
+        ha.connection_made(transport)
+        if leftover:
+            ha.data_received(leftover)
+        link(ha, hb)
+        transport.resume_reading()
+        await asyncio.gather(fa, fb)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._writer is not None:
+            self._writer.close()
+
+
+class _TlsDataEntry(asyncio.Protocol):
+    def __init__(self, ticket: str, started: asyncio.Future[bytes]) -> None:
+        self.ticket, self.started = ticket, started
+        self.decoder = P.Decoder()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(P.encode(P.DATA, ticket=self.ticket))
+
+    def data_received(self, data: bytes) -> None:
+        if self.started.done():
+            return
+        try:
+            # Decode only the START frame; everything after it is the visitor's.
+            messages = self.decoder.feed(data) if len(self.decoder.buffered) < P.MAX_FRAME else []
+        except ProtocolError as exc:
+            self.started.set_exception(exc)
+            return
+        if messages:
+            first = messages[0]
+            if first.type != P.START:
+                self.started.set_exception(ProtocolError(f"expected START, got {first.name}"))
+                return
+            rest = b"".join(P.encode(m.type, **m.fields) for m in messages[1:])
+            self.started.set_result(rest + self.decoder.buffered)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.started.done():
+            self.started.set_exception(ProtocolError("relay closed the data connection"))
+
+
+__all__ = [
+    "Agent",
+    "RelayAuthError",
+    "TunnelRefusedError",
+    "TunnelSpec",
+    "contextlib",
+    "parse_hostport",
+]
