@@ -12,6 +12,7 @@ from natkit.cli.common import fail
 from natkit.cli.expose import expose
 from natkit.cli.lab import lab
 from natkit.cli.map import map_group
+from natkit.cli.relay import relay
 from natkit.errors import NatkitError
 
 
@@ -30,6 +31,7 @@ def cli(verbose: bool) -> None:
 cli.add_command(map_group)
 cli.add_command(expose)
 cli.add_command(lab)
+cli.add_command(relay)
 
 
 def main() -> None:

@@ -316,7 +316,7 @@ class Agent:
             transport.abort()
             raise
         transport.pause_reading()
-        ha, hb, fa, fb = bridge_protocols(loop)
+        ha, hb, fa, fb = bridge_protocols(loop, framed_a=True)
         try:
             await loop.create_connection(lambda: hb, t.local_host, t.local_port)
         except OSError:

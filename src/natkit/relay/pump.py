@@ -138,39 +138,66 @@ async def splice_pair(a: socket.socket, b: socket.socket) -> tuple[int, int]:
 
 
 class _Half(asyncio.Protocol):
-    """One side of a Protocol bridge: what it receives is written to its peer."""
+    """One side of a Protocol bridge: what it receives is sent on by its peer."""
 
     def __init__(self, closed: asyncio.Future[None]) -> None:
         self.transport: asyncio.Transport | None = None
         self.peer: _Half | None = None
         self.closed = closed
         self.pending: list[bytes] = []
-        self.eof = False
+        self.pending_eof = False
+        self.eof_in = False  # our remote finished sending
+        self.eof_out = False  # we told our remote we finished
         self.bytes = 0
 
+    # -- sending to our own remote (called by the peer) --
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def send_eof(self) -> None:
+        assert self.transport is not None
+        self.eof_out = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self.eof_in and self.eof_out and self.transport is not None:
+            self.transport.close()
+
+    # -- receiving from our own remote --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        self.deliver(data)
+
+    def deliver(self, data: bytes) -> None:
         self.bytes += len(data)
         peer = self.peer
         if peer is None or peer.transport is None:
             self.pending.append(data)
             return
-        peer.transport.write(data)
+        peer.send(data)
 
-    def eof_received(self) -> bool:
-        self.eof = True
+    def deliver_eof(self) -> None:
+        self.eof_in = True
         peer = self.peer
-        if peer is not None and peer.transport is not None and peer.transport.can_write_eof():
-            peer.transport.write_eof()
-            both = peer.eof
-            return not both  # keep the connection open for the other direction
-        return False
+        if peer is None or peer.transport is None:
+            self.pending_eof = True
+            return
+        peer.send_eof()
+        self._maybe_close()
+        peer._maybe_close()
+
+    def eof_received(self) -> bool | None:
+        self.deliver_eof()
+        return True  # keep our sending direction open (half-close)
 
     def pause_writing(self) -> None:
-        # Our write buffer is full: stop the peer from reading more for us.
+        # Our remote is slow: stop reading from the peer's remote (back-pressure).
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.pause_reading()
 
@@ -179,24 +206,69 @@ class _Half(asyncio.Protocol):
             self.peer.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            if exc is None and self.peer.eof:
-                self.peer.transport.close()
-            elif exc is not None:
-                self.peer.transport.abort()
-            elif not self.peer.transport.is_closing():
-                self.peer.transport.close()
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+            if exc is not None or not self.eof_in:
+                peer.transport.abort()  # an abrupt end is passed on as one
+            elif peer.eof_in:
+                peer.transport.close()
         if not self.closed.done():
             self.closed.set_result(None)
 
 
+class _FramedHalf(_Half):
+    """The TLS side of a bridge. asyncio cannot half-close TLS, so inside the TLS stream each
+    chunk is ``u32 length + bytes`` and a zero length means "end of this direction"."""
+
+    def __init__(self, closed: asyncio.Future[None]) -> None:
+        super().__init__(closed)
+        self._buf = bytearray()
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.writelines((len(data).to_bytes(4, "big"), data))
+
+    def send_eof(self) -> None:
+        assert self.transport is not None
+        self.eof_out = True
+        self.transport.write(b"\x00\x00\x00\x00")
+        self._maybe_close()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        pos = 0
+        while len(buf) - pos >= 4:
+            n = int.from_bytes(buf[pos : pos + 4], "big")
+            if n == 0:
+                pos += 4
+                self.deliver_eof()
+                continue
+            if n > CHUNK * 4:
+                assert self.transport is not None
+                self.transport.abort()  # not our framing: drop it
+                return
+            if len(buf) - pos - 4 < n:
+                break
+            self.deliver(bytes(buf[pos + 4 : pos + 4 + n]))
+            pos += 4 + n
+        del buf[:pos]
+
+    def eof_received(self) -> bool | None:
+        if not self.eof_in:
+            self.deliver_eof()
+        return None
+
+
 def bridge_protocols(
-    loop: asyncio.AbstractEventLoop,
+    loop: asyncio.AbstractEventLoop, *, framed_a: bool = False, framed_b: bool = False
 ) -> tuple[_Half, _Half, asyncio.Future[None], asyncio.Future[None]]:
-    """Two linked protocols for a Protocol bridge, plus futures that complete when each closes."""
+    """Two linked protocols for a Protocol bridge, plus futures that complete when each closes.
+    A side marked ``framed`` is a TLS data connection (see :class:`_FramedHalf`)."""
     fa: asyncio.Future[None] = loop.create_future()
     fb: asyncio.Future[None] = loop.create_future()
-    a, b = _Half(fa), _Half(fb)
+    a = _FramedHalf(fa) if framed_a else _Half(fa)
+    b = _FramedHalf(fb) if framed_b else _Half(fb)
     a.peer, b.peer = b, a
     return a, b, fa, fb
 
@@ -207,8 +279,12 @@ def link(a: _Half, b: _Half) -> None:
         peer = side.peer
         assert peer is not None and peer.transport is not None
         for chunk in side.pending:
-            peer.transport.write(chunk)
+            peer.send(chunk)
         side.pending.clear()
+        if side.pending_eof:
+            side.pending_eof = False
+            side.eof_in = False
+            side.deliver_eof()
 
 
 async def bridge_sockets(a: socket.socket, b: socket.socket) -> tuple[int, int]:

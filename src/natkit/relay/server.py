@@ -323,7 +323,7 @@ class RelayServer:
             self.stats["bad_tickets"] += 1
             transport.abort()
             return
-        a, b, fa, fb = bridge_protocols(asyncio.get_running_loop())
+        a, b, fa, fb = bridge_protocols(asyncio.get_running_loop(), framed_b=True)
         transport.set_protocol(b)
         b.connection_made(transport)
         entry = _Conn(transport=transport, proto=(a, b, fa, fb))

@@ -1,0 +1,128 @@
+"""``natkit relay serve``: run the public side of relay tunnels."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from pathlib import Path
+
+import click
+
+from natkit.cli.common import emit_json, fail, out
+from natkit.relay.agent import parse_hostport
+from natkit.relay.server import RelayConfig, RelayServer
+from natkit.state import state_dir
+
+
+def _tokens(tokens: tuple[str, ...], tokens_file: Path | None) -> dict[str, str]:
+    """``--token`` values and ``--tokens-file`` lines (``LABEL:TOKEN`` or ``TOKEN``)."""
+    found: dict[str, str] = {}
+    lines = list(tokens)
+    if tokens_file is not None:
+        lines += [ln.strip() for ln in tokens_file.read_text().splitlines()]
+    for i, line in enumerate(lines):
+        if not line or line.startswith("#"):
+            continue
+        label, sep, token = line.partition(":")
+        if not sep:
+            label, token = f"token{i + 1}", line
+        if len(token) < 16:
+            fail(f"token {label!r} is too short: use at least 16 random characters", 2)
+        found[label] = token
+    if not found:
+        fail("give at least one --token (or --tokens-file): the relay is no open proxy", 2)
+    return found
+
+
+@click.group()
+def relay() -> None:
+    """Relay tunnels: a self-hosted ngrok."""
+
+
+@relay.command("serve")
+@click.option("--listen", default="0.0.0.0:7835", show_default=True, help="Agents connect here.")
+@click.option("--token", "tokens", multiple=True, help="A token agents must prove (repeatable).")
+@click.option("--tokens-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="File of LABEL:TOKEN lines.")  # fmt: skip
+@click.option(
+    "--ports", default="20000-20999", show_default=True, help="Public TCP ports: LOW-HIGH."
+)
+@click.option(
+    "--http-port", type=click.IntRange(0, 65535), help="Serve HTTP tunnels (by Host) here."
+)
+@click.option(
+    "--https-port", type=click.IntRange(0, 65535), help="Serve HTTPS tunnels (by SNI) here."
+)
+@click.option("--domain", help="HTTP(S) tunnels are NAME.DOMAIN.")
+@click.option("--public-host", help="How visitors reach this relay (default: the listen host).")
+@click.option("--cert", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--metrics", metavar="HOST:PORT", help="Prometheus metrics endpoint.")
+@click.option(
+    "--no-plaintext-data", is_flag=True, help="Refuse agents' plaintext data connections."
+)
+@click.option("--grace", type=float, default=60.0, show_default=True,
+              help="Seconds a tunnel's address waits for its agent to come back.")  # fmt: skip
+@click.option("--pool-size", type=click.IntRange(0, 64), default=4, show_default=True,
+              help="Data connections each tunnel keeps ready for visitors.")  # fmt: skip
+@click.option("--state-dir", "relay_state", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the self-signed certificate lives.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON ready line.")
+def serve(
+    listen: str, tokens: tuple[str, ...], tokens_file: Path | None, ports: str,
+    http_port: int | None, https_port: int | None, domain: str | None, public_host: str | None,
+    cert: Path | None, key: Path | None, metrics: str | None, no_plaintext_data: bool,
+    grace: float, pool_size: int, relay_state: Path | None, as_json: bool,
+) -> None:  # fmt: skip
+    """Run the relay: agents connect to --listen, visitors to the tunnels' public ports."""
+    host, port = parse_hostport(listen)
+    low, _sep, high = ports.partition("-")
+    if not (low.isdigit() and high.isdigit() and 0 < int(low) <= int(high) < 65536):
+        fail(f"--ports must be LOW-HIGH, not {ports!r}", 2)
+    if (http_port is not None or https_port is not None) and not domain:
+        fail("--http-port/--https-port need --domain (tunnels are NAME.DOMAIN)", 2)
+    if (cert is None) != (key is None):
+        fail("give both --cert and --key, or neither (a self-signed pair is made)", 2)
+    cfg = RelayConfig(
+        listen_host=host, listen_port=port, tokens=_tokens(tokens, tokens_file),
+        ports=(int(low), int(high)), http_port=http_port, https_port=https_port, domain=domain,
+        public_host=public_host, cert=cert, key=key,
+        state_dir=relay_state or state_dir() / "relay",
+        metrics=parse_hostport(metrics) if metrics else None,
+        allow_plaintext_data=not no_plaintext_data, grace=grace, pool_size=pool_size,
+    )  # fmt: skip
+    asyncio.run(_serve(cfg, as_json))
+
+
+async def _serve(cfg: RelayConfig, as_json: bool) -> None:
+    server = RelayServer(cfg)
+    await server.start()
+    info = {
+        "event": "ready",
+        "listen": f"{cfg.listen_host}:{server.listen_port}",
+        "fingerprint": server.fingerprint,
+        "http_port": server.http_port,
+        "https_port": server.https_port,
+        "ports": f"{cfg.ports[0]}-{cfg.ports[1]}",
+    }
+    if as_json:
+        emit_json(info)
+    else:
+        out.print(f"relay listening on [b]{info['listen']}[/]")
+        out.print(
+            f"certificate fingerprint: {server.fingerprint}  (agents: --fingerprint to pin it)"
+        )
+        if server.http_port:
+            out.print(f"HTTP tunnels: http://NAME.{cfg.domain}:{server.http_port}")
+        if server.https_port:
+            out.print(f"HTTPS tunnels (TLS passed through): NAME.{cfg.domain}:{server.https_port}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await server.close()
