@@ -16,6 +16,7 @@ from natkit.errors import (
     UPnPError,
 )
 from natkit.portmap.mapping import PortMapping
+from natkit.relay.api import RelayTunnel, Tunnel, connect, connect_async, disconnect, get_tunnels
 
 __version__ = "0.1.0"
 
@@ -29,7 +30,13 @@ __all__ = [
     "Port",
     "PortMapping",
     "ProtocolError",
+    "RelayTunnel",
+    "Tunnel",
     "UPnPError",
+    "connect",
+    "connect_async",
+    "disconnect",
+    "get_tunnels",
     "open_port",
     "open_port_async",
 ]

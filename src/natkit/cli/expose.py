@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import signal
 import time
 from typing import Any
@@ -12,8 +14,10 @@ from rich.live import Live
 from rich.table import Table
 
 from natkit.cli.common import emit_json, err, out
+from natkit.errors import NatkitError
 from natkit.portmap.manager import KeptMapping
 from natkit.portmap.mapping import PortMapping
+from natkit.relay.agent import Agent, TunnelSpec
 
 
 class _Status:
@@ -63,80 +67,198 @@ def _event_json(event: str, m: PortMapping, info: dict[str, Any]) -> dict[str, A
 
 @click.command("expose")
 @click.argument("port", type=click.IntRange(1, 65535))
-@click.option(
-    "--protocol",
-    type=click.Choice(["tcp", "udp"], case_sensitive=False),
-    default="tcp",
-    show_default=True,
-)
-@click.option(
-    "--via",
-    type=click.Choice(["auto", "upnp", "natpmp", "pcp"]),
-    default="auto",
-    show_default=True,
-    help="Port-mapping protocol (auto: the best the router offers).",
-)
+@click.option("--protocol", type=click.Choice(["tcp", "udp"], case_sensitive=False), default="tcp",
+              show_default=True)  # fmt: skip
+@click.option("--via", type=click.Choice(["auto", "upnp", "natpmp", "pcp", "relay"]), default="auto",
+              show_default=True,
+              help="auto: the router's best mapping protocol, proven reachable, else the relay.")  # fmt: skip
 @click.option(
     "--external-port", type=click.IntRange(1, 65535), help="Public port wanted (default: same)."
 )
-@click.option(
-    "--lease",
-    type=click.IntRange(10, 604800),
-    default=3600,
-    show_default=True,
-    help="Lease asked of the router; renewed at half of it.",
-)
+@click.option("--lease", type=click.IntRange(10, 604800), default=3600, show_default=True,
+              help="Lease asked of the router; renewed at half of it.")  # fmt: skip
 @click.option("--gateway", metavar="IP", help="Router address (default: the default gateway).")
+@click.option("--check-interval", type=float, default=2.0, show_default=True,
+              help="Seconds between checks that the router still has the mapping.")  # fmt: skip
 @click.option(
-    "--check-interval",
-    type=float,
-    default=2.0,
-    show_default=True,
-    help="Seconds between checks that the router still has the mapping.",
+    "--relay", metavar="HOST:PORT", help="A natkit relay to fall back on (or use: --via relay)."
+)
+@click.option("--token", envvar="NATKIT_TOKEN", help="The relay token (or $NATKIT_TOKEN).")
+@click.option("--http", "http_mode", is_flag=True, help="Relay HTTP by Host: http://NAME.DOMAIN.")
+@click.option(
+    "--tls", "tls_mode", is_flag=True, help="Relay HTTPS by SNI, TLS passed through untouched."
+)
+@click.option("--hostname", default="", help="NAME for --http/--tls (default: a random one).")
+@click.option(
+    "--local-host", default="127.0.0.1", show_default=True, help="Where the service listens."
+)
+@click.option("--plaintext-data", is_flag=True,
+              help="Relay data connections unencrypted (for services that encrypt end to end).")  # fmt: skip
+@click.option(
+    "--fingerprint",
+    help="The relay's certificate fingerprint (sha256:...), else pinned on first use.",
 )
 @click.option(
     "--json", "as_json", is_flag=True, help="JSON lines: ready, renewed, lost, restored, closed."
 )
-def expose(
-    port: int,
-    protocol: str,
-    via: str,
-    external_port: int | None,
-    lease: int,
-    gateway: str | None,
-    check_interval: float,
-    as_json: bool,
-) -> None:
+def expose(**kw: Any) -> None:
     """Make local PORT reachable from the Internet and keep it so until stopped."""
-    asyncio.run(
-        _expose(port, protocol.lower(), via, external_port, lease, gateway, check_interval, as_json)
-    )
+    opts = ExposeOptions(**kw)
+    opts.protocol = opts.protocol.lower()
+    if opts.via == "relay" and not opts.relay:
+        raise click.UsageError("--via relay needs --relay HOST:PORT")
+    if (opts.http_mode or opts.tls_mode) and not opts.relay:
+        raise click.UsageError("--http/--tls need --relay HOST:PORT")
+    if opts.http_mode and opts.tls_mode:
+        raise click.UsageError("choose one of --http and --tls")
+    if opts.relay and not opts.token:
+        raise click.UsageError("--relay needs --token (or $NATKIT_TOKEN)")
+    if opts.relay and opts.protocol == "udp" and opts.via == "relay":
+        raise click.UsageError("relay tunnels carry TCP; UDP needs a router mapping")
+    asyncio.run(_main(opts))
 
 
-async def _expose(
-    port: int,
-    protocol: str,
-    via: str,
-    external_port: int | None,
-    lease: int,
-    gateway: str | None,
-    check_interval: float,
-    as_json: bool,
-) -> None:
+@dataclasses.dataclass
+class ExposeOptions:
+    port: int
+    protocol: str
+    via: str
+    external_port: int | None
+    lease: int
+    gateway: str | None
+    check_interval: float
+    relay: str | None
+    token: str | None
+    http_mode: bool
+    tls_mode: bool
+    hostname: str
+    local_host: str
+    plaintext_data: bool
+    fingerprint: str | None
+    as_json: bool
+
+    @property
+    def kind(self) -> str:
+        return "http" if self.http_mode else "tls" if self.tls_mode else "tcp"
+
+
+async def _main(opts: ExposeOptions) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    keeper = KeptMapping(
-        port,
-        protocol=protocol,
-        external_port=external_port,
-        lease=lease,
-        via=via,
-        gateway_ip=gateway,
-        check_interval=check_interval,
-    )
-    status = _Status(port)
+    if not opts.relay or (opts.protocol == "udp" and opts.via != "relay"):
+        await _run_mapping(opts, stop, None)
+        return
+    if opts.via == "relay" or opts.kind != "tcp":
+        await _run_relay(opts, stop, None, None)
+        return
+    # A relay to fall back on: map first, then have the relay prove the mapping from outside.
+    agent = _agent(opts, [])
+    task = loop.create_task(agent.run())
+    keeper = _keeper(opts)
+    reason = ""
+    try:
+        mapping = await keeper.start()
+    except NatkitError as exc:
+        reason = f"port mapping failed: {exc}"
+    else:
+        if not mapping.publicly_reachable:
+            reason = mapping.reachability_note
+        else:
+            ok, error = await _dial(agent, task, mapping.external_ip, mapping.external_port)
+            if ok:
+                task.cancel()
+                await agent.close()
+                await _run_mapping(opts, stop, keeper, verified=True)
+                return
+            reason = f"the relay could not reach {mapping.public_address} from outside: {error}"
+        await keeper.close()
+    _say(opts, {"event": "fallback", "reason": reason}, f"falling back to the relay: {reason}")
+    await _run_relay(opts, stop, agent, task)
+
+
+async def _dial(agent: Agent, task: asyncio.Task[None], host: str, port: int) -> tuple[bool, str]:
+    dial = asyncio.ensure_future(agent.dial(host, port, timeout=15.0))
+    done, _ = await asyncio.wait({dial, task}, return_when=asyncio.FIRST_COMPLETED)
+    if dial not in done:
+        dial.cancel()
+        task.result()  # the agent hit a final error (bad token…): raise it
+        return False, "relay unavailable"
+    return dial.result()
+
+
+def _say(opts: ExposeOptions, obj: dict[str, Any], text: str) -> None:
+    if opts.as_json:
+        emit_json(obj)
+    else:
+        out.print(text, markup=False, soft_wrap=True)
+
+
+def _keeper(opts: ExposeOptions) -> KeptMapping:
+    return KeptMapping(
+        opts.port, protocol=opts.protocol, external_port=opts.external_port, lease=opts.lease,
+        via="auto" if opts.via == "relay" else opts.via, gateway_ip=opts.gateway,
+        check_interval=opts.check_interval,
+    )  # fmt: skip
+
+
+def _agent(opts: ExposeOptions, specs: list[TunnelSpec]) -> Agent:
+    assert opts.relay and opts.token
+    return Agent(opts.relay, opts.token, specs, plaintext_data=opts.plaintext_data,
+                 fingerprint=opts.fingerprint)  # fmt: skip
+
+
+async def _run_relay(
+    opts: ExposeOptions, stop: asyncio.Event, agent: Agent | None, task: asyncio.Task[None] | None
+) -> None:
+    spec = TunnelSpec(opts.port, kind=opts.kind, name=opts.hostname, local_host=opts.local_host)
+    if agent is None or task is None:
+        agent = _agent(opts, [spec])
+        task = asyncio.get_running_loop().create_task(agent.run())
+    else:
+        agent.open(spec)
+    scheme = {"tcp": "tcp", "http": "http", "tls": "https"}[opts.kind]
+    base = {"method": "relay", "protocol": scheme, "relay": opts.relay,
+            "internal_port": opts.port, "internal_host": opts.local_host}  # fmt: skip
+
+    def on_event(event: str, info: dict[str, Any]) -> None:
+        if event == "ready":
+            _say(opts, {"event": "ready", **base, "public_address": info["public"]},
+                 f"public address: {info['public']}  (relay {opts.relay} → {opts.local_host}:{opts.port}; Ctrl-C to stop)")  # fmt: skip
+        elif event == "reconnecting":
+            _say(opts, {"event": "lost", **base, "public_address": spec.public, "reason": info["reason"],
+                        "retry_in": info["delay"]},
+                 f"relay connection lost ({info['reason']}); retrying in {info['delay']} s")  # fmt: skip
+        elif event == "restored":
+            _say(opts, {"event": "restored", **base, "public_address": info["public"],
+                        "changed": info["changed"]},
+                 f"relay connection restored: {info['public']}")  # fmt: skip
+        elif event == "pinned":
+            err.print(f"pinned relay {info['relay']} certificate {info['fingerprint']}")
+
+    agent.on_event(on_event)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({stopper, task}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # final errors (bad token, refused name, untrusted relay) surface here
+    finally:
+        stopper.cancel()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        await agent.close()
+        _say(opts, {"event": "closed", **base, "public_address": spec.public}, "tunnel closed")
+
+
+async def _run_mapping(
+    opts: ExposeOptions, stop: asyncio.Event, keeper: KeptMapping | None, *, verified: bool = False
+) -> None:
+    started = keeper is not None
+    keeper = keeper or _keeper(opts)
+    as_json = opts.as_json
+    status = _Status(opts.port)
     live: Live | None = None
     # Not a terminal (a pipe, a log file): rich's Live would show nothing until the end, so
     # print the block once mapped and a line per event instead.
@@ -178,7 +300,12 @@ async def _expose(
 
     keeper.on_event(on_event)
     try:
-        mapping = await keeper.start()
+        if started:
+            assert keeper.mapping is not None
+            mapping = keeper.mapping
+            on_event("ready", mapping, {"probe": keeper.probe_result, "verified": verified})
+        else:
+            mapping = await keeper.start()
         if plain:
             out.print(status.render())
         elif not as_json:

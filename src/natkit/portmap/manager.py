@@ -119,8 +119,9 @@ async def probe(
         for m, t in tasks.items():
             if not t.done():
                 t.cancel()
+                waited = time.monotonic() - start
                 why = f"not awaited: {next(iter(won))} answered first" if won else "no answer"
-                refused.setdefault(m, f"{why} within {budget:g} s")
+                refused.setdefault(m, f"{why} within {waited:.1f} s")
         await asyncio.gather(*tasks.values(), return_exceptions=True)
     chosen = next((m for m in methods if m in won), None)
     for name, (mapper, _) in won.items():

@@ -244,6 +244,14 @@ class Agent:
                 raise err
             log.warning("relay error %s: %s", msg["code"], msg["message"])
 
+    def open(self, spec: TunnelSpec) -> None:
+        """Add a tunnel; it is opened now if connected, else at the next connection."""
+        self.tunnels[spec.id] = spec
+        if self._writer is not None and self.connected.is_set():
+            self._writer.write(
+                P.encode(P.OPEN, tunnel=spec.id, kind=spec.kind, name=spec.name, port=spec.port)
+            )
+
     async def wait_open(self, tunnel_id: str, timeout: float | None = None) -> str:
         t = self.tunnels[tunnel_id]
         if t.public and self.connected.is_set():
