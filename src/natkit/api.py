@@ -10,7 +10,7 @@ import asyncio
 import threading
 from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from natkit.portmap.manager import KeptMapping
 from natkit.portmap.mapping import PortMapping
@@ -135,12 +135,49 @@ class _LoopThread:
         self.loop.close()
 
 
-class Port:
-    """A live port mapping for blocking code; a context manager that removes it on exit."""
+class _Closable(Protocol):
+    @property
+    def closed(self) -> bool: ...
 
-    def __init__(self, runner: _LoopThread, handle: OpenPort) -> None:
+    async def close(self) -> None: ...
+
+
+H = TypeVar("H", bound=_Closable)
+
+
+class SyncHandle(Generic[H]):
+    """A blocking face for an async handle whose event loop runs in a background thread."""
+
+    def __init__(self, runner: _LoopThread, handle: H) -> None:
         self._runner = runner
         self._handle = handle
+
+    def close(self) -> None:
+        if self._handle.closed:
+            return
+        try:
+            self._runner.run(self._handle.close())
+        finally:
+            self._runner.stop()
+
+    def __enter__(self: S) -> S:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        inner = repr(self._handle)
+        return inner.replace(type(self._handle).__name__, type(self).__name__, 1)
+
+
+S = TypeVar("S", bound=SyncHandle[Any])
+
+
+class Port(SyncHandle[OpenPort]):
+    """A live port mapping for blocking code; a context manager that removes it on exit."""
 
     @property
     def mapping(self) -> PortMapping:
@@ -161,25 +198,6 @@ class Port:
     def on_change(self, callback: Callable[[PortMapping], None]) -> None:
         """Called (from natkit's background thread) when the public address changes."""
         self._handle.on_change(callback)
-
-    def close(self) -> None:
-        if self._handle.closed:
-            return
-        try:
-            self._runner.run(self._handle.close())
-        finally:
-            self._runner.stop()
-
-    def __enter__(self) -> Port:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return repr(self._handle).replace("OpenPort", "Port", 1)
 
 
 def open_port(

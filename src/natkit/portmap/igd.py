@@ -136,6 +136,22 @@ class IGDClient:
             "NewPossibleConnectionTypes", ""
         ).strip()
 
+    @staticmethod
+    def _mapping_args(
+        external_port: int, protocol: str, internal_port: int, internal_client: str,
+        description: str, lease: int, remote_host: str,
+    ) -> list[tuple[str, str | int]]:  # fmt: skip
+        return [
+            ("NewRemoteHost", remote_host),
+            ("NewExternalPort", external_port),
+            ("NewProtocol", _protocol(protocol)),
+            ("NewInternalPort", internal_port),
+            ("NewInternalClient", internal_client),
+            ("NewEnabled", 1),
+            ("NewPortMappingDescription", description),
+            ("NewLeaseDuration", lease),
+        ]
+
     async def add_port_mapping(
         self,
         external_port: int,
@@ -147,19 +163,9 @@ class IGDClient:
         lease: int = 3600,
         remote_host: str = "",
     ) -> None:
-        await self.call(
-            "AddPortMapping",
-            [
-                ("NewRemoteHost", remote_host),
-                ("NewExternalPort", external_port),
-                ("NewProtocol", _protocol(protocol)),
-                ("NewInternalPort", internal_port),
-                ("NewInternalClient", internal_client),
-                ("NewEnabled", 1),
-                ("NewPortMappingDescription", description),
-                ("NewLeaseDuration", lease),
-            ],
-        )
+        args = self._mapping_args(external_port, protocol, internal_port, internal_client,
+                                  description, lease, remote_host)  # fmt: skip
+        await self.call("AddPortMapping", args)
 
     async def add_any_port_mapping(
         self,
@@ -173,19 +179,9 @@ class IGDClient:
         remote_host: str = "",
     ) -> int:
         """IGD2 only: the router picks a free external port near ``external_port``; returns it."""
-        v = await self.call(
-            "AddAnyPortMapping",
-            [
-                ("NewRemoteHost", remote_host),
-                ("NewExternalPort", external_port),
-                ("NewProtocol", _protocol(protocol)),
-                ("NewInternalPort", internal_port),
-                ("NewInternalClient", internal_client),
-                ("NewEnabled", 1),
-                ("NewPortMappingDescription", description),
-                ("NewLeaseDuration", lease),
-            ],
-        )
+        args = self._mapping_args(external_port, protocol, internal_port, internal_client,
+                                  description, lease, remote_host)  # fmt: skip
+        v = await self.call("AddAnyPortMapping", args)
         return _port(v, "NewReservedPort", "AddAnyPortMapping")
 
     async def delete_port_mapping(

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from natkit.api import _LoopThread
+from natkit.api import SyncHandle, _LoopThread
 from natkit.relay.agent import Agent, TunnelSpec
 
 _open: list[Tunnel] = []
@@ -101,40 +101,21 @@ async def connect_async(
     return RelayTunnel(agent, task, spec)
 
 
-class Tunnel:
+class Tunnel(SyncHandle[RelayTunnel]):
     """A live tunnel for blocking code (a background thread runs the agent)."""
-
-    def __init__(self, runner: _LoopThread, inner: RelayTunnel) -> None:
-        self._runner, self._inner = runner, inner
 
     @property
     def public_url(self) -> str:
-        return self._inner.public_url
+        return self._handle.public_url
 
     @property
     def kind(self) -> str:
-        return self._inner.kind
+        return self._handle.kind
 
     def close(self) -> None:
-        if self._inner.closed:
-            return
         with contextlib.suppress(ValueError):
             _open.remove(self)
-        try:
-            self._runner.run(self._inner.close())
-        finally:
-            self._runner.stop()
-
-    def __enter__(self) -> Tunnel:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return repr(self._inner).replace("RelayTunnel", "Tunnel", 1)
+        super().close()
 
 
 def connect(port: int, **kw: Any) -> Tunnel:
