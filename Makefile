@@ -8,6 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEBS := iproute2 nftables conntrack miniupnpd-nftables miniupnpc natpmpc python3-venv curl
+BENCH_DEBS := openssh-server openssh-client socat
 STAMP_DEBS := $(VENV)/.debs-installed
 STAMP_PY := $(VENV)/.py-installed
 
@@ -45,6 +46,8 @@ test: lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 bench: deps
+	@missing=""; for p in $(BENCH_DEBS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
 	$(PY) bench/run.py
 
 # Remove every lab left by interrupted runs (namespaces outlive their processes).
