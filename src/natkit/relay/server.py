@@ -266,7 +266,7 @@ class RelayServer:
                     log.warning("accept failed: %s", exc)
                     return
                 conn.setblocking(False)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _tune(conn)
                 result = handler(conn, addr)
                 if asyncio.iscoroutine(result):
                     self._spawn(result)
@@ -515,8 +515,19 @@ class RelayServer:
         s.tunnels.clear()
 
     async def _dial(self, s: Session, dial_id: int, host: str, port: int) -> None:
-        """Dial back an address for the agent (is its port mapping reachable from outside?)."""
+        """Dial back an address for the agent (is its port mapping reachable from outside?).
+
+        Only the address the agent's own connection comes from: the relay is no port scanner
+        or proxy. (Behind double NAT the mapped address differs, and is unreachable anyway.)
+        """
         error = ""
+        peer = s.transport.get_extra_info("peername")
+        source = str(peer[0]) if peer else ""
+        if host != source:
+            self.stats["dials_refused"] += 1
+            s.send(P.DIALED, id=dial_id, ok=False,
+                   error=f"{host} is not the address this agent connects from ({source})")  # fmt: skip
+            return
         try:
             _, w = await asyncio.wait_for(asyncio.open_connection(host, port), 3.0)
             w.close()
@@ -647,6 +658,16 @@ class RelayServer:
                          b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))  # fmt: skip
             await writer.drain()
         writer.close()
+
+
+def _tune(conn: socket.socket) -> None:
+    """No Nagle delay; and TCP keepalive so half-open connections (a peer that vanished
+    without a FIN) expire in about two minutes instead of lingering forever."""
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4)):
+        if hasattr(socket, opt):
+            conn.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
