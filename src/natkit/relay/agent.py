@@ -100,6 +100,7 @@ class Agent:
         self.fingerprint = ""
         self.connections = 0
         self._queued: list[P.Message] = []
+        self._parked: set[asyncio.Task[None]] = set()
 
     def on_event(self, listener: Listener) -> None:
         self.listeners.append(listener)
@@ -180,6 +181,10 @@ class Agent:
                 _ = last
         finally:
             self._writer = None
+            # Data connections still waiting for a visitor belong to the lost session: the
+            # relay forgot their tickets. Connections already carrying a visitor go on.
+            for task in list(self._parked):
+                task.cancel()
             for fut in self._dials.values():
                 if not fut.done():
                     fut.set_exception(NatkitError("relay connection lost"))
@@ -227,7 +232,9 @@ class Agent:
             t = self.tunnels.get(msg["tunnel"])
             if t is not None:
                 for ticket in msg["tickets"]:
-                    self._spawn(self._data_conn(t, ticket))
+                    task = asyncio.get_running_loop().create_task(self._data_conn(t, ticket))
+                    self._parked.add(task)
+                    task.add_done_callback(self._parked.discard)
         elif msg.type == P.PING:
             if self._writer is not None:
                 self._writer.write(P.encode(P.PONG, t=msg["t"]))
@@ -271,6 +278,14 @@ class Agent:
 
     # ---- data connections -------------------------------------------------------------------
 
+    def _unpark(self) -> None:
+        """The current data connection carries a visitor now: it outlives the session."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._parked.discard(task)
+            self._tasks.add(task)  # keep a strong reference while it runs
+            task.add_done_callback(self._tasks.discard)
+
     async def _data_conn(self, t: TunnelSpec, ticket: str) -> None:
         try:
             if self.plaintext_data:
@@ -289,6 +304,7 @@ class Agent:
             await loop.sock_connect(data, (self.relay_host, self.relay_port))
             await loop.sock_sendall(data, P.encode(P.DATA, ticket=ticket))
             start = await read_frame(data)  # parked until a visitor arrives
+            self._unpark()
             if start.type != P.START:
                 raise ProtocolError(f"expected START, got {start.name}")
             local = await self._connect_local(t)
@@ -320,6 +336,7 @@ class Agent:
             if fingerprint_der(der) != self.fingerprint:
                 raise RelayTrustError("data connection reached a relay with another certificate")
             leftover = await started
+            self._unpark()
         except BaseException:
             transport.abort()
             raise
@@ -339,7 +356,7 @@ class Agent:
         await asyncio.gather(fa, fb)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
+        for task in list(self._tasks) + list(self._parked):
             task.cancel()
         if self._writer is not None:
             self._writer.close()
