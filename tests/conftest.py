@@ -16,18 +16,19 @@ sys.path.insert(0, str(GUARD_DIR))
 import natkit_netguard  # noqa: E402
 
 # Children (natkit CLI runs, lab servers) get the guard too, and report to the same log.
-_guard_log = tempfile.NamedTemporaryFile(prefix="natkit-netguard-", suffix=".log", delete=False)
-os.environ["NATKIT_NETGUARD_LOG"] = _guard_log.name
+_fd, _guard_log_path = tempfile.mkstemp(prefix="natkit-netguard-", suffix=".log")
+os.close(_fd)
+os.environ["NATKIT_NETGUARD_LOG"] = _guard_log_path
 os.environ["NATKIT_NETGUARD_HOST_NETNS"] = str(os.stat("/proc/self/ns/net").st_ino)
 os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(GUARD_DIR), os.environ.get("PYTHONPATH", "")) if p
 )
-natkit_netguard.LOG = _guard_log.name
+natkit_netguard.LOG = _guard_log_path
 natkit_netguard.install()
 
+from natkit.errors import LabError  # noqa: E402
 from natkit.lab import Lab, LabConfig, netns  # noqa: E402
 from natkit.lab.config import PortmapProtocol  # noqa: E402
-from natkit.errors import LabError  # noqa: E402
 
 T = TypeVar("T")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

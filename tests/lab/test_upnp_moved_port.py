@@ -9,6 +9,7 @@ from typing import Any
 from natkit.lab import config as C
 from natkit.portmap.manager import KeptMapping
 from natkit.portmap.mapping import PortMapping
+from natkit.portmap.upnp import UPnPMapper
 from tests.conftest import run_in_node
 from tests.lab.helpers import http_server, reachable
 
@@ -32,8 +33,8 @@ def test_upnp_mapping_survives_a_moved_soap_port(make_lab) -> None:  # type: ign
                 while not any(e == "restored" for e, _ in events):
                     assert time.monotonic() < deadline, f"not restored: {events}"
                     await asyncio.sleep(0.1)
-                assert keeper.mapper is not None
-                location = getattr(keeper.mapper, "gateway").location
+                assert isinstance(keeper.mapper, UPnPMapper)
+                location = keeper.mapper.gateway.location
                 ok = await asyncio.to_thread(reachable, lab, "wan", C.RTR_WAN_IP, port)
                 assert ok, "service unreachable after restore"
                 return str(location)
