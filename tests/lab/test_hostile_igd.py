@@ -36,7 +36,8 @@ IGD1 = "urn:schemas-upnp-org:device:InternetGatewayDevice:1"
 WANIP1 = "urn:schemas-upnp-org:service:WANIPConnection:1"
 BIG = 50 * 1024 * 1024
 HOLD_LIMIT = 10.0  # a hostile connection the client never closes ends here (and fails)
-CLOSED_BY_CLIENT = ("eof", "reset", "broken pipe")
+# "closed before request": the client gave up (its probe was cancelled) right after connecting.
+CLOSED_BY_CLIENT = ("eof", "reset", "broken pipe", "closed before request")
 
 
 # ---- the hostile TCP server's side of one connection ------------------------------------
@@ -440,7 +441,7 @@ class HostileDevice:
                 with contextlib.suppress(TimeoutError):
                     chunk = conn.recv(65536)
                     if not chunk:
-                        rec.how = "no request"
+                        rec.how = "closed before request"
                         return
                     head += chunk
             rec.path = head.split(b" ", 2)[1].decode("latin-1")
