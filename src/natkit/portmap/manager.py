@@ -32,6 +32,8 @@ METHODS: tuple[Method, ...] = ("upnp", "natpmp", "pcp")
 # After the first protocol answers, how long a more preferred one still gets. NAT-PMP and
 # PCP share one daemon, so a preferred sibling that has not answered by then will not.
 GRACE = 0.03
+# How long PCP/NAT-PMP get to answer before UPnP is asked too (see probe()).
+UPNP_HEAD_START = 0.02
 
 
 @dataclasses.dataclass
@@ -82,7 +84,24 @@ async def probe(
             raise ValueError(f"--via must be auto, upnp, natpmp or pcp, not {via!r}")
         methods = [m for m in METHODS if m == via]
         budget = timeout
-    tasks = {m: asyncio.create_task(_probe_one(m, gw, max(budget, timeout))) for m in methods}
+    # UPnP's M-SEARCHes make the router's daemon busy answering them; when PCP or NAT-PMP
+    # are preferred and answer within a few milliseconds (as on a LAN), UPnP is not asked.
+    pmp_first = via == "auto" and "upnp" in methods and methods.index("upnp") > 0
+    pmp_failed = asyncio.Event()
+
+    async def upnp_after_head_start() -> tuple[Mapper, str]:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(pmp_failed.wait(), UPNP_HEAD_START)
+        return await _probe_one("upnp", gw, max(budget, timeout))
+
+    tasks = {
+        m: asyncio.create_task(
+            upnp_after_head_start()
+            if m == "upnp" and pmp_first
+            else _probe_one(m, gw, max(budget, timeout))
+        )
+        for m in methods
+    }
     by_task = {t: m for m, t in tasks.items()}
     won: dict[str, tuple[Mapper, str]] = {}
     refused: dict[str, str] = {}
@@ -115,6 +134,9 @@ async def probe(
                     refused[m] = str(exc)
                 else:
                     raise exc
+            others = [tasks[m] for m in methods if m != "upnp"]
+            if all(t.done() for t in others) and not any(m in won for m in methods if m != "upnp"):
+                pmp_failed.set()  # no head start needed: ask UPnP now
     finally:
         for m, t in tasks.items():
             if not t.done():
