@@ -6,7 +6,8 @@ small writes back for ~400 ms). Anything else (TLS, other systems) goes through
 ``asyncio.Protocol`` pairs with back-pressure: reading from one side pauses while the other
 side's write buffer is full. Streams stay off this path. Half-close is honoured both ways:
 EOF on one side becomes ``shutdown(SHUT_WR)`` on the other, and the pair closes when both
-directions are done.
+directions are done. An abrupt end (a reset, an error) is passed on as a reset, never as a
+clean EOF that would make a cut-off stream look complete.
 """
 
 from __future__ import annotations
@@ -16,13 +17,31 @@ import contextlib
 import fcntl
 import os
 import socket
+import struct
 from collections.abc import Callable
+from typing import Any
 
 CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20
 HAVE_SPLICE = hasattr(os, "splice")
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _F_SETPIPE_SZ = 1031
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
+
+
+def _reset_on_close(sock: Any) -> None:
+    """Make closing ``sock`` send a RST: an abrupt end must reach the far side as one (a
+    plain close() sends a FIN, and a cut-off stream would look complete)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+def _abort(transport: asyncio.Transport) -> None:
+    """``transport.abort()`` that resets the TCP connection (asyncio's alone sends a FIN)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        _reset_on_close(sock)
+    transport.abort()
 
 
 class _Direction:
@@ -132,6 +151,9 @@ async def splice_pair(a: socket.socket, b: socket.socket) -> tuple[int, int]:
     finally:
         ab.stop()
         ba.stop()
+        if errors or not finished.done():  # broken or cancelled: reset both, never a FIN
+            _reset_on_close(a)
+            _reset_on_close(b)
         a.close()
         b.close()
     return ab.bytes, ba.bytes
@@ -209,7 +231,7 @@ class _Half(asyncio.Protocol):
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.transport.is_closing():
             if exc is not None or not self.eof_in:
-                peer.transport.abort()  # an abrupt end is passed on as one
+                _abort(peer.transport)  # an abrupt end is passed on as one (a RST)
             elif peer.eof_in:
                 peer.transport.close()
         if not self.closed.done():
@@ -246,7 +268,7 @@ class _FramedHalf(_Half):
                 continue
             if n > CHUNK * 4:
                 assert self.transport is not None
-                self.transport.abort()  # not our framing: drop it
+                _abort(self.transport)  # not our framing: drop it
                 return
             if len(buf) - pos - 4 < n:
                 break

@@ -19,6 +19,7 @@ import os
 import secrets
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -86,6 +87,8 @@ class Tunnel:
         self.waiting: collections.deque[asyncio.Future[_Conn]] = collections.deque()
         self.tickets: set[str] = set()
         self.listener: socket.socket | None = None
+        self.accept_ready: Callable[[], None] | None = None
+        self.accept_paused = False
         self.visitors = 0
 
 
@@ -245,14 +248,18 @@ class RelayServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
         sock.listen(backlog)
         sock.setblocking(False)
         return sock
 
-    def _accept(self, sock: socket.socket, handler: Callable[[socket.socket, Any], Any]) -> None:
+    def _accept(
+        self, sock: socket.socket, handler: Callable[[socket.socket, Any], Any]
+    ) -> Callable[[], None]:
+        """Accept connections on ``sock`` as they come; returns the readiness callback (so a
+        tunnel can pause accepting, leaving visitors in the kernel's backlog)."""
         loop = asyncio.get_running_loop()
         self._listeners.append(sock)
 
@@ -272,6 +279,7 @@ class RelayServer:
                     self._spawn(result)
 
         loop.add_reader(sock.fileno(), ready)
+        return ready
 
     # ---- the listen port: TLS (control or data) or plaintext data -------------------------
 
@@ -339,12 +347,27 @@ class RelayServer:
         return tunnel
 
     def _park(self, tunnel: Tunnel, entry: _Conn) -> None:
-        while tunnel.waiting:
-            fut = tunnel.waiting.popleft()
-            if not fut.done():
-                fut.set_result(entry)
-                return
-        tunnel.pool.append(entry)
+        try:
+            while tunnel.waiting:
+                fut = tunnel.waiting.popleft()
+                if not fut.done():
+                    fut.set_result(entry)
+                    return
+            tunnel.pool.append(entry)
+        finally:
+            if tunnel.accept_paused and len(tunnel.waiting) < self.cfg.max_pending_visitors:
+                self._resume_accept(tunnel)
+
+    def _pause_accept(self, tunnel: Tunnel) -> None:
+        if tunnel.listener is not None and not tunnel.accept_paused:
+            tunnel.accept_paused = True
+            self.stats["accept_pauses"] += 1
+            asyncio.get_running_loop().remove_reader(tunnel.listener.fileno())
+
+    def _resume_accept(self, tunnel: Tunnel) -> None:
+        if tunnel.listener is not None and tunnel.accept_ready is not None and tunnel.accept_paused:
+            tunnel.accept_paused = False
+            asyncio.get_running_loop().add_reader(tunnel.listener.fileno(), tunnel.accept_ready)
 
     def _drop_parked(self, tunnel: Tunnel, entry: _Conn) -> None:
         with contextlib.suppress(ValueError):
@@ -466,7 +489,7 @@ class RelayServer:
             host = self.cfg.public_host or self.cfg.listen_host
             tunnel = Tunnel(tid, "tcp", key, f"{host}:{p}", s)
             tunnel.listener = sock
-            self._accept(sock, functools.partial(self._tcp_visitor, tunnel))
+            tunnel.accept_ready = self._accept(sock, functools.partial(self._tcp_visitor, tunnel))
             return tunnel
         raise NatkitError("no free public port on the relay")
 
@@ -528,6 +551,9 @@ class RelayServer:
             s.send(P.DIALED, id=dial_id, ok=False,
                    error=f"{host} is not the address this agent connects from ({source})")  # fmt: skip
             return
+        if not 0 < port < 65536:  # else connect() raises OverflowError and no DIALED is sent
+            s.send(P.DIALED, id=dial_id, ok=False, error=f"port {port} is not a TCP port")
+            return
         try:
             _, w = await asyncio.wait_for(asyncio.open_connection(host, port), 3.0)
             w.close()
@@ -551,6 +577,7 @@ class RelayServer:
             log.info("refusing a %s visitor: %s", kind, exc)
             self.stats["bad_visitors"] += 1
             if kind == "http" and isinstance(exc, ProtocolError):
+                _drain(conn)
                 with contextlib.suppress(OSError):
                     conn.send(
                         b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
@@ -561,6 +588,7 @@ class RelayServer:
         if tunnel is None:
             self.stats["unrouted_visitors"] += 1
             if kind == "http":
+                _drain(conn)
                 with contextlib.suppress(OSError):
                     body = b"no tunnel for this host\n"
                     conn.send(
@@ -584,18 +612,24 @@ class RelayServer:
                 entry = candidate
                 break
         if entry is None:
-            if len(tunnel.waiting) >= self.cfg.max_pending_visitors:
-                self.stats["visitors_refused"] += 1
-                conn.close()
+            if len(tunnel.waiting) >= self.cfg.max_pending_visitors and tunnel.listener is None:
+                self.stats["visitors_refused"] += 1  # a shared HTTP(S) port cannot pause
+                _reset(conn)
                 return
             fut: asyncio.Future[_Conn] = asyncio.get_running_loop().create_future()
             tunnel.waiting.append(fut)
+            if len(tunnel.waiting) >= self.cfg.max_pending_visitors:
+                self._pause_accept(tunnel)  # the rest wait in the kernel's backlog
             self._refill(tunnel)
             try:
                 entry = await asyncio.wait_for(fut, VISITOR_WAIT)
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 self.stats["visitors_timed_out"] += 1
-                conn.close()
+                with contextlib.suppress(ValueError):
+                    tunnel.waiting.remove(fut)
+                if tunnel.accept_paused and len(tunnel.waiting) < self.cfg.max_pending_visitors:
+                    self._resume_accept(tunnel)
+                _reset(conn)  # a refusal, not an empty answer
                 return
         else:
             self._refill(tunnel)
@@ -660,6 +694,13 @@ class RelayServer:
         writer.close()
 
 
+def _reset(conn: socket.socket) -> None:
+    """Close with a TCP reset, so the visitor sees a refusal rather than an empty reply."""
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
 def _tune(conn: socket.socket) -> None:
     """No Nagle delay; and TCP keepalive so half-open connections (a peer that vanished
     without a FIN) expire in about two minutes instead of lingering forever."""
@@ -668,6 +709,15 @@ def _tune(conn: socket.socket) -> None:
     for opt, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4)):
         if hasattr(socket, opt):
             conn.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+
+
+def _drain(conn: socket.socket) -> None:
+    """Read what a refused visitor sent (its head was only peeked at): closing a socket
+    with unread data sends a RST, and the visitor may lose our answer to it."""
+    with contextlib.suppress(OSError):
+        for _ in range(8):
+            if not conn.recv(65536):
+                return
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
