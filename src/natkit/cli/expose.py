@@ -166,7 +166,11 @@ async def _main(opts: ExposeOptions) -> None:
         if not mapping.publicly_reachable:
             reason = mapping.reachability_note
         else:
-            ok, error = await _dial(agent, task, mapping.external_ip, mapping.external_port)
+            try:
+                ok, error = await _dial(agent, task, mapping.external_ip, mapping.external_port)
+            except BaseException:
+                await keeper.close()  # a final relay error (bad token…): leave no mapping
+                raise
             if ok:
                 task.cancel()
                 await agent.close()

@@ -97,7 +97,11 @@ def serve(
 
 async def _serve(cfg: RelayConfig, as_json: bool) -> None:
     server = RelayServer(cfg)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:  # a port in use, an address not on this host…
+        await server.close()
+        fail(exc.strerror or str(exc), 1)
     info = {
         "event": "ready",
         "listen": f"{cfg.listen_host}:{server.listen_port}",

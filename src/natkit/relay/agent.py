@@ -243,8 +243,14 @@ class Agent:
             if dialed is not None and not dialed.done():
                 dialed.set_result((msg["ok"], msg["error"]))
         elif msg.type == P.ERROR:
-            if msg["code"] == "refused":
-                err = TunnelRefusedError(f"relay {self.relay} refused the tunnel: {msg['message']}")
+            if msg["code"] in ("refused", "limit"):
+                text = f"relay {self.relay} refused the tunnel: {msg['message']}"
+                if self.tunnels and all(t.public for t in self.tunnels.values()):
+                    # A reconnection: the relay most likely still holds our address (and counts
+                    # our tunnels) for the connection that just died, until it notices that.
+                    # Not final: reconnect with backoff until it lets go.
+                    raise NatkitError(text)
+                err = TunnelRefusedError(text)
                 for fut in self._opened.values():
                     if not fut.done():
                         fut.set_exception(err)
@@ -327,7 +333,7 @@ class Agent:
 
     async def _data_conn_tls(self, t: TunnelSpec, ticket: str) -> None:
         loop = asyncio.get_running_loop()
-        started: asyncio.Future[bytes] = loop.create_future()
+        started: asyncio.Future[None] = loop.create_future()
         entry = _TlsDataEntry(ticket, started)
         transport, _ = await loop.create_connection(lambda: entry, self.relay_host, self.relay_port,
                                                     ssl=self.ssl)  # fmt: skip
@@ -335,7 +341,7 @@ class Agent:
             der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
             if fingerprint_der(der) != self.fingerprint:
                 raise RelayTrustError("data connection reached a relay with another certificate")
-            leftover = await started
+            await started
             self._unpark()
         except BaseException:
             transport.abort()
@@ -349,10 +355,16 @@ class Agent:
             raise
         transport.set_protocol(ha)
         ha.connection_made(transport)
+        # The visitor's first bytes may have come with START or just after it: pass them on.
+        leftover = bytes(entry.buf)
+        entry.buf.clear()
         if leftover:
             ha.data_received(leftover)
         link(ha, hb)
-        transport.resume_reading()
+        if entry.lost:
+            ha.connection_lost(entry.lost_exc)  # the relay dropped it while we connected
+        else:
+            transport.resume_reading()
         await asyncio.gather(fa, fb)
 
     async def close(self) -> None:
@@ -363,32 +375,49 @@ class Agent:
 
 
 class _TlsDataEntry(asyncio.Protocol):
-    def __init__(self, ticket: str, started: asyncio.Future[bytes]) -> None:
+    """A TLS data connection until START: sends DATA, then waits for the relay's START.
+
+    Only the START frame is decoded: the bytes after it are the visitor's (framed by the
+    bridge, not relay frames) and are kept in ``buf`` for the bridge, even when they arrive
+    in the same read as START or before the bridge takes over the transport.
+    """
+
+    def __init__(self, ticket: str, started: asyncio.Future[None]) -> None:
         self.ticket, self.started = ticket, started
-        self.decoder = P.Decoder()
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self.lost_exc: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
         transport.write(P.encode(P.DATA, ticket=self.ticket))
 
     def data_received(self, data: bytes) -> None:
-        if self.started.done():
+        self.buf += data
+        if self.started.done() or len(self.buf) < P.HEADER.size:
             return
+        word = P.HEADER.unpack_from(self.buf)[0]
+        msg_type, length = word >> 24, word & 0xFFFFFF
         try:
-            # Decode only the START frame; everything after it is the visitor's.
-            messages = self.decoder.feed(data) if len(self.decoder.buffered) < P.MAX_FRAME else []
+            if msg_type != P.START:
+                raise ProtocolError(f"expected START, got {P.NAMES.get(msg_type, msg_type)}")
+            if length > P.MAX_FRAME:
+                raise ProtocolError(f"relay frame of {length} bytes exceeds {P.MAX_FRAME}")
+            if len(self.buf) < P.HEADER.size + length:
+                return
+            P.decode_body(msg_type, bytes(self.buf[P.HEADER.size : P.HEADER.size + length]))
         except ProtocolError as exc:
             self.started.set_exception(exc)
             return
-        if messages:
-            first = messages[0]
-            if first.type != P.START:
-                self.started.set_exception(ProtocolError(f"expected START, got {first.name}"))
-                return
-            rest = b"".join(P.encode(m.type, **m.fields) for m in messages[1:])
-            self.started.set_result(rest + self.decoder.buffered)
+        del self.buf[: P.HEADER.size + length]
+        assert self.transport is not None
+        self.transport.pause_reading()  # the bridge resumes it
+        self.started.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost, self.lost_exc = True, exc
         if not self.started.done():
             self.started.set_exception(ProtocolError("relay closed the data connection"))
 

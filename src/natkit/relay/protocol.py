@@ -172,4 +172,8 @@ def auth_mac(token: str, nonce: str, relay_fingerprint: str) -> str:
 
 
 def check_mac(token: str, nonce: str, relay_fingerprint: str, mac: str) -> bool:
-    return hmac.compare_digest(auth_mac(token, nonce, relay_fingerprint), mac)
+    # compare_digest refuses str with non-ASCII characters (TypeError): the MAC comes from
+    # the wire, so compare bytes, and anything not ASCII is simply wrong.
+    if not isinstance(mac, str) or not mac.isascii():
+        return False
+    return hmac.compare_digest(auth_mac(token, nonce, relay_fingerprint).encode(), mac.encode())
