@@ -456,10 +456,17 @@ class RelayServer:
         self._refill(tunnel)
         log.info("tunnel %s (%s) for %s at %s", tid, kind, s.token_label, tunnel.public)
 
-    def _held_by_other(self, key: str, token_id: str) -> bool:
+    def _held_by_other(self, key: str, token_id: str, session: Session) -> bool:
         t = self.tunnels_by_key.get(key)
         if t is not None:
-            return True  # even our own token: one live tunnel per port/name
+            if t.session.token_id != token_id or t.session is session:
+                return True
+            # Our own token's tunnel: the agent came back before the relay noticed that its
+            # old connection died (no FIN after an outage or a crash). The new one takes over.
+            log.info("tunnel %s taken over by a new connection of the same token", key)
+            t.session.tunnels.pop(t.id, None)
+            self._close_tunnel(t, keep=False)
+            return False
         r = self.reservations.get(key)
         return r is not None and r[0] != token_id and r[1] > time.monotonic()
 
@@ -476,7 +483,7 @@ class RelayServer:
             candidates = mine + [p for p in range(low, high + 1) if p not in mine]
         for p in candidates:
             key = f"tcp:{p}"
-            if self._held_by_other(key, s.token_id):
+            if self._held_by_other(key, s.token_id, s):
                 if port:
                     raise NatkitError(f"port {p} is held by another tunnel")
                 continue
@@ -504,7 +511,7 @@ class RelayServer:
         host = label if label.endswith("." + self.cfg.domain) else f"{label}.{self.cfg.domain}"
         host = sniff.normalize_hostname(host)
         key = f"{kind}:{host}"
-        if self._held_by_other(key, s.token_id):
+        if self._held_by_other(key, s.token_id, s):
             raise NatkitError(f"host name {host} is held by another tunnel")
         scheme = "http" if kind == "http" else "https"
         default = 80 if kind == "http" else 443
@@ -743,8 +750,8 @@ async def _peek_until(
     conn: socket.socket, parse: Callable[[bytes], str | None], limit: int
 ) -> str | None:
     """Peek at the visitor's first bytes until ``parse`` can route them (the bytes stay queued)."""
-    loop = asyncio.get_running_loop()
     seen = 0
+    pause = 0.001
     while True:
         data = await _peek(conn, limit + 1)
         if not data:
@@ -755,10 +762,13 @@ async def _peek_until(
         if len(data) > limit:
             raise ProtocolError("visitor's request head is too large")
         if len(data) == seen:
-            # Nothing new yet: wait a moment (peeking again at once would spin).
-            await asyncio.sleep(0.005)
+            # Nothing new. The peeked bytes keep the socket readable, so readiness cannot
+            # tell us when more arrive: poll, backing off so slow visitors cost little.
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.1)
+        else:
+            pause = 0.001
         seen = len(data)
-        _ = loop
 
 
 async def read_frame(conn: socket.socket) -> P.Message:

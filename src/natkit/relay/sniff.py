@@ -15,7 +15,7 @@ from natkit.errors import ProtocolError
 MAX_HTTP_HEAD = 16 * 1024
 MAX_CLIENT_HELLO = 16 * 1024 + 5
 _HOSTNAME = re.compile(
-    r"^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?)*$"
+    r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
 )
 
 
@@ -38,15 +38,24 @@ def http_host(head: bytes) -> str | None:
     lines = head[:end].split(b"\r\n")
     if len(lines[0].split(b" ")) != 3 or not lines[0].split(b" ")[2].startswith(b"HTTP/1."):
         raise ProtocolError("not an HTTP/1.x request")
+    hosts: list[bytes] = []
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep:
+        if not sep or name != name.strip() or not name:
+            # RFC 9112 5.1: no whitespace between a field name and the colon.
             raise ProtocolError("malformed HTTP header line")
-        if name.strip().lower() == b"host":
-            text = value.strip().decode("ascii", errors="replace")
-            host = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
-            return normalize_hostname(host)
-    raise ProtocolError("HTTP request has no Host header")
+        if name.lower() == b"host":
+            hosts.append(value)
+    if len(hosts) != 1:
+        # RFC 9112 3.2: exactly one Host; two could route one way and be served another.
+        raise ProtocolError(
+            "HTTP request has no Host header"
+            if not hosts
+            else "HTTP request has several Host headers"
+        )
+    text = hosts[0].strip().decode("ascii", errors="replace")
+    host = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+    return normalize_hostname(host)
 
 
 def tls_sni(data: bytes) -> str | None:
