@@ -105,6 +105,7 @@ class CaseResult:
     samples: list[Sample] = dataclasses.field(default_factory=list)
     warmup: list[Sample] = dataclasses.field(default_factory=list)
     failures: list[str] = dataclasses.field(default_factory=list)
+    detail: bool = False  # JSON: also every sample's phases and info (few, long samples)
 
     @property
     def stats(self) -> Stats | None:
@@ -131,7 +132,16 @@ class CaseResult:
             "samples_ms": [round(s.total * 1000, 3) for s in self.samples],
             "warmup_ms": [round(s.total * 1000, 3) for s in self.warmup],
             "info": self.samples[0].info if self.samples else {},
+            **({"samples_detail": [_sample_json(x) for x in self.samples]} if self.detail else {}),
         }
+
+
+def _sample_json(s: Sample) -> dict[str, Any]:
+    return {
+        "total_ms": round(s.total * 1000, 3),
+        "phases_ms": {p: round(v * 1000, 3) for p, v in s.phases.items()},
+        "info": s.info,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +150,115 @@ class Ratio:
     slower: str  # case key (numerator)
     faster: str  # case key (denominator)
     value: float | None
+
+
+HEADERS = (
+    "case",
+    "median ms",
+    "p10 – p90 ms",
+    "min – max ms",
+    "vs natkit",
+    "ok",
+    "phases (median ms)",
+)
+
+
+@dataclasses.dataclass
+class Section:
+    """A further table of a report, after the main one, with cases of its own.
+
+    ``unit`` is how its times print ("ms" or "s"; JSON stays in ms); ``compare`` adds the
+    "vs natkit" column (each case over the section's first subject); ``phase_sep`` joins the
+    phase medians: " + " when they are parts of the total, " → " when they are points on a
+    timeline (each measured from the same start as the total).
+    """
+
+    key: str
+    title: str
+    cases: list[CaseResult]
+    unit: str = "ms"
+    compare: bool = True
+    phase_sep: str = " + "
+    phases_header: str = ""  # default: "phases (median <unit>)"
+    intro: str = ""
+
+    def headers(self) -> tuple[str, ...]:
+        return _headers(self.unit, self.compare, self.phases_header)
+
+    def rows(self) -> list[list[str]]:
+        return _rows(self.cases, self.unit, self.compare, self.phase_sep)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "title": self.title,
+            "intro": self.intro,
+            "cases": [c.to_json() for c in self.cases],
+        }
+
+
+def _headers(unit: str, compare: bool, phases_header: str = "") -> tuple[str, ...]:
+    if unit == "ms" and compare and not phases_header:
+        return HEADERS
+    heads = [
+        "case",
+        f"median {unit}",
+        f"p10 – p90 {unit}",
+        f"min – max {unit}",
+        *(["vs natkit"] if compare else []),
+        "ok",
+        phases_header or f"phases (median {unit})",
+    ]
+    return tuple(heads)
+
+
+def _fmt_time(seconds: float, unit: str) -> str:
+    return f"{seconds:.2f}" if unit == "s" else f"{seconds * 1000:.1f}"
+
+
+def _rows(cases: Sequence[CaseResult], unit: str, compare: bool, sep: str) -> list[list[str]]:
+    rows = []
+    for c in cases:
+        st = c.stats
+        phases = sep.join(f"{p} {_fmt_time(s.median, unit)}" for p, s in c.phase_stats().items())
+        ok = f"{len(c.samples)}/{len(c.samples) + len(c.failures)}"
+        vs = [_vs(cases, c)] if compare else []
+        if st is None:
+            rows.append([c.label, "failed", "", "", *([""] if compare else []), ok, phases])
+            continue
+        rows.append(
+            [
+                c.label,
+                _fmt_time(st.median, unit),
+                f"{_fmt_time(st.p10, unit)} – {_fmt_time(st.p90, unit)}",
+                f"{_fmt_time(st.min, unit)} – {_fmt_time(st.max, unit)}",
+                *vs,
+                ok,
+                phases,
+            ]
+        )
+    return rows
+
+
+def _text_table(title: str, headers: Sequence[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    right = set(range(1, len(headers) - 1))
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return [title, fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+
+
+def _md_table(headers: Sequence[str], rows: list[list[str]]) -> list[str]:
+    out = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers) - 1)) + "|---|",
+    ]
+    return out + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 @dataclasses.dataclass
@@ -154,9 +273,14 @@ class Report:
     goals: list[tuple[str, bool]]
     notes: list[str]
     elapsed: float = 0.0
+    sections: list[Section] = dataclasses.field(default_factory=list)
+    clients: str = ""  # the markdown's "clients" line (default: natkit and the UPnP clients)
 
     def case(self, key: str) -> CaseResult:
-        return next(c for c in self.cases if c.key == key)
+        return next(c for c in self.all_cases() if c.key == key)
+
+    def all_cases(self) -> list[CaseResult]:
+        return self.cases + [c for sec in self.sections for c in sec.cases]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -167,6 +291,7 @@ class Report:
             "machine": self.machine,
             "config": self.config,
             "cases": [c.to_json() for c in self.cases],
+            **({"sections": [s.to_json() for s in self.sections]} if self.sections else {}),
             "ratios": [
                 {
                     "label": r.label,
@@ -183,50 +308,15 @@ class Report:
     # ---- text ------------------------------------------------------------------------
 
     def _rows(self) -> list[list[str]]:
-        rows = []
-        for c in self.cases:
-            st = c.stats
-            phases = " + ".join(f"{p} {s.median * 1000:.1f}" for p, s in c.phase_stats().items())
-            ok = f"{len(c.samples)}/{len(c.samples) + len(c.failures)}"
-            if st is None:
-                rows.append([c.label, "failed", "", "", "", ok, phases])
-                continue
-            rows.append(
-                [
-                    c.label,
-                    f"{st.median * 1000:.1f}",
-                    f"{st.p10 * 1000:.1f} – {st.p90 * 1000:.1f}",
-                    f"{st.min * 1000:.1f} – {st.max * 1000:.1f}",
-                    _vs(self, c),
-                    ok,
-                    phases,
-                ]
-            )
-        return rows
+        return _rows(self.cases, "ms", True, " + ")
 
-    HEADERS = (
-        "case",
-        "median ms",
-        "p10 – p90 ms",
-        "min – max ms",
-        "vs natkit",
-        "ok",
-        "phases (median ms)",
-    )
+    HEADERS = HEADERS
 
     def to_text(self) -> str:
-        rows = self._rows()
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(self.HEADERS)]
-        right = {1, 2, 3, 4, 5}
-
-        def fmt(cells: Sequence[str]) -> str:
-            return "  ".join(
-                c.rjust(w) if i in right else c.ljust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            ).rstrip()
-
-        lines = [self.title, fmt(self.HEADERS), fmt(["-" * w for w in widths])]
-        lines += [fmt(r) for r in rows]
+        lines = _text_table(self.title, self.HEADERS, self._rows())
+        for sec in self.sections:
+            lines.append("")
+            lines += _text_table(sec.title, sec.headers(), sec.rows())
         lines.append("")
         for r in self.ratios:
             lines.append(f"{r.label}: {_ratio_text(r.value)}")
@@ -236,6 +326,11 @@ class Report:
 
     def to_markdown(self) -> str:
         m = self.machine
+        clients = self.clients or (
+            f"natkit {m.get('natkit')} (git {m.get('git')}), PyPI `miniupnpc` "
+            f"{m.get('miniupnpc_binding')}, Debian `upnpc` {m.get('upnpc_deb')}, "
+            f"Python {m.get('python')}"
+        )
         out = [
             f"# {self.title}",
             "",
@@ -243,20 +338,18 @@ class Report:
             f"- machine: {m.get('nproc')} CPUs ({m.get('cpu')}), Linux {m.get('kernel')}, "
             f"{m.get('os')}",
             f"- router: {m.get('miniupnpd')} (Debian `miniupnpd-nftables` {m.get('miniupnpd_deb')})",
-            f"- clients: natkit {m.get('natkit')} (git {m.get('git')}), PyPI `miniupnpc` "
-            f"{m.get('miniupnpc_binding')}, Debian `upnpc` {m.get('upnpc_deb')}, "
-            f"Python {m.get('python')}",
+            f"- clients: {clients}",
             f"- {self.config.get('iterations')} timed iterations per case after "
             f"{self.config.get('warmup')} warm-up, cases interleaved (rotating order); "
             f"run took {self.elapsed:.0f} s",
             "",
-            "| " + " | ".join(self.HEADERS) + " |",
-            "|"
-            + "|".join("---" if i == 0 else "---:" for i in range(len(self.HEADERS) - 1))
-            + "|---|",
+            *_md_table(self.HEADERS, self._rows()),
         ]
-        for row in self._rows():
-            out.append("| " + " | ".join(row) + " |")
+        for sec in self.sections:
+            out += ["", f"## {sec.title}", ""]
+            if sec.intro:
+                out += [sec.intro, ""]
+            out += _md_table(sec.headers(), sec.rows())
         out.append("")
         for r in self.ratios:
             out.append(f"- **{r.label}: {_ratio_text(r.value)}**")
@@ -268,7 +361,7 @@ class Report:
             out.append("")
             out += [f"- {n}" for n in self.notes]
             out.append("")
-        fails = [(c.label, f) for c in self.cases for f in c.failures]
+        fails = [(c.label, f) for c in self.all_cases() for f in c.failures]
         if fails:
             out.append("Failures:")
             out.append("")
@@ -281,9 +374,9 @@ def _ratio_text(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}x"
 
 
-def _vs(report: Report, case: CaseResult) -> str:
+def _vs(cases: Sequence[CaseResult], case: CaseResult) -> str:
     """This case's median over natkit's main subject's median (first subject case)."""
-    subject = next((c for c in report.cases if c.kind == "subject" and c.stats), None)
+    subject = next((c for c in cases if c.kind == "subject" and c.stats), None)
     st = case.stats
     if case.kind == "baseline" or subject is None or st is None or subject.stats is None:
         return ""
@@ -300,8 +393,9 @@ def ratio(cases: dict[str, CaseResult], label: str, slower: str, faster: str) ->
 class Benchmark:
     name: str
     description: str
-    lab_config: Callable[[str], LabConfig]
-    run: Callable[[Lab, Options], Report]
+    lab_config: Callable[[str], LabConfig] | None  # None: no lab (the relay runs on loopback)
+    run: Callable[[Lab | None, Options], Report]
+    iterations: int = 15  # timed runs per case unless run.py -n says otherwise
 
 
 # ---- the machine ------------------------------------------------------------------------
@@ -315,7 +409,7 @@ def _cmd(argv: Sequence[str]) -> str:
     return (proc.stdout or proc.stderr).strip()
 
 
-def _deb_version(pkg: str) -> str:
+def deb_version(pkg: str) -> str:
     return _cmd(["dpkg-query", "-W", "-f=${Version}", pkg]) or "?"
 
 
@@ -351,8 +445,8 @@ def machine_info() -> dict[str, str]:
         "miniupnpd": _cmd(["/usr/sbin/miniupnpd", "--version"]).splitlines()[0]
         if _cmd(["/usr/sbin/miniupnpd", "--version"])
         else "?",
-        "miniupnpd_deb": _deb_version("miniupnpd-nftables"),
-        "upnpc_deb": _deb_version("miniupnpc"),
+        "miniupnpd_deb": deb_version("miniupnpd-nftables"),
+        "upnpc_deb": deb_version("miniupnpc"),
         "miniupnpc_binding": binding,
         "natkit": natkit_version,
         "git": git,
