@@ -18,6 +18,8 @@ from natkit.errors import NatkitError
 from natkit.portmap.manager import KeptMapping
 from natkit.portmap.mapping import PortMapping
 from natkit.relay.agent import Agent, TunnelSpec
+from natkit.relay.pump import small_tls_buffers
+from natkit.relay.server import raise_fd_limit
 
 
 class _Status:
@@ -216,6 +218,8 @@ def _agent(opts: ExposeOptions, specs: list[TunnelSpec]) -> Agent:
 async def _run_relay(
     opts: ExposeOptions, stop: asyncio.Event, agent: Agent | None, task: asyncio.Task[None] | None
 ) -> None:
+    small_tls_buffers()  # this process is natkit's own agent (see pump.small_tls_buffers)
+    raise_fd_limit()
     spec = TunnelSpec(opts.port, kind=opts.kind, name=opts.hostname, local_host=opts.local_host)
     if agent is None or task is None:
         agent = _agent(opts, [spec])

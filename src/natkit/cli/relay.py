@@ -11,7 +11,8 @@ import click
 
 from natkit.cli.common import emit_json, fail, out
 from natkit.relay.agent import parse_hostport
-from natkit.relay.server import RelayConfig, RelayServer
+from natkit.relay.pump import small_tls_buffers
+from natkit.relay.server import RelayConfig, RelayServer, raise_fd_limit
 from natkit.state import state_dir
 
 
@@ -96,6 +97,8 @@ def serve(
 
 
 async def _serve(cfg: RelayConfig, as_json: bool) -> None:
+    small_tls_buffers()
+    raise_fd_limit()
     server = RelayServer(cfg)
     try:
         await server.start()

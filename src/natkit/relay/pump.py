@@ -44,6 +44,34 @@ def _abort(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
+class _PipePool:
+    """Idle connections hold no pipe: a direction borrows one only while bytes are in
+    flight and returns it empty. A visitor then costs 2 file descriptors instead of 6, and
+    a new one costs no pipe2/fcntl system calls."""
+
+    def __init__(self, keep: int = 256) -> None:
+        self.keep = keep
+        self.free: list[tuple[int, int]] = []
+
+    def get(self) -> tuple[int, int]:
+        if self.free:
+            return self.free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
+        return r, w
+
+    def put(self, pipe: tuple[int, int]) -> None:
+        if len(self.free) < self.keep:
+            self.free.append(pipe)
+        else:
+            for fd in pipe:
+                os.close(fd)
+
+
+_PIPES = _PipePool()
+
+
 class _Direction:
     """src → pipe → dst, driven by readiness callbacks on the event loop."""
 
@@ -53,9 +81,7 @@ class _Direction:
     ) -> None:  # fmt: skip
         self.loop, self.src, self.dst, self.done = loop, src, dst, done
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
-        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(self.w, _F_SETPIPE_SZ, PIPE_SIZE)
+        self.r = self.w = -1  # a pipe from the pool while bytes are in flight
         self.pending = 0
         self.eof = False
         self.finished = False
@@ -65,9 +91,16 @@ class _Direction:
         self.loop.add_reader(self.src_fd, self._on_readable)
 
     def _on_readable(self) -> None:
+        if self.r < 0:
+            try:
+                self.r, self.w = _PIPES.get()
+            except OSError as exc:
+                self._finish(exc)
+                return
         try:
             n = os.splice(self.src_fd, self.w, CHUNK, flags=_SPLICE_FLAGS)
         except BlockingIOError:
+            self._release_pipe()
             return
         except OSError as exc:
             self._finish(exc)
@@ -92,6 +125,7 @@ class _Direction:
                 return
             self.pending -= m
             self.bytes += m
+        self._release_pipe()
         if self.eof:
             self._finish(None)
 
@@ -111,14 +145,23 @@ class _Direction:
                 self.dst.shutdown(socket.SHUT_WR)  # pass the half-close on
         self.done(exc)
 
+    def _release_pipe(self) -> None:
+        if self.r >= 0 and not self.pending:
+            _PIPES.put((self.r, self.w))
+            self.r = self.w = -1
+
     def stop(self) -> None:
         with contextlib.suppress(Exception):
             self.loop.remove_reader(self.src_fd)
         with contextlib.suppress(Exception):
             self.loop.remove_writer(self.dst_fd)
-        for fd in (self.r, self.w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        if self.r >= 0 and not self.pending:
+            self._release_pipe()
+            return
+        for fd in (self.r, self.w):  # bytes still inside: this pipe cannot be reused
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         self.r = self.w = -1
 
 
@@ -328,3 +371,20 @@ async def join_sockets(a: socket.socket, b: socket.socket) -> tuple[int, int]:
     if USE_SPLICE:
         return await splice_pair(a, b)
     return await bridge_sockets(a, b)
+
+
+TLS_READ_BUFFER = 16 * 1024
+
+
+def small_tls_buffers() -> None:
+    """Use 16 KiB (one TLS record) read buffers for asyncio's TLS transports in this process.
+
+    asyncio allocates a 256 KiB buffer for every TLS connection up front; a relay or agent
+    with 10,000 visitors on TLS data connections would hold 2.5 GB in them alone. A larger
+    buffer buys nothing here: OpenSSL hands out at most one record per read. Process-wide,
+    so only natkit's own relay and agent processes call it (the CLI), never the library.
+    """
+    import asyncio.sslproto
+
+    # A class attribute of the stdlib implementation (not in the type stubs).
+    setattr(asyncio.sslproto.SSLProtocol, "max_size", TLS_READ_BUFFER)  # noqa: B010

@@ -200,6 +200,7 @@ class RelayServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self.listen_port = cfg.listen_port
+        self._last_accept_warning = 0.0
         self.http_port = cfg.http_port
         self.https_port = cfg.https_port
 
@@ -270,7 +271,16 @@ class RelayServer:
                 except (BlockingIOError, InterruptedError):
                     return
                 except OSError as exc:
-                    log.warning("accept failed: %s", exc)
+                    # Out of file descriptors (EMFILE/ENFILE) or memory: the connection stays
+                    # in the backlog and the socket stays readable, so retrying at once would
+                    # spin. Stop accepting on this socket for a moment instead.
+                    now = time.monotonic()
+                    if now - self._last_accept_warning > 5:
+                        self._last_accept_warning = now
+                        log.warning("accept failed: %s; pausing accepts for 0.1 s", exc)
+                    self.stats["accept_errors"] += 1
+                    loop.remove_reader(sock.fileno())
+                    loop.call_later(0.1, _resume_if_open, loop, sock, ready)
                     return
                 conn.setblocking(False)
                 _tune(conn)
@@ -699,6 +709,25 @@ class RelayServer:
                          b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))  # fmt: skip
             await writer.drain()
         writer.close()
+
+
+def _resume_if_open(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, ready: Callable[[], None]
+) -> None:
+    if sock.fileno() >= 0:
+        loop.add_reader(sock.fileno(), ready)
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard limit (each visitor costs a few)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return hard
+    return soft
 
 
 def _reset(conn: socket.socket) -> None:
