@@ -44,6 +44,8 @@ def main() -> None:
         raise SystemExit(exc.exit_code) from None
     except NatkitError as exc:
         fail(str(exc))
+    except ValueError as exc:  # an argument our own parsers refused
+        fail(str(exc), 2)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
 

@@ -65,7 +65,7 @@ def relay() -> None:
 )
 @click.option("--grace", type=float, default=60.0, show_default=True,
               help="Seconds a tunnel's address waits for its agent to come back.")  # fmt: skip
-@click.option("--pool-size", type=click.IntRange(0, 64), default=4, show_default=True,
+@click.option("--pool-size", type=click.IntRange(0, 64), default=8, show_default=True,
               help="Data connections each tunnel keeps ready for visitors.")  # fmt: skip
 @click.option("--state-dir", "relay_state", type=click.Path(file_okay=False, path_type=Path),
               help="Where the self-signed certificate lives.")  # fmt: skip
@@ -77,7 +77,7 @@ def serve(
     grace: float, pool_size: int, relay_state: Path | None, as_json: bool,
 ) -> None:  # fmt: skip
     """Run the relay: agents connect to --listen, visitors to the tunnels' public ports."""
-    host, port = parse_hostport(listen)
+    host, port = parse_hostport(listen, allow_zero=True)
     low, _sep, high = ports.partition("-")
     if not (low.isdigit() and high.isdigit() and 0 < int(low) <= int(high) < 65536):
         fail(f"--ports must be LOW-HIGH, not {ports!r}", 2)

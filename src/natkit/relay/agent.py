@@ -52,14 +52,16 @@ class TunnelSpec:
     public: str = ""
 
 
-def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+def parse_hostport(
+    text: str, default_port: int | None = None, *, allow_zero: bool = False
+) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep:
         if default_port is None:
             raise ValueError(f"{text!r} is not HOST:PORT")
         return text, default_port
     host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not port.isdigit() or not (0 if allow_zero else 1) <= int(port) < 65536:
         raise ValueError(f"{text!r} is not HOST:PORT")
     return host, int(port)
 

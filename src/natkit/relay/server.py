@@ -54,7 +54,7 @@ class RelayConfig:
     key: Path | None = None
     state_dir: Path = Path(os.path.expanduser("~/.local/state/natkit/relay"))
     metrics: tuple[str, int] | None = None
-    pool_size: int = 4
+    pool_size: int = 8
     max_tunnels_per_token: int = 16
     max_pending_visitors: int = 512
     max_agents: int = 1024
@@ -89,6 +89,7 @@ class Tunnel:
         self.listener: socket.socket | None = None
         self.accept_ready: Callable[[], None] | None = None
         self.accept_paused = False
+        self.refill_scheduled = False
         self.visitors = 0
 
 
@@ -387,8 +388,23 @@ class RelayServer:
             self._refill(tunnel)
 
     def _refill(self, tunnel: Tunnel, extra: int = 0) -> None:
-        """Ask the agent for data connections: the pool target plus the visitors waiting."""
-        if tunnel.session not in self.sessions:
+        """Ask the agent for data connections: the pool target plus the visitors waiting.
+
+        Coalesced: one TICKETS message per tunnel per loop iteration, and only once the pool
+        has drained to half its target (or visitors wait), so a steady stream of visitors
+        costs a control write every few visitors, not one each.
+        """
+        if tunnel.refill_scheduled or tunnel.session not in self.sessions:
+            return
+        have = len(tunnel.pool) + len(tunnel.tickets)
+        if not tunnel.waiting and not extra and have > self.cfg.pool_size // 2:
+            return
+        tunnel.refill_scheduled = True
+        asyncio.get_running_loop().call_soon(self._send_tickets, tunnel, extra)
+
+    def _send_tickets(self, tunnel: Tunnel, extra: int) -> None:
+        tunnel.refill_scheduled = False
+        if tunnel.session not in self.sessions or self.tunnels_by_key.get(tunnel.key) is not tunnel:
             return
         want = self.cfg.pool_size + len(tunnel.waiting) + extra
         have = len(tunnel.pool) + len(tunnel.tickets)
