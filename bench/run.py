@@ -1,17 +1,21 @@
-"""Run natkit's benchmarks: ``make bench`` (root; each benchmark builds and removes its lab).
+"""Run natkit's benchmarks: ``make bench`` (root; each lab benchmark builds and removes its lab).
 
     .venv/bin/python bench/run.py                 # every benchmark
     .venv/bin/python bench/run.py upnp -n 30      # one benchmark, 30 iterations per case
+    .venv/bin/python bench/run.py portmap         # PCP/NAT-PMP/UPnP and router reboots
+    .venv/bin/python bench/run.py relay           # relay tunnels vs ssh -R and socat
 
-Each benchmark module (``bench_<name>.py``) exports ``BENCHMARK``; add new ones (NAT-PMP/PCP,
-relay, ...) to ``MODULES``. Results go to ``bench/results/<name>.md`` and ``.json``.
-All traffic stays inside the lab's network namespaces (names start with ``nkb``).
+Each benchmark module (``bench_<name>.py``) exports ``BENCHMARK``; add new ones to
+``MODULES``. Results go to ``bench/results/<name>.md`` and ``.json``.
+All traffic stays inside the lab's network namespaces (names start with ``nkb``); the relay
+benchmark needs no lab and runs on 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -21,9 +25,9 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from benchlib import LAB_PREFIX, RESULTS_DIR, Benchmark, Options
+from benchlib import LAB_PREFIX, RESULTS_DIR, BenchError, Benchmark, Options
 
-MODULES = ("bench_upnp",)  # later: "bench_pmp", "bench_relay", ...
+MODULES = ("bench_upnp", "bench_portmap", "bench_relay")
 
 
 def load_benchmarks() -> dict[str, Benchmark]:
@@ -60,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help=f"benchmarks to run (default: all of {', '.join(benchmarks)})",
     )
-    parser.add_argument("-n", "--iterations", type=int, default=15, help="timed runs per case")
+    parser.add_argument(
+        "-n",
+        "--iterations",
+        type=int,
+        help="timed runs per case (default: 15; relay: 3 runs of 1 GiB per path and direction)",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per case first")
     parser.add_argument(
         "--lab-name", default=LAB_PREFIX, help=f"lab name (must start with {LAB_PREFIX!r})"
@@ -73,14 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; have {', '.join(benchmarks)}")
     if not args.lab_name.startswith(LAB_PREFIX) or len(args.lab_name) > 10:
         parser.error(f"--lab-name must start with {LAB_PREFIX!r} and be at most 10 characters")
-    if args.iterations < 1 or args.warmup < 0:
+    if (args.iterations is not None and args.iterations < 1) or args.warmup < 0:
         parser.error("--iterations must be at least 1 and --warmup at least 0")
     problem = _require_root()
     if problem:
         print(f"bench: {problem}", file=sys.stderr)
         return 2
+    selected = [benchmarks[n] for n in (args.names or benchmarks)]
     try:
-        import miniupnpc  # noqa: F401 - the reference the UPnP benchmark compares against
+        if any(b.lab_config is not None for b in selected):
+            import miniupnpc  # noqa: F401 - the reference the UPnP benchmark compares against
     except ImportError:
         print(
             "bench: the PyPI miniupnpc binding is missing: .venv/bin/pip install -e '.[bench]'",
@@ -96,26 +107,27 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
     opts = Options(
-        iterations=args.iterations,
+        iterations=args.iterations or 15,
         warmup=args.warmup,
         lab_name=args.lab_name,
         results_dir=args.results,
     )
     opts.results_dir.mkdir(parents=True, exist_ok=True)
-    selected = [benchmarks[n] for n in (args.names or benchmarks)]
     failed = False
     for bench in selected:
         print(f"== {bench.name}: {bench.description}", flush=True)
         lab: Lab | None = None
         try:
             t0 = time.monotonic()
-            lab = Lab.create(bench.lab_config(opts.lab_name), replace=True)
-            print(f"  lab {opts.lab_name!r} up in {time.monotonic() - t0:.1f} s", flush=True)
-            report = bench.run(lab, opts)
+            if bench.lab_config is not None:
+                lab = Lab.create(bench.lab_config(opts.lab_name), replace=True)
+                print(f"  lab {opts.lab_name!r} up in {time.monotonic() - t0:.1f} s", flush=True)
+            iterations = args.iterations or bench.iterations
+            report = bench.run(lab, dataclasses.replace(opts, iterations=iterations))
         except KeyboardInterrupt:
             print("\nbench: interrupted; removing the lab", file=sys.stderr, flush=True)
             return 130
-        except (NatkitError, OSError) as exc:
+        except (NatkitError, OSError, BenchError) as exc:
             print(f"bench: {bench.name} failed: {exc}", file=sys.stderr)
             failed = True
             continue
