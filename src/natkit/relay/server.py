@@ -35,7 +35,8 @@ log = logging.getLogger("natkit.relay")
 
 HANDSHAKE_TIMEOUT = 10.0
 HEADER_TIMEOUT = 10.0  # slowloris: a visitor's routing bytes must arrive within this
-VISITOR_WAIT = 10.0  # how long a visitor waits for a data connection
+VISITOR_WAIT = 10.0
+TICKET_TTL = 10.0  # an agent answers a ticket within milliseconds; older ones are lost  # how long a visitor waits for a data connection
 PING_INTERVAL = 10.0
 IDLE_TIMEOUT = 35.0
 
@@ -85,7 +86,7 @@ class Tunnel:
         self.id, self.kind, self.key, self.public, self.session = tid, kind, key, public, session
         self.pool: collections.deque[_Conn] = collections.deque()
         self.waiting: collections.deque[asyncio.Future[_Conn]] = collections.deque()
-        self.tickets: set[str] = set()
+        self.tickets: dict[str, float] = {}  # outstanding ticket -> when issued
         self.listener: socket.socket | None = None
         self.accept_ready: Callable[[], None] | None = None
         self.accept_paused = False
@@ -215,11 +216,11 @@ class RelayServer:
         if self.cfg.http_port is not None:
             s = self._listen(self.cfg.listen_host, self.cfg.http_port)
             self.http_port = s.getsockname()[1]
-            self._accept(s, lambda c, a: self._visitor_by_name(c, "http"))
+            self._accept(s, lambda c, a: self._visitor_by_name(c, a, "http"))
         if self.cfg.https_port is not None:
             s = self._listen(self.cfg.listen_host, self.cfg.https_port)
             self.https_port = s.getsockname()[1]
-            self._accept(s, lambda c, a: self._visitor_by_name(c, "tls"))
+            self._accept(s, lambda c, a: self._visitor_by_name(c, a, "tls"))
         if self.cfg.metrics is not None:
             self._servers.append(await asyncio.start_server(self._metrics, *self.cfg.metrics))
         self._spawn(self._housekeeping())
@@ -352,7 +353,7 @@ class RelayServer:
     def _take_ticket(self, ticket: str) -> Tunnel | None:
         tunnel = self.tickets.pop(ticket, None)
         if tunnel is not None:
-            tunnel.tickets.discard(ticket)
+            tunnel.tickets.pop(ticket, None)
             if tunnel.session not in self.sessions:
                 return None
         return tunnel
@@ -412,9 +413,10 @@ class RelayServer:
         if n <= 0:
             return
         new = [secrets.token_urlsafe(18) for _ in range(n)]
+        now = time.monotonic()
         for t in new:
             self.tickets[t] = tunnel
-            tunnel.tickets.add(t)
+            tunnel.tickets[t] = now
         tunnel.session.send(P.TICKETS, tunnel=tunnel.id, tickets=new)
 
     # ---- control messages -------------------------------------------------------------------
@@ -596,7 +598,7 @@ class RelayServer:
 
     # ---- visitors ----------------------------------------------------------------------------
 
-    async def _visitor_by_name(self, conn: socket.socket, kind: str) -> None:
+    async def _visitor_by_name(self, conn: socket.socket, addr: Any, kind: str) -> None:
         """HTTP: route by Host; TLS: route by SNI. The bytes are peeked, not consumed."""
         parse = sniff.http_host if kind == "http" else sniff.tls_sni
         limit = sniff.MAX_HTTP_HEAD if kind == "http" else sniff.MAX_CLIENT_HELLO
@@ -630,12 +632,12 @@ class RelayServer:
                     )
             conn.close()
             return
-        await self._visitor(conn, tunnel, b"")
+        await self._visitor(conn, tunnel, addr)
 
     def _tcp_visitor(self, tunnel: Tunnel, conn: socket.socket, addr: Any) -> Any:
-        return self._visitor(conn, tunnel, b"")
+        return self._visitor(conn, tunnel, addr)
 
-    async def _visitor(self, conn: socket.socket, tunnel: Tunnel, _: bytes) -> None:
+    async def _visitor(self, conn: socket.socket, tunnel: Tunnel, addr: Any) -> None:
         self.stats["visitors"] += 1
         tunnel.visitors += 1
         entry = None
@@ -666,11 +668,16 @@ class RelayServer:
                 return
         else:
             self._refill(tunnel)
-        peer = conn.getpeername()
-        start = P.encode(P.START, tunnel=tunnel.id, visitor=f"{peer[0]}:{peer[1]}")
+        # The address accept() gave: getpeername() fails once a visitor has reset.
+        visitor = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else "?"
+        start = P.encode(P.START, tunnel=tunnel.id, visitor=visitor)
         self.stats["active"] += 1
         try:
             await self._join(conn, entry, start)
+        except (OSError, ssl.SSLError) as exc:
+            log.debug("visitor %s ended abruptly: %s", visitor, exc)
+            entry.close()
+            _reset(conn)
         finally:
             self.stats["active"] -= 1
 
@@ -703,6 +710,14 @@ class RelayServer:
             now = time.monotonic()
             for key in [k for k, (_, until) in self.reservations.items() if until <= now]:
                 del self.reservations[key]
+            # A ticket the agent never used (its connection failed: out of descriptors, a
+            # network hiccup) must not count against the pool forever, or the tunnel starves.
+            for ticket, issued in [(t, tun.tickets.get(t, now)) for t, tun in self.tickets.items()]:
+                if now - issued > TICKET_TTL:
+                    tunnel = self.tickets.pop(ticket)
+                    tunnel.tickets.pop(ticket, None)
+                    self.stats["tickets_expired"] += 1
+                    self._refill(tunnel)
             for s in list(self.sessions):
                 if now - s.last_seen > IDLE_TIMEOUT:
                     log.info(
