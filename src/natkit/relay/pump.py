@@ -287,7 +287,8 @@ class _FramedHalf(_Half):
 
     def __init__(self, closed: asyncio.Future[None]) -> None:
         super().__init__(closed)
-        self._buf = bytearray()
+        self._header = bytearray()  # a length prefix split across reads
+        self._need = 0  # payload bytes of the current chunk still to come
 
     def send(self, data: bytes) -> None:
         assert self.transport is not None
@@ -300,24 +301,32 @@ class _FramedHalf(_Half):
         self._maybe_close()
 
     def data_received(self, data: bytes) -> None:
-        buf = self._buf
-        buf += data
-        pos = 0
-        while len(buf) - pos >= 4:
-            n = int.from_bytes(buf[pos : pos + 4], "big")
-            if n == 0:
-                pos += 4
-                self.deliver_eof()
+        # A streaming deframer: payload goes on as slices of what arrived (no copy here;
+        # the transport copies only what it cannot send at once), headers may be split.
+        view = memoryview(data if isinstance(data, bytes) else bytes(data))
+        pos, end = 0, len(view)
+        while pos < end:
+            if self._need:
+                take = min(self._need, end - pos)
+                self.deliver(view[pos : pos + take])  # type: ignore[arg-type]
+                self._need -= take
+                pos += take
                 continue
-            if n > CHUNK * 4:
+            want = 4 - len(self._header)
+            self._header += view[pos : pos + want]
+            pos += min(want, end - pos)
+            if len(self._header) < 4:
+                return
+            n = int.from_bytes(self._header, "big")
+            self._header.clear()
+            if n == 0:
+                self.deliver_eof()
+            elif n > CHUNK * 4:
                 assert self.transport is not None
                 _abort(self.transport)  # not our framing: drop it
                 return
-            if len(buf) - pos - 4 < n:
-                break
-            self.deliver(bytes(buf[pos + 4 : pos + 4 + n]))
-            pos += 4 + n
-        del buf[:pos]
+            else:
+                self._need = n
 
     def eof_received(self) -> bool | None:
         if not self.eof_in:
