@@ -470,23 +470,9 @@ def reboot_cases() -> list[RebootCase]:
     return found
 
 
-def router_uptime(lab: Lab) -> float:
-    pid = lab.router_pid()
-    if pid is None:
-        return 0.0
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            up = float(f.read().split()[0])
-    except (OSError, IndexError, ValueError):
-        return 0.0
-    return up - start_ticks / os.sysconf("SC_CLK_TCK")
-
-
 def wait_router_uptime(lab: Lab, seconds: float) -> None:
     deadline = time.monotonic() + seconds + 15
-    while router_uptime(lab) < seconds:
+    while lab.router_uptime() < seconds:
         if time.monotonic() > deadline:
             raise BenchError(f"the router did not stay up for {seconds:g} s")
         time.sleep(0.05)

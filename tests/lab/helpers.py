@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 from natkit.lab import Lab, netns
 
@@ -39,7 +40,9 @@ def http_server(lab: Lab, node: str, ip: str, port: int = 0, text: str = "") -> 
                         if not chunk:
                             break
                         data += chunk
-                    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                    conn.sendall(
+                        b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                    )
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
@@ -98,7 +101,9 @@ def reachable(lab: Lab, node: str, ip: str, port: int) -> bool:
         return False
 
 
-def udp_ask(lab: Lab, node: str, ip: str, port: int, payload: bytes, timeout: float = 1.0) -> bytes | None:
+def udp_ask(
+    lab: Lab, node: str, ip: str, port: int, payload: bytes, timeout: float = 1.0
+) -> bytes | None:
     def ask() -> bytes | None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(timeout)
@@ -109,3 +114,19 @@ def udp_ask(lab: Lab, node: str, ip: str, port: int, payload: bytes, timeout: fl
                 return None
 
     return netns.call_in(lab.netns(node), ask)
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str | Callable[[], str]) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() >= deadline:
+            text = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout} s waiting for {text}")
+        time.sleep(0.05)
+
+
+def wait_router_uptime(lab: Lab, seconds: float = 3.0) -> None:
+    """NAT-PMP/PCP clients spot a reboot by the epoch going backwards by more than the
+    2 s slack of RFC 6886 3.6 / RFC 6887 8.5: a router rebooted within 2 s of its previous
+    start is indistinguishable from one that was not. Real routers are up far longer."""
+    wait_for(lambda: lab.router_uptime() >= seconds, seconds + 5, "the router's uptime")

@@ -7,14 +7,12 @@ and leave no rule on the router after SIGTERM or SIGINT.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import re
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -22,7 +20,7 @@ import pytest
 
 from natkit.lab import Lab
 from natkit.lab import config as C
-from tests.lab.helpers import http_get, http_server
+from tests.lab.helpers import http_get, http_server, wait_for, wait_router_uptime
 
 NATKIT = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "natkit")
 PUBLIC_RE = re.compile(r"\d+\.\d+\.\d+\.\d+:\d+")
@@ -40,42 +38,6 @@ def reach(lab: Lab, ip: str, port: int, timeout: float = 2.0) -> str | None:
 
 def has_rule(lab: Lab, port: int) -> bool:
     return re.search(rf"\bdport {port}\b", lab.router_rules()) is not None
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str | Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() >= deadline:
-            text = what() if callable(what) else what
-            raise AssertionError(f"timed out after {timeout} s waiting for {text}")
-        time.sleep(0.05)
-
-
-def router_uptime(lab: Lab) -> float:
-    pid = lab.router_pid()
-    assert pid is not None, "miniupnpd is not running"
-    with open(f"/proc/{pid}/stat") as f:
-        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-    with open("/proc/uptime") as f:
-        now = float(f.read().split()[0])
-    return now - start_ticks / os.sysconf("SC_CLK_TCK")
-
-
-def wait_router_uptime(lab: Lab, seconds: float = 3.0) -> None:
-    """NAT-PMP/PCP see a reboot only as an epoch that went back by more than the 2 s slack
-    of RFC 6886 3.6 / RFC 6887 8.5, so the router must have been up a little first."""
-    wait_for(lambda: router_uptime(lab) >= seconds, seconds + 5, "the router's uptime")
-
-
-def wait_router_ready(lab: Lab) -> None:
-    """After a reboot: until the new miniupnpd listens (the lab does not wait for that)."""
-    wants = ["HTTP listening on port", "Listening for NAT-PMP/PCP traffic"]
-
-    def ready() -> bool:
-        text = lab.router_log.read_text(errors="replace")
-        return all(w in text.rpartition("---- natkit lab reboot ----")[2] for w in wants)
-
-    wait_for(ready, 10, "miniupnpd to listen after the reboot")
 
 
 class Expose:
@@ -204,7 +166,6 @@ def test_expose_survives_a_reboot_and_cleans_up_on_sigterm(
                 assert r.returncode == 0, r.stderr
             else:
                 lab.reboot_router()
-            wait_router_ready(lab)
             seen = ex.events_until("restored", timeout=15)
             names = [e["event"] for e in seen]
             assert "lost" in names, names
@@ -226,7 +187,6 @@ def test_expose_survives_a_reboot_and_cleans_up_on_sigterm(
 
 
 def test_expose_auto_cleans_up_on_sigint(lab: Lab) -> None:
-    wait_router_ready(lab)
     with http_server(lab, "lan", C.LAN_IP, 0, "sigint") as port:
         ex = Expose(lab, [str(port), "--json", "--check-interval", "0.5", "--lease", "120"])
         try:
@@ -249,7 +209,6 @@ def test_expose_auto_cleans_up_on_sigint(lab: Lab) -> None:
 def test_expose_human_mode_prints_the_address(lab: Lab, method: str) -> None:
     """Without --json (and without a terminal: a pipe or a log file), the public address
     must show up while expose runs, not only when it exits."""
-    wait_router_ready(lab)
     with http_server(lab, "lan", C.LAN_IP, 0, "human") as port:
         public = f"{C.RTR_WAN_IP}:{port}"
         ex = Expose(lab, [str(port), "--via", method, "--check-interval", "0.5", "--lease", "120"])

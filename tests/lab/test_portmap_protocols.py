@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import re
 import time
@@ -25,7 +24,7 @@ from natkit.portmap.manager import KeptMapping, probe
 from natkit.portmap.mapping import PortMapping
 from natkit.portmap.pmp_mappers import NatPmpMapper
 from tests.conftest import call_in_node, run_in_node
-from tests.lab.helpers import http_get, http_server, udp_ask, udp_echo
+from tests.lab.helpers import http_get, http_server, udp_ask, udp_echo, wait_for, wait_router_uptime
 
 GW = C.RTR_LAN_IP
 METHODS = ("upnp", "natpmp", "pcp")
@@ -63,46 +62,6 @@ def dnat_rules_to(lab: Lab, ip: str, port: int) -> list[str]:
         for line in lab.router_rules().splitlines()
         if "dnat" in line and line.rstrip().endswith(f"{ip}:{port}")
     ]
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.05)
-
-
-def router_uptime(lab: Lab) -> float:
-    pid = lab.router_pid()
-    assert pid is not None, "miniupnpd is not running"
-    with open(f"/proc/{pid}/stat") as f:
-        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-    with open("/proc/uptime") as f:
-        now = float(f.read().split()[0])
-    return now - start_ticks / os.sysconf("SC_CLK_TCK")
-
-
-def wait_router_uptime(lab: Lab, seconds: float = 3.0) -> None:
-    """NAT-PMP/PCP clients spot a reboot by the epoch going backwards by more than the
-    2 s slack of RFC 6886 3.6 / RFC 6887 8.5: a router rebooted within 2 s of its previous
-    start is indistinguishable from one that was not. Real routers are up far longer."""
-    wait_for(lambda: router_uptime(lab) >= seconds, seconds + 5, "the router's uptime")
-
-
-def wait_router_ready(lab: Lab) -> None:
-    """After a reboot: until the new miniupnpd listens (the lab does not wait for that)."""
-    wants = []
-    if "upnp" in lab.cfg.portmap:
-        wants.append("HTTP listening on port")
-    if lab.cfg.portmap & {"natpmp", "pcp"}:
-        wants.append("Listening for NAT-PMP/PCP traffic")
-
-    def ready() -> bool:
-        text = lab.router_log.read_text(errors="replace")
-        after = text.rpartition("---- natkit lab reboot ----")[2]
-        return all(w in after for w in wants)
-
-    wait_for(ready, 10, "miniupnpd to listen after the reboot")
 
 
 def free_external_port(lab: Lab) -> int:
@@ -362,7 +321,6 @@ def test_open_port_blocking_and_on_change(lab: Lab) -> None:
                 p.on_change(changes.append)
                 with lan_pmp_blocked(lab):
                     lab.reboot_router()
-                    wait_router_ready(lab)
                     # dev takes our public port while natkit cannot talk to the router.
                     out = natpmpc(lab, "dev", "-a", str(port), str(port), "tcp", "120")
                     assert f"Mapped public port {port} " in out, out
@@ -432,10 +390,7 @@ def test_kept_mapping_survives_a_reboot(lab: Lab, method: str) -> None:
                 await keeper.close()
             return before, after, body
 
-        try:
-            before, after, body = run_in_node(lab, "lan", run)
-        finally:
-            wait_router_ready(lab)
+        before, after, body = run_in_node(lab, "lan", run)
     names = [e for e, _ in events]
     assert names[0] == "ready" and names[-1] == "closed", names
     assert "lost" in names and names.index("lost") < names.index("restored"), names

@@ -41,7 +41,7 @@ from natkit.lab import config as C
 from natkit.relay import protocol as P
 from natkit.relay.agent import RelayAuthError
 from tests.conftest import call_in_node
-from tests.lab.helpers import http_server
+from tests.lab.helpers import http_server, wait_for, wait_router_uptime
 
 pytestmark = pytest.mark.lab
 
@@ -263,14 +263,6 @@ def visit(lab: Lab, public: str, timeout: float = 12.0) -> str:
         return ""
 
 
-def wait_for(cond: Callable[[], bool], timeout: float, what: str | Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what() if callable(what) else what}")  # fmt: skip
-        time.sleep(0.1)
-
-
 def refused(lab: Lab, ip: str, port: int) -> bool:
     def go() -> bool:
         try:
@@ -303,26 +295,6 @@ def client_hello(name: str) -> bytes:
     with contextlib.suppress(ssl.SSLWantReadError):
         tls.do_handshake()
     return out.read()
-
-
-def wait_router_ready(lab: Lab) -> None:
-    """miniupnpd listens (HTTP for UPnP, UDP 5351 for NAT-PMP/PCP) and has been up a few
-    seconds (NAT-PMP/PCP epochs)."""
-    wants = ["HTTP listening on port", "Listening for NAT-PMP/PCP traffic"]
-
-    def ready() -> bool:
-        text = lab.router_log.read_text(errors="replace")
-        return all(w in text.rpartition("---- natkit lab reboot ----")[2] for w in wants)
-
-    wait_for(ready, 10, "miniupnpd to listen")
-    pid = lab.router_pid()
-    assert pid is not None
-    with open(f"/proc/{pid}/stat") as f:
-        started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
-    with open("/proc/uptime") as f:
-        up = float(f.read().split()[0]) - started
-    if up < 3:
-        time.sleep(3 - up)
 
 
 # ---- the relay restarts; the agent restarts ----------------------------------------------------
@@ -716,7 +688,7 @@ def test_a_relay_with_another_certificate_is_refused(lab: Lab, procs: Procs) -> 
 
 
 def test_auto_uses_a_mapping_the_relay_can_reach(lab: Lab, procs: Procs) -> None:
-    wait_router_ready(lab)
+    wait_router_uptime(lab)
     with http_server(lab, "lan", C.LAN_IP, 0, "mapped") as port:
         relay, _ = procs.relay()
         agent = procs.agent(port, "--check-interval", "1", via_relay=False)
@@ -755,7 +727,7 @@ def test_auto_falls_back_when_the_mapping_is_unreachable(make_lab: Callable[...,
     """A router that says yes but whose mapping does not work from outside (its firewall
     drops the forwarded traffic): the relay's dial-back proves it, and the relay is used."""
     liar = make_lab("liar")
-    wait_router_ready(liar)
+    wait_router_uptime(liar)
     procs = Procs(liar, tmp_path)
     try:
         netns = liar.netns("rtr")

@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from natkit.cli.common import emit_json, fail, out
-from natkit.lab import Lab, LabConfig, parse_portmap
+from natkit.lab import Lab, LabConfig, check_host, parse_portmap
 from natkit.lab.config import NAT_BEHAVIOURS, NODES
 
 NAME = click.option(
@@ -58,8 +58,6 @@ def lab_up(name: str, portmap: str, nat: str, replace: bool, as_json: bool) -> N
 @NAME
 def lab_down(name: str) -> None:
     """Remove the lab and everything running in it (idempotent)."""
-    from natkit.lab.lab import check_host
-
     check_host()
     Lab(LabConfig(name=name)).down()
     out.print(f"lab {name!r} is down")

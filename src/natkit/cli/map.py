@@ -12,6 +12,7 @@ from rich.table import Table
 from natkit import state
 from natkit.cli.common import emit_json, err, out
 from natkit.errors import DiscoveryError, NatkitError
+from natkit.net.routes import default_gateway
 from natkit.portmap.manager import probe
 from natkit.portmap.mapping import Mapper, PortMapping
 from natkit.portmap.upnp import UPnPMapper
@@ -138,8 +139,6 @@ def map_list(via: str, gateway: str | None, timeout: float, as_json: bool) -> No
                 if via == "upnp":
                     raise
         if via != "upnp":
-            from natkit.net.routes import default_gateway
-
             gw = gateway or default_gateway()
             # The router's UPnP table may already show them (one table behind all protocols).
             shown = {(m.external_port, m.protocol) for m in result}
@@ -180,8 +179,6 @@ def map_delete(
     as_json: bool,
 ) -> None:
     """Delete the mapping of EXTERNAL_PORT from the router."""
-    from natkit.net.routes import default_gateway
-
     proto = protocol.lower()
 
     async def run() -> str:

@@ -274,6 +274,24 @@ class Lab:
             return None
         return pid if _pid_alive(pid) else None
 
+    def router_uptime(self) -> float:
+        """Seconds since the router daemon (re)started; 0 if it is not running.
+
+        NAT-PMP/PCP clients notice a reboot from the epoch, with 2 s of slack (RFC 6886 3.6,
+        RFC 6887 8.5): a router rebooted within 2 s of its last start looks unchanged.
+        """
+        pid = self.router_pid()
+        if pid is None:
+            return 0.0
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+            with open("/proc/uptime") as f:
+                now = float(f.read().split()[0])
+        except (OSError, IndexError, ValueError):
+            return 0.0
+        return now - start_ticks / os.sysconf("SC_CLK_TCK")
+
     def start_router_daemon(self) -> None:
         if not self.cfg.portmap:
             return  # --portmap none: a router that offers no port mapping at all
@@ -304,8 +322,11 @@ class Lab:
             )
         finally:
             log.close()
-        # Ready when it listens: the log says so (stderr with -d).
-        want = "HTTP listening on port" if "upnp" in self.cfg.portmap else "NAT-PMP/PCP"
+        wants = []  # ready when every service it was asked for listens (stderr with -d)
+        if "upnp" in self.cfg.portmap:
+            wants.append("HTTP listening on port")
+        if self.cfg.portmap & {"natpmp", "pcp"}:
+            wants.append("Listening for NAT-PMP/PCP traffic")
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -313,7 +334,7 @@ class Lab:
             with open(self.router_log, "rb") as f:
                 f.seek(offset)
                 fresh = f.read().decode(errors="replace")
-            if want in fresh and self.router_pid():
+            if all(w in fresh for w in wants) and self.router_pid():
                 return
             time.sleep(0.02)
         raise LabError(f"miniupnpd did not become ready in 10 s: {self._log_tail()}")

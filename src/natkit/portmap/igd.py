@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 
-from natkit.errors import ProtocolError
+from natkit.errors import ProtocolError, UPnPError
 from natkit.net import http
 from natkit.portmap import soap
 from natkit.portmap.description import DeviceDescription, Service
@@ -238,8 +238,6 @@ class IGDClient:
 
     async def list_port_mappings(self, limit: int = 1024) -> list[PortMappingEntry]:
         """Walk GetGenericPortMappingEntry until the router says the index is past the end."""
-        from natkit.errors import UPnPError
-
         entries: list[PortMappingEntry] = []
         for index in range(limit):
             try:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from natkit.errors import DiscoveryError, NatkitError, ProtocolError
+from natkit.errors import DiscoveryError, ProtocolError
 from natkit.net.routes import default_gateway, local_address_for
 from natkit.portmap import natpmp, pcp
 from natkit.portmap.epoch import EpochTracker
@@ -220,7 +220,6 @@ class PcpClient:
 __all__ = [
     "GatewayUDP",
     "NatPmpClient",
-    "NatkitError",
     "NotOfferedError",
     "PcpClient",
     "cap_schedule",

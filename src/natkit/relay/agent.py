@@ -10,7 +10,6 @@ the local service: spliced when both are plain TCP, a Protocol bridge over TLS.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import random
@@ -164,11 +163,9 @@ class Agent:
                 raise ProtocolError(f"expected WELCOME, got {msg.name}: {msg.fields}")
             self._writer = writer
             self.connections += 1
-            pending = list(self.tunnels.values())
-            for t in pending:
+            for t in self.tunnels.values():
                 writer.write(P.encode(P.OPEN, tunnel=t.id, kind=t.kind, name=t.name, port=t.port))
             self.connected.set()
-            last = time.monotonic()
             ping = asyncio.get_running_loop().create_task(self._pinger(writer))
             try:
                 while True:
@@ -176,11 +173,9 @@ class Agent:
                         msg = await asyncio.wait_for(self._next(reader, decoder), SILENCE_LIMIT)
                     except asyncio.TimeoutError:
                         raise ProtocolError(f"relay silent for {SILENCE_LIMIT:g} s") from None
-                    last = time.monotonic()
                     self._handle(msg)
             finally:
                 ping.cancel()
-                _ = last
         finally:
             self._writer = None
             # Data connections still waiting for a visitor belong to the lost session: the
@@ -429,6 +424,5 @@ __all__ = [
     "RelayAuthError",
     "TunnelRefusedError",
     "TunnelSpec",
-    "contextlib",
     "parse_hostport",
 ]

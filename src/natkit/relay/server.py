@@ -209,7 +209,6 @@ class RelayServer:
     # ---- life cycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         sock = self._listen(self.cfg.listen_host, self.cfg.listen_port)
         self.listen_port = sock.getsockname()[1]
         self._accept(sock, self._on_listen_conn)
@@ -224,7 +223,6 @@ class RelayServer:
         if self.cfg.metrics is not None:
             self._servers.append(await asyncio.start_server(self._metrics, *self.cfg.metrics))
         self._spawn(self._housekeeping())
-        _ = loop
 
     async def close(self) -> None:
         for task in list(self._tasks):
