@@ -3,7 +3,6 @@ its refusals, and the token's HMAC proof."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
@@ -374,86 +373,3 @@ def test_auth_message_carries_no_token() -> None:
     data = P.encode(P.AUTH, token_id=P.token_id(TOKEN), mac=P.auth_mac(TOKEN, NONCE, FP))
     assert TOKEN.encode() not in data
     assert decode_one(data)["token_id"] == P.token_id(TOKEN)
-
-
-# ---- the agent's data connection: START, then the visitor's bytes -----------------------------
-
-
-class _Transport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = bytearray()
-        self.paused = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written += data
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-
-def _entry() -> tuple[Any, _Transport, asyncio.Future[None], asyncio.AbstractEventLoop]:
-    from natkit.relay.agent import _TlsDataEntry
-
-    loop = asyncio.new_event_loop()
-    started: asyncio.Future[None] = loop.create_future()
-    entry = _TlsDataEntry("ticket-1", started)
-    transport = _Transport()
-    entry.connection_made(transport)
-    assert decode_one(bytes(transport.written)).fields == {"ticket": "ticket-1"}
-    return entry, transport, started, loop
-
-
-START = P.encode(P.START, tunnel="t0", visitor="100.200.0.3:40000")
-FRAMED = b"\x00\x00\x00\x12GET / HTTP/1.0\r\n\r\n" + b"\x00\x00\x00\x00"  # bridge framing
-
-
-@pytest.mark.parametrize("size", [1, 3, 4, 5, len(START), len(START) + 1, 1 << 16])
-def test_agent_keeps_the_visitor_bytes_that_come_with_start(size: int) -> None:
-    """START and the visitor's first (framed) bytes often arrive in one read: those bytes
-    are not relay frames and must reach the service, not fail as an 'unknown type 0'."""
-    entry, transport, started, loop = _entry()
-    try:
-        data = START + FRAMED
-        for i in range(0, len(data), size):
-            entry.data_received(data[i : i + size])
-        assert started.done() and started.exception() is None
-        assert bytes(entry.buf) == FRAMED
-        assert transport.paused  # until the bridge takes over
-    finally:
-        loop.close()
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        P.encode(P.PING, t=1),  # not START
-        bytes([0, 0, 0, 1]) + b"x",  # not a relay frame at all
-        bytes([P.START, 0xFF, 0xFF, 0xFF]),  # oversize
-        bytes([P.START, 0, 0, 2]) + b"[]",  # not an object
-        P.encode(P.START, tunnel="t0", visitor="v")[:-2] + b"!}",  # not JSON
-    ],
-)
-def test_agent_refuses_anything_but_start(data: bytes) -> None:
-    entry, _, started, loop = _entry()
-    try:
-        entry.data_received(data + FRAMED)
-        assert started.done()
-        with pytest.raises(ProtocolError):
-            started.result()
-        entry.data_received(b"more")  # after the verdict: ignored, no second exception
-        entry.connection_lost(None)
-    finally:
-        loop.close()
-
-
-def test_agent_data_connection_closed_before_start() -> None:
-    entry, _, started, loop = _entry()
-    try:
-        entry.data_received(START[:5])
-        entry.connection_lost(None)
-        with pytest.raises(ProtocolError, match="closed"):
-            started.result()
-        assert entry.lost
-    finally:
-        loop.close()

@@ -22,8 +22,9 @@ from typing import Any
 
 from natkit.errors import NatkitError, ProtocolError
 from natkit.relay import protocol as P
+from natkit.relay import tlspump
 from natkit.relay.certs import KnownRelays, RelayTrustError, client_context, fingerprint_der
-from natkit.relay.pump import bridge_protocols, join_sockets, link
+from natkit.relay.pump import join_sockets
 from natkit.relay.server import read_frame
 from natkit.state import state_dir
 
@@ -330,93 +331,36 @@ class Agent:
 
     async def _data_conn_tls(self, t: TunnelSpec, ticket: str) -> None:
         loop = asyncio.get_running_loop()
-        started: asyncio.Future[None] = loop.create_future()
-        entry = _TlsDataEntry(ticket, started)
-        transport, _ = await loop.create_connection(lambda: entry, self.relay_host, self.relay_port,
-                                                    ssl=self.ssl)  # fmt: skip
+        sock = socket.socket(socket.AF_INET6 if ":" in self.relay_host else socket.AF_INET)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
-            if fingerprint_der(der) != self.fingerprint:
-                raise RelayTrustError("data connection reached a relay with another certificate")
-            await started
-            self._unpark()
+            await loop.sock_connect(sock, (self.relay_host, self.relay_port))
+            await loop.sock_sendall(sock, P.TLS_DATA_PREFIX)
+            tls = await asyncio.wait_for(tlspump.handshake(sock, self.ssl, server_side=False), 10)
         except BaseException:
-            transport.abort()
+            sock.close()
             raise
-        transport.pause_reading()
-        ha, hb, fa, fb = bridge_protocols(loop, framed_a=True)
         try:
-            await loop.create_connection(lambda: hb, t.local_host, t.local_port)
-        except OSError:
-            transport.abort()
+            if fingerprint_der(tls.getpeercert(binary_form=True) or b"") != self.fingerprint:
+                raise RelayTrustError("data connection reached a relay with another certificate")
+            await tlspump.send_all(tls, P.encode(P.DATA, ticket=ticket))
+            start = await tlspump.read_frame(tls)  # parked until a visitor arrives
+            self._unpark()
+            if start.type != P.START:
+                raise ProtocolError(f"expected START, got {start.name}")
+            local = await self._connect_local(t)
+        except BaseException:
+            tls.close()
             raise
-        transport.set_protocol(ha)
-        ha.connection_made(transport)
-        # The visitor's first bytes may have come with START or just after it: pass them on.
-        leftover = bytes(entry.buf)
-        entry.buf.clear()
-        if leftover:
-            ha.data_received(leftover)
-        link(ha, hb)
-        if entry.lost:
-            ha.connection_lost(entry.lost_exc)  # the relay dropped it while we connected
-        else:
-            transport.resume_reading()
-        await asyncio.gather(fa, fb)
+        # The visitor's first bytes may already sit decrypted in OpenSSL: the bridge reads them.
+        await tlspump.bridge(tls, local)
 
     async def close(self) -> None:
         for task in list(self._tasks) + list(self._parked):
             task.cancel()
         if self._writer is not None:
             self._writer.close()
-
-
-class _TlsDataEntry(asyncio.Protocol):
-    """A TLS data connection until START: sends DATA, then waits for the relay's START.
-
-    Only the START frame is decoded: the bytes after it are the visitor's (framed by the
-    bridge, not relay frames) and are kept in ``buf`` for the bridge, even when they arrive
-    in the same read as START or before the bridge takes over the transport.
-    """
-
-    def __init__(self, ticket: str, started: asyncio.Future[None]) -> None:
-        self.ticket, self.started = ticket, started
-        self.buf = bytearray()
-        self.transport: asyncio.Transport | None = None
-        self.lost = False
-        self.lost_exc: Exception | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(P.encode(P.DATA, ticket=self.ticket))
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        if self.started.done() or len(self.buf) < P.HEADER.size:
-            return
-        word = P.HEADER.unpack_from(self.buf)[0]
-        msg_type, length = word >> 24, word & 0xFFFFFF
-        try:
-            if msg_type != P.START:
-                raise ProtocolError(f"expected START, got {P.NAMES.get(msg_type, msg_type)}")
-            if length > P.MAX_FRAME:
-                raise ProtocolError(f"relay frame of {length} bytes exceeds {P.MAX_FRAME}")
-            if len(self.buf) < P.HEADER.size + length:
-                return
-            P.decode_body(msg_type, bytes(self.buf[P.HEADER.size : P.HEADER.size + length]))
-        except ProtocolError as exc:
-            self.started.set_exception(exc)
-            return
-        del self.buf[: P.HEADER.size + length]
-        assert self.transport is not None
-        self.transport.pause_reading()  # the bridge resumes it
-        self.started.set_result(None)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost, self.lost_exc = True, exc
-        if not self.started.done():
-            self.started.set_exception(ProtocolError("relay closed the data connection"))
 
 
 __all__ = [

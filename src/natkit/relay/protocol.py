@@ -38,6 +38,10 @@ OPEN, OPENED, CLOSE, TICKETS = 6, 7, 8, 9
 DIAL, DIALED, PING, PONG = 10, 11, 12, 13
 DATA, START = 20, 21
 
+# An encrypted data connection opens with this byte, then the TLS handshake: the relay
+# picks its data path before the handshake (control connections start with TLS at once).
+TLS_DATA_PREFIX = b"T"
+
 NAMES = {
     HELLO: "HELLO", CHALLENGE: "CHALLENGE", AUTH: "AUTH", WELCOME: "WELCOME", ERROR: "ERROR",
     OPEN: "OPEN", OPENED: "OPENED", CLOSE: "CLOSE", TICKETS: "TICKETS", DIAL: "DIAL",

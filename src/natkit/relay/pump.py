@@ -2,8 +2,8 @@
 
 Two plain TCP sockets are joined with non-blocking ``os.splice`` through a pipe per
 direction (Linux): the bytes never enter Python. ``SPLICE_F_MORE`` is never set (it holds
-small writes back for ~400 ms). Anything else (TLS, other systems) goes through
-``asyncio.Protocol`` pairs with back-pressure: reading from one side pauses while the other
+small writes back for ~400 ms). Elsewhere they go through ``asyncio.Protocol`` pairs with
+back-pressure (TLS data connections have their own path: see :mod:`natkit.relay.tlspump`): reading from one side pauses while the other
 side's write buffer is full. Streams stay off this path. Half-close is honoured both ways:
 EOF on one side becomes ``shutdown(SHUT_WR)`` on the other, and the pair closes when both
 directions are done. An abrupt end (a reset, an error) is passed on as a reset, never as a
@@ -281,68 +281,13 @@ class _Half(asyncio.Protocol):
             self.closed.set_result(None)
 
 
-class _FramedHalf(_Half):
-    """The TLS side of a bridge. asyncio cannot half-close TLS, so inside the TLS stream each
-    chunk is ``u32 length + bytes`` and a zero length means "end of this direction"."""
-
-    def __init__(self, closed: asyncio.Future[None]) -> None:
-        super().__init__(closed)
-        self._header = bytearray()  # a length prefix split across reads
-        self._need = 0  # payload bytes of the current chunk still to come
-
-    def send(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.writelines((len(data).to_bytes(4, "big"), data))
-
-    def send_eof(self) -> None:
-        assert self.transport is not None
-        self.eof_out = True
-        self.transport.write(b"\x00\x00\x00\x00")
-        self._maybe_close()
-
-    def data_received(self, data: bytes) -> None:
-        # A streaming deframer: payload goes on as slices of what arrived (no copy here;
-        # the transport copies only what it cannot send at once), headers may be split.
-        view = memoryview(data if isinstance(data, bytes) else bytes(data))
-        pos, end = 0, len(view)
-        while pos < end:
-            if self._need:
-                take = min(self._need, end - pos)
-                self.deliver(view[pos : pos + take])  # type: ignore[arg-type]
-                self._need -= take
-                pos += take
-                continue
-            want = 4 - len(self._header)
-            self._header += view[pos : pos + want]
-            pos += min(want, end - pos)
-            if len(self._header) < 4:
-                return
-            n = int.from_bytes(self._header, "big")
-            self._header.clear()
-            if n == 0:
-                self.deliver_eof()
-            elif n > CHUNK * 4:
-                assert self.transport is not None
-                _abort(self.transport)  # not our framing: drop it
-                return
-            else:
-                self._need = n
-
-    def eof_received(self) -> bool | None:
-        if not self.eof_in:
-            self.deliver_eof()
-        return None
-
-
 def bridge_protocols(
-    loop: asyncio.AbstractEventLoop, *, framed_a: bool = False, framed_b: bool = False
+    loop: asyncio.AbstractEventLoop,
 ) -> tuple[_Half, _Half, asyncio.Future[None], asyncio.Future[None]]:
-    """Two linked protocols for a Protocol bridge, plus futures that complete when each closes.
-    A side marked ``framed`` is a TLS data connection (see :class:`_FramedHalf`)."""
+    """Two linked protocols for a Protocol bridge, plus futures that complete when each closes."""
     fa: asyncio.Future[None] = loop.create_future()
     fb: asyncio.Future[None] = loop.create_future()
-    a = _FramedHalf(fa) if framed_a else _Half(fa)
-    b = _FramedHalf(fb) if framed_b else _Half(fb)
+    a, b = _Half(fa), _Half(fb)
     a.peer, b.peer = b, a
     return a, b, fa, fb
 
@@ -388,10 +333,11 @@ TLS_READ_BUFFER = 16 * 1024
 def small_tls_buffers() -> None:
     """Use 16 KiB (one TLS record) read buffers for asyncio's TLS transports in this process.
 
-    asyncio allocates a 256 KiB buffer for every TLS connection up front; a relay or agent
-    with 10,000 visitors on TLS data connections would hold 2.5 GB in them alone. A larger
-    buffer buys nothing here: OpenSSL hands out at most one record per read. Process-wide,
-    so only natkit's own relay and agent processes call it (the CLI), never the library.
+    asyncio allocates a 256 KiB buffer for every TLS connection up front; only control
+    connections use asyncio's TLS (one per agent), but a relay serving thousands of agents
+    would hold a quarter of a gigabyte per thousand in them. A larger buffer buys nothing for
+    small control frames. Process-wide, so only natkit's own relay and agent processes call
+    it (the CLI), never the library.
     """
     import asyncio.sslproto
 

@@ -27,9 +27,9 @@ from typing import Any
 
 from natkit.errors import NatkitError, ProtocolError
 from natkit.relay import protocol as P
-from natkit.relay import sniff
+from natkit.relay import sniff, tlspump
 from natkit.relay.certs import ensure_self_signed, fingerprint_file, server_context
-from natkit.relay.pump import bridge_protocols, join_sockets, link
+from natkit.relay.pump import join_sockets
 
 log = logging.getLogger("natkit.relay")
 
@@ -64,21 +64,17 @@ class RelayConfig:
 
 
 class _Conn:
-    """A data connection parked in a tunnel's pool: a plain socket or a TLS transport."""
+    """A data connection parked in a tunnel's pool: plain, or TLS (an ``ssl.SSLSocket``)."""
 
-    def __init__(self, sock: socket.socket | None = None, transport: asyncio.Transport | None = None,
-                 proto: Any = None) -> None:  # fmt: skip
-        self.sock, self.transport, self.proto = sock, transport, proto
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
         self.dead = False
 
     def close(self) -> None:
         self.dead = True
-        if self.sock is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self.sock.fileno())
-            self.sock.close()
-        if self.transport is not None:
-            self.transport.abort()
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
 
 
 class Tunnel:
@@ -152,15 +148,7 @@ class _Entry(asyncio.Protocol):
             else:
                 self.transport.abort()
             return
-        for i, msg in enumerate(messages):
-            if self.session is None and msg.type == P.DATA:
-                if self.handshake_timer:
-                    self.handshake_timer.cancel()
-                rest = b"".join(P.encode(m.type, **m.fields) for m in messages[i + 1 :])
-                self.server.data_conn_tls(
-                    msg["ticket"], self.transport, rest + self.decoder.buffered
-                )
-                return
+        for msg in messages:
             if self.session is None:
                 if msg.type != P.HELLO:
                     self.transport.abort()
@@ -303,7 +291,10 @@ class RelayServer:
         if not first:
             conn.close()
             return
-        if first[0] == 0x16:  # a TLS handshake: control, or an encrypted data connection
+        if first == P.TLS_DATA_PREFIX:
+            await self._data_conn_tls(conn, addr)
+            return
+        if first[0] == 0x16:  # a TLS handshake: a control connection
             try:
                 await asyncio.wait_for(
                     loop.connect_accepted_socket(lambda: _Entry(self), conn, ssl=self.ssl),
@@ -335,17 +326,32 @@ class RelayServer:
         loop.add_reader(conn.fileno(), lambda: self._drop_parked(tunnel, entry))
         self._park(tunnel, entry)
 
-    def data_conn_tls(self, ticket: str, transport: asyncio.Transport, rest: bytes) -> None:
-        tunnel = self._take_ticket(ticket)
-        if tunnel is None or rest:
-            self.stats["bad_tickets"] += 1
-            transport.abort()
+    async def _data_conn_tls(self, conn: socket.socket, addr: Any) -> None:
+        try:
+            conn.recv(1)  # the prefix byte
+            tls = await asyncio.wait_for(
+                tlspump.handshake(conn, self.ssl, server_side=True), HANDSHAKE_TIMEOUT
+            )
+        except (asyncio.TimeoutError, OSError) as exc:
+            log.info("TLS handshake with %s failed: %s", addr, exc)
+            self.stats["garbage"] += 1
+            conn.close()
             return
-        a, b, fa, fb = bridge_protocols(asyncio.get_running_loop(), framed_b=True)
-        transport.set_protocol(b)
-        b.connection_made(transport)
-        entry = _Conn(transport=transport, proto=(a, b, fa, fb))
-        fb.add_done_callback(lambda _: self._drop_parked(tunnel, entry) if not entry.dead else None)
+        try:
+            msg = await asyncio.wait_for(tlspump.read_frame(tls), HANDSHAKE_TIMEOUT)
+        except (asyncio.TimeoutError, OSError, ProtocolError) as exc:
+            log.warning("dropping %s: %s", addr, exc)
+            self.stats["garbage"] += 1
+            tls.close()
+            return
+        tunnel = self._take_ticket(msg["ticket"]) if msg.type == P.DATA else None
+        if tunnel is None or tls.pending():  # the agent speaks only after START
+            self.stats["bad_tickets"] += 1
+            tls.close()
+            return
+        entry = _Conn(sock=tls)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(tls.fileno(), lambda: self._drop_parked(tunnel, entry))
         self._park(tunnel, entry)
 
     def _take_ticket(self, ticket: str) -> Tunnel | None:
@@ -681,24 +687,19 @@ class RelayServer:
 
     async def _join(self, visitor: socket.socket, entry: _Conn, start: bytes) -> None:
         loop = asyncio.get_running_loop()
-        if entry.sock is not None:
-            data = entry.sock
-            with contextlib.suppress(Exception):
-                loop.remove_reader(data.fileno())
-            try:
-                await loop.sock_sendall(data, start)
-            except OSError:
-                data.close()
-                visitor.close()
-                return
-            await join_sockets(visitor, data)
+        data = entry.sock
+        with contextlib.suppress(Exception):
+            loop.remove_reader(data.fileno())
+        if isinstance(data, ssl.SSLSocket):
+            await tlspump.bridge(data, visitor, prefix=start)
             return
-        assert entry.transport is not None
-        a, b, fa, fb = entry.proto
-        entry.transport.write(start)
-        await loop.connect_accepted_socket(lambda: a, visitor)
-        link(a, b)
-        await asyncio.gather(fa, fb)
+        try:
+            await loop.sock_sendall(data, start)
+        except OSError:
+            data.close()
+            visitor.close()
+            return
+        await join_sockets(visitor, data)
 
     # ---- housekeeping and metrics ---------------------------------------------------------
 

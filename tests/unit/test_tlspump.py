@@ -1,0 +1,215 @@
+"""The TLS data path (natkit.relay.tlspump) over real loopback TLS connections."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from natkit.errors import ProtocolError
+from natkit.relay import protocol as P
+from natkit.relay import tlspump
+from natkit.relay.certs import client_context, ensure_self_signed, server_context
+
+START = P.encode(P.START, tunnel="t0", visitor="100.200.0.3:40000")
+
+
+def _chunk(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + data
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    for s in (a, b):
+        s.setblocking(False)
+    return a, b
+
+
+async def _tls_pair(certs: Path) -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
+    cert, key = ensure_self_signed(certs)
+    a, b = _pair()
+    client, server = await asyncio.gather(
+        tlspump.handshake(a, client_context(None), server_side=False),
+        tlspump.handshake(b, server_context(cert, key), server_side=True),
+    )
+    return client, server
+
+
+async def _recv_all(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    out = bytearray()
+    while chunk := await loop.sock_recv(sock, 1 << 16):
+        out += chunk
+    return bytes(out)
+
+
+def run(tmp_path: Path, body: Callable[[ssl.SSLSocket, ssl.SSLSocket], Awaitable[None]]) -> None:
+    async def main() -> None:
+        client, server = await _tls_pair(tmp_path)
+        try:
+            await asyncio.wait_for(body(client, server), 20)
+        finally:
+            client.close()
+            server.close()
+
+    asyncio.run(main())
+
+
+def test_start_then_visitor_bytes_in_one_record_reach_the_service(tmp_path: Path) -> None:
+    """START and the visitor's first chunk often arrive together: read_frame takes START
+    only, and the bridge delivers the rest, already decrypted inside OpenSSL."""
+
+    async def body(agent: ssl.SSLSocket, relay: ssl.SSLSocket) -> None:
+        await tlspump.send_all(relay, START + _chunk(b"GET / HTTP/1.0\r\n\r\n") + _chunk(b""))
+        msg = await tlspump.read_frame(agent)
+        assert msg.type == P.START and msg["visitor"] == "100.200.0.3:40000"
+        service, service_far = _pair()
+        bridge = asyncio.ensure_future(tlspump.bridge(agent, service))
+        assert await _recv_all(service_far) == b"GET / HTTP/1.0\r\n\r\n"
+        service_far.close()  # the service answers nothing and ends: an end mark goes back
+        got = bytearray()
+        while True:
+            try:
+                part = relay.recv(100)
+            except ssl.SSLWantReadError:
+                await asyncio.sleep(0.01)
+                continue
+            got += part
+            if not part or got.endswith(b"\x00\x00\x00\x00"):
+                break
+        assert bytes(got) == _chunk(b"")
+        assert await bridge == (0, 18)
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        P.encode(P.PING, t=1),
+        bytes([P.START, 0xFF, 0xFF, 0xFF]),  # larger than any frame
+        bytes([0, 0, 0, 1]) + b"x",  # not a relay frame at all
+        bytes([P.START, 0, 0, 2]) + b"[]",  # not an object
+        START[:-2] + b"!}",  # not JSON
+    ],
+)
+def test_read_frame_refuses_what_is_not_a_frame(tmp_path: Path, data: bytes) -> None:
+    async def body(agent: ssl.SSLSocket, relay: ssl.SSLSocket) -> None:
+        await tlspump.send_all(relay, data)
+        with pytest.raises(ProtocolError):
+            msg = await tlspump.read_frame(agent)
+            if msg.type != P.START:
+                raise ProtocolError("not START")
+
+    run(tmp_path, body)
+
+
+def test_read_frame_on_a_connection_closed_mid_frame(tmp_path: Path) -> None:
+    async def body(agent: ssl.SSLSocket, relay: ssl.SSLSocket) -> None:
+        await tlspump.send_all(relay, START[:5])
+        relay.close()
+        with pytest.raises((ProtocolError, OSError)):
+            await tlspump.read_frame(agent)
+
+    run(tmp_path, body)
+
+
+def test_both_bridges_move_a_big_stream_with_back_pressure_and_half_close(tmp_path: Path) -> None:
+    """visitor -> relay bridge -> TLS -> agent bridge -> service and back, each way ending
+    on its own (half-close), 8 MiB per direction, the service reading slowly."""
+    up_blob, down_blob = os.urandom(8 << 20), os.urandom(8 << 20)
+
+    async def body(agent: ssl.SSLSocket, relay: ssl.SSLSocket) -> None:
+        loop = asyncio.get_running_loop()
+        visitor_far, visitor = _pair()
+        service, service_far = _pair()
+        relay_bridge = asyncio.ensure_future(tlspump.bridge(relay, visitor, prefix=START))
+        assert (await tlspump.read_frame(agent)).type == P.START
+        agent_bridge = asyncio.ensure_future(tlspump.bridge(agent, service))
+
+        async def visitor_side() -> bytes:
+            await loop.sock_sendall(visitor_far, up_blob)
+            visitor_far.shutdown(socket.SHUT_WR)  # done sending, still reading
+            return await _recv_all(visitor_far)
+
+        async def service_side() -> bytes:
+            got = bytearray()
+            while chunk := await loop.sock_recv(service_far, 4096):
+                got += chunk
+                if len(got) % (1 << 20) < 4096:
+                    await asyncio.sleep(0.005)  # a slow reader: the bridges must hold back
+            await loop.sock_sendall(service_far, down_blob)  # answers after the request ended
+            service_far.shutdown(socket.SHUT_WR)
+            return bytes(got)
+
+        down, up = await asyncio.gather(visitor_side(), service_side())
+        assert hashlib.sha256(up).digest() == hashlib.sha256(up_blob).digest()
+        assert hashlib.sha256(down).digest() == hashlib.sha256(down_blob).digest()
+        assert await relay_bridge == (len(up_blob), len(down_blob))
+        assert await agent_bridge == (len(down_blob), len(up_blob))
+        visitor_far.close()
+        service_far.close()
+
+    run(tmp_path, body)
+
+
+def test_a_data_connection_cut_without_its_end_mark_resets_the_service(tmp_path: Path) -> None:
+    async def body(agent: ssl.SSLSocket, relay: ssl.SSLSocket) -> None:
+        loop = asyncio.get_running_loop()
+        service, service_far = _pair()
+        bridge = asyncio.ensure_future(tlspump.bridge(agent, service))
+        await tlspump.send_all(relay, _chunk(b"partial"))
+        relay.close()  # no end mark: a cut-off stream
+        got = bytearray()
+        with pytest.raises(ConnectionResetError):
+            while chunk := await loop.sock_recv(service_far, 100):
+                got += chunk
+        assert got in (b"", b"partial")
+        await bridge
+        service_far.close()
+
+    run(tmp_path, body)
+
+
+def test_a_chunk_length_that_is_not_our_framing_drops_the_connection(tmp_path: Path) -> None:
+    async def body(agent: ssl.SSLSocket, relay: ssl.SSLSocket) -> None:
+        loop = asyncio.get_running_loop()
+        service, service_far = _pair()
+        bridge = asyncio.ensure_future(tlspump.bridge(agent, service))
+        await tlspump.send_all(relay, b"\xff\xff\xff\xff")
+        with pytest.raises(ConnectionResetError):
+            await loop.sock_recv(service_far, 100)
+        await bridge
+        service_far.close()
+
+    run(tmp_path, body)
+
+
+def test_a_visitor_reset_reaches_the_far_side_as_a_reset(tmp_path: Path) -> None:
+    async def body(agent: ssl.SSLSocket, relay: ssl.SSLSocket) -> None:
+        loop = asyncio.get_running_loop()
+        visitor_far, visitor = _pair()
+        service, service_far = _pair()
+        relay_bridge = asyncio.ensure_future(tlspump.bridge(relay, visitor))
+        agent_bridge = asyncio.ensure_future(tlspump.bridge(agent, service))
+        await loop.sock_sendall(visitor_far, b"hello")
+        assert await loop.sock_recv(service_far, 100) == b"hello"
+        tlspump._reset_on_close(visitor_far)
+        visitor_far.close()
+        with pytest.raises(ConnectionResetError):
+            while await loop.sock_recv(service_far, 100):
+                pass
+        await asyncio.gather(relay_bridge, agent_bridge)
+        service_far.close()
+
+    run(tmp_path, body)
