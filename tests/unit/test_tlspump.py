@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import os
 import socket
-import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -35,7 +34,7 @@ def _pair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-async def _tls_pair(certs: Path) -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
+async def _tls_pair(certs: Path) -> tuple[tlspump.TlsSocket, tlspump.TlsSocket]:
     cert, key = ensure_self_signed(certs)
     a, b = _pair()
     client, server = await asyncio.gather(
@@ -53,7 +52,7 @@ async def _recv_all(sock: socket.socket) -> bytes:
     return bytes(out)
 
 
-def run(tmp_path: Path, body: Callable[[ssl.SSLSocket, ssl.SSLSocket], Awaitable[None]]) -> None:
+def run(tmp_path: Path, body: Callable[[tlspump.TlsSocket, tlspump.TlsSocket], Awaitable[None]]) -> None:
     async def main() -> None:
         client, server = await _tls_pair(tmp_path)
         try:
@@ -69,7 +68,7 @@ def test_start_then_visitor_bytes_in_one_record_reach_the_service(tmp_path: Path
     """START and the visitor's first chunk often arrive together: read_frame takes START
     only, and the bridge delivers the rest, already decrypted inside OpenSSL."""
 
-    async def body(agent: ssl.SSLSocket, relay: ssl.SSLSocket) -> None:
+    async def body(agent: tlspump.TlsSocket, relay: tlspump.TlsSocket) -> None:
         await tlspump.send_all(relay, START + _chunk(b"GET / HTTP/1.0\r\n\r\n") + _chunk(b""))
         msg = await tlspump.read_frame(agent)
         assert msg.type == P.START and msg["visitor"] == "100.200.0.3:40000"
@@ -77,17 +76,7 @@ def test_start_then_visitor_bytes_in_one_record_reach_the_service(tmp_path: Path
         bridge = asyncio.ensure_future(tlspump.bridge(agent, service))
         assert await _recv_all(service_far) == b"GET / HTTP/1.0\r\n\r\n"
         service_far.close()  # the service answers nothing and ends: an end mark goes back
-        got = bytearray()
-        while True:
-            try:
-                part = relay.recv(100)
-            except ssl.SSLWantReadError:
-                await asyncio.sleep(0.01)
-                continue
-            got += part
-            if not part or got.endswith(b"\x00\x00\x00\x00"):
-                break
-        assert bytes(got) == _chunk(b"")
+        assert await tlspump._recv_exact(relay, 4) == _chunk(b"")
         assert await bridge == (0, 18)
 
     run(tmp_path, body)
@@ -104,7 +93,7 @@ def test_start_then_visitor_bytes_in_one_record_reach_the_service(tmp_path: Path
     ],
 )
 def test_read_frame_refuses_what_is_not_a_frame(tmp_path: Path, data: bytes) -> None:
-    async def body(agent: ssl.SSLSocket, relay: ssl.SSLSocket) -> None:
+    async def body(agent: tlspump.TlsSocket, relay: tlspump.TlsSocket) -> None:
         await tlspump.send_all(relay, data)
         with pytest.raises(ProtocolError):
             msg = await tlspump.read_frame(agent)
@@ -115,7 +104,7 @@ def test_read_frame_refuses_what_is_not_a_frame(tmp_path: Path, data: bytes) -> 
 
 
 def test_read_frame_on_a_connection_closed_mid_frame(tmp_path: Path) -> None:
-    async def body(agent: ssl.SSLSocket, relay: ssl.SSLSocket) -> None:
+    async def body(agent: tlspump.TlsSocket, relay: tlspump.TlsSocket) -> None:
         await tlspump.send_all(relay, START[:5])
         relay.close()
         with pytest.raises((ProtocolError, OSError)):
@@ -129,7 +118,7 @@ def test_both_bridges_move_a_big_stream_with_back_pressure_and_half_close(tmp_pa
     on its own (half-close), 8 MiB per direction, the service reading slowly."""
     up_blob, down_blob = os.urandom(8 << 20), os.urandom(8 << 20)
 
-    async def body(agent: ssl.SSLSocket, relay: ssl.SSLSocket) -> None:
+    async def body(agent: tlspump.TlsSocket, relay: tlspump.TlsSocket) -> None:
         loop = asyncio.get_running_loop()
         visitor_far, visitor = _pair()
         service, service_far = _pair()
@@ -164,7 +153,7 @@ def test_both_bridges_move_a_big_stream_with_back_pressure_and_half_close(tmp_pa
 
 
 def test_a_data_connection_cut_without_its_end_mark_resets_the_service(tmp_path: Path) -> None:
-    async def body(agent: ssl.SSLSocket, relay: ssl.SSLSocket) -> None:
+    async def body(agent: tlspump.TlsSocket, relay: tlspump.TlsSocket) -> None:
         loop = asyncio.get_running_loop()
         service, service_far = _pair()
         bridge = asyncio.ensure_future(tlspump.bridge(agent, service))
@@ -182,7 +171,7 @@ def test_a_data_connection_cut_without_its_end_mark_resets_the_service(tmp_path:
 
 
 def test_a_chunk_length_that_is_not_our_framing_drops_the_connection(tmp_path: Path) -> None:
-    async def body(agent: ssl.SSLSocket, relay: ssl.SSLSocket) -> None:
+    async def body(agent: tlspump.TlsSocket, relay: tlspump.TlsSocket) -> None:
         loop = asyncio.get_running_loop()
         service, service_far = _pair()
         bridge = asyncio.ensure_future(tlspump.bridge(agent, service))
@@ -196,7 +185,7 @@ def test_a_chunk_length_that_is_not_our_framing_drops_the_connection(tmp_path: P
 
 
 def test_a_visitor_reset_reaches_the_far_side_as_a_reset(tmp_path: Path) -> None:
-    async def body(agent: ssl.SSLSocket, relay: ssl.SSLSocket) -> None:
+    async def body(agent: tlspump.TlsSocket, relay: tlspump.TlsSocket) -> None:
         loop = asyncio.get_running_loop()
         visitor_far, visitor = _pair()
         service, service_far = _pair()

@@ -342,7 +342,7 @@ class Agent:
             sock.close()
             raise
         try:
-            if fingerprint_der(tls.getpeercert(binary_form=True) or b"") != self.fingerprint:
+            if fingerprint_der(tls.peer_der()) != self.fingerprint:
                 raise RelayTrustError("data connection reached a relay with another certificate")
             await tlspump.send_all(tls, P.encode(P.DATA, ticket=ticket))
             start = await tlspump.read_frame(tls)  # parked until a visitor arrives

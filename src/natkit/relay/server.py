@@ -64,10 +64,10 @@ class RelayConfig:
 
 
 class _Conn:
-    """A data connection parked in a tunnel's pool: plain, or TLS (an ``ssl.SSLSocket``)."""
+    """A data connection parked in a tunnel's pool: plain, or TLS (then ``tls`` is set)."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+    def __init__(self, sock: socket.socket, tls: tlspump.TlsSocket | None = None) -> None:
+        self.sock, self.tls = sock, tls
         self.dead = False
 
     def close(self) -> None:
@@ -345,11 +345,11 @@ class RelayServer:
             tls.close()
             return
         tunnel = self._take_ticket(msg["ticket"]) if msg.type == P.DATA else None
-        if tunnel is None or tls.pending():  # the agent speaks only after START
+        if tunnel is None or tls.obj.pending() or tls.incoming.pending:  # speaks after START
             self.stats["bad_tickets"] += 1
             tls.close()
             return
-        entry = _Conn(sock=tls)
+        entry = _Conn(tls.sock, tls)
         loop = asyncio.get_running_loop()
         loop.add_reader(tls.fileno(), lambda: self._drop_parked(tunnel, entry))
         self._park(tunnel, entry)
@@ -690,8 +690,8 @@ class RelayServer:
         data = entry.sock
         with contextlib.suppress(Exception):
             loop.remove_reader(data.fileno())
-        if isinstance(data, ssl.SSLSocket):
-            await tlspump.bridge(data, visitor, prefix=start)
+        if entry.tls is not None:
+            await tlspump.bridge(entry.tls, visitor, prefix=start)
             return
         try:
             await loop.sock_sendall(data, start)

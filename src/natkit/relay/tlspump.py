@@ -1,10 +1,12 @@
 """The encrypted data path: a TLS data connection joined to a plain TCP socket.
 
-asyncio's TLS transport runs OpenSSL over memory BIOs with Python-level buffering: every
-byte is copied several times and every connection holds a read buffer. Here OpenSSL reads
-and writes the socket itself (a non-blocking :class:`ssl.SSLSocket`) and the event loop
-only says when a socket is ready (``add_reader``/``add_writer``), so bytes are copied once
-each way and an idle connection holds no buffer: the one read buffer is shared per thread.
+asyncio's TLS transport moves each TLS record through several Python-level buffers and
+holds a read buffer per connection. Here OpenSSL works on memory BIOs that we fill and
+drain in large batches: one ``recv`` of up to 256 KiB feeds many records to OpenSSL, and
+all records one write produced leave in one ``send`` (OpenSSL on the socket itself would
+make two system calls per 16 KiB record when reading and one when writing). The event loop
+only says when a socket is ready (``add_reader``/``add_writer``); an idle connection holds
+no buffer: the one read buffer is shared per thread.
 
 Inside TLS each direction is a sequence of chunks ``u32 length + bytes``; a zero length
 ends that direction (half-close: a TLS stream cannot be half-closed portably). An abrupt
@@ -31,7 +33,6 @@ MAX_CHUNK = 4 * 1024 * 1024  # a larger length is not our framing
 _LEN = struct.Struct("!I")
 _EOF_CHUNK = b"\x00\x00\x00\x00"
 _LINGER_RESET = struct.pack("ii", 1, 0)
-_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _local = threading.local()
 
 
@@ -67,54 +68,114 @@ async def _ready(sock: socket.socket, *, write: bool) -> None:
         (loop.remove_writer if write else loop.remove_reader)(fd)
 
 
-async def handshake(
-    sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool
-) -> ssl.SSLSocket:
-    """TLS handshake on a connected non-blocking socket; the caller bounds its time."""
-    sock.setblocking(False)
-    tls = ctx.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False)
+class TlsSocket:
+    """A non-blocking TCP socket with OpenSSL between memory BIOs.
+
+    ``feed`` moves ciphertext from the socket into OpenSSL, ``flush`` moves OpenSSL's
+    output (plus what the socket did not take last time) to the socket.
+    """
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side)
+        self.unsent: bytes | memoryview = b""  # ciphertext the socket has not taken yet
+        self.eof = False  # the TCP peer finished (its ciphertext is all fed)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def feed(self) -> int:
+        """One ``recv`` into OpenSSL; 0 at EOF. Raises BlockingIOError when nothing came."""
+        buf = _shared_buffer()
+        n = self.sock.recv_into(buf)
+        if n:
+            self.incoming.write(buf[:n])
+        else:
+            self.eof = True
+            self.incoming.write_eof()
+        return n
+
+    def flush(self) -> bool:
+        """Send what OpenSSL produced; True when the socket took everything."""
+        if self.outgoing.pending:
+            data = self.outgoing.read()
+            self.unsent = bytes(self.unsent) + data if self.unsent else data
+        if self.unsent:
+            try:
+                sent = self.sock.send(self.unsent)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            self.unsent = memoryview(self.unsent)[sent:] if sent < len(self.unsent) else b""
+        return not self.unsent
+
+    def peer_der(self) -> bytes:
+        return self.obj.getpeercert(binary_form=True) or b""
+
+    def close(self, *, reset: bool = False) -> None:
+        if reset:
+            _reset_on_close(self.sock)
+        self.sock.close()
+
+
+async def _flush_all(tls: TlsSocket) -> None:
+    while not tls.flush():
+        await _ready(tls.sock, write=True)
+
+
+async def _feed_some(tls: TlsSocket) -> None:
+    while True:
+        try:
+            tls.feed()
+            return
+        except (BlockingIOError, InterruptedError):
+            await _ready(tls.sock, write=False)
+
+
+async def handshake(sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool) -> TlsSocket:
+    """TLS handshake on a connected socket; the caller bounds its time."""
+    tls = TlsSocket(sock, ctx, server_side=server_side)
     try:
         while True:
             try:
-                tls.do_handshake()
+                tls.obj.do_handshake()
+                await _flush_all(tls)
                 return tls
             except ssl.SSLWantReadError:
-                await _ready(tls, write=False)
-            except ssl.SSLWantWriteError:
-                await _ready(tls, write=True)
+                await _flush_all(tls)
+                if tls.eof:
+                    raise ConnectionResetError("the peer closed during the TLS handshake") from None
+                await _feed_some(tls)
     except BaseException:
         tls.close()
         raise
 
 
-async def send_all(tls: ssl.SSLSocket, data: bytes) -> None:
-    while data:
-        try:
-            data = data[tls.send(data) :]
-        except ssl.SSLWantWriteError:
-            await _ready(tls, write=True)
-        except ssl.SSLWantReadError:
-            await _ready(tls, write=False)
+async def send_all(tls: TlsSocket, data: bytes) -> None:
+    tls.obj.write(data)
+    await _flush_all(tls)
 
 
-async def _recv_exact(tls: ssl.SSLSocket, n: int) -> bytes:
+async def _recv_exact(tls: TlsSocket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
         try:
-            chunk = tls.recv(n - len(buf))
+            chunk = tls.obj.read(n - len(buf))
         except ssl.SSLWantReadError:
-            await _ready(tls, write=False)
+            if tls.eof:
+                raise ProtocolError("connection closed mid-frame") from None
+            await _feed_some(tls)
             continue
-        except ssl.SSLWantWriteError:
-            await _ready(tls, write=True)
-            continue
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            chunk = b""
         if not chunk:
             raise ProtocolError("connection closed mid-frame")
         buf += chunk
     return bytes(buf)
 
 
-async def read_frame(tls: ssl.SSLSocket) -> P.Message:
+async def read_frame(tls: TlsSocket) -> P.Message:
     """Read exactly one relay frame, no byte more (what follows belongs to the bridge)."""
     word = P.HEADER.unpack(await _recv_exact(tls, P.HEADER.size))[0]
     msg_type, length = word >> 24, word & 0xFFFFFF
@@ -130,14 +191,13 @@ class TlsBridge:
     ``done`` receives ``(bytes plain→tls, bytes tls→plain)``.
     """
 
-    def __init__(self, tls: ssl.SSLSocket, plain: socket.socket, prefix: bytes = b"") -> None:
+    def __init__(self, tls: TlsSocket, plain: socket.socket, prefix: bytes = b"") -> None:
         self.loop = asyncio.get_running_loop()
         self.tls, self.plain = tls, plain
         self.done: asyncio.Future[tuple[int, int]] = self.loop.create_future()
         self.tfd, self.pfd = tls.fileno(), plain.fileno()
         self.up = self.down = 0
         # plain -> tls
-        self.out_t: bytes | memoryview = prefix  # what tls still has to take (retried whole)
         self.plain_eof = False  # plain's remote finished; the end chunk is queued or sent
         # tls -> plain
         self.out_p = bytearray()
@@ -145,11 +205,13 @@ class TlsBridge:
         self.need = 0  # bytes of the current chunk still to come
         self.tls_eof = False  # the end chunk arrived
         self.shutdown_pending = False
-        self.tls_closed = False
         self.registered: dict[tuple[int, bool], bool] = {}
+        if prefix:
+            tls.obj.write(prefix)
+        self._flush_tls()
         self._update()
-        # Bytes OpenSSL already decrypted (they arrived with START) raise no readiness event.
-        self.loop.call_soon(self._on_tls_readable)
+        # Records that came with START are inside OpenSSL already: no readiness event for them.
+        self.loop.call_soon(self._drain)
 
     # -- registrations -------------------------------------------------------------------
     def _want(self, fd: int, write: bool, on: bool, callback: Any) -> None:
@@ -164,16 +226,23 @@ class TlsBridge:
     def _update(self) -> None:
         if self.done.done():
             return
-        self._want(self.pfd, False, not self.plain_eof and not self.out_t, self._on_plain_readable)
-        self._want(self.tfd, True, bool(self.out_t), self._on_tls_writable)
-        self._want(self.tfd, False, not self.tls_closed and not self.out_p, self._on_tls_readable)
+        tls_busy = bool(self.tls.unsent)
+        self._want(self.pfd, False, not self.plain_eof and not tls_busy, self._on_plain_readable)
+        self._want(self.tfd, True, tls_busy, self._on_tls_writable)
+        self._want(self.tfd, False, not self.tls.eof and not self.out_p, self._on_tls_readable)
         self._want(self.pfd, True, bool(self.out_p), self._on_plain_writable)
-        if self.plain_eof and not self.out_t and self.tls_eof and not self.out_p:
+        if self.plain_eof and not tls_busy and self.tls_eof and not self.out_p:
             self._finish(None)
+
+    def _flush_tls(self) -> None:
+        try:
+            self.tls.flush()
+        except OSError as exc:
+            self._finish(exc)
 
     # -- plain -> tls --------------------------------------------------------------------
     def _on_plain_readable(self) -> None:
-        if self.done.done() or self.out_t:
+        if self.done.done() or self.tls.unsent:
             return
         buf = _shared_buffer()
         try:
@@ -183,58 +252,77 @@ class TlsBridge:
         except OSError as exc:
             self._finish(exc)
             return
-        if n == 0:
-            self.plain_eof = True
-            self._send_tls(_EOF_CHUNK)
-        else:
-            self.up += n
-            _LEN.pack_into(buf, 0, n)
-            self._send_tls(buf[: _LEN.size + n])
-        self._update()
-
-    def _send_tls(self, data: bytes | memoryview) -> None:
         try:
-            sent = self.tls.send(data)
-        except _WANT:
-            sent = 0  # OpenSSL wants the same bytes again: keep them all
-        except OSError as exc:
+            if n == 0:
+                self.plain_eof = True
+                self.tls.obj.write(_EOF_CHUNK)
+            else:
+                self.up += n
+                _LEN.pack_into(buf, 0, n)
+                self.tls.obj.write(buf[: _LEN.size + n])
+        except ssl.SSLError as exc:
             self._finish(exc)
             return
-        self.out_t = bytes(data[sent:]) if sent < len(data) else b""
+        self._flush_tls()
+        self._update()
 
     def _on_tls_writable(self) -> None:
-        if self.done.done():
-            return
-        self._send_tls(self.out_t)
-        self._update()
+        if not self.done.done():
+            self._flush_tls()
+            self._update()
 
     # -- tls -> plain --------------------------------------------------------------------
     def _on_tls_readable(self) -> None:
-        if self.done.done() or self.out_p or self.tls_closed:
+        if self.done.done() or self.out_p:
+            return
+        try:
+            self.tls.feed()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._finish(exc)
+            return
+        self._drain()
+
+    def _drain(self) -> None:
+        """Decrypt what OpenSSL holds and pass it on, until it holds nothing or plain is full.
+
+        Records (16 KiB each) are gathered into one buffer first: one ``send`` per buffer,
+        not one per record.
+        """
+        if self.done.done():
             return
         buf = _shared_buffer()
-        got, size = 0, len(buf)
-        while got < size:
-            try:
-                n = self.tls.recv_into(buf[got:], size - got)
-            except _WANT:
+        size = len(buf)
+        ended = False
+        while not self.out_p and not ended:
+            got = 0
+            while got < size:
+                try:
+                    n: int = self.tls.obj.read(size - got, buf[got:])  # type: ignore[assignment]
+                except ssl.SSLWantReadError:
+                    break
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    n = 0
+                except ssl.SSLError as exc:
+                    self._finish(exc)
+                    return
+                if n == 0:
+                    ended = True
+                    break
+                got += n
+            if not got and not ended:
                 break
-            except OSError as exc:
-                self._finish(exc)
-                return
-            if n == 0:
-                self.tls_closed = True
-                break
-            got += n
-        if got:
             try:
                 self._deframe(buf[:got])
             except (ProtocolError, OSError) as exc:
                 self._finish(exc)
                 return
-        if self.tls_closed and not self.tls_eof:
-            self._finish(ConnectionResetError("the data connection ended without its end mark"))
-            return
+            if ended and not self.tls_eof:  # cut off without the end mark: an abrupt end
+                self._finish(ConnectionResetError("the data connection ended early"))
+                return
+        if self.tls.outgoing.pending:  # OpenSSL answered something (a key update)
+            self._flush_tls()
         self._update()
 
     def _deframe(self, view: memoryview) -> None:
@@ -295,8 +383,7 @@ class TlsBridge:
         del self.out_p[:sent]
         if not self.out_p:
             self._flush_shutdown()
-            self._update()
-            self._on_tls_readable()  # OpenSSL may hold decrypted bytes: no event for those
+            self._drain()  # OpenSSL may still hold records: no readiness event for those
             return
         self._update()
 
@@ -310,12 +397,11 @@ class TlsBridge:
         self.registered.clear()
         if exc is not None:  # an abrupt end is passed on as one, both ways
             _reset_on_close(self.plain)
-            _reset_on_close(self.tls)
         self.plain.close()
-        self.tls.close()
+        self.tls.close(reset=exc is not None)
         self.done.set_result((self.up, self.down))
 
 
-async def bridge(tls: ssl.SSLSocket, plain: socket.socket, prefix: bytes = b"") -> tuple[int, int]:
+async def bridge(tls: TlsSocket, plain: socket.socket, prefix: bytes = b"") -> tuple[int, int]:
     """Join a TLS data connection and a plain socket; returns the bytes moved each way."""
     return await TlsBridge(tls, plain, prefix).done
