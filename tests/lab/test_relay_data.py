@@ -843,6 +843,10 @@ def test_metrics_count_what_happened(env: Env) -> None:
     assert relay_event(m, "unrouted_visitors") >= env.unrouted, (env.unrouted, text)
     assert relay_event(m, "bad_visitors") >= env.refused, (env.refused, text)
     # (visitors_refused: reported by the 1,000-visitor test itself.)
+    # TLS data connections whose visitor ended cleanly carry the next visitor (no new
+    # handshake); plain ones cannot (no end mark on a spliced stream).
+    reused = relay_event(m, "data_conns_reused")
+    assert (reused > 0) if not env.plain else (reused == 0), text
     for event in ("visitors_timed_out", "auth_failures"):
         assert relay_event(m, event) == 0, f"{event}:\n{text}"
     for line in text.splitlines():

@@ -202,3 +202,44 @@ def test_a_visitor_reset_reaches_the_far_side_as_a_reset(tmp_path: Path) -> None
         service_far.close()
 
     run(tmp_path, body)
+
+
+def test_a_cleanly_ended_connection_carries_the_next_visitor(tmp_path: Path) -> None:
+    """keep=True: after both end marks the TLS connection stays open, and the next START,
+    sent right behind the end mark, is read from what the bridge set aside."""
+
+    async def body(agent: tlspump.TlsSocket, relay: tlspump.TlsSocket) -> None:
+        loop = asyncio.get_running_loop()
+        for visitor in ("100.200.0.3:1", "100.200.0.3:2"):
+            start = P.encode(P.START, tunnel="t0", visitor=visitor)
+            if visitor.endswith("1"):
+                await tlspump.send_all(relay, start)
+            assert (await tlspump.read_frame(agent))["visitor"] == visitor
+            service, service_far = _pair()
+            bridge = asyncio.ensure_future(tlspump.bridge(agent, service, keep=True))
+            nxt = P.encode(P.START, tunnel="t0", visitor="100.200.0.3:2")
+            tail = nxt if visitor.endswith("1") else b""
+            await tlspump.send_all(relay, _chunk(b"ping") + _chunk(b"") + tail)
+            assert await _recv_all(service_far) == b"ping"
+            await loop.sock_sendall(service_far, b"pong")
+            service_far.close()
+            assert await tlspump._recv_exact(relay, 12) == _chunk(b"pong") + _chunk(b"")
+            assert await bridge == (4, 4)
+            assert not agent.closed
+        relay.close()
+        with pytest.raises((ProtocolError, OSError)):
+            await tlspump.read_frame(agent)
+
+    run(tmp_path, body)
+
+
+def test_without_keep_the_connection_is_closed_after_the_visitor(tmp_path: Path) -> None:
+    async def body(agent: tlspump.TlsSocket, relay: tlspump.TlsSocket) -> None:
+        service, service_far = _pair()
+        bridge = asyncio.ensure_future(tlspump.bridge(agent, service))
+        service_far.close()
+        await tlspump.send_all(relay, _chunk(b""))
+        await bridge
+        assert agent.closed
+
+    run(tmp_path, body)

@@ -345,16 +345,27 @@ class Agent:
             if fingerprint_der(tls.peer_der()) != self.fingerprint:
                 raise RelayTrustError("data connection reached a relay with another certificate")
             await tlspump.send_all(tls, P.encode(P.DATA, ticket=ticket))
-            start = await tlspump.read_frame(tls)  # parked until a visitor arrives
-            self._unpark()
-            if start.type != P.START:
-                raise ProtocolError(f"expected START, got {start.name}")
-            local = await self._connect_local(t)
+            while True:
+                start = await tlspump.read_frame(tls)  # parked until a visitor arrives
+                self._unpark()
+                if start.type != P.START:
+                    raise ProtocolError(f"expected START, got {start.name}")
+                local = await self._connect_local(t)
+                # The visitor's first bytes may already sit decrypted in OpenSSL: the bridge
+                # reads them. A cleanly ended visitor leaves the connection for the next one.
+                await tlspump.bridge(tls, local, keep=True)
+                if tls.closed:
+                    return
+                self._repark()
         except BaseException:
             tls.close()
             raise
-        # The visitor's first bytes may already sit decrypted in OpenSSL: the bridge reads them.
-        await tlspump.bridge(tls, local)
+
+    def _repark(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.discard(task)
+            self._parked.add(task)
 
     async def close(self) -> None:
         for task in list(self._tasks) + list(self._parked):

@@ -385,6 +385,23 @@ class RelayServer:
             tunnel.accept_paused = False
             asyncio.get_running_loop().add_reader(tunnel.listener.fileno(), tunnel.accept_ready)
 
+    def _repark(self, tunnel: Tunnel, entry: _Conn) -> None:
+        """A TLS data connection whose visitor ended cleanly serves the next one: no new
+        connection and no handshake for it (like HTTP keep-alive). The pool stays bounded."""
+        alive = tunnel.session in self.sessions and self.tunnels_by_key.get(tunnel.key) is tunnel
+        if (
+            not alive
+            or entry.tls is None
+            or entry.tls.pushback
+            or len(tunnel.pool) >= self.cfg.pool_size
+        ):
+            entry.close()
+            return
+        self.stats["data_conns_reused"] += 1
+        loop = asyncio.get_running_loop()
+        loop.add_reader(entry.sock.fileno(), lambda: self._drop_parked(tunnel, entry))
+        self._park(tunnel, entry)
+
     def _drop_parked(self, tunnel: Tunnel, entry: _Conn) -> None:
         with contextlib.suppress(ValueError):
             tunnel.pool.remove(entry)
@@ -678,6 +695,8 @@ class RelayServer:
         self.stats["active"] += 1
         try:
             await self._join(conn, entry, start)
+            if entry.tls is not None and not entry.tls.closed:
+                self._repark(tunnel, entry)
         except (OSError, ssl.SSLError) as exc:
             log.debug("visitor %s ended abruptly: %s", visitor, exc)
             entry.close()
@@ -691,7 +710,7 @@ class RelayServer:
         with contextlib.suppress(Exception):
             loop.remove_reader(data.fileno())
         if entry.tls is not None:
-            await tlspump.bridge(entry.tls, visitor, prefix=start)
+            await tlspump.bridge(entry.tls, visitor, prefix=start, keep=True)
             return
         try:
             await loop.sock_sendall(data, start)

@@ -82,6 +82,8 @@ class TlsSocket:
         self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side)
         self.unsent: bytes | memoryview = b""  # ciphertext the socket has not taken yet
         self.eof = False  # the TCP peer finished (its ciphertext is all fed)
+        self.pushback = b""  # decrypted bytes that came after a visitor's stream ended
+        self.closed = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -114,6 +116,7 @@ class TlsSocket:
         return self.obj.getpeercert(binary_form=True) or b""
 
     def close(self, *, reset: bool = False) -> None:
+        self.closed = True
         if reset:
             _reset_on_close(self.sock)
         self.sock.close()
@@ -158,7 +161,8 @@ async def send_all(tls: TlsSocket, data: bytes) -> None:
 
 
 async def _recv_exact(tls: TlsSocket, n: int) -> bytes:
-    buf = bytearray()
+    buf = bytearray(tls.pushback[:n])
+    tls.pushback = tls.pushback[n:]
     while len(buf) < n:
         try:
             chunk = tls.obj.read(n - len(buf))
@@ -188,12 +192,16 @@ class TlsBridge:
     """Joins ``tls`` (framed chunks) and ``plain`` until both directions have ended.
 
     ``prefix`` is sent on ``tls`` before any chunk (the relay's START frame).
-    ``done`` receives ``(bytes plain→tls, bytes tls→plain)``.
+    ``done`` receives ``(bytes plain→tls, bytes tls→plain)``. With ``keep``, a TLS
+    connection whose both directions ended cleanly stays open for the next visitor (what
+    followed the end mark waits in ``tls.pushback``); otherwise it is closed.
     """
 
-    def __init__(self, tls: TlsSocket, plain: socket.socket, prefix: bytes = b"") -> None:
+    def __init__(
+        self, tls: TlsSocket, plain: socket.socket, prefix: bytes = b"", keep: bool = False
+    ) -> None:
         self.loop = asyncio.get_running_loop()
-        self.tls, self.plain = tls, plain
+        self.tls, self.plain, self.keep = tls, plain, keep
         self.done: asyncio.Future[tuple[int, int]] = self.loop.create_future()
         self.tfd, self.pfd = tls.fileno(), plain.fileno()
         self.up = self.down = 0
@@ -229,7 +237,8 @@ class TlsBridge:
         tls_busy = bool(self.tls.unsent)
         self._want(self.pfd, False, not self.plain_eof and not tls_busy, self._on_plain_readable)
         self._want(self.tfd, True, tls_busy, self._on_tls_writable)
-        self._want(self.tfd, False, not self.tls.eof and not self.out_p, self._on_tls_readable)
+        reading = not self.tls.eof and not self.out_p and not self.tls_eof
+        self._want(self.tfd, False, reading, self._on_tls_readable)
         self._want(self.pfd, True, bool(self.out_p), self._on_plain_writable)
         if self.plain_eof and not tls_busy and self.tls_eof and not self.out_p:
             self._finish(None)
@@ -273,7 +282,7 @@ class TlsBridge:
 
     # -- tls -> plain --------------------------------------------------------------------
     def _on_tls_readable(self) -> None:
-        if self.done.done() or self.out_p:
+        if self.done.done() or self.out_p or self.tls_eof:
             return
         try:
             self.tls.feed()
@@ -295,7 +304,7 @@ class TlsBridge:
         buf = _shared_buffer()
         size = len(buf)
         ended = False
-        while not self.out_p and not ended:
+        while not self.out_p and not ended and not self.tls_eof:
             got = 0
             while got < size:
                 try:
@@ -328,8 +337,9 @@ class TlsBridge:
     def _deframe(self, view: memoryview) -> None:
         pos, end = 0, len(view)
         while pos < end:
-            if self.tls_eof:
-                raise ProtocolError("bytes after the end of a data connection's stream")
+            if self.tls_eof:  # the next visitor's START: kept for read_frame
+                self.tls.pushback += view[pos:]
+                return
             if self.need:
                 take = min(self.need, end - pos)
                 self._send_plain(view[pos : pos + take])
@@ -398,10 +408,14 @@ class TlsBridge:
         if exc is not None:  # an abrupt end is passed on as one, both ways
             _reset_on_close(self.plain)
         self.plain.close()
-        self.tls.close(reset=exc is not None)
+        if exc is not None or not self.keep or self.tls.eof:
+            self.tls.close(reset=exc is not None)
         self.done.set_result((self.up, self.down))
 
 
-async def bridge(tls: TlsSocket, plain: socket.socket, prefix: bytes = b"") -> tuple[int, int]:
-    """Join a TLS data connection and a plain socket; returns the bytes moved each way."""
-    return await TlsBridge(tls, plain, prefix).done
+async def bridge(
+    tls: TlsSocket, plain: socket.socket, prefix: bytes = b"", *, keep: bool = False
+) -> tuple[int, int]:
+    """Join a TLS data connection and a plain socket; returns the bytes moved each way.
+    With ``keep``, a cleanly ended TLS connection stays open (``tls.closed`` tells)."""
+    return await TlsBridge(tls, plain, prefix, keep).done
