@@ -7,14 +7,14 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEBS := iproute2 nftables conntrack miniupnpd-nftables miniupnpc natpmpc python3-venv curl
+DEBS := iproute2 nftables conntrack miniupnpd-nftables miniupnpc natpmpc coturn stun-client python3-venv curl
 BENCH_DEBS := openssh-server openssh-client socat
 STAMP_DEBS := $(VENV)/.debs-installed
 STAMP_PY := $(VENV)/.py-installed
 
 .PHONY: demo test lint unit bench deps clean-labs
 
-$(STAMP_DEBS):
+$(STAMP_DEBS): Makefile
 	@missing=""; for p in $(DEBS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
@@ -52,5 +52,5 @@ bench: deps
 
 # Remove every lab left by interrupted runs (namespaces outlive their processes).
 clean-labs:
-	@for ns in $$(ip netns list | awk '{print $$1}' | grep -E -- '-(lan|dev|rtr|wan)$$' | sed -E 's/-(lan|dev|rtr|wan)$$//' | sort -u); do \
+	@for ns in $$(ip netns list | awk '{print $$1}' | grep -E -- '-(lan|dev|rtr|wan|isp)$$' | sed -E 's/-(lan|dev|rtr|wan|isp)$$//' | sort -u); do \
 	  $(VENV)/bin/natkit lab down --name $$ns; done

@@ -28,7 +28,7 @@ natkit_netguard.install()
 
 from natkit.errors import LabError  # noqa: E402
 from natkit.lab import Lab, LabConfig, netns  # noqa: E402
-from natkit.lab.config import PortmapProtocol  # noqa: E402
+from natkit.lab.config import PortmapProtocol, parse_nat  # noqa: E402
 
 T = TypeVar("T")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -61,7 +61,7 @@ def _build(cfg: LabConfig) -> Lab:
 
 @pytest.fixture(scope="session")
 def lab() -> Iterator[Lab]:
-    """The default lab: UPnP + NAT-PMP + PCP, port-keeping NAT. Shared; don't break it."""
+    """The default lab: UPnP + NAT-PMP + PCP, port-keeping NAT, coturn. Shared; don't break it."""
     the_lab = _build(LabConfig(name=LAB_PREFIX))
     yield the_lab
     the_lab.down()
@@ -72,11 +72,20 @@ def make_lab() -> Iterator[Callable[..., Lab]]:
     """Build a private lab with other settings (named PREFIX-name); removed after the test."""
     made: list[Lab] = []
 
-    def make(name: str, portmap: frozenset[PortmapProtocol] | None = None, nat: str = "eim") -> Lab:
+    def make(
+        name: str,
+        portmap: frozenset[PortmapProtocol] | None = None,
+        nat: str = "eim",
+        *,
+        coturn: bool = True,
+        upstream_nat: bool = False,
+    ) -> Lab:
         cfg = LabConfig(
             name=f"{LAB_PREFIX}-{name}",
             portmap=frozenset(("upnp", "natpmp", "pcp")) if portmap is None else portmap,
-            nat="random" if nat == "random" else "eim",
+            nat=parse_nat(nat),
+            coturn=coturn,
+            upstream_nat=upstream_nat,
         )
         made.append(_build(cfg))
         return made[-1]

@@ -1,8 +1,20 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from natkit.lab.config import LabConfig, miniupnpd_conf, parse_portmap, router_ruleset
+from natkit.lab import config as C
+from natkit.lab.config import (
+    LAB_SUBNETS,
+    LabConfig,
+    isp_ruleset,
+    miniupnpd_conf,
+    parse_nat,
+    parse_portmap,
+    router_ruleset,
+)
+from natkit.lab.coturn import binding_request, is_binding_success, turnserver_argv
 
 
 def test_parse_portmap() -> None:
@@ -41,3 +53,63 @@ def test_miniupnpd_conf() -> None:
 def test_config_round_trip() -> None:
     cfg = LabConfig(name="y", portmap=frozenset({"pcp"}), nat="random")
     assert LabConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_full_cone_forwards_inbound_udp_to_lan_after_miniupnpd() -> None:
+    rules = router_ruleset(LabConfig(name="x", nat="full-cone"))
+    assert 'oifname "wan0" masquerade\n' in rules
+    forward = 'iifname "wan0" udp dport 1024-65535 dnat ip to 192.168.77.10'
+    assert rules.index("jump prerouting_miniupnpd") < rules.index(forward)
+    # The home-router firewall stays: only established/related and forwarded traffic enters.
+    assert 'iifname "wan0" ct status dnat accept' in rules and 'iifname "wan0" drop' in rules
+    assert "dnat" not in router_ruleset(LabConfig(name="x")).split("chain prerouting {")[1]
+
+
+def test_isp_is_a_carrier_nat() -> None:
+    rules = isp_ruleset()
+    assert 'oifname "wan0" masquerade\n' in rules and "dnat" not in rules
+    assert rules.count('iifname "wan0" ct state established,related accept') == 2
+    assert rules.count('iifname "wan0" drop') == 2
+
+
+def test_upstream_nat_moves_the_router_wan_side() -> None:
+    plain, double = LabConfig(name="x"), LabConfig(name="x", upstream_nat=True)
+    assert (plain.rtr_wan_ip, plain.rtr_gateway) == ("100.200.0.1", "100.200.0.2")
+    assert (double.rtr_wan_ip, double.rtr_gateway) == ("100.201.0.2", "100.201.0.1")
+    assert plain.nodes == ("lan", "dev", "rtr", "wan")
+    assert double.nodes == ("lan", "dev", "rtr", "wan", "isp") and double.netns("isp") == "x-isp"
+    assert "100.201.0.0/24" in LAB_SUBNETS
+
+
+def test_parse_nat_and_new_fields_round_trip() -> None:
+    assert parse_nat(" Full-Cone ") == "full-cone" and parse_nat("random") == "random"
+    with pytest.raises(ValueError, match="unknown NAT behaviour"):
+        parse_nat("cone")
+    cfg = LabConfig(name="z", nat="full-cone", coturn=False, upstream_nat=True)
+    assert LabConfig.from_json(cfg.to_json()) == cfg
+    # A state file written before these fields existed still reads.
+    old = {"name": "z", "portmap": ["upnp"], "nat": "eim", "upnp_port": 5000, "router_uuid": "u"}
+    assert LabConfig.from_json(old) == LabConfig(
+        name="z", portmap=frozenset({"upnp"}), router_uuid="u"
+    )
+
+
+def test_turnserver_command_line() -> None:
+    argv = turnserver_argv("/usr/bin/turnserver", Path("/run/natkit/x"))
+    assert argv[:2] == ["/usr/bin/turnserver", "-n"]  # Debian's config turns RFC 5780 off
+    for arg in ("--listening-ip=100.200.0.2", "--listening-ip=100.200.0.3",
+                "--listening-port=3478", "--alt-listening-port=3479", "--lt-cred-mech",
+                f"--user={C.TURN_USER}:{C.TURN_PASSWORD}", f"--realm={C.TURN_REALM}",
+                "--pidfile=/run/natkit/x/coturn.pid", "--db=/run/natkit/x/coturn.db"):  # fmt: skip
+        assert arg in argv
+    assert "no-rfc5780" not in " ".join(argv)
+
+
+def test_binding_request_and_success() -> None:
+    request, txid = binding_request()
+    assert len(request) == 20 and request[:4] == b"\x00\x01\x00\x00" and request[8:] == txid
+    success = b"\x01\x01\x00\x00" + request[4:]
+    assert is_binding_success(success, txid)
+    assert not is_binding_success(success, bytes(12))
+    assert not is_binding_success(b"\x01\x11\x00\x00" + request[4:], txid)  # an error response
+    assert not is_binding_success(success[:19], txid)

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from natkit.cli.common import emit_json, fail, out
 from natkit.lab import Lab, LabConfig, check_host, parse_portmap
-from natkit.lab.config import NAT_BEHAVIOURS, NODES
+from natkit.lab.config import ALL_NODES, NAT_BEHAVIOURS, parse_nat
 
 NAME = click.option(
     "--name", default="natkit", show_default=True, help="Lab name (several may coexist)."
@@ -19,7 +19,7 @@ NAME = click.option(
 
 @click.group()
 def lab() -> None:
-    """A real NAT testbed: namespaces, nftables NAT, miniupnpd (Linux, root)."""
+    """A real NAT testbed: namespaces, nftables NAT, miniupnpd, coturn (Linux, root)."""
 
 
 @lab.command("up")
@@ -35,17 +35,43 @@ def lab() -> None:
     type=click.Choice(NAT_BEHAVIOURS),
     default="eim",
     show_default=True,
-    help="eim: port-keeping masquerade; random: address-and-port-dependent mapping.",
+    help="eim: port-keeping masquerade; random: address-and-port-dependent mapping; "
+    "full-cone: eim plus endpoint-independent filtering (inbound UDP reaches lan).",
+)
+@click.option(
+    "--upstream-nat",
+    is_flag=True,
+    help="Double NAT: a carrier NAT (node isp) between the router and the Internet.",
+)
+@click.option(
+    "--coturn/--no-coturn",
+    default=True,
+    show_default=True,
+    help="Run coturn (STUN with RFC 5780, TURN) on the Internet host wan.",
 )
 @click.option("--replace", is_flag=True, help="Replace a lab of the same name if one exists.")
 @click.option("--json", "as_json", is_flag=True)
-def lab_up(name: str, portmap: str, nat: str, replace: bool, as_json: bool) -> None:
-    """Build the lab: lan and dev behind rtr (NAT + miniupnpd), and wan (the Internet)."""
+def lab_up(
+    name: str,
+    portmap: str,
+    nat: str,
+    upstream_nat: bool,
+    coturn: bool,
+    replace: bool,
+    as_json: bool,
+) -> None:
+    """Build the lab: lan and dev behind rtr (NAT + miniupnpd), wan (the Internet, coturn)."""
     try:
         chosen = parse_portmap(portmap)
     except ValueError as exc:
         fail(str(exc), 2)
-    cfg = LabConfig(name=name, portmap=chosen, nat="random" if nat == "random" else "eim")
+    cfg = LabConfig(
+        name=name,
+        portmap=chosen,
+        nat=parse_nat(nat),
+        coturn=coturn,
+        upstream_nat=upstream_nat,
+    )
     the_lab = Lab.create(cfg, replace=replace)
     status = the_lab.status()
     if as_json:
@@ -79,7 +105,7 @@ def lab_status(name: str, as_json: bool) -> None:
     "exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
 )
 @NAME
-@click.argument("node", type=click.Choice(NODES))
+@click.argument("node", type=click.Choice(ALL_NODES))
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def lab_exec(name: str, node: str, command: tuple[str, ...]) -> None:
     """Run COMMAND on NODE: natkit lab exec lan -- curl http://100.200.0.2/"""
@@ -116,8 +142,9 @@ def lab_demo(name: str, keep: bool) -> None:
 
 def _print_status(status: dict[str, Any]) -> None:
     portmap = ",".join(status["portmap"]) or "none"
+    double = "  upstream-nat" if status.get("upstream_nat") else ""
     t = Table(
-        title=f"lab {status['name']!r}  nat={status['nat']}  portmap={portmap}",
+        title=f"lab {status['name']!r}  nat={status['nat']}  portmap={portmap}{double}",
         title_justify="left",
     )
     t.add_column("node")
@@ -131,3 +158,16 @@ def _print_status(status: dict[str, Any]) -> None:
     out.print(f"router: LAN {router['lan_ip']}  WAN {router['wan_ip']}  miniupnpd {daemon}")
     if router.get("upnp_description"):
         out.print(f"UPnP IGD: {router['upnp_description']}")
+    isp = status.get("isp")
+    if isp:
+        out.print(f"isp (carrier NAT): {isp['cpe_ip']} → public {isp['wan_ip']}")
+    turn = status.get("coturn") or {}
+    if turn.get("enabled"):
+        state = f"running, pid {turn['pid']}" if turn["running"] else "not running"
+        creds = turn["turn"]
+        out.print(
+            f"coturn {state}: STUN {turn['stun_primary']} (alternate {turn['stun_alternate']}), "
+            f"TURN user {creds['user']} password {creds['password']} realm {creds['realm']}"
+        )
+    else:
+        out.print("coturn off")

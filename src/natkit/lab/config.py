@@ -9,11 +9,14 @@ import dataclasses
 import uuid
 from typing import Literal
 
-NatBehaviour = Literal["eim", "random"]
+NatBehaviour = Literal["eim", "random", "full-cone"]
 PortmapProtocol = Literal["upnp", "natpmp", "pcp"]
 
 PORTMAP_PROTOCOLS: tuple[PortmapProtocol, ...] = ("upnp", "natpmp", "pcp")
-NAT_BEHAVIOURS: tuple[NatBehaviour, ...] = ("eim", "random")
+# eim: port-keeping masquerade (endpoint-independent mapping, address-and-port-dependent
+# filtering); random: a new port per destination ("symmetric"); full-cone: eim plus
+# endpoint-independent filtering towards the lan host.
+NAT_BEHAVIOURS: tuple[NatBehaviour, ...] = ("eim", "random", "full-cone")
 
 # The LAN is a home network. The "Internet" must use addresses outside every reserved
 # block, or miniupnpd refuses to forward (see shared/lab-facts.md): 100.200/16 is not
@@ -25,19 +28,45 @@ LAN_IP = "192.168.77.10"
 DEV_IP = "192.168.77.20"
 WAN_PREFIX = 24
 WAN_NET = "100.200.0.0"
-RTR_WAN_IP = "100.200.0.1"
+RTR_WAN_IP = "100.200.0.1"  # the lab's public address (held by isp when there is one)
 WAN_IPS = ("100.200.0.2", "100.200.0.3")
+# Double NAT (--upstream-nat): isp sits between rtr and wan. rtr's WAN side moves to
+# 100.201.0.0/24, also outside every reserved block, so miniupnpd still maps and reports
+# 100.201.0.2 as its external address while STUN sees 100.200.0.1: the mismatch is how a
+# client detects the second NAT.
+ISP_PREFIX = 24
+ISP_NET = "100.201.0.0"
+ISP_CPE_IP = "100.201.0.1"  # isp's side towards the customer's router; rtr's gateway
+RTR_ISP_IP = "100.201.0.2"  # rtr's WAN address behind isp
 
 # Interface names inside the namespaces (each namespace has its own name space for them).
 RTR_WAN_IF = "wan0"
 RTR_LAN_BRIDGE = "br-lan"
 HOST_IF = "eth0"
+ISP_WAN_IF = RTR_WAN_IF  # isp's port towards wan
+ISP_CPE_IF = "cpe0"  # isp's port towards rtr
 
 UPNP_HTTP_PORT = 5000
-NODES = ("lan", "dev", "rtr", "wan")
+NODES = ("lan", "dev", "rtr", "wan")  # every lab
+UPSTREAM_NODE = "isp"  # only with --upstream-nat
+ALL_NODES = (*NODES, UPSTREAM_NODE)
+
+# coturn on wan: STUN (RFC 5389/5780) and TURN (RFC 5766). RFC 5780 needs two addresses; the
+# alternate port is the port + 1. coturn 4.6.1 pairs only the *first* listening address with
+# the second: asked on WAN_IPS[1], it names WAN_IPS[1] itself as OTHER-ADDRESS and answers a
+# change-IP request from there. So behaviour discovery must start at STUN_PRIMARY.
+STUN_PORT = 3478
+STUN_ALT_PORT = STUN_PORT + 1
+STUN_PRIMARY = (WAN_IPS[0], STUN_PORT)
+STUN_ALTERNATE = (WAN_IPS[1], STUN_ALT_PORT)
+TURN_USER = "natkit"
+TURN_PASSWORD = "natkit-lab-turn"
+TURN_REALM = "lab.natkit"
+TURN_RELAY_IP = WAN_IPS[0]
+TURN_RELAY_PORTS = (49160, 49200)
 
 # Every subnet a lab uses: the test suite's network guard allows exactly these.
-LAB_SUBNETS = (f"{LAN_NET}/{LAN_PREFIX}", f"{WAN_NET}/{WAN_PREFIX}")
+LAB_SUBNETS = (f"{LAN_NET}/{LAN_PREFIX}", f"{WAN_NET}/{WAN_PREFIX}", f"{ISP_NET}/{ISP_PREFIX}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +76,24 @@ class LabConfig:
     nat: NatBehaviour = "eim"
     upnp_port: int = UPNP_HTTP_PORT
     router_uuid: str = dataclasses.field(default_factory=lambda: str(uuid.uuid4()))
+    coturn: bool = True  # a STUN/TURN server on wan
+    upstream_nat: bool = False  # double NAT: a carrier NAT (isp) between rtr and wan
 
     def netns(self, node: str) -> str:
         return f"{self.name}-{node}"
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return ALL_NODES if self.upstream_nat else NODES
+
+    @property
+    def rtr_wan_ip(self) -> str:
+        """The home router's WAN address: what miniupnpd reports as its external address."""
+        return RTR_ISP_IP if self.upstream_nat else RTR_WAN_IP
+
+    @property
+    def rtr_gateway(self) -> str:
+        return ISP_CPE_IP if self.upstream_nat else WAN_IPS[0]
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -58,6 +102,8 @@ class LabConfig:
             "nat": self.nat,
             "upnp_port": self.upnp_port,
             "router_uuid": self.router_uuid,
+            "coturn": self.coturn,
+            "upstream_nat": self.upstream_nat,
         }
 
     @classmethod
@@ -67,10 +113,20 @@ class LabConfig:
         return cls(
             name=str(data["name"]),
             portmap=frozenset(p for p in PORTMAP_PROTOCOLS if p in portmap),
-            nat="random" if data.get("nat") == "random" else "eim",
+            nat=parse_nat(str(data.get("nat", "eim"))),
             upnp_port=int(str(data.get("upnp_port", UPNP_HTTP_PORT))),
             router_uuid=str(data.get("router_uuid", uuid.uuid4())),
+            coturn=data.get("coturn", True) is True,
+            upstream_nat=data.get("upstream_nat", False) is True,
         )
+
+
+def parse_nat(text: str) -> NatBehaviour:
+    """Parse ``--nat``: eim, random or full-cone."""
+    for nat in NAT_BEHAVIOURS:
+        if text.strip().lower() == nat:
+            return nat
+    raise ValueError(f"unknown NAT behaviour {text!r} (use {', '.join(NAT_BEHAVIOURS)})")
 
 
 def parse_portmap(text: str) -> frozenset[PortmapProtocol]:
@@ -100,9 +156,16 @@ def router_ruleset(cfg: LabConfig) -> str:
     Unsolicited packets from the WAN are dropped (not merely left unanswered): otherwise the
     first one leaves an UNREPLIED conntrack entry that pushes the next outbound mapping onto a
     new port, and a port-keeping NAT starts to look symmetric.
+
+    ``full-cone`` forwards every other inbound UDP port to the lan host (port kept), which is
+    endpoint-independent filtering for it: after lan sent from port P, anyone reaches it at
+    public:P. It comes after miniupnpd's chain, so port mappings still win.
     """
     wan = RTR_WAN_IF
     masquerade = "masquerade random" if cfg.nat == "random" else "masquerade"
+    full_cone = ""
+    if cfg.nat == "full-cone":
+        full_cone = f'iifname "{wan}" udp dport 1024-65535 dnat ip to {LAN_IP}'
     pmp_filter = ""
     # miniupnpd serves NAT-PMP (version 0) and PCP (version 2) on one socket; the first
     # payload byte tells them apart, so the firewall can switch each off on its own.
@@ -131,6 +194,7 @@ table inet filter {{
     chain prerouting {{
         type nat hook prerouting priority -100; policy accept;
         jump prerouting_miniupnpd
+        {full_cone}
     }}
     chain postrouting {{
         type nat hook postrouting priority 100; policy accept;
@@ -140,6 +204,34 @@ table inet filter {{
     chain prerouting_miniupnpd {{
     }}
     chain postrouting_miniupnpd {{
+    }}
+}}
+"""
+
+
+def isp_ruleset() -> str:
+    """The carrier NAT's ruleset: plain masquerade, and inbound only as replies.
+
+    Like a carrier-grade NAT it offers no port mapping and drops unsolicited packets, so a
+    mapping made on the home router is not reachable from the Internet.
+    """
+    wan = ISP_WAN_IF
+    return f"""\
+flush ruleset
+table inet filter {{
+    chain input {{
+        type filter hook input priority 0; policy accept;
+        iifname "{wan}" ct state established,related accept
+        iifname "{wan}" drop
+    }}
+    chain forward {{
+        type filter hook forward priority 0; policy accept;
+        iifname "{wan}" ct state established,related accept
+        iifname "{wan}" drop
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority 100; policy accept;
+        oifname "{wan}" masquerade
     }}
 }}
 """

@@ -4,11 +4,15 @@ Topology (one lab; names are prefixed with the lab's name)::
 
     lan 192.168.77.10 ─┐
                        ├─ br-lan 192.168.77.1 [rtr] wan0 100.200.0.1 ── 100.200.0.2/.3 [wan]
-    dev 192.168.77.20 ─┘     nftables NAT + firewall, miniupnpd
+    dev 192.168.77.20 ─┘     nftables NAT + firewall, miniupnpd                    coturn
+
+With ``upstream_nat`` (double NAT) a carrier NAT sits in front of the router::
+
+    ... [rtr] wan0 100.201.0.2 ── cpe0 100.201.0.1 [isp] wan0 100.200.0.1 ── [wan]
 
 ``rtr`` is a real kernel NAT (nftables) running Debian's miniupnpd; ``wan`` stands for the
-Internet; ``dev`` is a second LAN device (tests use it for hostile SSDP answers). Nothing
-is linked to the host's own network.
+Internet and runs coturn (STUN/TURN); ``dev`` is a second LAN device (tests use it for
+hostile SSDP answers). Nothing is linked to the host's own network.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,10 +30,14 @@ from typing import Any
 
 from natkit.errors import LabError, MissingPackageError
 from natkit.lab import config as C
-from natkit.lab import netns
+from natkit.lab import coturn, netns, topology
 from natkit.lab.config import LabConfig
+from natkit.lab.procs import in_netns, kill, log_tail, read_pid, spawn
+from natkit.lab.procs import run as _run
+from natkit.lab.procs import which as _which
 
 STATE_ROOT = Path(os.environ.get("NATKIT_LAB_STATE", "/run/natkit"))
+DAEMON_START_TIMEOUT = 10.0
 
 # binary -> Debian package that ships it
 REQUIRED = {
@@ -39,66 +46,22 @@ REQUIRED = {
     "miniupnpd": "miniupnpd-nftables",
     "conntrack": "conntrack",
 }
-SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
+REQUIRED_FOR_COTURN = {"turnserver": "coturn"}
 
 
-def _which(binary: str) -> str | None:
-    found = shutil.which(binary)
-    if found:
-        return found
-    for d in SBIN_DIRS:
-        path = os.path.join(d, binary)
-        if os.access(path, os.X_OK):
-            return path
-    return None
-
-
-def check_host() -> None:
-    """Fail with an actionable message unless this is Linux, as root, with the packages."""
+def check_host(cfg: LabConfig | None = None) -> None:
+    """Fail with an actionable message unless this is Linux, as root, with the packages
+    (coturn's too if ``cfg`` asks for it)."""
     if not sys.platform.startswith("linux"):
         raise LabError(f"the lab needs Linux network namespaces; this is {sys.platform}")
     if os.geteuid() != 0:
         raise LabError("the lab needs root (network namespaces, nftables): run it with sudo")
-    missing = sorted({pkg for binary, pkg in REQUIRED.items() if _which(binary) is None})
+    required = dict(REQUIRED)
+    if cfg is not None and cfg.coturn:
+        required.update(REQUIRED_FOR_COTURN)
+    missing = sorted({pkg for binary, pkg in required.items() if _which(binary) is None})
     if missing:
         raise MissingPackageError(missing)
-
-
-def _run(argv: Sequence[str], *, input: str | None = None, check: bool = True) -> str:
-    proc = subprocess.run(list(argv), input=input, capture_output=True, text=True, check=False)
-    if check and proc.returncode != 0:
-        raise LabError(
-            f"command failed ({proc.returncode}): {' '.join(argv)}: {proc.stderr.strip()}"
-        )
-    return proc.stdout
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError, ProcessLookupError):
-        return False
-    return state != "Z"
-
-
-def _kill(pid: int, timeout: float = 3.0) -> None:
-    """SIGTERM, then SIGKILL; reap it if it is our child."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    return
-            except ChildProcessError:
-                pass
-            if not _pid_alive(pid):
-                return
-            time.sleep(0.02)
 
 
 class Lab:
@@ -112,7 +75,7 @@ class Lab:
 
     @classmethod
     def create(cls, cfg: LabConfig, *, replace: bool = False) -> Lab:
-        check_host()
+        check_host(cfg)
         lab = cls(cfg)
         if lab.exists():
             if not replace:
@@ -142,114 +105,40 @@ class Lab:
         return cls(cfg)
 
     def exists(self) -> bool:
-        return any(netns.exists(self.cfg.netns(n)) for n in C.NODES)
+        return any(netns.exists(self.cfg.netns(n)) for n in C.ALL_NODES)
 
     def down(self) -> None:
-        """Remove every namespace, process and state file of this lab. Idempotent."""
+        """Remove every namespace, process and state file of this lab. Idempotent.
+
+        Looks at every node a lab may have (isp too), whatever this config says: a stale
+        lab of the same name may have been built with other options.
+        """
+        self.stop_coturn()
         self.stop_router_daemon()
-        for node in C.NODES:
+        for node in C.ALL_NODES:
             ns = self.cfg.netns(node)
             if not netns.exists(ns):
                 continue
             # Anything still running inside (daemons, test servers) goes too, by pid.
             for line in _run(["ip", "netns", "pids", ns], check=False).split():
                 if line.isdigit():
-                    _kill(int(line), timeout=1.0)
+                    kill(int(line), timeout=1.0)
             _run(["ip", "netns", "delete", ns], check=False)
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def _build(self) -> None:
-        cfg = self.cfg
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        (self.state_dir / "lab.json").write_text(json.dumps(cfg.to_json(), indent=2))
-        ns = {n: cfg.netns(n) for n in C.NODES}
-        for n in C.NODES:
-            _run(["ip", "netns", "add", ns[n]])
-            _run(["ip", "-n", ns[n], "link", "set", "lo", "up"])
-        rtr = ns["rtr"]
-        # The LAN: a bridge on the router, one veth per LAN host.
-        _run(
-            [
-                "ip",
-                "-n",
-                rtr,
-                "link",
-                "add",
-                C.RTR_LAN_BRIDGE,
-                "type",
-                "bridge",
-                "mcast_snooping",
-                "0",
-            ]
-        )
-        _run(
-            [
-                "ip",
-                "-n",
-                rtr,
-                "addr",
-                "add",
-                f"{C.RTR_LAN_IP}/{C.LAN_PREFIX}",
-                "dev",
-                C.RTR_LAN_BRIDGE,
-            ]
-        )
-        _run(["ip", "-n", rtr, "link", "set", C.RTR_LAN_BRIDGE, "up"])
-        for host, ip in (("lan", C.LAN_IP), ("dev", C.DEV_IP)):
-            port = f"{host}-p"
-            _run(
-                [
-                    "ip",
-                    "-n",
-                    rtr,
-                    "link",
-                    "add",
-                    port,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    C.HOST_IF,
-                    "netns",
-                    ns[host],
-                ]
-            )
-            _run(["ip", "-n", rtr, "link", "set", port, "master", C.RTR_LAN_BRIDGE, "up"])
-            _run(["ip", "-n", ns[host], "addr", "add", f"{ip}/{C.LAN_PREFIX}", "dev", C.HOST_IF])
-            _run(["ip", "-n", ns[host], "link", "set", C.HOST_IF, "up"])
-            _run(["ip", "-n", ns[host], "route", "add", "default", "via", C.RTR_LAN_IP])
-        # The "Internet": a veth from the router's WAN port to the wan host (two addresses).
-        wan = ns["wan"]
-        _run(
-            [
-                "ip",
-                "-n",
-                rtr,
-                "link",
-                "add",
-                C.RTR_WAN_IF,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                C.HOST_IF,
-                "netns",
-                wan,
-            ]
-        )
-        _run(
-            ["ip", "-n", rtr, "addr", "add", f"{C.RTR_WAN_IP}/{C.WAN_PREFIX}", "dev", C.RTR_WAN_IF]
-        )
-        _run(["ip", "-n", rtr, "link", "set", C.RTR_WAN_IF, "up"])
-        for ip in C.WAN_IPS:
-            _run(["ip", "-n", wan, "addr", "add", f"{ip}/{C.WAN_PREFIX}", "dev", C.HOST_IF])
-        _run(["ip", "-n", wan, "link", "set", C.HOST_IF, "up"])
-        # A default route keeps daemons from seeing "network unreachable"; it leads nowhere.
-        _run(["ip", "-n", wan, "route", "add", "default", "dev", C.HOST_IF])
-        _run(["ip", "-n", rtr, "route", "add", "default", "via", C.WAN_IPS[0]])
-        _run(["ip", "netns", "exec", rtr, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        self._save_config()
+        topology.build(self.cfg)
         self._load_ruleset()
+        # coturn comes up while miniupnpd does; it is waited for afterwards.
+        starting = self._spawn_coturn()
         self.start_router_daemon()
+        if starting is not None:
+            self._wait_coturn(starting)
+
+    def _save_config(self) -> None:
+        (self.state_dir / "lab.json").write_text(json.dumps(self.cfg.to_json(), indent=2))
 
     # ---- the router ---------------------------------------------------------------------
 
@@ -262,17 +151,10 @@ class Lab:
         return self.state_dir / "miniupnpd.log"
 
     def _load_ruleset(self) -> None:
-        _run(
-            ["ip", "netns", "exec", self.cfg.netns("rtr"), "nft", "-f", "-"],
-            input=C.router_ruleset(self.cfg),
-        )
+        in_netns(self.cfg.netns("rtr"), "nft", "-f", "-", input=C.router_ruleset(self.cfg))
 
     def router_pid(self) -> int | None:
-        try:
-            pid = int(self._pidfile.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if _pid_alive(pid) else None
+        return read_pid(self._pidfile)
 
     def router_uptime(self) -> float:
         """Seconds since the router daemon (re)started; 0 if it is not running.
@@ -300,55 +182,35 @@ class Lab:
         self._pidfile.unlink(missing_ok=True)
         # The log is appended to across reboots: look for readiness only in what follows.
         offset = self.router_log.stat().st_size if self.router_log.exists() else 0
-        log = open(self.router_log, "ab")  # noqa: SIM115 - handed to the daemon
-        try:
-            proc = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    self.cfg.netns("rtr"),
-                    _which("miniupnpd") or "miniupnpd",
-                    "-f",
-                    str(conf),
-                    "-d",
-                    "-P",
-                    str(self._pidfile),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
-        finally:
-            log.close()
+        binary = _which("miniupnpd") or "miniupnpd"
+        argv = [binary, "-f", str(conf), "-d", "-P", str(self._pidfile)]
+        proc = spawn(self.cfg.netns("rtr"), argv, self.router_log)
         wants = []  # ready when every service it was asked for listens (stderr with -d)
         if "upnp" in self.cfg.portmap:
             wants.append("HTTP listening on port")
         if self.cfg.portmap & {"natpmp", "pcp"}:
             wants.append("Listening for NAT-PMP/PCP traffic")
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + DAEMON_START_TIMEOUT
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise LabError(f"miniupnpd exited with {proc.returncode}: {self._log_tail()}")
+                raise LabError(
+                    f"miniupnpd exited with {proc.returncode}: {log_tail(self.router_log)}"
+                )
             with open(self.router_log, "rb") as f:
                 f.seek(offset)
                 fresh = f.read().decode(errors="replace")
             if all(w in fresh for w in wants) and self.router_pid():
                 return
             time.sleep(0.02)
-        raise LabError(f"miniupnpd did not become ready in 10 s: {self._log_tail()}")
-
-    def _log_tail(self, lines: int = 8) -> str:
-        try:
-            return " | ".join(self.router_log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        raise LabError(
+            f"miniupnpd did not become ready in {DAEMON_START_TIMEOUT:g} s: "
+            f"{log_tail(self.router_log)}"
+        )
 
     def stop_router_daemon(self) -> None:
         pid = self.router_pid()
         if pid is not None:
-            _kill(pid)
+            kill(pid)
         self._pidfile.unlink(missing_ok=True)
 
     def reboot_router(self, *, move_upnp_port: bool = False) -> None:
@@ -364,22 +226,85 @@ class Lab:
                 else C.UPNP_HTTP_PORT
             )
             self.cfg = dataclasses.replace(self.cfg, upnp_port=port)
-            (self.state_dir / "lab.json").write_text(json.dumps(self.cfg.to_json(), indent=2))
+            self._save_config()
         self._load_ruleset()
-        _run(["ip", "netns", "exec", self.cfg.netns("rtr"), "conntrack", "-F"], check=False)
+        in_netns(self.cfg.netns("rtr"), "conntrack", "-F", check=False)
         with open(self.router_log, "a") as log:
             log.write("---- natkit lab reboot ----\n")
         self.start_router_daemon()
 
     def router_rules(self) -> str:
         """The router's current nftables ruleset (mappings appear in the miniupnpd chains)."""
-        return _run(["ip", "netns", "exec", self.cfg.netns("rtr"), "nft", "list", "ruleset"])
+        return in_netns(self.cfg.netns("rtr"), "nft", "list", "ruleset")
+
+    # ---- coturn (STUN/TURN on the Internet host) -------------------------------------------
+
+    @property
+    def _coturn_pidfile(self) -> Path:
+        return self.state_dir / "coturn.pid"
+
+    @property
+    def coturn_log(self) -> Path:
+        return self.state_dir / "coturn.log"
+
+    def coturn_pid(self) -> int | None:
+        return read_pid(self._coturn_pidfile)
+
+    def start_coturn(self) -> None:
+        """Start coturn on wan (if the config wants it) and wait until every listener answers.
+
+        With :meth:`stop_coturn`, tests can take the STUN/TURN server away and bring it back.
+        """
+        proc = self._spawn_coturn()
+        if proc is not None:
+            self._wait_coturn(proc)
+
+    def _spawn_coturn(self) -> subprocess.Popen[bytes] | None:
+        if not self.cfg.coturn:
+            return None
+        self._coturn_pidfile.unlink(missing_ok=True)
+        argv = coturn.turnserver_argv(_which("turnserver") or "turnserver", self.state_dir)
+        return spawn(self.cfg.netns("wan"), argv, self.coturn_log)
+
+    def _wait_coturn(self, proc: subprocess.Popen[bytes]) -> None:
+        """Ready when a STUN binding request is answered on every address and port, asked
+        from wan itself (coturn writes its pid file before its listeners are up)."""
+        deadline = time.monotonic() + DAEMON_START_TIMEOUT
+        missing = set(coturn.LISTENERS)
+
+        def probe() -> bool:
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    return False
+                missing.difference_update(coturn.answering(tuple(missing), timeout=0.05))
+                if not missing:
+                    return True
+            return False
+
+        if netns.call_in(self.cfg.netns("wan"), probe):
+            return
+        if proc.poll() is not None:
+            why = f"coturn exited with {proc.returncode}"
+        else:
+            not_yet = ", ".join(f"{ip}:{port}" for ip, port in sorted(missing))
+            why = f"coturn did not answer STUN on {not_yet} in {DAEMON_START_TIMEOUT:g} s"
+        raise LabError(f"{why}: {log_tail(self.coturn_log)}")
+
+    def stop_coturn(self) -> None:
+        pid = self.coturn_pid()
+        if pid is not None:
+            kill(pid)
+        self._coturn_pidfile.unlink(missing_ok=True)
 
     # ---- running things on nodes --------------------------------------------------------
 
     def netns(self, node: str) -> str:
-        if node not in C.NODES:
-            raise LabError(f"unknown node {node!r}: the lab has {', '.join(C.NODES)}")
+        if node not in self.cfg.nodes:
+            hint = " (only a lab built with --upstream-nat has isp)" if node in C.ALL_NODES else ""
+            raise LabError(
+                f"unknown node {node!r}: lab {self.cfg.name!r} has {', '.join(self.cfg.nodes)}"
+                + hint
+            )
         return self.cfg.netns(node)
 
     def command(self, node: str, argv: Sequence[str]) -> list[str]:
@@ -409,19 +334,25 @@ class Lab:
 
     def status(self) -> dict[str, Any]:
         cfg = self.cfg
-        nodes = {n: {"netns": cfg.netns(n), "addresses": self.addresses(n)} for n in C.NODES}
+        nodes = {n: {"netns": cfg.netns(n), "addresses": self.addresses(n)} for n in cfg.nodes}
         pid = self.router_pid()
         upnp = "upnp" in cfg.portmap
+        wan_subnet = (
+            f"{C.ISP_NET}/{C.ISP_PREFIX}" if cfg.upstream_nat else f"{C.WAN_NET}/{C.WAN_PREFIX}"
+        )
         return {
             "name": cfg.name,
             "nat": cfg.nat,
             "portmap": sorted(cfg.portmap),
+            "upstream_nat": cfg.upstream_nat,
+            "public_ip": C.RTR_WAN_IP,
             "nodes": nodes,
             "router": {
                 "lan_ip": C.RTR_LAN_IP,
-                "wan_ip": C.RTR_WAN_IP,
+                "wan_ip": cfg.rtr_wan_ip,
+                "gateway": cfg.rtr_gateway,
                 "lan_subnet": f"{C.LAN_NET}/{C.LAN_PREFIX}",
-                "wan_subnet": f"{C.WAN_NET}/{C.WAN_PREFIX}",
+                "wan_subnet": wan_subnet,
                 "miniupnpd_pid": pid,
                 "miniupnpd_running": pid is not None,
                 "upnp_description": f"http://{C.RTR_LAN_IP}:{cfg.upnp_port}/rootDesc.xml"
@@ -429,6 +360,33 @@ class Lab:
                 else None,
                 "natpmp_port": 5351 if ("natpmp" in cfg.portmap or "pcp" in cfg.portmap) else None,
             },
+            "isp": {"cpe_ip": C.ISP_CPE_IP, "wan_ip": C.RTR_WAN_IP, "nat": "masquerade"}
+            if cfg.upstream_nat
+            else None,
+            "coturn": self._coturn_status(),
             "lan_ip": C.LAN_IP,
             "wan_ips": list(C.WAN_IPS),
+        }
+
+    def _coturn_status(self) -> dict[str, Any]:
+        if not self.cfg.coturn:
+            return {"enabled": False, "running": False, "pid": None}
+        pid = self.coturn_pid()
+        low, high = C.TURN_RELAY_PORTS
+        return {
+            "enabled": True,
+            "running": pid is not None,
+            "pid": pid,
+            "listeners": [f"{ip}:{port}" for ip, port in coturn.LISTENERS],
+            "stun_primary": "{}:{}".format(*C.STUN_PRIMARY),
+            "stun_alternate": "{}:{}".format(*C.STUN_ALTERNATE),
+            "turn": {
+                "server": "{}:{}".format(*C.STUN_PRIMARY),
+                "transports": ["udp", "tcp"],
+                "user": C.TURN_USER,
+                "password": C.TURN_PASSWORD,
+                "realm": C.TURN_REALM,
+                "relay_ip": C.TURN_RELAY_IP,
+                "relay_ports": [low, high],
+            },
         }
