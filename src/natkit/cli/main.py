@@ -1,4 +1,4 @@
-"""Entry point: ``natkit map …``, ``natkit lab …``."""
+"""Entry point: ``natkit map|expose|check|relay|lab …``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 import click
 
 from natkit import __version__
+from natkit.cli.check import check
 from natkit.cli.common import fail
 from natkit.cli.expose import expose
 from natkit.cli.lab import lab
@@ -32,6 +33,7 @@ cli.add_command(map_group)
 cli.add_command(expose)
 cli.add_command(lab)
 cli.add_command(relay)
+cli.add_command(check)
 
 
 def main() -> None:

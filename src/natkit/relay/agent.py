@@ -103,6 +103,7 @@ class Agent:
         self.connections = 0
         self._queued: list[P.Message] = []
         self._parked: set[asyncio.Task[None]] = set()
+        self._pings: dict[float, asyncio.Future[None]] = {}
 
     def on_event(self, listener: Listener) -> None:
         self.listeners.append(listener)
@@ -211,7 +212,27 @@ class Agent:
             await asyncio.sleep(PING_INTERVAL)
             writer.write(P.encode(P.PING, t=time.time()))
 
+    async def ping(self, timeout: float = 2.0) -> float:
+        """One PING/PONG round trip on the control connection, in seconds."""
+        await asyncio.wait_for(self.connected.wait(), timeout)
+        if self._writer is None:
+            raise NatkitError(f"not connected to relay {self.relay}")
+        t0 = time.monotonic()
+        fut = asyncio.get_running_loop().create_future()
+        self._pings[t0] = fut
+        try:
+            self._writer.write(P.encode(P.PING, t=t0))
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pings.pop(t0, None)
+        return time.monotonic() - t0
+
     def _handle(self, msg: P.Message) -> None:
+        if msg.type == P.PONG:
+            pong = self._pings.get(msg["t"])
+            if pong is not None and not pong.done():
+                pong.set_result(None)
+            return
         if msg.type == P.OPENED:
             t = self.tunnels.get(msg["tunnel"])
             if t is None:

@@ -34,6 +34,13 @@ def parse_server(spec: ServerLike, default_port: int = DEFAULT_PORT) -> tuple[st
             host, port_text = text.split(":")
         else:  # a host name, an IPv4 address or a bare IPv6 address
             host, port_text = text, None
+            if ":" in host:
+                try:
+                    ipaddress.IPv6Address(host)
+                except ValueError:
+                    raise ValueError(
+                        f"bad STUN server {spec!r}: not HOST:PORT, nor [IPv6]:PORT"
+                    ) from None
         try:
             port = default_port if port_text is None else int(port_text)
         except ValueError:

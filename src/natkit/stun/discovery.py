@@ -46,6 +46,10 @@ from natkit.stun.errors import StunTimeoutError, StunTransportError
 from natkit.stun.retransmit import RTO, retransmit_schedule, rto_from_rtt
 
 DEFAULT_TIMEOUT = 1.5  # per phase: test I, then everything else at once
+# Phase 2's budget with a clean RTT sample from test I: this many round trips, at least
+# the floor (seconds). The retransmission schedule inside it covers lost packets.
+PHASE2_RTTS = 10
+PHASE2_FLOOR = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,7 +319,12 @@ async def _phase2(
     assert x1 is not None
     # RFC 8489 6.2.1: reuse what test I taught about the round trip (Karn: clean samples).
     rto2 = rto_from_rtt(first.rtt) if first.transmissions == 1 else rto
-    schedule = retransmit_schedule(rto2, timeout=run.timeout)
+    # A filtered answer never comes, so phase 2 lasts as long as its budget: size it by
+    # the measured round trip (with a floor for jitter), never beyond ``timeout``.
+    budget = run.timeout
+    if first.transmissions == 1:
+        budget = min(budget, max(PHASE2_FLOOR, PHASE2_RTTS * first.rtt))
+    schedule = retransmit_schedule(rto2, timeout=budget)
 
     async def no_result() -> None:
         return None
