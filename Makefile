@@ -52,5 +52,5 @@ bench: deps
 
 # Remove every lab left by interrupted runs (namespaces outlive their processes).
 clean-labs:
-	@for ns in $$(ip netns list | awk '{print $$1}' | grep -E -- '-(lan|dev|rtr|wan|isp)$$' | sed -E 's/-(lan|dev|rtr|wan|isp)$$//' | sort -u); do \
+	@for ns in $$(ip netns list | awk '{print $$1}' | grep -E -- '-(lan|dev|rtr|wan|isp|lan2|rtr2)$$' | sed -E 's/-(lan|dev|rtr|wan|isp|lan2|rtr2)$$//' | sort -u); do \
 	  $(VENV)/bin/natkit lab down --name $$ns; done

@@ -28,7 +28,7 @@ natkit_netguard.install()
 
 from natkit.errors import LabError  # noqa: E402
 from natkit.lab import Lab, LabConfig, netns  # noqa: E402
-from natkit.lab.config import PortmapProtocol, parse_nat  # noqa: E402
+from natkit.lab.config import PORTMAP_PROTOCOLS, PortmapProtocol, parse_nat  # noqa: E402
 
 T = TypeVar("T")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -75,7 +75,10 @@ def lab() -> Iterator[Lab]:
 
 @pytest.fixture
 def make_lab() -> Iterator[Callable[..., Lab]]:
-    """Build a private lab with other settings (named PREFIX-name); removed after the test."""
+    """Build a private lab with other settings (named PREFIX-name); removed after the test.
+
+    ``second_lan`` adds lan2 behind rtr2, whose behaviour and port mapping are ``nat2`` and
+    ``portmap2`` (default: eim, all three protocols)."""
     made: list[Lab] = []
 
     def make(
@@ -85,13 +88,19 @@ def make_lab() -> Iterator[Callable[..., Lab]]:
         *,
         coturn: bool = True,
         upstream_nat: bool = False,
+        second_lan: bool = False,
+        nat2: str = "eim",
+        portmap2: frozenset[PortmapProtocol] | None = None,
     ) -> Lab:
         cfg = LabConfig(
             name=f"{LAB_PREFIX}-{name}",
-            portmap=frozenset(("upnp", "natpmp", "pcp")) if portmap is None else portmap,
+            portmap=frozenset(PORTMAP_PROTOCOLS) if portmap is None else portmap,
             nat=parse_nat(nat),
             coturn=coturn,
             upstream_nat=upstream_nat,
+            second_lan=second_lan,
+            nat2=parse_nat(nat2),
+            portmap2=frozenset(PORTMAP_PROTOCOLS) if portmap2 is None else portmap2,
         )
         made.append(_build(cfg))
         return made[-1]

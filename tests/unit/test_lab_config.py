@@ -113,3 +113,64 @@ def test_binding_request_and_success() -> None:
     assert not is_binding_success(success, bytes(12))
     assert not is_binding_success(b"\x01\x11\x00\x00" + request[4:], txid)  # an error response
     assert not is_binding_success(success[:19], txid)
+
+
+def test_second_lan_is_off_by_default_and_adds_two_nodes() -> None:
+    plain = LabConfig(name="x")
+    assert not plain.second_lan and plain.routers == ("rtr",)
+    with pytest.raises(ValueError, match="--second-lan"):
+        plain.router("rtr2")
+    peer = LabConfig(name="x", second_lan=True, upstream_nat=True)
+    assert peer.nodes == ("lan", "dev", "rtr", "wan", "isp", "lan2", "rtr2")
+    assert peer.routers == ("rtr", "rtr2") and peer.netns("rtr2") == "x-rtr2"
+    assert set(C.EVERY_NODE) == {*C.ALL_NODES, "lan2", "rtr2"}
+    assert "192.168.78.0/24" in LAB_SUBNETS
+
+
+def test_second_router_has_its_own_addresses_and_settings() -> None:
+    cfg = LabConfig(name="x", second_lan=True, nat2="full-cone", portmap2=frozenset({"pcp"}))
+    rtr, rtr2 = cfg.router("rtr"), cfg.router("rtr2")
+    assert (rtr2.lan_ip, rtr2.host_ip, rtr2.wan_ip) == (
+        "192.168.78.1",
+        "192.168.78.10",
+        "100.200.0.4",
+    )
+    assert rtr2.wan_ip not in (C.RTR_WAN_IP, *C.WAN_IPS)
+    assert (rtr2.nat, rtr2.portmap, rtr2.gateway) == ("full-cone", {"pcp"}, C.WAN_IPS[0])
+    assert (rtr.nat, rtr.portmap, rtr.host_ip) == ("eim", frozenset(C.PORTMAP_PROTOCOLS), C.LAN_IP)
+    assert rtr2.uuid != rtr.uuid and rtr2.uuid == cfg.router("rtr2").uuid  # stable
+    # --upstream-nat is the first router's: rtr2 stays on the Internet segment.
+    double = LabConfig(name="x", second_lan=True, upstream_nat=True)
+    assert double.router("rtr").wan_ip == C.RTR_ISP_IP
+    assert (double.router("rtr2").wan_ip, double.router("rtr2").gateway) == (
+        "100.200.0.4",
+        C.WAN_IPS[0],
+    )
+
+
+def test_second_router_ruleset_and_miniupnpd_conf() -> None:
+    cfg = LabConfig(name="x", second_lan=True, nat2="full-cone", portmap2=frozenset({"natpmp"}))
+    rules = router_ruleset(cfg, "rtr2")
+    # The same home-router firewall, its full cone forwarding to lan2, not lan.
+    assert rules.count('iifname "wan0" drop') == 2 and "ct status dnat accept" in rules
+    assert 'iifname "wan0" udp dport 1024-65535 dnat ip to 192.168.78.10' in rules
+    assert "udp dport 5351 @th,64,8 2 drop" in rules  # PCP off on rtr2 only
+    assert router_ruleset(cfg, "rtr") == router_ruleset(LabConfig(name="x"))
+    assert "masquerade random" in router_ruleset(
+        LabConfig(name="x", second_lan=True, nat2="random"), "rtr2"
+    )
+    conf = miniupnpd_conf(cfg, "rtr2")
+    assert "allow 1024-65535 192.168.78.0/24 1024-65535" in conf
+    assert "enable_upnp=no" in conf and "enable_natpmp=yes" in conf
+    assert f"uuid={cfg.router('rtr2').uuid}" in conf and "ext_ifname=wan0" in conf
+    assert miniupnpd_conf(cfg) == miniupnpd_conf(LabConfig(name="x", router_uuid=cfg.router_uuid))
+
+
+def test_second_lan_round_trip() -> None:
+    cfg = LabConfig(name="p", second_lan=True, nat2="random", portmap2=frozenset(), upnp_port2=5003)
+    assert LabConfig.from_json(cfg.to_json()) == cfg
+    # A state file from before the second LAN: none, and rtr2's defaults.
+    old = LabConfig.from_json({"name": "p", "portmap": ["upnp"], "router_uuid": "u"})
+    assert (
+        not old.second_lan and old.nat2 == "eim" and old.portmap2 == frozenset(C.PORTMAP_PROTOCOLS)
+    )

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from natkit.cli.common import emit_json, fail, out
 from natkit.lab import Lab, LabConfig, check_host, parse_portmap
-from natkit.lab.config import ALL_NODES, NAT_BEHAVIOURS, parse_nat
+from natkit.lab.config import EVERY_NODE, NAT_BEHAVIOURS, ROUTERS, RouterNode, parse_nat
 
 NAME = click.option(
     "--name", default="natkit", show_default=True, help="Lab name (several may coexist)."
@@ -49,6 +49,23 @@ def lab() -> None:
     show_default=True,
     help="Run coturn (STUN with RFC 5780, TURN) on the Internet host wan.",
 )
+@click.option(
+    "--second-lan",
+    is_flag=True,
+    help="A peer host lan2 (192.168.78.10) behind a second router rtr2 (100.200.0.4) on the "
+    "same Internet segment, for peer-to-peer tests.",
+)
+@click.option(
+    "--nat2",
+    type=click.Choice(NAT_BEHAVIOURS),
+    default=None,
+    help="rtr2's behaviour, as --nat (default eim; needs --second-lan).",
+)
+@click.option(
+    "--portmap2",
+    default=None,
+    help="What rtr2 offers, as --portmap (default all; needs --second-lan).",
+)
 @click.option("--replace", is_flag=True, help="Replace a lab of the same name if one exists.")
 @click.option("--json", "as_json", is_flag=True)
 def lab_up(
@@ -57,12 +74,19 @@ def lab_up(
     nat: str,
     upstream_nat: bool,
     coturn: bool,
+    second_lan: bool,
+    nat2: str | None,
+    portmap2: str | None,
     replace: bool,
     as_json: bool,
 ) -> None:
-    """Build the lab: lan and dev behind rtr (NAT + miniupnpd), wan (the Internet, coturn)."""
+    """Build the lab: lan and dev behind rtr (NAT + miniupnpd), wan (the Internet, coturn);
+    with --second-lan also lan2 behind rtr2."""
+    if not second_lan and (nat2 is not None or portmap2 is not None):
+        fail("--nat2 and --portmap2 set up the second router: add --second-lan", 2)
     try:
         chosen = parse_portmap(portmap)
+        chosen2 = parse_portmap("all" if portmap2 is None else portmap2)
     except ValueError as exc:
         fail(str(exc), 2)
     cfg = LabConfig(
@@ -71,6 +95,9 @@ def lab_up(
         nat=parse_nat(nat),
         coturn=coturn,
         upstream_nat=upstream_nat,
+        second_lan=second_lan,
+        nat2=parse_nat(nat2 or "eim"),
+        portmap2=chosen2,
     )
     the_lab = Lab.create(cfg, replace=replace)
     status = the_lab.status()
@@ -105,7 +132,7 @@ def lab_status(name: str, as_json: bool) -> None:
     "exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
 )
 @NAME
-@click.argument("node", type=click.Choice(ALL_NODES))
+@click.argument("node", type=click.Choice(EVERY_NODE))
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def lab_exec(name: str, node: str, command: tuple[str, ...]) -> None:
     """Run COMMAND on NODE: natkit lab exec lan -- curl http://100.200.0.2/"""
@@ -120,14 +147,28 @@ def lab_exec(name: str, node: str, command: tuple[str, ...]) -> None:
 
 @lab.command("reboot")
 @NAME
-@click.argument("node", type=click.Choice(["rtr"]))
+@click.argument("node", type=click.Choice(ROUTERS))
 @click.option(
     "--move-upnp-port", is_flag=True, help="Also move the IGD's SOAP port, as some routers do."
 )
 def lab_reboot(name: str, node: str, move_upnp_port: bool) -> None:
-    """Reboot the router: the daemon restarts and every mapping and NAT state is lost."""
-    Lab.open(name).reboot_router(move_upnp_port=move_upnp_port)
-    out.print(f"router of lab {name!r} rebooted")
+    """Reboot a router (rtr or rtr2): its daemon restarts, every mapping and NAT state is lost."""
+    Lab.open(name).reboot_router(move_upnp_port=move_upnp_port, router=_router(node))
+    out.print(f"router {node} of lab {name!r} rebooted")
+
+
+@lab.command("flush-nat")
+@NAME
+@click.argument("node", type=click.Choice(ROUTERS))
+def lab_flush_nat(name: str, node: str) -> None:
+    """Forget a router's NAT and connection state (conntrack -F), as when a path dies."""
+    Lab.open(name).flush_nat(_router(node))
+    out.print(f"NAT state of {node} in lab {name!r} flushed")
+
+
+def _router(node: str) -> RouterNode:
+    # click.Choice(ROUTERS) has checked it already; this narrows the type.
+    return "rtr2" if node == "rtr2" else "rtr"
 
 
 @lab.command("demo")
@@ -143,6 +184,7 @@ def lab_demo(name: str, keep: bool) -> None:
 def _print_status(status: dict[str, Any]) -> None:
     portmap = ",".join(status["portmap"]) or "none"
     double = "  upstream-nat" if status.get("upstream_nat") else ""
+    double += "  second-lan" if status.get("second_lan") else ""
     t = Table(
         title=f"lab {status['name']!r}  nat={status['nat']}  portmap={portmap}{double}",
         title_justify="left",
@@ -153,11 +195,12 @@ def _print_status(status: dict[str, Any]) -> None:
     for node, info in status["nodes"].items():
         t.add_row(node, info["netns"], ", ".join(info["addresses"]))
     out.print(t)
-    router = status["router"]
-    daemon = f"running, pid {router['miniupnpd_pid']}" if router["miniupnpd_running"] else "off"
-    out.print(f"router: LAN {router['lan_ip']}  WAN {router['wan_ip']}  miniupnpd {daemon}")
-    if router.get("upnp_description"):
-        out.print(f"UPnP IGD: {router['upnp_description']}")
+    _print_router("router", status["router"])
+    router2 = status.get("router2")
+    if router2:
+        portmap2 = ",".join(router2["portmap"]) or "none"
+        out.print(f"router2 (rtr2, for lan2): nat={router2['nat']}  portmap={portmap2}")
+        _print_router("router2", router2)
     isp = status.get("isp")
     if isp:
         out.print(f"isp (carrier NAT): {isp['cpe_ip']} → public {isp['wan_ip']}")
@@ -171,3 +214,10 @@ def _print_status(status: dict[str, Any]) -> None:
         )
     else:
         out.print("coturn off")
+
+
+def _print_router(title: str, router: dict[str, Any]) -> None:
+    daemon = f"running, pid {router['miniupnpd_pid']}" if router["miniupnpd_running"] else "off"
+    out.print(f"{title}: LAN {router['lan_ip']}  WAN {router['wan_ip']}  miniupnpd {daemon}")
+    if router.get("upnp_description"):
+        out.print(f"UPnP IGD: {router['upnp_description']}")

@@ -10,6 +10,14 @@ With ``upstream_nat`` (double NAT) a carrier NAT sits in front of the router::
 
     ... [rtr] wan0 100.201.0.2 ── cpe0 100.201.0.1 [isp] wan0 100.200.0.1 ── [wan]
 
+With ``second_lan`` a peer host sits behind a second router on the same Internet segment
+(wan's eth0 becomes a bridge), so traffic between lan and lan2 crosses both NATs::
+
+    [rtr or isp] wan0 100.200.0.1 ──┐
+                                    ├── eth0 (bridge) 100.200.0.2/.3 [wan]
+    [rtr2] wan0 100.200.0.4 ────────┘
+      br-lan 192.168.78.1 ── lan2 192.168.78.10
+
 ``rtr`` is a real kernel NAT (nftables) running Debian's miniupnpd; ``wan`` stands for the
 Internet and runs coturn (STUN/TURN); ``dev`` is a second LAN device (tests use it for
 hostile SSDP answers). Nothing is linked to the host's own network.
@@ -31,7 +39,7 @@ from typing import Any
 from natkit.errors import LabError, MissingPackageError
 from natkit.lab import config as C
 from natkit.lab import coturn, netns, topology
-from natkit.lab.config import LabConfig
+from natkit.lab.config import LabConfig, RouterNode
 from natkit.lab.procs import in_netns, kill, log_tail, read_pid, spawn
 from natkit.lab.procs import run as _run
 from natkit.lab.procs import which as _which
@@ -47,6 +55,11 @@ REQUIRED = {
     "conntrack": "conntrack",
 }
 REQUIRED_FOR_COTURN = {"turnserver": "coturn"}
+
+
+def _next_upnp_port(port: int) -> int:
+    """Where a "moved" IGD's SOAP port goes: the next one, wrapping within 100 ports."""
+    return port + 1 if port < C.UPNP_HTTP_PORT + 99 else C.UPNP_HTTP_PORT
 
 
 def check_host(cfg: LabConfig | None = None) -> None:
@@ -105,17 +118,18 @@ class Lab:
         return cls(cfg)
 
     def exists(self) -> bool:
-        return any(netns.exists(self.cfg.netns(n)) for n in C.ALL_NODES)
+        return any(netns.exists(self.cfg.netns(n)) for n in C.EVERY_NODE)
 
     def down(self) -> None:
         """Remove every namespace, process and state file of this lab. Idempotent.
 
-        Looks at every node a lab may have (isp too), whatever this config says: a stale
-        lab of the same name may have been built with other options.
+        Looks at every node and router a lab may have (isp, rtr2 too), whatever this config
+        says: a stale lab of the same name may have been built with other options.
         """
         self.stop_coturn()
-        self.stop_router_daemon()
-        for node in C.ALL_NODES:
+        for router in C.ROUTERS:
+            self._stop_daemon(router)
+        for node in C.EVERY_NODE:
             ns = self.cfg.netns(node)
             if not netns.exists(ns):
                 continue
@@ -130,39 +144,53 @@ class Lab:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._save_config()
         topology.build(self.cfg)
-        self._load_ruleset()
+        for router in self.cfg.routers:
+            self._load_ruleset(router)
         # coturn comes up while miniupnpd does; it is waited for afterwards.
         starting = self._spawn_coturn()
-        self.start_router_daemon()
+        for router in self.cfg.routers:
+            self.start_router_daemon(router)
         if starting is not None:
             self._wait_coturn(starting)
 
     def _save_config(self) -> None:
         (self.state_dir / "lab.json").write_text(json.dumps(self.cfg.to_json(), indent=2))
 
-    # ---- the router ---------------------------------------------------------------------
+    # ---- the routers (rtr, and rtr2 with a second LAN) ---------------------------------------
 
-    @property
-    def _pidfile(self) -> Path:
-        return self.state_dir / "miniupnpd.pid"
+    def _router(self, router: RouterNode) -> C.Router:
+        try:
+            return self.cfg.router(router)
+        except ValueError as exc:
+            raise LabError(str(exc)) from None
+
+    def _daemon_file(self, router: RouterNode, suffix: str) -> Path:
+        # rtr keeps the names it had before there was a second router.
+        stem = "miniupnpd" if router == "rtr" else f"miniupnpd-{router}"
+        return self.state_dir / f"{stem}.{suffix}"
 
     @property
     def router_log(self) -> Path:
-        return self.state_dir / "miniupnpd.log"
+        """rtr's miniupnpd log (see :meth:`miniupnpd_log` for rtr2's)."""
+        return self.miniupnpd_log("rtr")
 
-    def _load_ruleset(self) -> None:
-        in_netns(self.cfg.netns("rtr"), "nft", "-f", "-", input=C.router_ruleset(self.cfg))
+    def miniupnpd_log(self, router: RouterNode = "rtr") -> Path:
+        return self._daemon_file(router, "log")
 
-    def router_pid(self) -> int | None:
-        return read_pid(self._pidfile)
+    def _load_ruleset(self, router: RouterNode = "rtr") -> None:
+        ruleset = C.router_ruleset(self.cfg, self._router(router).node)
+        in_netns(self.cfg.netns(router), "nft", "-f", "-", input=ruleset)
 
-    def router_uptime(self) -> float:
+    def router_pid(self, router: RouterNode = "rtr") -> int | None:
+        return read_pid(self._daemon_file(router, "pid"))
+
+    def router_uptime(self, router: RouterNode = "rtr") -> float:
         """Seconds since the router daemon (re)started; 0 if it is not running.
 
         NAT-PMP/PCP clients notice a reboot from the epoch, with 2 s of slack (RFC 6886 3.6,
         RFC 6887 8.5): a router rebooted within 2 s of its last start looks unchanged.
         """
-        pid = self.router_pid()
+        pid = self.router_pid(router)
         if pid is None:
             return 0.0
         try:
@@ -174,68 +202,83 @@ class Lab:
             return 0.0
         return now - start_ticks / os.sysconf("SC_CLK_TCK")
 
-    def start_router_daemon(self) -> None:
-        if not self.cfg.portmap:
+    def start_router_daemon(self, router: RouterNode = "rtr") -> None:
+        """Start ``router``'s miniupnpd (its own conf, pid file and log) and wait until every
+        service it was asked for listens."""
+        spec = self._router(router)
+        if not spec.portmap:
             return  # --portmap none: a router that offers no port mapping at all
-        conf = self.state_dir / "miniupnpd.conf"
-        conf.write_text(C.miniupnpd_conf(self.cfg))
-        self._pidfile.unlink(missing_ok=True)
+        conf, pidfile, log = (self._daemon_file(router, x) for x in ("conf", "pid", "log"))
+        conf.write_text(C.miniupnpd_conf(self.cfg, router))
+        pidfile.unlink(missing_ok=True)
         # The log is appended to across reboots: look for readiness only in what follows.
-        offset = self.router_log.stat().st_size if self.router_log.exists() else 0
+        offset = log.stat().st_size if log.exists() else 0
         binary = _which("miniupnpd") or "miniupnpd"
-        argv = [binary, "-f", str(conf), "-d", "-P", str(self._pidfile)]
-        proc = spawn(self.cfg.netns("rtr"), argv, self.router_log)
+        argv = [binary, "-f", str(conf), "-d", "-P", str(pidfile)]
+        proc = spawn(self.cfg.netns(router), argv, log)
         wants = []  # ready when every service it was asked for listens (stderr with -d)
-        if "upnp" in self.cfg.portmap:
+        if "upnp" in spec.portmap:
             wants.append("HTTP listening on port")
-        if self.cfg.portmap & {"natpmp", "pcp"}:
+        if spec.portmap & {"natpmp", "pcp"}:
             wants.append("Listening for NAT-PMP/PCP traffic")
         deadline = time.monotonic() + DAEMON_START_TIMEOUT
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise LabError(
-                    f"miniupnpd exited with {proc.returncode}: {log_tail(self.router_log)}"
+                    f"{router}'s miniupnpd exited with {proc.returncode}: {log_tail(log)}"
                 )
-            with open(self.router_log, "rb") as f:
+            with open(log, "rb") as f:
                 f.seek(offset)
                 fresh = f.read().decode(errors="replace")
-            if all(w in fresh for w in wants) and self.router_pid():
+            if all(w in fresh for w in wants) and self.router_pid(router):
                 return
             time.sleep(0.02)
         raise LabError(
-            f"miniupnpd did not become ready in {DAEMON_START_TIMEOUT:g} s: "
-            f"{log_tail(self.router_log)}"
+            f"{router}'s miniupnpd did not become ready in {DAEMON_START_TIMEOUT:g} s: "
+            f"{log_tail(log)}"
         )
 
-    def stop_router_daemon(self) -> None:
-        pid = self.router_pid()
+    def stop_router_daemon(self, router: RouterNode = "rtr") -> None:
+        self._stop_daemon(self._router(router).node)
+
+    def _stop_daemon(self, router: RouterNode) -> None:
+        """Stop by pid file, whatever the config says (down() cleans up stale labs too)."""
+        pid = self.router_pid(router)
         if pid is not None:
             kill(pid)
-        self._pidfile.unlink(missing_ok=True)
+        self._daemon_file(router, "pid").unlink(missing_ok=True)
 
-    def reboot_router(self, *, move_upnp_port: bool = False) -> None:
+    def reboot_router(self, *, move_upnp_port: bool = False, router: RouterNode = "rtr") -> None:
         """As a real router reboot: the daemon restarts and every mapping and NAT state is lost.
 
-        ``move_upnp_port`` also moves the IGD's HTTP (SOAP) port, as some routers do.
+        ``move_upnp_port`` also moves the IGD's HTTP (SOAP) port, as some routers do. The
+        other router (if any) does not notice.
         """
-        self.stop_router_daemon()
+        spec = self._router(router)
+        self.stop_router_daemon(router)
         if move_upnp_port:
-            port = (
-                self.cfg.upnp_port + 1
-                if self.cfg.upnp_port < C.UPNP_HTTP_PORT + 99
-                else C.UPNP_HTTP_PORT
-            )
-            self.cfg = dataclasses.replace(self.cfg, upnp_port=port)
+            port = _next_upnp_port(spec.upnp_port)
+            if router == "rtr":
+                self.cfg = dataclasses.replace(self.cfg, upnp_port=port)
+            else:
+                self.cfg = dataclasses.replace(self.cfg, upnp_port2=port)
             self._save_config()
-        self._load_ruleset()
-        in_netns(self.cfg.netns("rtr"), "conntrack", "-F", check=False)
-        with open(self.router_log, "a") as log:
+        self._load_ruleset(router)
+        self.flush_nat(router, check=False)
+        with open(self.miniupnpd_log(router), "a") as log:
             log.write("---- natkit lab reboot ----\n")
-        self.start_router_daemon()
+        self.start_router_daemon(router)
 
-    def router_rules(self) -> str:
-        """The router's current nftables ruleset (mappings appear in the miniupnpd chains)."""
-        return in_netns(self.cfg.netns("rtr"), "nft", "list", "ruleset")
+    def flush_nat(self, router: RouterNode = "rtr", *, check: bool = True) -> None:
+        """Forget every NAT mapping and connection state of ``router`` (``conntrack -F``), as
+        when a path dies: established flows lose their public port, replies from outside are
+        dropped as unsolicited until the LAN side sends again (and gets a mapping anew).
+        Port mappings (rules, not state) stay."""
+        in_netns(self.cfg.netns(self._router(router).node), "conntrack", "-F", check=check)
+
+    def router_rules(self, router: RouterNode = "rtr") -> str:
+        """A router's current nftables ruleset (mappings appear in the miniupnpd chains)."""
+        return in_netns(self.cfg.netns(self._router(router).node), "nft", "list", "ruleset")
 
     # ---- coturn (STUN/TURN on the Internet host) -------------------------------------------
 
@@ -300,7 +343,11 @@ class Lab:
 
     def netns(self, node: str) -> str:
         if node not in self.cfg.nodes:
-            hint = " (only a lab built with --upstream-nat has isp)" if node in C.ALL_NODES else ""
+            hint = ""
+            if node == C.UPSTREAM_NODE:
+                hint = " (only a lab built with --upstream-nat has isp)"
+            elif node in C.SECOND_LAN_NODES:
+                hint = " (only a lab built with --second-lan has lan2 and rtr2)"
             raise LabError(
                 f"unknown node {node!r}: lab {self.cfg.name!r} has {', '.join(self.cfg.nodes)}"
                 + hint
@@ -335,11 +382,6 @@ class Lab:
     def status(self) -> dict[str, Any]:
         cfg = self.cfg
         nodes = {n: {"netns": cfg.netns(n), "addresses": self.addresses(n)} for n in cfg.nodes}
-        pid = self.router_pid()
-        upnp = "upnp" in cfg.portmap
-        wan_subnet = (
-            f"{C.ISP_NET}/{C.ISP_PREFIX}" if cfg.upstream_nat else f"{C.WAN_NET}/{C.WAN_PREFIX}"
-        )
         return {
             "name": cfg.name,
             "nat": cfg.nat,
@@ -347,25 +389,42 @@ class Lab:
             "upstream_nat": cfg.upstream_nat,
             "public_ip": C.RTR_WAN_IP,
             "nodes": nodes,
-            "router": {
-                "lan_ip": C.RTR_LAN_IP,
-                "wan_ip": cfg.rtr_wan_ip,
-                "gateway": cfg.rtr_gateway,
-                "lan_subnet": f"{C.LAN_NET}/{C.LAN_PREFIX}",
-                "wan_subnet": wan_subnet,
-                "miniupnpd_pid": pid,
-                "miniupnpd_running": pid is not None,
-                "upnp_description": f"http://{C.RTR_LAN_IP}:{cfg.upnp_port}/rootDesc.xml"
-                if upnp
-                else None,
-                "natpmp_port": 5351 if ("natpmp" in cfg.portmap or "pcp" in cfg.portmap) else None,
-            },
+            "router": self._router_status("rtr"),
+            "second_lan": cfg.second_lan,
+            "router2": self._router_status("rtr2") if cfg.second_lan else None,
             "isp": {"cpe_ip": C.ISP_CPE_IP, "wan_ip": C.RTR_WAN_IP, "nat": "masquerade"}
             if cfg.upstream_nat
             else None,
             "coturn": self._coturn_status(),
             "lan_ip": C.LAN_IP,
+            "lan2_ip": C.LAN2_IP if cfg.second_lan else None,
             "wan_ips": list(C.WAN_IPS),
+        }
+
+    def _router_status(self, router: RouterNode) -> dict[str, Any]:
+        spec = self._router(router)
+        pid = self.router_pid(router)
+        wan_subnet = f"{C.WAN_NET}/{C.WAN_PREFIX}"
+        if router == "rtr" and self.cfg.upstream_nat:
+            wan_subnet = f"{C.ISP_NET}/{C.ISP_PREFIX}"
+        pmp = bool(spec.portmap & {"natpmp", "pcp"})
+        return {
+            "node": router,
+            "netns": self.cfg.netns(router),
+            "nat": spec.nat,
+            "portmap": sorted(spec.portmap),
+            "lan_ip": spec.lan_ip,
+            "wan_ip": spec.wan_ip,
+            "gateway": spec.gateway,
+            "lan_subnet": spec.lan_subnet,
+            "wan_subnet": wan_subnet,
+            "lan_host": {"node": spec.host, "ip": spec.host_ip},
+            "miniupnpd_pid": pid,
+            "miniupnpd_running": pid is not None,
+            "upnp_description": f"http://{spec.lan_ip}:{spec.upnp_port}/rootDesc.xml"
+            if "upnp" in spec.portmap
+            else None,
+            "natpmp_port": C.NATPMP_PORT if pmp else None,
         }
 
     def _coturn_status(self) -> dict[str, Any]:

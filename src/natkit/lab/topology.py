@@ -22,31 +22,55 @@ def _add_netns(name: str) -> None:
     ip(name, "link", "set", "lo", "up")
 
 
-def _lan(rtr: str, hosts: dict[str, tuple[str, str]]) -> None:
-    """The home network: a bridge on the router, one veth per LAN host (node -> ns, address)."""
+def _lan(rtr: str, rtr_ip: str, hosts: dict[str, tuple[str, str]]) -> None:
+    """A home network: a bridge on the router (``rtr_ip``), one veth per LAN host
+    (node -> ns, address)."""
     ip(rtr, "link", "add", C.RTR_LAN_BRIDGE, "type", "bridge", "mcast_snooping", "0")
-    ip(rtr, "addr", "add", f"{C.RTR_LAN_IP}/{C.LAN_PREFIX}", "dev", C.RTR_LAN_BRIDGE)
+    ip(rtr, "addr", "add", f"{rtr_ip}/{C.LAN_PREFIX}", "dev", C.RTR_LAN_BRIDGE)
     ip(rtr, "link", "set", C.RTR_LAN_BRIDGE, "up")
     for node, (ns, addr) in hosts.items():
         port = f"{node}-p"
         _veth(rtr, port, ns, C.HOST_IF)
         ip(rtr, "link", "set", port, "master", C.RTR_LAN_BRIDGE)
         ip(ns, "addr", "add", f"{addr}/{C.LAN_PREFIX}", "dev", C.HOST_IF)
-        ip(ns, "route", "add", "default", "via", C.RTR_LAN_IP)
+        ip(ns, "route", "add", "default", "via", rtr_ip)
+
+
+def _wan_segment(wan: str, routers: dict[str, str]) -> None:
+    """The Internet segment shared by several routers (node -> ns): wan's ``eth0`` becomes a
+    bridge with a port per router, so that traffic between the routers crosses the segment
+    as on a real one instead of being routed by wan (which would need forwarding there).
+    """
+    ip(wan, "link", "add", C.HOST_IF, "type", "bridge", "mcast_snooping", "0")
+    ip(wan, "link", "set", C.HOST_IF, "up")
+    for node, ns in routers.items():
+        port = f"{node}-p"
+        _veth(ns, C.RTR_WAN_IF, wan, port)
+        ip(wan, "link", "set", port, "master", C.HOST_IF)
+
+
+def _router(ns: str, wan_ip: str, prefix: int, gateway: str) -> None:
+    """A router's WAN address, default route and forwarding (its wan0 exists already)."""
+    ip(ns, "addr", "add", f"{wan_ip}/{prefix}", "dev", C.RTR_WAN_IF)
+    ip(ns, "route", "add", "default", "via", gateway)
+    in_netns(ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
 
 
 def build(cfg: LabConfig) -> None:
-    """Create every namespace of ``cfg`` and wire them (no daemons, no rtr ruleset)."""
+    """Create every namespace of ``cfg`` and wire them (no daemons, no router rulesets)."""
     ns = {node: cfg.netns(node) for node in cfg.nodes}
     for name in ns.values():
         _add_netns(name)
     rtr, wan = ns["rtr"], ns["wan"]
-    _lan(rtr, {"lan": (ns["lan"], C.LAN_IP), "dev": (ns["dev"], C.DEV_IP)})
+    _lan(rtr, C.RTR_LAN_IP, {"lan": (ns["lan"], C.LAN_IP), "dev": (ns["dev"], C.DEV_IP)})
 
     # The public address 100.200.0.1 sits on whatever faces wan: rtr, or isp in front of it.
-    edge = ns.get(C.UPSTREAM_NODE, rtr)
-    _veth(edge, C.RTR_WAN_IF, wan, C.HOST_IF)
-    ip(edge, "addr", "add", f"{C.RTR_WAN_IP}/{C.WAN_PREFIX}", "dev", C.RTR_WAN_IF)
+    edge_node = C.UPSTREAM_NODE if cfg.upstream_nat else "rtr"
+    edge = ns[edge_node]
+    if cfg.second_lan:
+        _wan_segment(wan, {edge_node: edge, "rtr2": ns["rtr2"]})
+    else:
+        _veth(edge, C.RTR_WAN_IF, wan, C.HOST_IF)  # one router: a plain point-to-point link
     for addr in C.WAN_IPS:
         ip(wan, "addr", "add", f"{addr}/{C.WAN_PREFIX}", "dev", C.HOST_IF)
     # A default route keeps daemons from seeing "network unreachable"; it leads nowhere.
@@ -55,10 +79,14 @@ def build(cfg: LabConfig) -> None:
     if cfg.upstream_nat:
         isp = ns[C.UPSTREAM_NODE]
         _veth(rtr, C.RTR_WAN_IF, isp, C.ISP_CPE_IF)
-        ip(rtr, "addr", "add", f"{C.RTR_ISP_IP}/{C.ISP_PREFIX}", "dev", C.RTR_WAN_IF)
         ip(isp, "addr", "add", f"{C.ISP_CPE_IP}/{C.ISP_PREFIX}", "dev", C.ISP_CPE_IF)
-        ip(isp, "route", "add", "default", "via", C.WAN_IPS[0])
-        in_netns(isp, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        _router(isp, C.RTR_WAN_IP, C.WAN_PREFIX, C.WAN_IPS[0])
         in_netns(isp, "nft", "-f", "-", input=C.isp_ruleset())
-    ip(rtr, "route", "add", "default", "via", cfg.rtr_gateway)
-    in_netns(rtr, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        _router(rtr, C.RTR_ISP_IP, C.ISP_PREFIX, cfg.rtr_gateway)
+    else:
+        _router(rtr, C.RTR_WAN_IP, C.WAN_PREFIX, cfg.rtr_gateway)
+
+    if cfg.second_lan:
+        rtr2 = ns["rtr2"]
+        _lan(rtr2, C.RTR2_LAN_IP, {"lan2": (ns["lan2"], C.LAN2_IP)})
+        _router(rtr2, C.RTR2_WAN_IP, C.WAN_PREFIX, cfg.router("rtr2").gateway)
