@@ -25,6 +25,7 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 
 SHORT_TEXT = st.text(max_size=40) | st.sampled_from(["", "t0", "app", "app.lab.test", "127.0.0.1"])
 TICKET = st.text(alphabet=string.ascii_letters + string.digits + "-_", max_size=64)
+ROOM_NAME = st.text(min_size=1, max_size=P.MAX_ROOM_NAME).filter(str.isprintable)
 VALUES: dict[type, st.SearchStrategy[Any]] = {
     str: SHORT_TEXT | st.text(max_size=P.MAX_STRING),
     int: st.integers(0, 2**32),
@@ -40,6 +41,12 @@ def valid_message(draw: st.DrawFn, types: list[int] | None = None) -> tuple[int,
     fields = {key: draw(VALUES[kind]) for key, kind in P.SCHEMAS[msg_type].items()}
     if msg_type == P.OPEN:
         fields["kind"] = draw(st.sampled_from(P.KINDS))
+    if msg_type in P.P2P_NAMED:
+        fields["name"] = draw(ROOM_NAME)
+    if msg_type == P.P2P_JOIN:
+        fields["role"] = draw(st.sampled_from(P.ROLES))
+    if msg_type == P.P2P_PEER:
+        fields["ticket"] = draw(TICKET)
     if draw(st.booleans()):
         fields["extra"] = draw(st.none() | st.integers() | SHORT_TEXT)
     return msg_type, fields

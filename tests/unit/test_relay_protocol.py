@@ -31,12 +31,18 @@ SAMPLES: dict[int, dict[str, Any]] = {
     P.PONG: {"t": 1700000000.25},
     P.DATA: {"ticket": "z" * 24},
     P.START: {"tunnel": "t0", "visitor": "100.200.0.3:40000"},
+    P.P2P_JOIN: {"name": "cam-1", "role": "listen", "instance": "0123456789abcdef"},
+    P.P2P_PEER: {"name": "cam-1", "present": True, "ticket": "w" * 24},
+    P.P2P_SIGNAL: {"name": "cam-1", "data": '{"candidate":"1 1 udp 1 100.200.0.1 4000"}'},
+    P.P2P_LEAVE: {"name": "cam-1"},
+    P.P2P_JOINED: {},
 }
 
 TYPE_CODES = {
     "HELLO": 1, "CHALLENGE": 2, "AUTH": 3, "WELCOME": 4, "ERROR": 5, "OPEN": 6, "OPENED": 7,
     "CLOSE": 8, "TICKETS": 9, "DIAL": 10, "DIALED": 11, "PING": 12, "PONG": 13, "DATA": 20,
-    "START": 21,
+    "START": 21, "P2P_JOIN": 30, "P2P_PEER": 31, "P2P_SIGNAL": 32, "P2P_LEAVE": 33,
+    "P2P_JOINED": 34,
 }  # fmt: skip
 
 

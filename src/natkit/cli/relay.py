@@ -61,8 +61,13 @@ def relay() -> None:
 @click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--metrics", metavar="HOST:PORT", help="Prometheus metrics endpoint.")
 @click.option(
-    "--no-plaintext-data", is_flag=True, help="Refuse agents' plaintext data connections."
+    "--no-plaintext-data",
+    is_flag=True,
+    help="Refuse agents' plaintext tunnel data connections (P2P relay paths stay plain: "
+    "their peers encrypt end to end).",
 )
+@click.option("--no-stun", is_flag=True,
+              help="Do not answer STUN Binding requests on UDP at the --listen address.")  # fmt: skip
 @click.option("--grace", type=float, default=60.0, show_default=True,
               help="Seconds a tunnel's address waits for its agent to come back.")  # fmt: skip
 @click.option("--pool-size", type=click.IntRange(0, 64), default=8, show_default=True,
@@ -74,9 +79,12 @@ def serve(
     listen: str, tokens: tuple[str, ...], tokens_file: Path | None, ports: str,
     http_port: int | None, https_port: int | None, domain: str | None, public_host: str | None,
     cert: Path | None, key: Path | None, metrics: str | None, no_plaintext_data: bool,
-    grace: float, pool_size: int, relay_state: Path | None, as_json: bool,
+    no_stun: bool, grace: float, pool_size: int, relay_state: Path | None, as_json: bool,
 ) -> None:  # fmt: skip
-    """Run the relay: agents connect to --listen, visitors to the tunnels' public ports."""
+    """Run the relay: agents connect to --listen, visitors to the tunnels' public ports.
+
+    The relay is also a rendezvous for peer-to-peer agents (rooms by token and name) and,
+    unless --no-stun, a STUN server on UDP at the --listen address."""
     host, port = parse_hostport(listen, allow_zero=True)
     low, _sep, high = ports.partition("-")
     if not (low.isdigit() and high.isdigit() and 0 < int(low) <= int(high) < 65536):
@@ -92,6 +100,7 @@ def serve(
         state_dir=relay_state or state_dir() / "relay",
         metrics=parse_hostport(metrics) if metrics else None,
         allow_plaintext_data=not no_plaintext_data, grace=grace, pool_size=pool_size,
+        stun=not no_stun,
     )  # fmt: skip
     asyncio.run(_serve(cfg, as_json))
 
@@ -112,6 +121,7 @@ async def _serve(cfg: RelayConfig, as_json: bool) -> None:
         "http_port": server.http_port,
         "https_port": server.https_port,
         "ports": f"{cfg.ports[0]}-{cfg.ports[1]}",
+        "stun": f"{cfg.listen_host}:{server.stun.address[1]}" if server.stun else None,
     }
     if as_json:
         emit_json(info)
@@ -124,6 +134,8 @@ async def _serve(cfg: RelayConfig, as_json: bool) -> None:
             out.print(f"HTTP tunnels: http://NAME.{cfg.domain}:{server.http_port}")
         if server.https_port:
             out.print(f"HTTPS tunnels (TLS passed through): NAME.{cfg.domain}:{server.https_port}")
+        if info["stun"]:
+            out.print(f"STUN (UDP): {info['stun']}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -5,6 +5,9 @@ fingerprint or a CA; the token is proven by HMAC, never sent), reconnects foreve
 backoff and jitter, and opens data connections ahead of visitors when the relay hands it
 tickets. Each data connection waits for START, then is joined to a fresh connection to
 the local service: spliced when both are plain TCP, a Protocol bridge over TLS.
+
+An agent also meets peers through the relay (:meth:`Agent.join_p2p`, see
+:mod:`natkit.relay.rendezvous`); it needs no tunnel for that.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from natkit.relay import protocol as P
 from natkit.relay import tlspump
 from natkit.relay.certs import KnownRelays, RelayTrustError, client_context, fingerprint_der
 from natkit.relay.pump import join_sockets
+from natkit.relay.rendezvous import P2PRoom, Rendezvous
 from natkit.relay.server import read_frame
 from natkit.state import state_dir
 
@@ -104,6 +108,9 @@ class Agent:
         self._queued: list[P.Message] = []
         self._parked: set[asyncio.Task[None]] = set()
         self._pings: dict[float, asyncio.Future[None]] = {}
+        self._rendezvous = Rendezvous(
+            self._send_frame, (self.relay_host, self.relay_port), self.relay
+        )
 
     def on_event(self, listener: Listener) -> None:
         self.listeners.append(listener)
@@ -167,6 +174,7 @@ class Agent:
             self.connections += 1
             for t in self.tunnels.values():
                 writer.write(P.encode(P.OPEN, tunnel=t.id, kind=t.kind, name=t.name, port=t.port))
+            self._rendezvous.attach()
             self.connected.set()
             ping = asyncio.get_running_loop().create_task(self._pinger(writer))
             try:
@@ -180,6 +188,7 @@ class Agent:
                 ping.cancel()
         finally:
             self._writer = None
+            self._rendezvous.detach()
             # Data connections still waiting for a visitor belong to the lost session: the
             # relay forgot their tickets. Connections already carrying a visitor go on.
             for task in list(self._parked):
@@ -227,7 +236,22 @@ class Agent:
             self._pings.pop(t0, None)
         return time.monotonic() - t0
 
+    def _send_frame(self, frame: bytes) -> bool:
+        if self._writer is None or self._writer.is_closing():
+            return False
+        self._writer.write(frame)
+        return True
+
+    async def join_p2p(self, name: str, role: str, *, timeout: float = 10.0) -> P2PRoom:
+        """Join the relay's P2P room ``name`` as ``role`` (``listen`` or ``connect``) and
+        wait for the relay's answer (``run()`` must be running). Peers meet only in a room
+        of the same name under the same token. Raises RendezvousError (``code`` busy: the
+        role is taken; limit: too many rooms for the token)."""
+        return await self._rendezvous.join(name, role, timeout)
+
     def _handle(self, msg: P.Message) -> None:
+        if self._rendezvous.handle(msg):
+            return
         if msg.type == P.PONG:
             pong = self._pings.get(msg["t"])
             if pong is not None and not pong.done():
@@ -389,6 +413,7 @@ class Agent:
             self._parked.add(task)
 
     async def close(self) -> None:
+        self._rendezvous.close()
         for task in list(self._tasks) + list(self._parked):
             task.cancel()
         if self._writer is not None:

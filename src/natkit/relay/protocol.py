@@ -16,6 +16,18 @@ Conversation (control connection, TLS)::
 
 A data connection starts with DATA {ticket} and waits; when a visitor arrives the relay
 sends START {tunnel, visitor} and then both ends pass raw bytes.
+
+Rendezvous for peer-to-peer (rooms keyed by token and name; see :mod:`natkit.relay.rooms`)::
+
+    agent  P2P_JOIN {name, role, instance}   relay  P2P_PEER {name, present, ticket} | ERROR
+    relay  P2P_PEER {name, present, ticket}  (whenever the other peer comes or goes)
+    either P2P_SIGNAL {name, data}           (relayed verbatim to the other peer)
+    agent  P2P_LEAVE {name}                  (relay → agent: another connection took over)
+
+ERRORs about a room carry two extra fields: ``room`` (its name) and ``about`` (``join`` or
+``signal``). A relay-fallback data connection (plain TCP) sends DATA {ticket} with a P2P
+ticket and waits for the other peer's; the relay then sends P2P_JOINED {} on both and
+joins them, or ERROR {code: timeout|gone|replaced|limit} and closes.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ HELLO, CHALLENGE, AUTH, WELCOME, ERROR = 1, 2, 3, 4, 5
 OPEN, OPENED, CLOSE, TICKETS = 6, 7, 8, 9
 DIAL, DIALED, PING, PONG = 10, 11, 12, 13
 DATA, START = 20, 21
+P2P_JOIN, P2P_PEER, P2P_SIGNAL, P2P_LEAVE, P2P_JOINED = 30, 31, 32, 33, 34
 
 # An encrypted data connection opens with this byte, then the TLS handshake: the relay
 # picks its data path before the handshake (control connections start with TLS at once).
@@ -46,6 +59,8 @@ NAMES = {
     HELLO: "HELLO", CHALLENGE: "CHALLENGE", AUTH: "AUTH", WELCOME: "WELCOME", ERROR: "ERROR",
     OPEN: "OPEN", OPENED: "OPENED", CLOSE: "CLOSE", TICKETS: "TICKETS", DIAL: "DIAL",
     DIALED: "DIALED", PING: "PING", PONG: "PONG", DATA: "DATA", START: "START",
+    P2P_JOIN: "P2P_JOIN", P2P_PEER: "P2P_PEER", P2P_SIGNAL: "P2P_SIGNAL",
+    P2P_LEAVE: "P2P_LEAVE", P2P_JOINED: "P2P_JOINED",
 }  # fmt: skip
 
 # Required fields per type and their JSON types (bool is not accepted where int is).
@@ -65,10 +80,25 @@ SCHEMAS: dict[int, dict[str, type]] = {
     PONG: {"t": float},
     DATA: {"ticket": str},
     START: {"tunnel": str, "visitor": str},
+    P2P_JOIN: {"name": str, "role": str, "instance": str},
+    P2P_PEER: {"name": str, "present": bool, "ticket": str},
+    P2P_SIGNAL: {"name": str, "data": str},
+    P2P_LEAVE: {"name": str},
+    P2P_JOINED: {},
 }
 MAX_STRING = 512
 MAX_TICKETS = 256
+MAX_TICKET = 64
 KINDS = ("tcp", "http", "tls")
+ROLES = ("listen", "connect")
+P2P_NAMED = (P2P_JOIN, P2P_PEER, P2P_SIGNAL, P2P_LEAVE)
+P2P_AGENT_TYPES = (P2P_JOIN, P2P_SIGNAL, P2P_LEAVE)  # what an agent may send about rooms
+MAX_ROOM_NAME = 128
+# A signal is ICE candidates or a session description: a few KiB. The bound is on its JSON
+# form (what the relay forwards), so any signal that passes fits a frame once re-encoded.
+MAX_SIGNAL = 16 * 1024
+# Fields allowed past MAX_STRING, with their own bound (checked below).
+_LONG_FIELDS = {(P2P_SIGNAL, "data")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,18 +136,56 @@ def _validate(msg_type: int, fields: dict[str, Any]) -> None:
             raise ProtocolError(
                 f"relay {NAMES[msg_type]}: field {key!r} missing or not {kind.__name__}"
             )
-        if isinstance(value, str) and len(value) > MAX_STRING:
+        if (
+            isinstance(value, str)
+            and len(value) > MAX_STRING
+            and (msg_type, key) not in _LONG_FIELDS
+        ):
             raise ProtocolError(f"relay {NAMES[msg_type]}: field {key!r} too long")
         if kind is int and isinstance(value, int) and not 0 <= value <= 2**32:
             raise ProtocolError(f"relay {NAMES[msg_type]}: field {key!r} out of range")
     if msg_type == TICKETS:
         tickets = fields["tickets"]
         if len(tickets) > MAX_TICKETS or not all(
-            isinstance(t, str) and len(t) <= 64 for t in tickets
+            isinstance(t, str) and len(t) <= MAX_TICKET for t in tickets
         ):
             raise ProtocolError("relay TICKETS: bad ticket list")
     if msg_type == OPEN and fields["kind"] not in KINDS:
         raise ProtocolError(f"relay OPEN: kind must be one of {', '.join(KINDS)}")
+    if msg_type in P2P_NAMED:
+        _validate_p2p(msg_type, fields)
+
+
+def _validate_p2p(msg_type: int, fields: dict[str, Any]) -> None:
+    what = NAMES[msg_type]
+    problem = room_name_problem(fields["name"])
+    if problem:
+        raise ProtocolError(f"relay {what}: {problem}")
+    if msg_type == P2P_JOIN and fields["role"] not in ROLES:
+        raise ProtocolError(f"relay P2P_JOIN: role must be one of {', '.join(ROLES)}")
+    if msg_type == P2P_PEER and len(fields["ticket"]) > MAX_TICKET:
+        raise ProtocolError("relay P2P_PEER: ticket too long")
+    if msg_type == P2P_SIGNAL and signal_size(fields["data"]) > MAX_SIGNAL:
+        raise ProtocolError(f"relay P2P_SIGNAL: data over {MAX_SIGNAL} bytes once JSON-escaped")
+
+
+def room_name_problem(name: str) -> str:
+    """What is wrong with a room name ('' when nothing): 1 to 128 printable characters."""
+    if not name:
+        return "the room name is empty"
+    if len(name) > MAX_ROOM_NAME:
+        return f"the room name is longer than {MAX_ROOM_NAME} characters"
+    if not name.isprintable():
+        return "the room name has unprintable characters"
+    return ""
+
+
+def signal_size(data: str) -> int:
+    """The size that counts against MAX_SIGNAL: ``data`` as JSON without its quotes (ASCII
+    text counts one byte a character; escapes count in full)."""
+    if len(data) > MAX_SIGNAL:
+        return len(data)  # too long whatever its escapes: skip encoding a huge string
+    return len(json.dumps(data)) - 2
 
 
 class Decoder:

@@ -5,6 +5,10 @@ One listening port carries agents' control connections (TLS) and their data conn
 TLS handshake). Visitors arrive on a tunnel's public TCP port, or on the shared HTTP port
 (routed by Host) or HTTPS port (routed by TLS SNI, passed through untouched). Each visitor
 takes a data connection the agent opened ahead of time, so it does not wait a round trip.
+
+The relay is also a rendezvous for peer-to-peer (:mod:`natkit.relay.rooms`: rooms, signals,
+a spliced relay-fallback path) and answers STUN Binding requests on UDP at the listen
+address (:mod:`natkit.relay.stunserver`), so peers learn their public address from it.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from typing import Any
 
 from natkit.errors import NatkitError, ProtocolError
 from natkit.relay import protocol as P
-from natkit.relay import sniff, tlspump
+from natkit.relay import sniff, stunserver, tlspump
 from natkit.relay.certs import ensure_self_signed, fingerprint_file, server_context
 from natkit.relay.pump import join_sockets
+from natkit.relay.rooms import Rendezvous
 
 log = logging.getLogger("natkit.relay")
 
@@ -61,6 +66,9 @@ class RelayConfig:
     max_agents: int = 1024
     grace: float = 60.0
     allow_plaintext_data: bool = True
+    stun: bool = True  # answer STUN Binding requests on UDP at the listen address
+    max_rooms_per_token: int = 64
+    max_p2p_paths_per_token: int = 64
 
 
 class _Conn:
@@ -193,11 +201,18 @@ class RelayServer:
         self._last_accept_warning = 0.0
         self.http_port = cfg.http_port
         self.https_port = cfg.https_port
+        self.stun: stunserver.StunResponder | None = None
+        self.rendezvous = Rendezvous(
+            self.stats,
+            self._spawn,
+            max_rooms_per_token=cfg.max_rooms_per_token,
+            max_paths_per_token=cfg.max_p2p_paths_per_token,
+        )
 
     # ---- life cycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        sock = self._listen(self.cfg.listen_host, self.cfg.listen_port)
+        sock = await self._listen_main()
         self.listen_port = sock.getsockname()[1]
         self._accept(sock, self._on_listen_conn)
         if self.cfg.http_port is not None:
@@ -212,9 +227,33 @@ class RelayServer:
             self._servers.append(await asyncio.start_server(self._metrics, *self.cfg.metrics))
         self._spawn(self._housekeeping())
 
+    async def _listen_main(self) -> socket.socket:
+        """The listen port (TCP), and STUN on UDP at the same address: with port 0, a port
+        free for both (an ephemeral TCP port may be taken on UDP)."""
+        host, port = self.cfg.listen_host, self.cfg.listen_port
+        for _ in range(8 if port == 0 else 1):
+            sock = self._listen(host, port)
+            if not self.cfg.stun:
+                return sock
+            try:
+                self.stun = await stunserver.serve(host, sock.getsockname()[1], self.stats)
+            except OSError as exc:
+                sock.close()
+                if port == 0:
+                    continue
+                why = f"{exc.strerror} (another STUN server there? use --no-stun)"
+                raise OSError(
+                    exc.errno, f"cannot answer STUN on UDP {host}:{port}: {why}"
+                ) from None
+            return sock
+        raise OSError(0, f"no port free for both TCP and UDP (STUN) on {host}")
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        if self.stun is not None:
+            self.stun.close()
+        self.rendezvous.close()
         for sock in self._listeners:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(sock.fileno())
@@ -314,6 +353,10 @@ class RelayServer:
             log.warning("dropping %s: %s", addr, exc)
             self.stats["garbage"] += 1
             conn.close()
+            return
+        if msg.type == P.DATA and self.rendezvous.has_ticket(msg["ticket"]):
+            # A P2P relay-fallback path: always plain, the peers encrypt end to end.
+            self.rendezvous.data_conn(conn, msg["ticket"])
             return
         tunnel = self._take_ticket(msg["ticket"]) if msg.type == P.DATA else None
         if tunnel is None or not tunnel.session.plaintext_ok:
@@ -475,6 +518,8 @@ class RelayServer:
             pass
         elif msg.type == P.DIAL:
             self._spawn(self._dial(s, msg["id"], msg["host"], msg["port"]))
+        elif msg.type in P.P2P_AGENT_TYPES:
+            self.rendezvous.on_message(s, msg)
         else:
             raise ProtocolError(f"unexpected {msg.name} from an agent")
 
@@ -589,6 +634,8 @@ class RelayServer:
 
     def session_ended(self, s: Session) -> None:
         self.sessions.discard(s)
+        if s.token_id is not None:
+            self.rendezvous.session_ended(s)
         for t in s.tunnels.values():
             self._close_tunnel(t, keep=True)  # the address waits for the agent's return
         s.tunnels.clear()
@@ -749,6 +796,8 @@ class RelayServer:
             lines = [
                 f"natkit_relay_agents {len(self.sessions)}",
                 f"natkit_relay_tunnels {len(self.tunnels_by_key)}",
+                f"natkit_relay_p2p_rooms {len(self.rendezvous.rooms)}",
+                f"natkit_relay_p2p_paths {sum(self.rendezvous.paths.values())}",
             ] + [
                 f'natkit_relay_events_total{{event="{k}"}} {v}'
                 for k, v in sorted(self.stats.items())

@@ -86,6 +86,19 @@ def binding_request(
     return msg
 
 
+def binding_success(request: stun.Message, mapped: Addr) -> bytes:
+    """A server's answer to a Binding ``request``, sans-I/O: XOR-MAPPED-ADDRESS ``mapped``
+    (the request's source as the server saw it) and FINGERPRINT, nothing else, so an answer
+    is no bigger than it must be (40 bytes for IPv4, 52 for IPv6)."""
+    if request.message_method != stun.Method.BINDING or request.message_class != stun.Class.REQUEST:
+        raise ValueError("only a Binding request gets a Binding success response")
+    response = stun.Message(
+        stun.Method.BINDING, stun.Class.RESPONSE, transaction_id=request.transaction_id
+    )
+    response.attributes["XOR-MAPPED-ADDRESS"] = mapped
+    return encode(response, fingerprint=True)
+
+
 def _attribute(name: str, value: object, transaction_id: bytes, padding: bytes) -> bytes:
     attr_type, _, pack, _ = stun.ATTRIBUTES_BY_NAME[name]
     body = pack(value, transaction_id) if pack is stun.pack_xor_address else pack(value)
