@@ -13,6 +13,7 @@ from natkit.cli.common import fail
 from natkit.cli.expose import expose
 from natkit.cli.lab import lab
 from natkit.cli.map import map_group
+from natkit.cli.p2p import p2p
 from natkit.cli.relay import relay
 from natkit.errors import NatkitError
 
@@ -34,6 +35,7 @@ cli.add_command(expose)
 cli.add_command(lab)
 cli.add_command(relay)
 cli.add_command(check)
+cli.add_command(p2p)
 
 
 def main() -> None:

@@ -269,12 +269,19 @@ class Lab:
             log.write("---- natkit lab reboot ----\n")
         self.start_router_daemon(router)
 
-    def flush_nat(self, router: RouterNode = "rtr", *, check: bool = True) -> None:
-        """Forget every NAT mapping and connection state of ``router`` (``conntrack -F``), as
-        when a path dies: established flows lose their public port, replies from outside are
-        dropped as unsolicited until the LAN side sends again (and gets a mapping anew).
-        Port mappings (rules, not state) stay."""
-        in_netns(self.cfg.netns(self._router(router).node), "conntrack", "-F", check=check)
+    def flush_nat(
+        self, router: RouterNode = "rtr", *, protocol: str | None = None, check: bool = True
+    ) -> None:
+        """Forget the NAT mappings and connection state of ``router`` (``conntrack -F``; only
+        one protocol's with ``protocol``, e.g. "udp"), as when a path dies: established flows
+        lose their public port, replies from outside are dropped as unsolicited until the LAN
+        side sends again (and gets a mapping anew). Port mappings (rules, not state) stay."""
+        netns = self.cfg.netns(self._router(router).node)
+        if protocol is None:
+            in_netns(netns, "conntrack", "-F", check=check)
+        else:
+            # conntrack -D exits 1 when nothing matched: not an error here.
+            in_netns(netns, "conntrack", "-D", "-p", protocol, check=False)
 
     def router_rules(self, router: RouterNode = "rtr") -> str:
         """A router's current nftables ruleset (mappings appear in the miniupnpd chains)."""

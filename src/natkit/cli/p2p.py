@@ -1,0 +1,202 @@
+"""``natkit p2p listen|connect``: a TCP port forwarded over a peer-to-peer session."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import sys
+import time
+from typing import Any
+
+import click
+
+from natkit.errors import NatkitError
+from natkit.p2p.errors import P2PError
+from natkit.p2p.forward import open_forward, serve_forward, splice_stream
+from natkit.p2p.ice import TurnServer
+from natkit.p2p.peer import P2PConnection, P2POptions, Role, connect_peer
+from natkit.relay.agent import parse_hostport
+
+
+def _emit(as_json: bool, event: str, **info: Any) -> None:
+    if as_json:
+        click.echo(json.dumps({"event": event, **info}))
+    else:
+        details = " ".join(f"{k}={v}" for k, v in info.items())
+        click.echo(f"{event}: {details}", err=event != "ready")
+    sys.stdout.flush()
+
+
+def _options(
+    relay: str,
+    token: str,
+    secret: str | None,
+    stun: str | None,
+    turn: str | None,
+    turn_user: str | None,
+    turn_password: str | None,
+    no_portmap: bool,
+    fingerprint: str | None,
+) -> P2POptions:
+    turn_server = None
+    if turn is not None:
+        if not turn_user or turn_password is None:
+            raise click.UsageError("--turn needs --turn-user and --turn-password")
+        host, port = parse_hostport(turn, 3478)
+        turn_server = TurnServer(host, port, turn_user, turn_password)
+    return P2POptions(
+        relay=relay,
+        token=token,
+        secret=secret,
+        stun=parse_hostport(stun, 3478) if stun else None,
+        turn=turn_server,
+        port_mapping=not no_portmap,
+        fingerprint=fingerprint,
+    )
+
+
+def _common(f: Any) -> Any:
+    options = [
+        click.argument("name"),
+        click.option("--relay", required=True, metavar="HOST:PORT", help="The natkit relay."),
+        click.option("--token", required=True, envvar="NATKIT_TOKEN", help="The relay token."),
+        click.option("--secret", help="The secret both peers share (default: the token)."),
+        click.option("--stun", metavar="HOST:PORT", help="STUN server (default: the relay)."),
+        click.option("--turn", metavar="HOST:PORT", help="A TURN server for relayed candidates."),
+        click.option("--turn-user"),
+        click.option("--turn-password"),
+        click.option("--no-portmap", is_flag=True, help="Do not ask the router for a mapping."),
+        click.option("--fingerprint", help="The relay's certificate fingerprint."),
+        click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+async def _session(name: str, role: Role, opts: P2POptions, as_json: bool) -> P2PConnection:
+    conn = await connect_peer(name, role, opts)
+    _emit(as_json, "ready", path=conn.path, elapsed_ms=round(conn.elapsed * 1000, 1))
+
+    def moved(kind: str, reason: str) -> None:
+        _emit(as_json, "path", path=kind, reason=reason)
+
+    conn.on_path_change(moved)
+    return conn
+
+
+@click.group()
+def p2p() -> None:
+    """Peer to peer: two hosts behind NAT, connected directly when possible."""
+
+
+@p2p.command()
+@_common
+@click.option("--to", "target", default="127.0.0.1", help="Forward only to this host.")
+@click.option("--allow", multiple=True, type=int, help="Allow only these ports (repeatable).")
+def listen(
+    name: str, relay: str, token: str, secret: str | None, stun: str | None, turn: str | None,
+    turn_user: str | None, turn_password: str | None, no_portmap: bool,
+    fingerprint: str | None, as_json: bool, target: str, allow: tuple[int, ...],
+) -> None:  # fmt: skip
+    """Wait for the peer NAME and serve its forwarded connections (again after it leaves)."""
+    opts = _options(relay, token, secret, stun, turn, turn_user, turn_password, no_portmap,
+                    fingerprint)  # fmt: skip
+
+    async def main() -> None:
+        while True:
+            conn = await _session(name, "listen", opts, as_json)
+            tasks: set[asyncio.Task[None]] = set()
+            try:
+                while True:
+                    stream = await conn.accept_stream()
+                    task = asyncio.ensure_future(serve_forward(stream, target_host=target,
+                                                               allowed=allow))  # fmt: skip
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            except P2PError as exc:
+                _emit(as_json, "closed", reason=str(exc))
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await conn.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+
+
+@p2p.command()
+@_common
+@click.option("--forward", "forwards", multiple=True, required=True,
+              metavar="LOCAL_PORT:REMOTE_PORT", help="Forward a local port (repeatable).")  # fmt: skip
+@click.option("--bind", default="127.0.0.1", help="Local address to listen on.")
+def connect(
+    name: str, relay: str, token: str, secret: str | None, stun: str | None, turn: str | None,
+    turn_user: str | None, turn_password: str | None, no_portmap: bool,
+    fingerprint: str | None, as_json: bool, forwards: tuple[str, ...], bind: str,
+) -> None:  # fmt: skip
+    """Connect to the peer NAME and forward local ports to ports on its side."""
+    opts = _options(relay, token, secret, stun, turn, turn_user, turn_password, no_portmap,
+                    fingerprint)  # fmt: skip
+    pairs: list[tuple[int, int]] = []
+    for spec in forwards:
+        local, sep, remote = spec.partition(":")
+        if not sep or not local.isdigit() or not remote.isdigit():
+            raise click.BadParameter(
+                f"{spec!r} is not LOCAL_PORT:REMOTE_PORT", param_hint="--forward"
+            )
+        pairs.append((int(local), int(remote)))
+
+    async def main() -> None:
+        conn = await _session(name, "connect", opts, as_json)
+        loop = asyncio.get_running_loop()
+        listeners: list[socket.socket] = []
+
+        async def one(client: socket.socket, remote: int) -> None:
+            try:
+                stream = await open_forward(conn, remote)
+            except (NatkitError, OSError) as exc:
+                _emit(as_json, "refused", port=remote, reason=str(exc))
+                client.close()
+                return
+            await splice_stream(client, stream)
+
+        running: set[asyncio.Task[None]] = set()
+
+        async def serve(sock: socket.socket, remote: int) -> None:
+            while True:
+                client, _ = await loop.sock_accept(sock)
+                task = asyncio.ensure_future(one(client, remote))
+                running.add(task)
+                task.add_done_callback(running.discard)
+
+        try:
+            for local, remote in pairs:
+                sock = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((bind, local))
+                sock.listen(128)
+                sock.setblocking(False)
+                listeners.append(sock)
+                _emit(as_json, "forwarding", local=f"{bind}:{sock.getsockname()[1]}",
+                      remote=remote)  # fmt: skip
+            serving = [
+                asyncio.ensure_future(serve(s, r))
+                for s, (_, r) in zip(listeners, pairs, strict=True)
+            ]
+            closed = asyncio.ensure_future(conn.accept_stream())  # ends when the session does
+            await asyncio.wait([closed, *serving], return_when=asyncio.FIRST_COMPLETED)
+            with contextlib.suppress(Exception):
+                closed.result()
+            _emit(as_json, "closed", reason="session ended", at=round(time.time(), 1))
+        except P2PError as exc:
+            _emit(as_json, "closed", reason=str(exc))
+        finally:
+            for sock in listeners:
+                sock.close()
+            await conn.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())

@@ -1,0 +1,360 @@
+"""Two peers, one session: rendezvous on the relay, ICE, QUIC on the best path.
+
+The order of things, on both sides at once:
+
+1. Connect to the relay (an :class:`~natkit.relay.agent.Agent` with no tunnels), join the
+   room ``name`` as ``listen`` or ``connect`` and wait for the other peer.
+2. Say hello with a fresh nonce (plain text); the session id is both nonces, sorted, so a
+   sealed message of another session is refused. ICE gathering runs meanwhile: host,
+   server-reflexive (the relay answers STUN on its listen port), port-mapped (the router),
+   relayed (TURN, when configured).
+3. Send the ICE description and the certificate fingerprint, sealed with the shared secret;
+   open the relay's fallback path at the same time (both peers must, for the relay to join
+   them); run ICE checks.
+4. QUIC over a :class:`~natkit.p2p.paths.PathSwitch`: the ICE path when it connected, else
+   the relay path; the relay path stays as the standby the switch falls back to when the
+   direct path dies. While on the relay, ICE is retried now and then, and the session moves
+   back when a direct path works again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import secrets
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal
+
+from natkit.errors import NatkitError, ProtocolError
+from natkit.p2p import auth
+from natkit.p2p.candidates import IceDescription
+from natkit.p2p.errors import P2PError
+from natkit.p2p.ice import IceAgent, TurnServer
+from natkit.p2p.paths import DatagramPath, IcePath, PathEvent, PathSwitch, StreamPath
+from natkit.p2p.session import P2PSession
+from natkit.relay.agent import Agent, parse_hostport
+
+log = logging.getLogger("natkit.p2p")
+
+Role = Literal["listen", "connect"]
+Listener = Callable[[str, dict[str, Any]], None]
+
+HELLO = "H:"
+SEALED = "S:"
+ICE_TIMEOUT = 8.0  # ICE checks; then the relay path carries the session
+SIGNAL_TIMEOUT = 15.0
+HELLO_REPEAT = 1.0
+RETRY_DIRECT = 10.0  # seconds between attempts to get back from the relay to a direct path
+
+
+@dataclasses.dataclass(frozen=True)
+class P2POptions:
+    relay: str
+    token: str
+    secret: str | None = None  # default: the token (both peers hold it)
+    stun: tuple[str, int] | None = None  # default: the relay (it answers STUN)
+    turn: TurnServer | None = None
+    port_mapping: bool = True
+    fingerprint: str | None = None  # the relay's certificate, else pinned on first use
+    ice_timeout: float = ICE_TIMEOUT
+    peer_timeout: float | None = None  # how long to wait for the other peer (None: forever)
+    use_ipv6: bool = False
+
+    @property
+    def shared_secret(self) -> str:
+        return self.secret or self.token
+
+
+class _Signals:
+    """The room's signalling channel, sealed once the session id is known."""
+
+    def __init__(self, room: Any, secret: str) -> None:
+        self.room, self.secret = room, secret
+        self.session = ""
+        self.guard = auth.ReplayGuard()
+        self.pending: list[dict[str, Any]] = []
+
+    async def hello(self, timeout: float = SIGNAL_TIMEOUT) -> None:
+        """Agree on the session id. Our hello is repeated until the peer's arrives (a peer
+        that joined after our first one never saw it), and once more after."""
+        mine = secrets.token_urlsafe(16)
+        deadline = time.monotonic() + timeout
+        while True:
+            self.room.send_signal(HELLO + mine)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise P2PError(f"the peer did not say hello within {timeout:g} s")
+            try:
+                text = await self.room.recv_signal(min(HELLO_REPEAT, left))
+            except NatkitError:
+                continue  # nothing yet: say it again
+            if text.startswith(HELLO):
+                theirs = text[len(HELLO) :]
+                self.session = ".".join(sorted((mine, theirs)))
+                self.room.send_signal(HELLO + mine)
+                return
+
+    def send(self, body: dict[str, Any]) -> None:
+        self.room.send_signal(SEALED + auth.seal(self.secret, body, session=self.session))
+
+    async def recv(self, kind: str, timeout: float = SIGNAL_TIMEOUT) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        for i, body in enumerate(self.pending):
+            if body.get("t") == kind:
+                return self.pending.pop(i)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise P2PError(f"the peer sent no {kind!r} within {timeout:g} s")
+            text = await self.room.recv_signal(left)
+            if not text.startswith(SEALED):
+                continue  # a late hello of this session, or noise
+            try:
+                body = auth.open_sealed(
+                    self.secret, text[len(SEALED) :], session=self.session, guard=self.guard
+                )
+            except ProtocolError as exc:
+                log.warning("ignoring a signalling message: %s", exc)
+                continue
+            if body.get("t") == kind:
+                return body
+            self.pending.append(body)
+
+
+class P2PConnection:
+    """An authenticated peer-to-peer session: streams and datagrams on the best path."""
+
+    def __init__(self, session: P2PSession, peer: _Peer, elapsed: float) -> None:
+        self.session = session
+        self._peer = peer
+        self.elapsed = elapsed
+
+    @property
+    def path(self) -> str:
+        return self.session.path
+
+    def on_path_change(self, callback: Callable[[str, str], None]) -> None:
+        """``callback(new_kind, reason)`` whenever the session moves to another path."""
+        self._peer.path_listeners.append(callback)
+
+    async def open_stream(self) -> Any:
+        return await self.session.open_stream()
+
+    async def accept_stream(self) -> Any:
+        return await self.session.accept_stream()
+
+    def send_datagram(self, data: bytes) -> None:
+        self.session.send_datagram(data)
+
+    async def recv_datagram(self) -> bytes:
+        return await self.session.recv_datagram()
+
+    async def close(self) -> None:
+        await self._peer.close()
+
+    async def __aenter__(self) -> P2PConnection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class _Peer:
+    def __init__(self, name: str, role: Role, opts: P2POptions) -> None:
+        self.name, self.role, self.opts = name, role, opts
+        self.agent = Agent(opts.relay, opts.token, [], fingerprint=opts.fingerprint)
+        self.identity = auth.PeerIdentity.generate(f"natkit-p2p-{role}")
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.room: Any = None
+        self.signals: _Signals | None = None
+        self.switch: PathSwitch | None = None
+        self.session: P2PSession | None = None
+        self.ice: IceAgent | None = None
+        self.relay_path: DatagramPath | None = None
+        self.path_listeners: list[Callable[[str, str], None]] = []
+        self.closed = False
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def _ice_agent(self) -> IceAgent:
+        stun = self.opts.stun or parse_hostport(self.opts.relay)
+        return IceAgent(
+            controlling=self.role == "connect",
+            stun_server=stun,
+            turn=self.opts.turn,
+            port_mapping=self.opts.port_mapping,
+            use_ipv6=self.opts.use_ipv6,
+        )
+
+    async def _exchange(self, ice: IceAgent, kind: str) -> IceDescription:
+        """Send our ICE description (and fingerprint), return the peer's."""
+        assert self.signals is not None
+        local = await ice.gather()
+        self.signals.send({"t": kind, "ice": local.to_dict(), "fp": self.identity.fingerprint})
+        body = await self.signals.recv(kind)
+        self.peer_fp = str(body.get("fp", ""))
+        return IceDescription.from_dict(body.get("ice"))
+
+    async def start(self) -> P2PSession:
+        started = time.monotonic()
+        runner = self._spawn(self.agent.run())
+        self.room = await self._joined(runner)
+        ticket = await self.room.wait_peer(self.opts.peer_timeout)
+        self.signals = _Signals(self.room, self.opts.shared_secret)
+        ice = self.ice = self._ice_agent()
+        gathering = self._spawn(ice.gather())
+        await self.signals.hello()
+        await gathering
+        remote = await self._exchange(ice, "offer")
+        relay_task = self._spawn(self.room.open_relay_path(ticket))
+        active: DatagramPath
+        try:
+            await ice.connect(remote, timeout=self.opts.ice_timeout)
+            active = IcePath(ice.connection, ice.path or "direct", owns_connection=False)
+        except P2PError as exc:
+            log.info("no direct path (%s); using the relay", exc)
+            self.ice = None
+            active = await self._relay_path(relay_task)
+        standby: list[DatagramPath] = []
+        if active.kind != "relay":
+            with contextlib.suppress(NatkitError, OSError, asyncio.TimeoutError):
+                standby.append(await self._relay_path(relay_task))
+        self.switch = PathSwitch(active, standby)
+        self.switch.on_event(self._on_path_event)
+        self.session = await P2PSession.connect(
+            self.switch,
+            role="client" if self.role == "connect" else "server",
+            identity=self.identity,
+            peer_fingerprint=self.peer_fp,
+            secret=self.opts.shared_secret,
+        )
+        self.elapsed = time.monotonic() - started
+        self._spawn(self._keep_direct())
+        self._spawn(self._watch_peer())
+        return self.session
+
+    async def _watch_peer(self) -> None:
+        """A room holds one peer per role: a new peer arriving after ours left means ours is
+        gone for good (a restarted process), so this session ends and its owner meets the
+        new one. (A peer whose relay connection only blinked comes back the same way; its
+        session is then renewed too.)"""
+        with contextlib.suppress(NatkitError, asyncio.TimeoutError):
+            await self.room.wait_peer_left(None)
+            await self.room.wait_peer(None)
+            log.info("the peer left the room and another arrived: ending this session")
+            if self.session is not None:
+                await self.session.close("the peer was replaced")
+
+    async def _joined(self, runner: asyncio.Task[Any]) -> Any:
+        join = asyncio.ensure_future(self.agent.join_p2p(self.name, self.role))
+        done, _ = await asyncio.wait({join, runner}, return_when=asyncio.FIRST_COMPLETED)
+        if runner in done:
+            join.cancel()
+            runner.result()  # the agent's final error (a rejected token, an untrusted relay)
+            raise P2PError(f"relay {self.opts.relay} closed the connection")
+        return join.result()
+
+    async def _relay_path(self, task: asyncio.Task[Any]) -> DatagramPath:
+        if self.relay_path is None:
+            sock = await task
+            self.relay_path = await StreamPath.from_socket(sock, "relay")
+        return self.relay_path
+
+    def _on_path_event(self, event: PathEvent) -> None:
+        if event.type == "switched":
+            for callback in list(self.path_listeners):
+                callback(event.path.kind, event.reason)
+
+    async def _keep_direct(self) -> None:
+        """While the relay carries the session, try ICE again now and then; when a path
+        connects, move the session back onto it. The connecting peer asks (``restart``),
+        the listening peer answers (``restart-answer``) with a fresh agent of its own."""
+        assert self.signals is not None
+        signals, attempt = self.signals, 0
+        while not self.closed:
+            if self.role == "connect":
+                await asyncio.sleep(RETRY_DIRECT)
+                if self.switch is None or self.switch.kind != "relay":
+                    continue
+                attempt += 1
+                ice = self._ice_agent()
+                try:
+                    local = await ice.gather()
+                    signals.send({"t": "restart", "n": attempt, "ice": local.to_dict()})
+                    body = await signals.recv(f"restart-answer-{attempt}")
+                    remote = IceDescription.from_dict(body.get("ice"))
+                except (NatkitError, OSError, asyncio.TimeoutError) as exc:
+                    log.info("ICE restart: %s", exc)
+                    await ice.close()
+                    continue
+            else:
+                try:
+                    body = await signals.recv("restart", timeout=3600)
+                except P2PError:
+                    continue
+                ice = self._ice_agent()
+                try:
+                    remote = IceDescription.from_dict(body.get("ice"))
+                    local = await ice.gather()
+                    signals.send({"t": f"restart-answer-{body.get('n')}", "ice": local.to_dict()})
+                except (NatkitError, OSError) as exc:
+                    log.info("ICE restart: %s", exc)
+                    await ice.close()
+                    continue
+            try:
+                await ice.connect(remote, timeout=self.opts.ice_timeout)
+            except (NatkitError, OSError, asyncio.TimeoutError) as exc:
+                log.info("direct path still unavailable: %s", exc)
+                continue
+            self._adopt(ice)
+
+    def _adopt(self, ice: IceAgent) -> None:
+        old, self.ice = self.ice, ice
+        path = IcePath(ice.connection, ice.path or "direct", owns_connection=False)
+        if self.switch is not None:
+            self.switch.add(path)
+            self.switch.switch(path, "direct path back")
+            for stale in self.switch.paths:  # the ICE path that died: stop probing it
+                if isinstance(stale, IcePath) and stale is not path:
+                    self.switch.remove(stale)
+        if old is not None:
+            self._spawn(old.close())
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.session is not None:
+            with contextlib.suppress(Exception):
+                await self.session.close()
+        if self.ice is not None:
+            with contextlib.suppress(Exception):
+                await self.ice.close()
+        if self.room is not None:
+            with contextlib.suppress(Exception):
+                self.room.leave()
+        for task in list(self.tasks):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await self.agent.close()
+
+
+async def connect_peer(name: str, role: Role, opts: P2POptions) -> P2PConnection:
+    """Meet the peer named ``name`` through the relay and open an authenticated session.
+
+    ``role`` is ``listen`` on one side and ``connect`` on the other. Raises
+    :class:`~natkit.p2p.errors.P2PError` (or the relay's own errors) when it cannot."""
+    peer = _Peer(name, role, opts)
+    try:
+        session = await peer.start()
+    except BaseException:
+        await peer.close()
+        raise
+    return P2PConnection(session, peer, peer.elapsed)
