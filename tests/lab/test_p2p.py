@@ -72,7 +72,7 @@ def p2p_lab(make_lab: Callable[..., Lab], request: pytest.FixtureRequest) -> Lab
 
 
 class Peers:
-    def __init__(self, lab: Lab, tmp: Path, extra: list[str]) -> None:
+    def __init__(self, lab: Lab, tmp: Path, extra: list[str], forwards: list[str]) -> None:
         self.lab, self.tmp = lab, tmp
         self.procs: list[NatkitProc] = []
         self.relay = start_relay(lab, tmp / "relay", token=TOKEN, http_port=None,
@@ -85,7 +85,8 @@ class Peers:
                                  state_dir=tmp / "l", label="p2p listen")  # fmt: skip
         self.procs.append(self.listen)
         self.connect = NatkitProc(
-            lab, "lan", ["p2p", "connect", "room", *common, "--forward", f"{LOCAL_PORT}:{WEB_PORT}"],
+            lab, "lan", ["p2p", "connect", "room", *common,
+                         *(x for f in forwards for x in ("--forward", f))],
             state_dir=tmp / "c", label="p2p connect",
         )  # fmt: skip
         self.procs.append(self.connect)
@@ -116,8 +117,9 @@ class Peers:
 def peers_factory(tmp_path: Path) -> Iterator[Callable[..., Peers]]:
     made: list[Peers] = []
 
-    def make(lab: Lab, extra: list[str] | None = None) -> Peers:
-        made.append(Peers(lab, tmp_path / str(len(made)), TURN if extra is None else extra))
+    def make(lab: Lab, extra: list[str] | None = None, forwards: list[str] | None = None) -> Peers:
+        made.append(Peers(lab, tmp_path / str(len(made)), TURN if extra is None else extra,
+                          forwards or [f"{LOCAL_PORT}:{WEB_PORT}"]))  # fmt: skip
         return made[-1]
 
     yield make
@@ -165,19 +167,13 @@ def test_a_path_that_dies_mid_transfer_loses_nothing(
     blob = tmp_path / "blob"
     blob.write_bytes(os.urandom(24 << 20))
     out = tmp_path / "got"
-    peers = peers_factory(p2p_lab, extra=[])
     # A raw TCP server on lan2 that sends the blob, and a slow reader on lan (~8 s).
     files = p2p_lab.popen("lan2", [sys.executable, "-c", SEND_FILE, str(blob), "8001"])
+    peers = peers_factory(p2p_lab, extra=[], forwards=["9001:8001"])
+    conn = peers.connect
     try:
         ready_c, _ = peers.ready()
         assert ready_c["path"] == "direct", peers.why()
-        peers.connect.stop()
-        common = ["--relay", RELAY, "--token", TOKEN, "--json"]
-        conn = NatkitProc(p2p_lab, "lan", ["p2p", "connect", "room", *common, "--forward",
-                                           "9001:8001"], state_dir=tmp_path / "c2")  # fmt: skip
-        peers.procs.append(conn)
-        assert conn.wait_event("ready", 30)["path"] == "direct", conn.why()
-        conn.wait_event("forwarding", 5)
         reader = p2p_lab.popen("lan", [sys.executable, "-c", SLOW_READ, str(out), "9001"])
         time.sleep(2)
         p2p_lab.flush_nat("rtr", protocol="udp")

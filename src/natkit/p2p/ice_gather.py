@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("natkit.p2p.ice")
 T = TypeVar("T")
 
+# A router answers PCP/NAT-PMP in milliseconds and SSDP within ~0.1 s; one that stays
+# silent (no port mapping at all) must not hold up the connection for the whole gathering.
+PORTMAP_BUDGET = 0.5
 # Short, so that a mapping whose creation was cut off by the deadline (we never learn of
 # it) does not outlive us by much; the kept mapping is renewed at half of it.
 MAPPING_LEASE = 120
@@ -100,7 +103,11 @@ class Gatherer:
         opts = self.options
         stun_job = asyncio.create_task(self._srflx(v4)) if opts.stun_server and v4 else None
         turn_job = asyncio.create_task(self._relay(conn)) if opts.turn else None
-        map_job = asyncio.create_task(self._port_map(v4)) if opts.port_mapping and v4 else None
+        map_job = (
+            asyncio.create_task(asyncio.wait_for(self._port_map(v4), PORTMAP_BUDGET))
+            if opts.port_mapping and v4
+            else None
+        )
         jobs = [j for j in (stun_job, turn_job, map_job) if j is not None]
         try:
             try:
@@ -246,7 +253,7 @@ class Gatherer:
             lease=MAPPING_LEASE,
             description="natkit ice",
             gateway_ip=self.options.gateway_ip,
-            timeout=self.options.gather_timeout,
+            timeout=min(self.options.gather_timeout, PORTMAP_BUDGET),
         )
         try:
             mapping = await kept.start()

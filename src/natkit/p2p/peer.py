@@ -206,14 +206,16 @@ class _Peer:
         started = time.monotonic()
         runner = self._spawn(self.agent.run())
         self.room = await self._joined(runner)
-        ticket = await self.room.wait_peer(self.opts.peer_timeout)
+        await self.room.wait_peer(self.opts.peer_timeout)
         self.signals = _Signals(self.room, self.opts.shared_secret)
         ice = self.ice = self._ice_agent()
         gathering = self._spawn(ice.gather())
         await self.signals.hello()
         await gathering
         remote = await self._exchange(ice, "offer")
-        relay_task = self._spawn(self.room.open_relay_path(ticket))
+        # The ticket of the peer we said hello to (a peer that came and went before got
+        # another one).
+        relay_task = self._spawn(self.room.open_relay_path(self.room.ticket))
         active: DatagramPath
         try:
             await ice.connect(remote, timeout=self.opts.ice_timeout)
