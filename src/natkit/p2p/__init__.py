@@ -1,1 +1,40 @@
-"""Peer-to-peer connections: ICE (direct, TURN) or the relay, then QUIC on the chosen path."""
+"""Peer-to-peer connections: ICE (direct, TURN) or the relay, then QUIC on the chosen path.
+
+    conn = await natkit.p2p.connect("room", relay="relay.example:7835", token=T)
+    stream = await conn.open_stream()        # reliable, ordered, half-closable
+    conn.send_datagram(b"hi")                # unreliable, for apps that want them
+    conn.path                                # "direct", "port-mapped", "turn" or "relay"
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from natkit.p2p.errors import P2PAuthError, P2PClosedError, P2PError, P2PTimeoutError
+from natkit.p2p.ice import TurnServer
+from natkit.p2p.peer import P2PConnection, P2POptions, Role, connect_peer
+
+
+async def connect(name: str, *, relay: str, token: str, **options: Any) -> P2PConnection:
+    r"""Meet the peer that ``listen``\ s under ``name`` and open a session (the client)."""
+    return await connect_peer(name, "connect", P2POptions(relay=relay, token=token, **options))
+
+
+async def listen(name: str, *, relay: str, token: str, **options: Any) -> P2PConnection:
+    r"""Wait for the peer that ``connect``\ s under ``name`` and open a session."""
+    return await connect_peer(name, "listen", P2POptions(relay=relay, token=token, **options))
+
+
+__all__ = [
+    "P2PAuthError",
+    "P2PClosedError",
+    "P2PConnection",
+    "P2PError",
+    "P2POptions",
+    "P2PTimeoutError",
+    "Role",
+    "TurnServer",
+    "connect",
+    "connect_peer",
+    "listen",
+]

@@ -67,6 +67,10 @@ def _unb64(text: str, what: str) -> bytes:
         raise ProtocolError(f"sealed signalling message: {what} is not base64url") from exc
 
 
+class WrongSecretError(P2PAuthError, ProtocolError):
+    """A sealed message failed its HMAC check: the peers hold different secrets."""
+
+
 def new_session_nonce() -> str:
     """A fresh session nonce for :func:`seal` (both peers must use the same one)."""
     return secrets.token_urlsafe(16)
@@ -104,7 +108,7 @@ def open_sealed(
     signed = f"{parts[0]}.{parts[1]}".encode()
     want = hmac.new(_key(secret, b"signalling"), signed, hashlib.sha256).digest()
     if not hmac.compare_digest(mac, want):
-        raise ProtocolError(
+        raise WrongSecretError(
             "signalling message failed its HMAC check: the peers do not share the same "
             "secret, or the message was altered on the way"
         )

@@ -31,7 +31,7 @@ from typing import Any, Literal
 from natkit.errors import NatkitError, ProtocolError
 from natkit.p2p import auth
 from natkit.p2p.candidates import IceDescription
-from natkit.p2p.errors import P2PError
+from natkit.p2p.errors import P2PAuthError, P2PError
 from natkit.p2p.ice import IceAgent, TurnServer
 from natkit.p2p.paths import DatagramPath, IcePath, PathEvent, PathSwitch, StreamPath
 from natkit.p2p.session import P2PSession
@@ -116,7 +116,12 @@ class _Signals:
                 body = auth.open_sealed(
                     self.secret, text[len(SEALED) :], session=self.session, guard=self.guard
                 )
-            except ProtocolError as exc:
+            except auth.WrongSecretError:
+                raise P2PAuthError(
+                    f"the peer in room {self.room.name!r} holds another secret: its messages "
+                    "fail the HMAC check (give both sides the same --secret, or none)"
+                ) from None
+            except ProtocolError as exc:  # another session's, or a repeat: not for us
                 log.warning("ignoring a signalling message: %s", exc)
                 continue
             if body.get("t") == kind:
@@ -299,7 +304,9 @@ class _Peer:
             else:
                 try:
                     body = await signals.recv("restart", timeout=3600)
-                except P2PError:
+                except NatkitError:
+                    if self.closed or self.room.closed:
+                        return
                     continue
                 ice = self._ice_agent()
                 try:
