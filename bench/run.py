@@ -27,7 +27,7 @@ from types import FrameType
 
 from benchlib import LAB_PREFIX, RESULTS_DIR, BenchError, Benchmark, Options
 
-MODULES = ("bench_upnp", "bench_portmap", "bench_relay", "bench_check")
+MODULES = ("bench_upnp", "bench_portmap", "bench_relay", "bench_check", "bench_p2p")
 
 
 def load_benchmarks() -> dict[str, Benchmark]:

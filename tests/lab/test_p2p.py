@@ -137,14 +137,14 @@ def test_success_matrix(p2p_lab: Lab, peers_factory: Callable[..., Peers]) -> No
     a: Router = (cfg.nat, bool(cfg.portmap))
     b: Router = (cfg.nat2, bool(cfg.portmap2))
     peers = peers_factory(p2p_lab)
-    ready_c, ready_l = peers.ready()
-    assert ready_c["path"] == ready_l["path"] or {ready_c["path"], ready_l["path"]} <= {
-        "direct", "port-mapped"
-    }, (ready_c, ready_l)  # fmt: skip
-    assert ready_c["path"] in expected(a, b), (a, b, ready_c, peers.why())
+    ready_c, _ = peers.ready()
+    path = ready_c["path"]
+    if path == "relay":  # ICE took longer than its head start: the session moves when it connects
+        path = peers.connect.wait_event("path", 15)["path"]
+    assert path in expected(a, b), (a, b, ready_c, peers.why())
     assert isinstance(ready_c["elapsed_ms"], float)
     assert peers.get() == f"hello from 127.0.0.1:{WEB_PORT}\n"
-    print(f"P2P {_id((a, b))}: {ready_c['path']} in {ready_c['elapsed_ms']} ms")
+    print(f"P2P {_id((a, b))}: {path} (ready on {ready_c['path']} in {ready_c['elapsed_ms']} ms)")
 
 
 @pytest.mark.parametrize("p2p_lab", [(("random", False), ("random", False))], indirect=True)

@@ -1,9 +1,9 @@
 """Peer-to-peer connections: ICE (direct, TURN) or the relay, then QUIC on the chosen path.
 
-    conn = await natkit.p2p.connect("room", relay="relay.example:7835", token=T)
-    stream = await conn.open_stream()        # reliable, ordered, half-closable
-    conn.send_datagram(b"hi")                # unreliable, for apps that want them
-    conn.path                                # "direct", "port-mapped", "turn" or "relay"
+conn = await natkit.p2p.connect("room", relay="relay.example:7835", token=T)
+stream = await conn.open_stream()        # reliable, ordered, half-closable
+conn.send_datagram(b"hi")                # unreliable, for apps that want them
+conn.path                                # "direct", "port-mapped", "turn" or "relay"
 """
 
 from __future__ import annotations

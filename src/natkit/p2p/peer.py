@@ -45,6 +45,7 @@ Listener = Callable[[str, dict[str, Any]], None]
 HELLO = "H:"
 SEALED = "S:"
 ICE_TIMEOUT = 8.0  # ICE checks; then the relay path carries the session
+ICE_HEAD_START = 2.5  # how long the session waits for ICE before it starts on the relay
 SIGNAL_TIMEOUT = 15.0
 HELLO_REPEAT = 1.0
 RETRY_DIRECT = 10.0  # seconds between attempts to get back from the relay to a direct path
@@ -180,6 +181,7 @@ class _Peer:
         self.ice: IceAgent | None = None
         self.relay_path: DatagramPath | None = None
         self.path_listeners: list[Callable[[str, str], None]] = []
+        self.switched = asyncio.Event()  # set once the session's path switch exists
         self.closed = False
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -221,19 +223,26 @@ class _Peer:
         # The ticket of the peer we said hello to (a peer that came and went before got
         # another one).
         relay_task = self._spawn(self.room.open_relay_path(self.room.ticket))
+        # ICE gets a head start; when it has not connected by then the session starts on
+        # the relay and moves to the ICE path if that connects later (before ice_timeout).
+        checks = self._spawn(ice.connect(remote, timeout=self.opts.ice_timeout))
+        await asyncio.wait({checks}, timeout=min(ICE_HEAD_START, self.opts.ice_timeout))
         active: DatagramPath
-        try:
-            await ice.connect(remote, timeout=self.opts.ice_timeout)
+        if checks.done() and checks.exception() is None:
             active = IcePath(ice.connection, ice.path or "direct", owns_connection=False)
-        except P2PError as exc:
-            log.info("no direct path (%s); using the relay", exc)
-            self.ice = None
+        else:
+            if checks.done():
+                log.info("no direct path (%s); using the relay", checks.exception())
+                self.ice = None
+            else:
+                self._spawn(self._late_ice(ice, checks))
             active = await self._relay_path(relay_task)
         standby: list[DatagramPath] = []
         if active.kind != "relay":
             with contextlib.suppress(NatkitError, OSError, asyncio.TimeoutError):
                 standby.append(await self._relay_path(relay_task))
         self.switch = PathSwitch(active, standby)
+        self.switched.set()
         self.switch.on_event(self._on_path_event)
         self.session = await P2PSession.connect(
             self.switch,
@@ -324,8 +333,23 @@ class _Peer:
                 continue
             self._adopt(ice)
 
+    async def _late_ice(self, ice: IceAgent, checks: asyncio.Task[Any]) -> None:
+        """ICE connected after the session had started on the relay: move onto it."""
+        try:
+            await checks
+        except (NatkitError, OSError) as exc:
+            log.info("no direct path (%s); staying on the relay", exc)
+            if self.ice is ice:
+                self.ice = None
+            return
+        await self.switched.wait()  # the session may still be being set up
+        if not self.closed:
+            self._adopt(ice)
+
     def _adopt(self, ice: IceAgent) -> None:
         old, self.ice = self.ice, ice
+        if old is ice:
+            old = None
         path = IcePath(ice.connection, ice.path or "direct", owns_connection=False)
         if self.switch is not None:
             self.switch.add(path)

@@ -1,0 +1,402 @@
+"""Peer to peer in the lab: time to a connected, authenticated session, and the direct path's
+throughput and round trip, against aioice's own ICE and plain UDP/TCP, same run.
+
+Two LANs (lan behind rtr, lan2 behind rtr2), a ``natkit relay serve`` on the Internet host.
+Each peer runs on a thread inside its own LAN's namespace (modules already imported).
+
+- natkit direct: both routers ``eim``, no port mapping, no TURN: hole punching. Timed from
+  the call to ``natkit.p2p.listen/connect`` until both hold an authenticated QUIC session.
+- natkit relay: both routers ``random`` (a second lab), no port mapping, no TURN: ICE fails
+  within its bound and the relay carries the session.
+- aioice ICE, same candidates: two ``aioice.Connection`` with the relay as STUN server,
+  candidates handed over in-process (no signalling round trip, no QUIC): gather + connect.
+- Over the direct path: a 32 MiB stream (QUIC) and 200 datagram round trips, against plain
+  TCP and UDP between the same two hosts through a port mapping on rtr2 (natpmpc).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aioice
+from benchlib import (
+    BenchError,
+    Benchmark,
+    CaseResult,
+    Options,
+    Report,
+    Sample,
+    Section,
+    machine_info,
+    now,
+    ratio,
+)
+
+import natkit.p2p
+from natkit.lab import Lab, LabConfig, netns
+from natkit.lab import config as C
+
+NAME = "p2p"
+TOKEN = "bench-p2p-token-0123456789abcdef"
+RELAY_HOST, RELAY_PORT = C.WAN_IPS[0], 7835
+RELAY = f"{RELAY_HOST}:{RELAY_PORT}"
+NATKIT = str(Path(sys.executable).parent / "natkit")
+STREAM_BYTES = 32 << 20
+RTT_SAMPLES = 200
+PLAIN_PORT = 5201
+GOAL_DIRECT_S, GOAL_RELAY_S = 1.0, 3.0
+
+
+def lab_config(name: str) -> LabConfig:
+    # rtr2 offers NAT-PMP only for the plain TCP/UDP reference; natkit's peers are told not
+    # to map (port_mapping=False), so their path is hole punching.
+    return LabConfig(
+        name=name, portmap=frozenset(), second_lan=True, portmap2=frozenset({"natpmp"})
+    )
+
+
+def _in(lab: Lab, node: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+    return netns.run_in(lab.netns(node), fn)
+
+
+def _both(
+    lab: Lab, a: Callable[[], Awaitable[Any]], b: Callable[[], Awaitable[Any]]
+) -> tuple[Any, Any]:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        fa, fb = pool.submit(_in, lab, "lan2", a), pool.submit(_in, lab, "lan", b)
+        return fa.result(timeout=120), fb.result(timeout=120)
+
+
+class RelayProc:
+    def __init__(self, lab: Lab, state: Path) -> None:
+        env = {**os.environ, "NATKIT_STATE_DIR": str(state)}
+        self.proc = lab.popen(
+            "wan",
+            [NATKIT, "relay", "serve", "--listen", RELAY, "--token", TOKEN, "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if b"ready" not in line:
+            raise BenchError(f"relay did not start: {line!r}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+# ---- natkit ---------------------------------------------------------------------------------
+
+
+def _session_case(
+    lab: Lab, room: str, work: Callable[[Any, Any], Awaitable[Any]] | None = None
+) -> tuple[Sample, Any]:
+    """One listen/connect pair: total = until both sides hold the session."""
+    t0 = time.monotonic()
+    ends: dict[str, float] = {}
+
+    async def listen() -> Any:
+        conn = await natkit.p2p.listen(room, relay=RELAY, token=TOKEN, port_mapping=False)
+        ends["listen"] = time.monotonic()
+        try:
+            return await work(conn, "listen") if work else conn.path
+        finally:
+            await conn.close()
+
+    async def connect() -> Any:
+        conn = await natkit.p2p.connect(room, relay=RELAY, token=TOKEN, port_mapping=False)
+        ends["connect"] = time.monotonic()
+        try:
+            return (await work(conn, "connect") if work else conn.path), conn.path
+        finally:
+            await conn.close()
+
+    _, (result, path) = _both(lab, listen, connect)
+    total = max(ends.values()) - t0
+    return Sample(total, info={"path": path}), result
+
+
+async def _stream_and_rtt(conn: Any, role: str) -> dict[str, float]:
+    if role == "listen":
+        stream = await conn.accept_stream()
+        chunk = bytes(256 * 1024)
+        sent = 0
+        while sent < STREAM_BYTES:
+            stream.write(chunk)
+            await stream.drain()
+            sent += len(chunk)
+        stream.write_eof()
+        await stream.drain()
+        bye = asyncio.ensure_future(conn.accept_stream())  # the client is done
+        while not bye.done():
+            ping = asyncio.ensure_future(conn.recv_datagram())
+            await asyncio.wait({bye, ping}, return_when=asyncio.FIRST_COMPLETED)
+            if ping.done() and not ping.exception():
+                conn.send_datagram(ping.result())
+            elif not ping.done():
+                ping.cancel()
+            else:
+                break  # the session ended with the client's goodbye
+        if not bye.done():
+            bye.cancel()
+        elif not bye.cancelled():
+            bye.exception()  # retrieved: a goodbye or the end of the session
+        return {}
+    stream = await conn.open_stream()
+    stream.write(b"go")
+    await stream.drain()
+    t0, got = time.monotonic(), 0
+    while data := await stream.read(1 << 20):
+        got += len(data)
+    seconds = time.monotonic() - t0
+    rtts: list[float] = []
+    lost = 0
+    while len(rtts) < RTT_SAMPLES and lost < RTT_SAMPLES:
+        t = time.monotonic()
+        conn.send_datagram(len(rtts).to_bytes(4, "big"))
+        try:
+            await asyncio.wait_for(conn.recv_datagram(), 0.5)
+        except asyncio.TimeoutError:
+            lost += 1  # a lost datagram (or its echo): not a sample
+            continue
+        rtts.append(time.monotonic() - t)
+    bye = await conn.open_stream()
+    bye.write_eof()
+    await bye.drain()
+    return {"mbps": got / seconds / 1e6, "rtt_ms": statistics.median(rtts) * 1000}
+
+
+# ---- aioice, same candidates -------------------------------------------------------------------
+
+
+def _aioice_case(lab: Lab) -> Sample:
+    boxes: tuple[queue.Queue[Any], queue.Queue[Any]] = (queue.Queue(), queue.Queue())
+    t0 = time.monotonic()
+    ends: dict[str, float] = {}
+
+    def side(controlling: bool) -> Callable[[], Awaitable[None]]:
+        mine, theirs = (boxes[0], boxes[1]) if controlling else (boxes[1], boxes[0])
+
+        async def run() -> None:
+            conn = aioice.Connection(
+                ice_controlling=controlling,
+                components=1,
+                stun_server=(RELAY_HOST, RELAY_PORT),
+                use_ipv6=False,
+            )
+            await conn.gather_candidates()
+            mine.put((conn.local_username, conn.local_password, conn.local_candidates))
+            loop = asyncio.get_running_loop()
+            ufrag, pwd, cands = await loop.run_in_executor(None, theirs.get, True, 30)
+            conn.remote_username, conn.remote_password = ufrag, pwd
+            for c in cands:
+                await conn.add_remote_candidate(c)
+            await conn.add_remote_candidate(None)
+            await asyncio.wait_for(conn.connect(), 20)
+            ends["c" if controlling else "l"] = time.monotonic()
+            await asyncio.sleep(0.2)
+            await conn.close()
+
+        return run
+
+    _both(lab, side(False), side(True))
+    return Sample(max(ends.values()) - t0)
+
+
+# ---- plain TCP/UDP through a port mapping on rtr2 ----------------------------------------------
+
+
+def _plain(lab: Lab) -> dict[str, float]:
+    for proto in ("tcp", "udp"):
+        r = lab.run(
+            "lan2",
+            ["natpmpc", "-g", C.RTR2_LAN_IP, "-a", str(PLAIN_PORT), str(PLAIN_PORT), proto, "600"],
+            timeout=30,
+        )
+        if r.returncode != 0:
+            raise BenchError(f"natpmpc on lan2: {r.stdout} {r.stderr}")
+    server = lab.popen(
+        "lan2", [sys.executable, "-c", _PLAIN_SERVER, str(PLAIN_PORT), str(STREAM_BYTES)]
+    )
+    try:
+        time.sleep(0.5)
+        r = lab.run(
+            "lan",
+            [sys.executable, "-c", _PLAIN_CLIENT, C.RTR2_WAN_IP, str(PLAIN_PORT), str(RTT_SAMPLES)],
+            timeout=120,
+        )
+        if r.returncode != 0:
+            raise BenchError(f"plain client: {r.stderr}")
+        mbps, rtt = (float(x) for x in r.stdout.split())
+        return {"mbps": mbps, "rtt_ms": rtt}
+    finally:
+        server.kill()
+        server.wait()
+
+
+_PLAIN_SERVER = """
+import socket, sys, threading
+port, size = int(sys.argv[1]), int(sys.argv[2])
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", port))
+def echo():
+    while True:
+        d, a = u.recvfrom(2048); u.sendto(d, a)
+threading.Thread(target=echo, daemon=True).start()
+t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind(("0.0.0.0", port)); t.listen()
+c, _ = t.accept(); c.recv(2)
+buf = bytes(256 * 1024); sent = 0
+while sent < size:
+    c.sendall(buf); sent += len(buf)
+c.close()
+threading.Event().wait()
+"""
+
+_PLAIN_CLIENT = """
+import socket, sys, time, statistics
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+c = socket.create_connection((host, port)); c.sendall(b"go")
+t0 = time.monotonic(); got = 0
+while d := c.recv(1 << 20):
+    got += len(d)
+mbps = got / (time.monotonic() - t0) / 1e6
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(2); u.connect((host, port))
+rtts = []
+for i in range(n):
+    t = time.monotonic(); u.send(i.to_bytes(4, "big")); u.recv(64)
+    rtts.append(time.monotonic() - t)
+print(mbps, statistics.median(rtts) * 1000)
+"""
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+
+def run(lab: Lab | None, opts: Options) -> Report:
+    assert lab is not None
+    started, t_start = now(), time.monotonic()
+    state = Path(tempfile.mkdtemp(prefix="nkb-p2p-"))
+    os.environ["NATKIT_STATE_DIR"] = str(state / "peers")
+    cases = {
+        "direct": CaseResult("direct", "natkit p2p, direct (eim/eim, hole punching)", "subject"),
+        "aioice": CaseResult(
+            "aioice", "aioice ICE alone, same candidates (no QUIC, no signalling)", "reference"
+        ),
+        "relay": CaseResult(
+            "relay", "natkit p2p via the relay (random/random, no TURN)", "subject"
+        ),
+    }
+    relay = RelayProc(lab, state / "relay")
+    try:
+        for i in range(opts.warmup + opts.iterations):
+            jobs: list[tuple[str, Callable[[], Sample]]] = [
+                ("direct", lambda i=i: _session_case(lab, f"d{i}")[0]),  # type: ignore[misc]
+                ("aioice", lambda: _aioice_case(lab)),
+            ]
+            for key, fn in jobs:
+                try:
+                    sample = fn()
+                except Exception as exc:
+                    cases[key].failures.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                (cases[key].warmup if i < opts.warmup else cases[key].samples).append(sample)
+        _, natkit_link = _session_case(lab, "tput", _stream_and_rtt)
+        plain_link = _plain(lab)
+    finally:
+        relay.stop()
+    hard = Lab.create(
+        LabConfig(
+            name=f"{lab.cfg.name}h",
+            portmap=frozenset(),
+            nat="random",
+            second_lan=True,
+            nat2="random",
+            portmap2=frozenset(),
+        ),
+        replace=True,
+    )
+    try:
+        relay = RelayProc(hard, state / "relay")  # the same certificate: pinned already
+        try:
+            for i in range(max(3, opts.iterations // 3)):
+                try:
+                    cases["relay"].samples.append(_session_case(hard, f"r{i}")[0])
+                except Exception as exc:
+                    cases["relay"].failures.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            relay.stop()
+    finally:
+        hard.down()
+    direct, relayed = cases["direct"].stats, cases["relay"].stats
+    paths = {c.key: sorted({str(s.info.get("path")) for s in c.samples}) for c in cases.values()}
+    goals = [
+        (
+            f"natkit direct session under {GOAL_DIRECT_S:g} s (median)",
+            direct is not None and direct.median < GOAL_DIRECT_S,
+        ),
+        (
+            f"natkit session via the relay under {GOAL_RELAY_S:g} s (median)",
+            relayed is not None and relayed.median < GOAL_RELAY_S,
+        ),
+    ]
+    notes = [
+        f"Paths taken: direct case {paths['direct']}, relay case {paths['relay']}.",
+        f"Direct path, lan → lan2 across both NATs: natkit QUIC stream "
+        f"{natkit_link['mbps']:.1f} MB/s, datagram RTT {natkit_link['rtt_ms']:.2f} ms (median of "
+        f"{RTT_SAMPLES}); plain TCP {plain_link['mbps']:.0f} MB/s, plain UDP RTT "
+        f"{plain_link['rtt_ms']:.2f} ms through a port mapping on rtr2 "
+        f"(natkit/plain throughput {natkit_link['mbps'] / plain_link['mbps']:.3f}x; QUIC here "
+        "is aioquic, pure Python).",
+    ]
+    report = Report(
+        name=NAME,
+        title="Peer to peer: time to an authenticated session, natkit vs aioice ICE (lab)",
+        started=started,
+        machine=machine_info(),
+        config={
+            "iterations": opts.iterations,
+            "warmup": opts.warmup,
+            "relay": RELAY,
+            "stream_bytes": STREAM_BYTES,
+            "rtt_samples": RTT_SAMPLES,
+        },
+        cases=[cases["direct"], cases["aioice"]],
+        ratios=[ratio(cases, "natkit direct session / aioice ICE alone", "direct", "aioice")],
+        goals=goals,
+        notes=notes,
+        sections=[
+            Section(
+                "relay",
+                "Via the relay (ICE fails: both NATs random, no TURN)",
+                [cases["relay"]],
+                unit="ms",
+                compare=False,
+            )
+        ],
+        clients="natkit (aioice + aioquic), aioice",
+    )
+    report.config["link"] = {"natkit": natkit_link, "plain": plain_link}
+    report.elapsed = time.monotonic() - t_start
+    return report
+
+
+BENCHMARK = Benchmark(
+    name=NAME,
+    description="p2p: time to an authenticated session (direct, relay) vs aioice; link speed",
+    lab_config=lab_config,
+    run=run,
+    iterations=10,
+)
