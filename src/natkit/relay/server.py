@@ -96,6 +96,9 @@ class Tunnel:
         self.accept_paused = False
         self.refill_scheduled = False
         self.visitors = 0
+        # Plain data connections serve one visitor each; TLS ones come back to the pool
+        # (see RelayServer._repark), so they need far fewer refills.
+        self.single_use = True
 
 
 class Session:
@@ -406,6 +409,7 @@ class RelayServer:
         return tunnel
 
     def _park(self, tunnel: Tunnel, entry: _Conn) -> None:
+        tunnel.single_use = entry.tls is None
         try:
             while tunnel.waiting:
                 fut = tunnel.waiting.popleft()
@@ -455,14 +459,17 @@ class RelayServer:
     def _refill(self, tunnel: Tunnel, extra: int = 0) -> None:
         """Ask the agent for data connections: the pool target plus the visitors waiting.
 
-        Coalesced: one TICKETS message per tunnel per loop iteration, and only once the pool
-        has drained to half its target (or visitors wait), so a steady stream of visitors
-        costs a control write every few visitors, not one each.
+        Coalesced: one TICKETS message per tunnel per loop iteration; for TLS data connections
+        (reused) only once the pool has drained to half its target (or visitors wait).
         """
         if tunnel.refill_scheduled or tunnel.session not in self.sessions:
             return
         have = len(tunnel.pool) + len(tunnel.tickets)
-        if not tunnel.waiting and not extra and have > self.cfg.pool_size // 2:
+        # Single-use (plain) connections: one new one per visitor, so the cost of opening them
+        # is spread evenly instead of arriving in bursts that delay the next visitors. Reused
+        # (TLS) connections: only once the pool has drained to half, as most come back.
+        low = self.cfg.pool_size if tunnel.single_use else self.cfg.pool_size // 2 + 1
+        if not tunnel.waiting and not extra and have >= low:
             return
         tunnel.refill_scheduled = True
         asyncio.get_running_loop().call_soon(self._send_tickets, tunnel, extra)
