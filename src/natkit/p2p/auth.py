@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import datetime
 import hashlib
 import hmac
 import json
@@ -28,13 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from natkit.errors import ProtocolError
 from natkit.p2p.errors import P2PAuthError
-from natkit.relay.certs import fingerprint_der
+from natkit.relay.certs import fingerprint_der, self_signed
 
 #: The largest sealed signalling message accepted (ICE candidates and fingerprints fit easily).
 MAX_SEALED = 64 * 1024
@@ -172,19 +170,7 @@ class PeerIdentity:
     @classmethod
     def generate(cls, name: str = "natkit-peer", days: int = 30) -> PeerIdentity:
         """A fresh self-signed ECDSA P-256 identity, kept in memory only."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))  # tolerate skewed clocks
-            .not_valid_after(now + datetime.timedelta(days=days))
-            .sign(key, hashes.SHA256())
-        )
+        cert, key = self_signed(name, days=days)
         return cls(cert, key)
 
     @classmethod

@@ -26,12 +26,8 @@ class RelayTrustError(NatkitError):
     """The relay's certificate is not the one this agent trusts."""
 
 
-def ensure_self_signed(directory: Path, name: str = "natkit-relay") -> tuple[Path, Path]:
-    """Return (cert, key) paths in ``directory``, creating a self-signed pair if missing."""
-    cert_path, key_path = directory / "relay-cert.pem", directory / "relay-key.pem"
-    if cert_path.exists() and key_path.exists():
-        return cert_path, key_path
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+def self_signed(name: str, *, days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A fresh self-signed ECDSA P-256 certificate for ``name`` and its key."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -41,11 +37,21 @@ def ensure_self_signed(directory: Path, name: str = "natkit-relay") -> tuple[Pat
         .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=3650))
+        .not_valid_before(now - datetime.timedelta(days=1))  # tolerate skewed clocks
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
         .sign(key, hashes.SHA256())
     )
+    return cert, key
+
+
+def ensure_self_signed(directory: Path, name: str = "natkit-relay") -> tuple[Path, Path]:
+    """Return (cert, key) paths in ``directory``, creating a self-signed pair if missing."""
+    cert_path, key_path = directory / "relay-cert.pem", directory / "relay-key.pem"
+    if cert_path.exists() and key_path.exists():
+        return cert_path, key_path
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cert, key = self_signed(name, days=3650)
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
