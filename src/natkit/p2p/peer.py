@@ -48,6 +48,7 @@ ICE_TIMEOUT = 8.0  # ICE checks; then the relay path carries the session
 ICE_HEAD_START = 2.5  # how long the session waits for ICE before it starts on the relay
 SIGNAL_TIMEOUT = 15.0
 HELLO_REPEAT = 1.0
+CONNECT_PEER_TIMEOUT = 60.0
 RETRY_DIRECT = 10.0  # seconds between attempts to get back from the relay to a direct path
 
 
@@ -182,6 +183,8 @@ class _Peer:
         self.relay_path: DatagramPath | None = None
         self.path_listeners: list[Callable[[str, str], None]] = []
         self.switched = asyncio.Event()  # set once the session's path switch exists
+        self.peer_fp = ""  # the peer's certificate fingerprint, from its sealed offer
+        self.elapsed = 0.0
         self.closed = False
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -213,7 +216,10 @@ class _Peer:
         started = time.monotonic()
         runner = self._spawn(self.agent.run())
         self.room = await self._joined(runner)
-        await self.room.wait_peer(self.opts.peer_timeout)
+        wait = self.opts.peer_timeout
+        if wait is None and self.role == "connect":
+            wait = CONNECT_PEER_TIMEOUT  # a listener waits for ever; a connector does not
+        await self.room.wait_peer(wait)
         self.signals = _Signals(self.room, self.opts.shared_secret)
         ice = self.ice = self._ice_agent()
         gathering = self._spawn(ice.gather())
@@ -237,12 +243,10 @@ class _Peer:
             else:
                 self._spawn(self._late_ice(ice, checks))
             active = await self._relay_path(relay_task)
-        standby: list[DatagramPath] = []
-        if active.kind != "relay":
-            with contextlib.suppress(NatkitError, OSError, asyncio.TimeoutError):
-                standby.append(await self._relay_path(relay_task))
-        self.switch = PathSwitch(active, standby)
+        self.switch = PathSwitch(active)
         self.switched.set()
+        if active.kind != "relay":  # the relay path joins as the standby once it is up
+            self._spawn(self._add_standby(relay_task))
         self.switch.on_event(self._on_path_event)
         self.session = await P2PSession.connect(
             self.switch,
@@ -276,6 +280,15 @@ class _Peer:
             runner.result()  # the agent's final error (a rejected token, an untrusted relay)
             raise P2PError(f"relay {self.opts.relay} closed the connection")
         return join.result()
+
+    async def _add_standby(self, relay_task: asyncio.Task[Any]) -> None:
+        try:
+            path = await self._relay_path(relay_task)
+        except (NatkitError, OSError, asyncio.TimeoutError) as exc:
+            log.warning("no relay path to fall back on: %s", exc)
+            return
+        if self.switch is not None and not self.closed:
+            self.switch.add(path)
 
     async def _relay_path(self, task: asyncio.Task[Any]) -> DatagramPath:
         if self.relay_path is None:
