@@ -219,7 +219,7 @@ def _aioice_case(lab: Lab) -> Sample:
 # ---- plain TCP/UDP through a port mapping on rtr2 ----------------------------------------------
 
 
-def _plain(lab: Lab) -> dict[str, float]:
+def _plain(lab: Lab, state: Path) -> dict[str, float]:
     for proto in ("tcp", "udp"):
         r = lab.run(
             "lan2",
@@ -241,7 +241,8 @@ def _plain(lab: Lab) -> dict[str, float]:
         if r.returncode != 0:
             raise BenchError(f"plain client: {r.stderr}")
         mbps, rtt = (float(x) for x in r.stdout.split())
-        return {"mbps": mbps, "rtt_ms": rtt}
+        # The same server, now through natkit's forward between two CLI processes.
+        return {"mbps": mbps, "rtt_ms": rtt, "forward_mbps": _forwarded(lab, state)}
     finally:
         server.kill()
         server.wait()
@@ -257,13 +258,60 @@ def echo():
 threading.Thread(target=echo, daemon=True).start()
 t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 t.bind(("0.0.0.0", port)); t.listen()
-c, _ = t.accept(); c.recv(2)
-buf = bytes(256 * 1024); sent = 0
-while sent < size:
-    c.sendall(buf); sent += len(buf)
-c.close()
-threading.Event().wait()
+buf = bytes(256 * 1024)
+while True:  # one download per connection: plain, then through natkit's forward
+    c, _ = t.accept(); c.recv(2); sent = 0
+    while sent < size:
+        c.sendall(buf); sent += len(buf)
+    c.close()
 """
+
+_TCP_CLIENT = """
+import socket, sys, time
+c = socket.create_connection((sys.argv[1], int(sys.argv[2]))); c.sendall(b"go")
+t0 = time.monotonic(); got = 0
+while d := c.recv(1 << 20):
+    got += len(d)
+print(got / (time.monotonic() - t0) / 1e6, got)
+"""
+
+
+def _forwarded(lab: Lab, state: Path) -> float:
+    """MB/s of a TCP download through ``natkit p2p connect --forward`` (separate processes,
+    as deployed), on the same direct path."""
+    env = {**os.environ, "NATKIT_STATE_DIR": str(state)}
+    common = ["--relay", RELAY, "--token", TOKEN, "--no-portmap", "--json"]
+    listen = lab.popen(
+        "lan2",
+        [NATKIT, "p2p", "listen", "fwd", *common],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    connect = lab.popen(
+        "lan",
+        [NATKIT, "p2p", "connect", "fwd", *common, "--forward", f"9100:{PLAIN_PORT}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        assert connect.stdout is not None
+        for _ in range(2):  # ready, then forwarding
+            if not connect.stdout.readline():
+                raise BenchError("natkit p2p connect ended early")
+        r = lab.run("lan", [sys.executable, "-c", _TCP_CLIENT, "127.0.0.1", "9100"], timeout=300)
+        if r.returncode != 0:
+            raise BenchError(f"download through the forward: {r.stderr}")
+        mbps, got = r.stdout.split()
+        if int(got) != STREAM_BYTES:
+            raise BenchError(f"the forward delivered {got} of {STREAM_BYTES} bytes")
+        return float(mbps)
+    finally:
+        for proc in (connect, listen):
+            proc.terminate()
+            proc.wait(10)
+
 
 _PLAIN_CLIENT = """
 import socket, sys, time, statistics
@@ -314,7 +362,8 @@ def run(lab: Lab | None, opts: Options) -> Report:
                     continue
                 (cases[key].warmup if i < opts.warmup else cases[key].samples).append(sample)
         _, natkit_link = _session_case(lab, "tput", _stream_and_rtt)
-        plain_link = _plain(lab)
+        plain_link = _plain(lab, state / "fwd")
+        natkit_link["forward_mbps"] = plain_link.pop("forward_mbps")
     finally:
         relay.stop()
     hard = Lab.create(
@@ -355,7 +404,9 @@ def run(lab: Lab | None, opts: Options) -> Report:
     notes = [
         f"Paths taken: direct case {paths['direct']}, relay case {paths['relay']}.",
         f"Direct path, lan → lan2 across both NATs: natkit QUIC stream "
-        f"{natkit_link['mbps']:.1f} MB/s, datagram RTT {natkit_link['rtt_ms']:.2f} ms (median of "
+        f"{natkit_link['mbps']:.1f} MB/s with both peers in one process (GIL shared), "
+        f"{natkit_link['forward_mbps']:.1f} MB/s through `natkit p2p connect --forward` between "
+        f"two processes; datagram RTT {natkit_link['rtt_ms']:.2f} ms (median of "
         f"{RTT_SAMPLES}); plain TCP {plain_link['mbps']:.0f} MB/s, plain UDP RTT "
         f"{plain_link['rtt_ms']:.2f} ms through a port mapping on rtr2 "
         f"(natkit/plain throughput {natkit_link['mbps'] / plain_link['mbps']:.3f}x; QUIC here "
