@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 from aioquic._buffer import Buffer, BufferReadError  # aioquic.buffer re-exports them untyped
 from aioquic.quic import events as qe
@@ -77,9 +77,42 @@ class SessionConfig:
         return self.max_datagram_size - _DATAGRAM_OVERHEAD
 
 
+T = TypeVar("T")
+
+
 def _wake(fut: asyncio.Future[None] | None) -> None:
     if fut is not None and not fut.done():
         fut.set_result(None)
+
+
+class _Inbox(Generic[T]):
+    """A bounded queue with one waiting reader (streams accepted, datagrams, path events)."""
+
+    def __init__(self, maxlen: int | None = None) -> None:
+        self.items: deque[T] = deque(maxlen=maxlen)
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: T) -> None:
+        self.items.append(item)
+        self.wake()
+
+    def wake(self) -> None:
+        _wake(self._waiter)
+
+    async def wait(self) -> None:
+        """Until something is put or :meth:`wake` is called."""
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def get(self, check: Callable[[], object]) -> T:
+        """The next item; ``check`` raises once nothing more can come."""
+        while not self.items:
+            check()
+            await self.wait()
+        return self.items.popleft()
 
 
 class P2PSession:
@@ -115,13 +148,10 @@ class P2PSession:
         self._proof_sent = b""
         self._error: P2PError | None = None  # set once the session is over
         self._streams: dict[int, P2PStream] = {}
-        self._accept: deque[P2PStream] = deque()
-        self._accept_waiter: asyncio.Future[None] | None = None
+        self._accept: _Inbox[P2PStream] = _Inbox()
         self._draining: set[P2PStream] = set()
-        self._datagrams: deque[bytes] = deque(maxlen=self.config.datagram_queue)
-        self._datagram_waiter: asyncio.Future[None] | None = None
-        self._path_events: deque[PathEvent] = deque(maxlen=64)
-        self._path_waiter: asyncio.Future[None] | None = None
+        self._datagrams: _Inbox[bytes] = _Inbox(maxlen=self.config.datagram_queue)
+        self._path_events: _Inbox[PathEvent] = _Inbox(maxlen=64)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._keepalive: asyncio.TimerHandle | None = None
@@ -203,14 +233,7 @@ class P2PSession:
 
     async def accept_stream(self) -> P2PStream:
         """The next stream the peer opened."""
-        while not self._accept:
-            self._ready()
-            self._accept_waiter = self._loop.create_future()
-            try:
-                await self._accept_waiter
-            finally:
-                self._accept_waiter = None
-        return self._accept.popleft()
+        return await self._accept.get(self._ready)
 
     def send_datagram(self, data: bytes) -> None:
         """Send an unreliable datagram (dropped, and counted, if too many are queued)."""
@@ -225,14 +248,7 @@ class P2PSession:
         self._schedule_flush()
 
     async def recv_datagram(self) -> bytes:
-        while not self._datagrams:
-            self._ready()
-            self._datagram_waiter = self._loop.create_future()
-            try:
-                await self._datagram_waiter
-            finally:
-                self._datagram_waiter = None
-        return self._datagrams.popleft()
+        return await self._datagrams.get(self._ready)
 
     # ------------------------------------------------------------------ paths
 
@@ -247,19 +263,14 @@ class P2PSession:
     async def events(self) -> AsyncIterator[PathEvent]:
         """Path events as they happen (one consumer; the last 64 are kept), until closed."""
         while True:
-            while self._path_events:
-                yield self._path_events.popleft()
+            while self._path_events.items:
+                yield self._path_events.items.popleft()
             if self._error is not None:
                 return
-            self._path_waiter = self._loop.create_future()
-            try:
-                await self._path_waiter
-            finally:
-                self._path_waiter = None
+            await self._path_events.wait()
 
     def _on_path_event(self, event: PathEvent) -> None:
-        self._path_events.append(event)
-        _wake(self._path_waiter)
+        self._path_events.put(event)
         if event.type == "switched" and self._quic is not None and self._error is None:
             # Packets in flight on the old path are gone: an ACK-eliciting PING on the new
             # one makes QUIC declare them lost and resend them now, not after its backed-off
@@ -359,10 +370,9 @@ class P2PSession:
                     self._on_stream_data(event)
             elif isinstance(event, qe.DatagramFrameReceived):
                 if self._peer_trusted():  # nothing unauthenticated reaches the user
-                    if len(self._datagrams) == self._datagrams.maxlen:
+                    if len(self._datagrams.items) == self._datagrams.items.maxlen:
                         self.datagrams_dropped += 1
-                    self._datagrams.append(event.data)
-                    _wake(self._datagram_waiter)
+                    self._datagrams.put(event.data)
             elif isinstance(event, qe.StreamReset):
                 self._on_stream_reset(event)
             elif isinstance(event, qe.StopSendingReceived):
@@ -474,11 +484,10 @@ class P2PSession:
         if stream is None:
             if (
                 sid % 4 == (1 if self.role == "client" else 0)
-                and len(self._accept) < self.config.accept_backlog
+                and len(self._accept.items) < self.config.accept_backlog
             ):
                 stream = self._streams[sid] = P2PStream(self, sid, self.config.write_buffer)
-                self._accept.append(stream)
-                _wake(self._accept_waiter)
+                self._accept.put(stream)
             else:  # unidirectional (unused by natkit) or over the backlog: refuse
                 self._refuse(sid, len(event.data))
                 return
@@ -625,8 +634,8 @@ class P2PSession:
             self._authenticated.exception()  # retrieved: no "never retrieved" warning
         for stream in list(self._streams.values()):
             stream.fail(exc)
-        for waiter in (self._accept_waiter, self._datagram_waiter, self._path_waiter):
-            _wake(waiter)
+        for inbox in (self._accept, self._datagrams, self._path_events):
+            inbox.wake()
         self.switch.close()
 
     def __repr__(self) -> str:
