@@ -15,6 +15,7 @@ from natkit.errors import ProtocolError
 from natkit.relay import protocol as P
 from natkit.relay import tlspump
 from natkit.relay.certs import client_context, ensure_self_signed, server_context
+from natkit.relay.pump import reset_on_close
 
 START = P.encode(P.START, tunnel="t0", visitor="100.200.0.3:40000")
 
@@ -193,7 +194,7 @@ def test_a_visitor_reset_reaches_the_far_side_as_a_reset(tmp_path: Path) -> None
         agent_bridge = asyncio.ensure_future(tlspump.bridge(agent, service))
         await loop.sock_sendall(visitor_far, b"hello")
         assert await loop.sock_recv(service_far, 100) == b"hello"
-        tlspump._reset_on_close(visitor_far)
+        reset_on_close(visitor_far)
         visitor_far.close()
         with pytest.raises(ConnectionResetError):
             while await loop.sock_recv(service_far, 100):

@@ -18,6 +18,7 @@ from typing import Any
 
 from natkit.errors import NatkitError
 from natkit.p2p.errors import P2PError
+from natkit.relay.pump import reset_on_close
 
 log = logging.getLogger("natkit.p2p")
 
@@ -64,8 +65,7 @@ async def splice_stream(sock: socket.socket, stream: Any) -> None:
             for j in pending:
                 j.cancel()
             stream.abort()
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            reset_on_close(sock)
         else:
             await asyncio.gather(*pending)
     finally:

@@ -29,7 +29,7 @@ _F_SETPIPE_SZ = 1031
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
 
-def _reset_on_close(sock: Any) -> None:
+def reset_on_close(sock: Any) -> None:
     """Make closing ``sock`` send a RST: an abrupt end must reach the far side as one (a
     plain close() sends a FIN, and a cut-off stream would look complete)."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
@@ -40,7 +40,7 @@ def _abort(transport: asyncio.Transport) -> None:
     """``transport.abort()`` that resets the TCP connection (asyncio's alone sends a FIN)."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        _reset_on_close(sock)
+        reset_on_close(sock)
     transport.abort()
 
 
@@ -195,8 +195,8 @@ async def splice_pair(a: socket.socket, b: socket.socket) -> tuple[int, int]:
         ab.stop()
         ba.stop()
         if errors or not finished.done():  # broken or cancelled: reset both, never a FIN
-            _reset_on_close(a)
-            _reset_on_close(b)
+            reset_on_close(a)
+            reset_on_close(b)
         a.close()
         b.close()
     return ab.bytes, ba.bytes

@@ -23,7 +23,6 @@ import os
 import secrets
 import socket
 import ssl
-import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +32,7 @@ from natkit.errors import NatkitError, ProtocolError
 from natkit.relay import protocol as P
 from natkit.relay import sniff, stunserver, tlspump
 from natkit.relay.certs import ensure_self_signed, fingerprint_file, server_context
-from natkit.relay.pump import join_sockets
+from natkit.relay.pump import join_sockets, reset_on_close
 from natkit.relay.rooms import Rendezvous
 
 log = logging.getLogger("natkit.relay")
@@ -838,8 +837,7 @@ def raise_fd_limit() -> int:
 
 def _reset(conn: socket.socket) -> None:
     """Close with a TCP reset, so the visitor sees a refusal rather than an empty reply."""
-    with contextlib.suppress(OSError):
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    reset_on_close(conn)
     conn.close()
 
 

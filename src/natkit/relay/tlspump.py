@@ -27,12 +27,12 @@ from typing import Any
 
 from natkit.errors import ProtocolError
 from natkit.relay import protocol as P
+from natkit.relay.pump import reset_on_close
 
 CHUNK = 256 * 1024
 MAX_CHUNK = 4 * 1024 * 1024  # a larger length is not our framing
 _LEN = struct.Struct("!I")
 _EOF_CHUNK = b"\x00\x00\x00\x00"
-_LINGER_RESET = struct.pack("ii", 1, 0)
 _local = threading.local()
 
 
@@ -42,11 +42,6 @@ def _shared_buffer() -> memoryview:
     if view is None:
         view = _local.buffer = memoryview(bytearray(CHUNK + _LEN.size))
     return view
-
-
-def _reset_on_close(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
 async def _ready(sock: socket.socket, *, write: bool) -> None:
@@ -118,7 +113,7 @@ class TlsSocket:
     def close(self, *, reset: bool = False) -> None:
         self.closed = True
         if reset:
-            _reset_on_close(self.sock)
+            reset_on_close(self.sock)
         self.sock.close()
 
 
@@ -406,7 +401,7 @@ class TlsBridge:
                 (self.loop.remove_writer if write else self.loop.remove_reader)(fd)
         self.registered.clear()
         if exc is not None:  # an abrupt end is passed on as one, both ways
-            _reset_on_close(self.plain)
+            reset_on_close(self.plain)
         self.plain.close()
         if exc is not None or not self.keep or self.tls.eof:
             self.tls.close(reset=exc is not None)
