@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from natkit.errors import DiscoveryError, ProtocolError
+from natkit.net.retransmit import cap_schedule
 from natkit.net.routes import default_gateway, local_address_for
 from natkit.portmap import natpmp, pcp
 from natkit.portmap.epoch import EpochTracker
@@ -108,18 +109,6 @@ class GatewayUDP:
             raise NotOfferedError(
                 f"{what}: no answer from {self.gateway_ip}:5351 within {sum(schedule):g} s{note}"
             )
-
-
-def cap_schedule(schedule: Sequence[float], timeout: float) -> list[float]:
-    """Cut a retransmission schedule so that it ends within ``timeout`` seconds."""
-    out: list[float] = []
-    total = 0.0
-    for interval in schedule:
-        if total >= timeout:
-            break
-        out.append(min(interval, timeout - total))
-        total += out[-1]
-    return out or [timeout]
 
 
 class NatPmpClient:

@@ -9,6 +9,8 @@ smaller RTO and a ``timeout`` that cuts the schedule short.
 
 from __future__ import annotations
 
+from natkit.net.retransmit import cap_schedule
+
 RTO = 0.5  # initial RTO when the round-trip time is unknown
 RC = 7  # requests in all
 RM = 16  # the wait after the last request, in initial RTOs
@@ -30,20 +32,6 @@ def retransmit_schedule(
         raise ValueError("rto and rm must be positive and rc at least 1")
     waits = [rto * 2**i for i in range(rc - 1)] + [rto * rm]
     return waits if timeout is None else cap_schedule(waits, timeout)
-
-
-def cap_schedule(waits: list[float], timeout: float) -> list[float]:
-    """Cut ``waits`` so that they add up to at most ``timeout`` seconds."""
-    if timeout <= 0:
-        raise ValueError("timeout must be positive")
-    out: list[float] = []
-    total = 0.0
-    for wait in waits:
-        if total >= timeout:
-            break
-        out.append(min(wait, timeout - total))
-        total += out[-1]
-    return out
 
 
 def send_times(waits: list[float]) -> list[float]:
