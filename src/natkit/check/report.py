@@ -16,6 +16,7 @@ from typing import Any
 EIM = "endpoint-independent"
 
 METHODS = ("upnp", "natpmp", "pcp")
+METHOD_NAMES = {"upnp": "UPnP IGD", "natpmp": "NAT-PMP", "pcp": "PCP"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +83,7 @@ class CheckReport:
             return "direct: this host has a public address (open its firewall for the port)"
         method = self.usable_mapping
         if method is not None:
-            return f"router port mapping ({_NAMES[method]}): natkit expose maps a port"
+            return f"router port mapping ({METHOD_NAMES[method]}): natkit expose maps a port"
         if self.double_nat:
             return "relay: the router is behind another NAT, its port mappings are not public"
         if any(self.port_mapping.values()):
@@ -134,5 +135,3 @@ class CheckReport:
             "elapsed_ms": round(self.elapsed_ms, 1),
         }
 
-
-_NAMES = {"upnp": "UPnP IGD", "natpmp": "NAT-PMP", "pcp": "PCP"}

@@ -10,10 +10,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from natkit.check.report import METHODS, CheckReport
+from natkit.check.report import METHOD_NAMES, METHODS, CheckReport
 from natkit.check.run import run_check
-
-_NAMES = {"upnp": "UPnP IGD", "natpmp": "NAT-PMP", "pcp": "PCP"}
 
 
 def _yes_no(value: bool | None) -> str:
@@ -49,7 +47,7 @@ def render(report: CheckReport, console: Console) -> None:
             text = "offered, no external address"
         else:
             text = f"{offer.external_ip} ({'public' if offer.public else 'not public'})"
-        table.add_row(_NAMES[method], text)
+        table.add_row(METHOD_NAMES[method], text)
     table.add_row("double NAT", _yes_no(report.double_nat))
     if report.relay is not None:
         rtt = report.relay_rtt_ms
