@@ -134,4 +134,3 @@ class CheckReport:
             "notes": self.notes,
             "elapsed_ms": round(self.elapsed_ms, 1),
         }
-

@@ -29,7 +29,7 @@ from natkit.relay import tlspump
 from natkit.relay.certs import KnownRelays, RelayTrustError, client_context, fingerprint_der
 from natkit.relay.pump import join_sockets
 from natkit.relay.rendezvous import P2PRoom, Rendezvous
-from natkit.relay.server import read_frame
+from natkit.relay.sockframes import read_frame
 from natkit.state import state_dir
 
 log = logging.getLogger("natkit.relay")

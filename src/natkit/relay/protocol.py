@@ -188,6 +188,17 @@ def signal_size(data: str) -> int:
     return len(json.dumps(data)) - 2
 
 
+def decode_header(head: bytes | bytearray) -> tuple[int, int]:
+    """Type and body length from the start of ``head``; ProtocolError if not our framing."""
+    word = HEADER.unpack_from(head)[0]
+    msg_type, length = word >> 24, word & 0xFFFFFF
+    if msg_type not in SCHEMAS:
+        raise ProtocolError(f"unknown relay message type {msg_type}")
+    if length > MAX_FRAME:
+        raise ProtocolError(f"relay frame of {length} bytes exceeds {MAX_FRAME}")
+    return msg_type, length
+
+
 class Decoder:
     """Feed bytes, get messages. Holds at most one partial frame (bounded by MAX_FRAME)."""
 
@@ -198,12 +209,7 @@ class Decoder:
         self._buf += data
         out: list[Message] = []
         while len(self._buf) >= HEADER.size:
-            word = HEADER.unpack_from(self._buf)[0]
-            msg_type, length = word >> 24, word & 0xFFFFFF
-            if msg_type not in SCHEMAS:
-                raise ProtocolError(f"unknown relay message type {msg_type}")
-            if length > MAX_FRAME:
-                raise ProtocolError(f"relay frame of {length} bytes exceeds {MAX_FRAME}")
+            msg_type, length = decode_header(self._buf)
             if len(self._buf) < HEADER.size + length:
                 break
             body = bytes(self._buf[HEADER.size : HEADER.size + length])

@@ -23,7 +23,7 @@ from typing import Any
 
 from natkit.errors import NatkitError, ProtocolError
 from natkit.relay import protocol as P
-from natkit.relay.server import read_frame
+from natkit.relay.sockframes import read_frame
 
 log = logging.getLogger("natkit.relay")
 

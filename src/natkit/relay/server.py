@@ -34,6 +34,7 @@ from natkit.relay import sniff, stunserver, tlspump
 from natkit.relay.certs import ensure_self_signed, fingerprint_file, server_context
 from natkit.relay.pump import join_sockets, reset_on_close
 from natkit.relay.rooms import Rendezvous
+from natkit.relay.sockframes import read_frame
 
 log = logging.getLogger("natkit.relay")
 
@@ -902,24 +903,3 @@ async def _peek_until(
         else:
             pause = 0.001
         seen = len(data)
-
-
-async def read_frame(conn: socket.socket) -> P.Message:
-    """Read exactly one frame from a non-blocking socket, no byte more."""
-    loop = asyncio.get_running_loop()
-    head = await _recv_exact(loop, conn, P.HEADER.size)
-    word = P.HEADER.unpack(head)[0]
-    msg_type, length = word >> 24, word & 0xFFFFFF
-    if msg_type not in P.SCHEMAS or length > P.MAX_FRAME:
-        raise ProtocolError("not a natkit relay frame")
-    return P.decode_body(msg_type, await _recv_exact(loop, conn, length))
-
-
-async def _recv_exact(loop: asyncio.AbstractEventLoop, conn: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await loop.sock_recv(conn, n - len(buf))
-        if not chunk:
-            raise ProtocolError("connection closed mid-frame")
-        buf += chunk
-    return bytes(buf)

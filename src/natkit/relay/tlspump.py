@@ -176,10 +176,7 @@ async def _recv_exact(tls: TlsSocket, n: int) -> bytes:
 
 async def read_frame(tls: TlsSocket) -> P.Message:
     """Read exactly one relay frame, no byte more (what follows belongs to the bridge)."""
-    word = P.HEADER.unpack(await _recv_exact(tls, P.HEADER.size))[0]
-    msg_type, length = word >> 24, word & 0xFFFFFF
-    if msg_type not in P.SCHEMAS or length > P.MAX_FRAME:
-        raise ProtocolError("not a natkit relay frame")
+    msg_type, length = P.decode_header(await _recv_exact(tls, P.HEADER.size))
     return P.decode_body(msg_type, await _recv_exact(tls, length))
 
 
