@@ -11,7 +11,6 @@ from rich.console import Console
 from rich.table import Table
 
 from natkit.check.report import METHOD_NAMES, METHODS, CheckReport
-from natkit.check.run import run_check
 
 
 def _yes_no(value: bool | None) -> str:
@@ -91,6 +90,8 @@ def check(
 ) -> None:
     """Report this host's network: public address, NAT behaviour (RFC 5780), the router's
     port mapping, double NAT, the relay; then what will work."""
+    from natkit.check.run import run_check  # STUN, port mapping, relay: only when run
+
     options: dict[str, Any] = {"fingerprint": fingerprint} if fingerprint else {}
     report = asyncio.run(
         run_check(

@@ -8,16 +8,15 @@ import json
 import socket
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from natkit.errors import NatkitError
-from natkit.p2p.errors import P2PError
-from natkit.p2p.forward import open_forward, serve_forward, splice_stream
-from natkit.p2p.ice import TurnServer
-from natkit.p2p.peer import P2PConnection, P2POptions, Role, connect_peer
 from natkit.relay.agent import parse_hostport
+
+if TYPE_CHECKING:  # natkit.p2p loads aioquic and aioice: only when a p2p command runs
+    from natkit.p2p.peer import P2PConnection, P2POptions, Role
 
 
 def _emit(as_json: bool, event: str, **info: Any) -> None:
@@ -40,6 +39,9 @@ def _options(
     no_portmap: bool,
     fingerprint: str | None,
 ) -> P2POptions:
+    from natkit.p2p.ice import TurnServer
+    from natkit.p2p.peer import P2POptions
+
     turn_server = None
     if turn is not None:
         if not turn_user or turn_password is None:
@@ -86,6 +88,8 @@ def _common(f: Any) -> Any:
 
 
 async def _session(name: str, role: Role, opts: P2POptions, as_json: bool) -> P2PConnection:
+    from natkit.p2p.peer import connect_peer
+
     conn = await connect_peer(name, role, opts)
     _emit(as_json, "ready", path=conn.path, elapsed_ms=round(conn.elapsed * 1000, 1))
 
@@ -115,6 +119,9 @@ def listen(
                     fingerprint)  # fmt: skip
 
     async def main() -> None:
+        from natkit.p2p.errors import P2PError
+        from natkit.p2p.forward import serve_forward
+
         while True:
             conn = await _session(name, "listen", opts, as_json)
             tasks: set[asyncio.Task[None]] = set()
@@ -159,6 +166,9 @@ def connect(
         pairs.append((int(local), int(remote)))
 
     async def main() -> None:
+        from natkit.p2p.errors import P2PError
+        from natkit.p2p.forward import open_forward, splice_stream
+
         conn = await _session(name, "connect", opts, as_json)
         loop = asyncio.get_running_loop()
         listeners: list[socket.socket] = []
