@@ -112,15 +112,6 @@ def nat_lab(request: pytest.FixtureRequest, make_lab: Callable[..., Lab]) -> Ite
         yield make_lab(f"nat-{nat}", nat=nat)
 
 
-@pytest.fixture
-def sockets() -> Iterator[list[socket.socket]]:
-    """Sockets a test opens; closed after it."""
-    opened: list[socket.socket] = []
-    yield opened
-    for sock in opened:
-        sock.close()
-
-
 # ---- coturn ---------------------------------------------------------------------------------
 
 

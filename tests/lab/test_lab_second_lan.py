@@ -94,14 +94,6 @@ def by_nat2(request: pytest.FixtureRequest) -> Lab:
     return the_lab
 
 
-@pytest.fixture
-def sockets() -> Iterator[list[socket.socket]]:
-    opened: list[socket.socket] = []
-    yield opened
-    for sock in opened:
-        sock.close()
-
-
 def ip_json(*args: str) -> Any:
     out = subprocess.run(["ip", "-j", *args], capture_output=True, text=True, check=False).stdout
     return json.loads(out or "[]")
