@@ -39,6 +39,7 @@ import natkit
 from natkit.lab import Lab
 from natkit.lab import config as C
 from natkit.relay import protocol as P
+from natkit.relay import seal
 from natkit.relay.agent import RelayAuthError
 from tests.conftest import call_in_node
 from tests.lab.helpers import http_server, wait_for, wait_router_uptime
@@ -559,6 +560,12 @@ def test_garbage_on_the_control_port_is_dropped(lab: Lab, procs: Procs) -> None:
             True,
         ),
         "nothing at all inside TLS": (b"", True),
+        "a sealed data connection with a bogus ticket": (
+            seal.encode_opening("bogus", bytes(seal.NONCE_SIZE)) + noise,
+            False,
+        ),
+        "a sealed data connection with no ticket": (seal.PREFIX + b"\x00" + noise, False),
+        "a sealed opening cut short": (seal.PREFIX + b"\x05bog", False),
     }
     with http_server(lab, "lan", C.LAN_IP, 0, "steady") as port:
         relay, _ = procs.relay("--metrics", f"{RELAY_IP}:{METRICS_PORT}")
@@ -591,9 +598,9 @@ def test_garbage_on_the_control_port_is_dropped(lab: Lab, procs: Procs) -> None:
         assert visit(lab, new_public) == "steady"
         counts = metrics(lab)
         assert counts["natkit_relay_agents"] == 2, counts
-        assert counts.get("garbage", 0) >= 6, counts
+        assert counts.get("garbage", 0) >= 8, counts
         assert counts.get("auth_failures", 0) == 1, counts
-        assert counts.get("bad_tickets", 0) >= 2, counts
+        assert counts.get("bad_tickets", 0) >= 3, counts
         stopped_cleanly(agent, public)
         stopped_cleanly(newcomer, new_public)
         assert relay.stop() == 0, relay.why()

@@ -5,8 +5,9 @@ upgrade, half-close both ways, a reset passed on as a reset, 1 GiB checked by ha
 The lab has port mapping OFF, so the relay is the only way in: ``natkit relay serve`` runs
 on wan (the Internet), ``natkit expose --via relay`` on lan behind the NAT, services are
 asyncio servers inside lan and visitors connect from wan. Every test runs in both data
-modes: ``tls`` (encrypted data connections: the asyncio Protocol bridge with framed
-half-close; that relay refuses plaintext data, so the mode cannot be faked) and ``plain``
+modes: ``sealed`` (encrypted data connections: ChaCha20-Poly1305 records keyed from the
+control session, framed half-close; that relay refuses plaintext data, so the mode cannot be
+faked) and ``plain``
 (``--plaintext-data``: the splice path on both ends).
 """
 
@@ -57,15 +58,15 @@ from tests.lab.relay_helpers import (
 pytestmark = pytest.mark.lab
 
 TOKEN = "relay-data-" + secrets.token_hex(12)
-MODES = ("tls", "plain")
+MODES = ("sealed", "plain")
 PORT_RANGE = (20000, 20099)
 HTTP_PORT, HTTPS_PORT, METRICS_PORT = 8080, 8443, 9100
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MiB = 1 << 20
 GiB = 1 << 30
-# 1 GiB in both modes: on the shared 2-core test machine that took ~5-9 s over TLS data
-# connections and ~2-3 s spliced (no timing is asserted).
-BIG_TRANSFER = {"tls": GiB, "plain": GiB}
+# 1 GiB in both modes: on the shared 2-core test machine that took a few seconds either
+# way (no timing is asserted).
+BIG_TRANSFER = {"sealed": GiB, "plain": GiB}
 VISITORS = 1000
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -121,7 +122,7 @@ def env(
     """One relay per data mode (pytest finishes one mode before the next starts)."""
     mode: str = request.param
     state = tmp_path_factory.mktemp(f"relay-{mode}")
-    extra = ["--no-plaintext-data"] if mode == "tls" else []
+    extra = ["--no-plaintext-data"] if mode == "sealed" else []
     relay = start_relay(
         rlab,
         state,
@@ -843,8 +844,8 @@ def test_metrics_count_what_happened(env: Env) -> None:
     assert relay_event(m, "unrouted_visitors") >= env.unrouted, (env.unrouted, text)
     assert relay_event(m, "bad_visitors") >= env.refused, (env.refused, text)
     # (visitors_refused: reported by the 1,000-visitor test itself.)
-    # TLS data connections whose visitor ended cleanly carry the next visitor (no new
-    # handshake); plain ones cannot (no end mark on a spliced stream).
+    # Sealed data connections whose visitor ended cleanly carry the next visitor (no new
+    # connection); plain ones cannot (no end mark on a spliced stream).
     reused = relay_event(m, "data_conns_reused")
     assert (reused > 0) if not env.plain else (reused == 0), text
     for event in ("visitors_timed_out", "auth_failures"):

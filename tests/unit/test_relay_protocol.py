@@ -19,7 +19,7 @@ SAMPLES: dict[int, dict[str, Any]] = {
     P.HELLO: {"version": 1, "agent": "natkit"},
     P.CHALLENGE: {"nonce": "00ff" * 8},
     P.AUTH: {"token_id": "a" * 32, "mac": "b" * 64},
-    P.WELCOME: {"session": "0123456789abcdef"},
+    P.WELCOME: {"session": "0123456789abcdef", "data_key": "00" * 32},
     P.ERROR: {"code": "auth", "message": "the relay does not accept this token"},
     P.OPEN: {"tunnel": "t0", "kind": "tcp", "name": "", "port": 20000},
     P.OPENED: {"tunnel": "t0", "public": "100.200.0.2:20000"},

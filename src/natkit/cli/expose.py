@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.live import Live
@@ -15,11 +15,13 @@ from rich.table import Table
 
 from natkit.cli.common import emit_json, err, out
 from natkit.errors import NatkitError
-from natkit.portmap.manager import KeptMapping
-from natkit.portmap.mapping import PortMapping
+from natkit.net.fdlimit import raise_fd_limit
 from natkit.relay.agent import Agent, TunnelSpec
 from natkit.relay.pump import small_tls_buffers
-from natkit.relay.server import raise_fd_limit
+
+if TYPE_CHECKING:
+    from natkit.portmap.manager import KeptMapping
+    from natkit.portmap.mapping import PortMapping
 
 
 class _Status:
@@ -202,6 +204,8 @@ def _say(opts: ExposeOptions, obj: dict[str, Any], text: str) -> None:
 
 
 def _keeper(opts: ExposeOptions) -> KeptMapping:
+    from natkit.portmap.manager import KeptMapping  # only when router mapping is tried
+
     return KeptMapping(
         opts.port, protocol=opts.protocol, external_port=opts.external_port, lease=opts.lease,
         via="auto" if opts.via == "relay" else opts.via, gateway_ip=opts.gateway,

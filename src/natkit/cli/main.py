@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 
 import click
 
 from natkit import __version__
-from natkit.cli.check import check
 from natkit.cli.common import fail
-from natkit.cli.expose import expose
-from natkit.cli.lab import lab
-from natkit.cli.map import map_group
-from natkit.cli.p2p import p2p
-from natkit.cli.relay import relay
 from natkit.errors import NatkitError
 
+# Each command's module is imported only when that command runs (or for --help): a relay
+# or an agent process then holds neither the lab, nor rich tables, nor the ICE stack.
+COMMANDS = {
+    "map": "natkit.cli.map:map_group",
+    "expose": "natkit.cli.expose:expose",
+    "lab": "natkit.cli.lab:lab",
+    "relay": "natkit.cli.relay:relay",
+    "check": "natkit.cli.check:check",
+    "p2p": "natkit.cli.p2p:p2p",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        command: click.Command = getattr(importlib.import_module(module), attr)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="natkit")
 @click.option("-v", "--verbose", is_flag=True, help="Log what natkit does to stderr.")
 def cli(verbose: bool) -> None:
@@ -28,14 +47,6 @@ def cli(verbose: bool) -> None:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-
-
-cli.add_command(map_group)
-cli.add_command(expose)
-cli.add_command(lab)
-cli.add_command(relay)
-cli.add_command(check)
-cli.add_command(p2p)
 
 
 def main() -> None:

@@ -10,9 +10,10 @@ from pathlib import Path
 import click
 
 from natkit.cli.common import emit_json, fail, out
+from natkit.net.fdlimit import raise_fd_limit
 from natkit.relay.agent import parse_hostport
 from natkit.relay.pump import small_tls_buffers
-from natkit.relay.server import RelayConfig, RelayServer, raise_fd_limit
+from natkit.relay.server import RelayConfig, RelayServer
 from natkit.state import state_dir
 
 

@@ -4,7 +4,8 @@ It keeps one control connection to the relay (TLS; the relay is verified by a pi
 fingerprint or a CA; the token is proven by HMAC, never sent), reconnects forever with
 backoff and jitter, and opens data connections ahead of visitors when the relay hands it
 tickets. Each data connection waits for START, then is joined to a fresh connection to
-the local service: spliced when both are plain TCP, a Protocol bridge over TLS.
+the local service: spliced when both are plain TCP (``--plaintext-data``), else sealed with
+keys from the control session (:mod:`natkit.relay.seal`).
 
 An agent also meets peers through the relay (:meth:`Agent.join_p2p`, see
 :mod:`natkit.relay.rendezvous`); it needs no tunnel for that.
@@ -25,7 +26,7 @@ from typing import Any
 
 from natkit.errors import NatkitError, ProtocolError
 from natkit.relay import protocol as P
-from natkit.relay import tlspump
+from natkit.relay import seal, sealpump
 from natkit.relay.certs import KnownRelays, RelayTrustError, client_context, fingerprint_der
 from natkit.relay.pump import join_sockets
 from natkit.relay.rendezvous import P2PRoom, Rendezvous
@@ -104,6 +105,7 @@ class Agent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._fatal: BaseException | None = None
         self.fingerprint = ""
+        self._data_key = b""  # the session's secret for sealed data connections (WELCOME)
         self.connections = 0
         self._queued: list[P.Message] = []
         self._parked: set[asyncio.Task[None]] = set()
@@ -170,6 +172,7 @@ class Agent:
                 raise RelayAuthError(f"relay {self.relay} rejected the token: {msg['message']}")
             if msg.type != P.WELCOME:
                 raise ProtocolError(f"expected WELCOME, got {msg.name}: {msg.fields}")
+            self._data_key = _data_key(msg["data_key"])
             self._writer = writer
             self.connections += 1
             for t in self.tunnels.values():
@@ -275,7 +278,8 @@ class Agent:
             t = self.tunnels.get(msg["tunnel"])
             if t is not None:
                 for ticket in msg["tickets"]:
-                    task = asyncio.get_running_loop().create_task(self._data_conn(t, ticket))
+                    conn = self._data_conn(t, ticket, self._data_key)
+                    task = asyncio.get_running_loop().create_task(conn)
                     self._parked.add(task)
                     task.add_done_callback(self._parked.discard)
         elif msg.type == P.PING:
@@ -335,13 +339,13 @@ class Agent:
             self._tasks.add(task)  # keep a strong reference while it runs
             task.add_done_callback(self._tasks.discard)
 
-    async def _data_conn(self, t: TunnelSpec, ticket: str) -> None:
+    async def _data_conn(self, t: TunnelSpec, ticket: str, data_key: bytes) -> None:
         try:
             if self.plaintext_data:
                 await self._data_conn_plain(t, ticket)
             else:
-                await self._data_conn_tls(t, ticket)
-        except (OSError, ProtocolError, ssl.SSLError, RelayTrustError) as exc:
+                await self._data_conn_sealed(t, ticket, data_key)
+        except (OSError, ProtocolError) as exc:
             log.debug("data connection ended: %s", exc)
 
     async def _data_conn_plain(self, t: TunnelSpec, ticket: str) -> None:
@@ -374,36 +378,32 @@ class Agent:
             raise
         return local
 
-    async def _data_conn_tls(self, t: TunnelSpec, ticket: str) -> None:
+    async def _data_conn_sealed(self, t: TunnelSpec, ticket: str, data_key: bytes) -> None:
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET6 if ":" in self.relay_host else socket.AF_INET)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             await loop.sock_connect(sock, (self.relay_host, self.relay_port))
-            await loop.sock_sendall(sock, P.TLS_DATA_PREFIX)
-            tls = await asyncio.wait_for(tlspump.handshake(sock, self.ssl, server_side=False), 10)
+            sealed = await asyncio.wait_for(sealpump.open_sealed(sock, data_key, ticket), 10)
         except BaseException:
             sock.close()
             raise
         try:
-            if fingerprint_der(tls.peer_der()) != self.fingerprint:
-                raise RelayTrustError("data connection reached a relay with another certificate")
-            await tlspump.send_all(tls, P.encode(P.DATA, ticket=ticket))
             while True:
-                start = await tlspump.read_frame(tls)  # parked until a visitor arrives
+                start = await sealpump.read_frame(sealed)  # parked until a visitor arrives
                 self._unpark()
                 if start.type != P.START:
                     raise ProtocolError(f"expected START, got {start.name}")
                 local = await self._connect_local(t)
-                # The visitor's first bytes may already sit decrypted in OpenSSL: the bridge
+                # The visitor's first bytes may already sit opened in the channel: the bridge
                 # reads them. A cleanly ended visitor leaves the connection for the next one.
-                await tlspump.bridge(tls, local, keep=True)
-                if tls.closed:
+                await sealpump.bridge(sealed, local, keep=True)
+                if sealed.closed:
                     return
                 self._repark()
         except BaseException:
-            tls.close()
+            sealed.close()
             raise
 
     def _repark(self) -> None:
@@ -418,6 +418,16 @@ class Agent:
             task.cancel()
         if self._writer is not None:
             self._writer.close()
+
+
+def _data_key(text: str) -> bytes:
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != seal.KEY_SIZE:
+        raise ProtocolError("the relay sent no usable data key: is it an older natkit?")
+    return key
 
 
 __all__ = [

@@ -8,14 +8,15 @@ is a :class:`ProtocolError` and the peer is dropped.
 Conversation (control connection, TLS)::
 
     agent  HELLO {version, agent}            relay  CHALLENGE {nonce}
-    agent  AUTH {token_id, mac}              relay  WELCOME {session} | ERROR {code, message}
+    agent  AUTH {token_id, mac}              relay  WELCOME {session, data_key} | ERROR {code, message}
     agent  OPEN {tunnel, kind, name, port}   relay  OPENED {tunnel, public} | ERROR
                                              relay  TICKETS {tunnel, tickets}   (open data conns)
     agent  DIAL {id, host, port}             relay  DIALED {id, ok, error}
     either PING {t}                          other  PONG {t}
 
 A data connection starts with DATA {ticket} and waits; when a visitor arrives the relay
-sends START {tunnel, visitor} and then both ends pass raw bytes.
+sends START {tunnel, visitor} and then both ends pass raw bytes. Encrypted ones are sealed
+with keys derived from ``data_key`` and their ticket (:mod:`natkit.relay.seal`).
 
 Rendezvous for peer-to-peer (rooms keyed by token and name; see :mod:`natkit.relay.rooms`)::
 
@@ -51,10 +52,6 @@ DIAL, DIALED, PING, PONG = 10, 11, 12, 13
 DATA, START = 20, 21
 P2P_JOIN, P2P_PEER, P2P_SIGNAL, P2P_LEAVE, P2P_JOINED = 30, 31, 32, 33, 34
 
-# An encrypted data connection opens with this byte, then the TLS handshake: the relay
-# picks its data path before the handshake (control connections start with TLS at once).
-TLS_DATA_PREFIX = b"T"
-
 NAMES = {
     HELLO: "HELLO", CHALLENGE: "CHALLENGE", AUTH: "AUTH", WELCOME: "WELCOME", ERROR: "ERROR",
     OPEN: "OPEN", OPENED: "OPENED", CLOSE: "CLOSE", TICKETS: "TICKETS", DIAL: "DIAL",
@@ -68,7 +65,7 @@ SCHEMAS: dict[int, dict[str, type]] = {
     HELLO: {"version": int, "agent": str},
     CHALLENGE: {"nonce": str},
     AUTH: {"token_id": str, "mac": str},
-    WELCOME: {"session": str},
+    WELCOME: {"session": str, "data_key": str},
     ERROR: {"code": str, "message": str},
     OPEN: {"tunnel": str, "kind": str, "name": str, "port": int},
     OPENED: {"tunnel": str, "public": str},

@@ -3,8 +3,8 @@
 Two plain TCP sockets are joined with non-blocking ``os.splice`` through a pipe per
 direction (Linux): the bytes never enter Python. ``SPLICE_F_MORE`` is never set (it holds
 small writes back for ~400 ms). Elsewhere they go through ``asyncio.Protocol`` pairs with
-back-pressure (TLS data connections have their own path: see :mod:`natkit.relay.tlspump`): reading from one side pauses while the other
-side's write buffer is full. Streams stay off this path. Half-close is honoured both ways:
+back-pressure (sealed data connections have their own path: :mod:`natkit.relay.sealpump`):
+reading from one side pauses while the other side's write buffer is full. Streams stay off this path. Half-close is honoured both ways:
 EOF on one side becomes ``shutdown(SHUT_WR)`` on the other, and the pair closes when both
 directions are done. An abrupt end (a reset, an error) is passed on as a reset, never as a
 clean EOF that would make a cut-off stream look complete.

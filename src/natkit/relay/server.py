@@ -1,8 +1,9 @@
 """``natkit relay serve``: the public side of relay tunnels.
 
 One listening port carries agents' control connections (TLS) and their data connections
-(TLS, or plain TCP with ``--plaintext-data``); the first byte tells them apart (0x16 is a
-TLS handshake). Visitors arrive on a tunnel's public TCP port, or on the shared HTTP port
+(sealed with keys from the control session, :mod:`natkit.relay.seal`, or plain TCP with
+``--plaintext-data``); the first byte tells them apart (0x16 is a TLS handshake, "S" a
+sealed data connection). Visitors arrive on a tunnel's public TCP port, or on the shared HTTP port
 (routed by Host) or HTTPS port (routed by TLS SNI, passed through untouched). Each visitor
 takes a data connection the agent opened ahead of time, so it does not wait a round trip.
 
@@ -30,7 +31,7 @@ from typing import Any
 
 from natkit.errors import NatkitError, ProtocolError
 from natkit.relay import protocol as P
-from natkit.relay import sniff, stunserver, tlspump
+from natkit.relay import seal, sealpump, sniff, stunserver
 from natkit.relay.certs import ensure_self_signed, fingerprint_file, server_context
 from natkit.relay.pump import join_sockets, reset_on_close
 from natkit.relay.rooms import Rendezvous
@@ -40,8 +41,8 @@ log = logging.getLogger("natkit.relay")
 
 HANDSHAKE_TIMEOUT = 10.0
 HEADER_TIMEOUT = 10.0  # slowloris: a visitor's routing bytes must arrive within this
-VISITOR_WAIT = 10.0
-TICKET_TTL = 10.0  # an agent answers a ticket within milliseconds; older ones are lost  # how long a visitor waits for a data connection
+VISITOR_WAIT = 10.0  # how long a visitor waits for a data connection
+TICKET_TTL = 10.0  # an agent answers a ticket within milliseconds; older ones are lost
 PING_INTERVAL = 10.0
 IDLE_TIMEOUT = 35.0
 
@@ -72,10 +73,12 @@ class RelayConfig:
 
 
 class _Conn:
-    """A data connection parked in a tunnel's pool: plain, or TLS (then ``tls`` is set)."""
+    """A data connection parked in a tunnel's pool: plain, or sealed (then ``sealed`` is set)."""
 
-    def __init__(self, sock: socket.socket, tls: tlspump.TlsSocket | None = None) -> None:
-        self.sock, self.tls = sock, tls
+    __slots__ = ("dead", "sealed", "sock")
+
+    def __init__(self, sock: socket.socket, sealed: sealpump.SealedSocket | None = None) -> None:
+        self.sock, self.sealed = sock, sealed
         self.dead = False
 
     def close(self) -> None:
@@ -96,7 +99,7 @@ class Tunnel:
         self.accept_paused = False
         self.refill_scheduled = False
         self.visitors = 0
-        # Plain data connections serve one visitor each; TLS ones come back to the pool
+        # Plain data connections serve one visitor each; sealed ones come back to the pool
         # (see RelayServer._repark), so they need far fewer refills.
         self.single_use = True
 
@@ -109,6 +112,8 @@ class Session:
         self.transport = transport
         self.fingerprint = fingerprint
         self.nonce = secrets.token_hex(16)
+        # Sealed data connections derive their keys from this (sent in WELCOME, over TLS).
+        self.data_key = secrets.token_bytes(seal.KEY_SIZE)
         self.token_label: str | None = None
         self.token_id: str | None = None
         self.plaintext_ok = False
@@ -321,7 +326,7 @@ class RelayServer:
         loop.add_reader(sock.fileno(), ready)
         return ready
 
-    # ---- the listen port: TLS (control or data) or plaintext data -------------------------
+    # ---- the listen port: TLS control, sealed data or plaintext data ----------------------
 
     async def _on_listen_conn(self, conn: socket.socket, addr: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -333,8 +338,8 @@ class RelayServer:
         if not first:
             conn.close()
             return
-        if first == P.TLS_DATA_PREFIX:
-            await self._data_conn_tls(conn, addr)
+        if first == seal.PREFIX:
+            await self._data_conn_sealed(conn, addr)
             return
         if first[0] == 0x16:  # a TLS handshake: a control connection
             try:
@@ -372,32 +377,34 @@ class RelayServer:
         loop.add_reader(conn.fileno(), lambda: self._drop_parked(tunnel, entry))
         self._park(tunnel, entry)
 
-    async def _data_conn_tls(self, conn: socket.socket, addr: Any) -> None:
+    async def _data_conn_sealed(self, conn: socket.socket, addr: Any) -> None:
+        def key_for(ticket: str) -> bytes | None:
+            tunnel = self.tickets.get(ticket)
+            return None if tunnel is None else tunnel.session.data_key
+
         try:
-            conn.recv(1)  # the prefix byte
-            tls = await asyncio.wait_for(
-                tlspump.handshake(conn, self.ssl, server_side=True), HANDSHAKE_TIMEOUT
+            sealed, ticket = await asyncio.wait_for(
+                sealpump.accept_sealed(conn, key_for), HANDSHAKE_TIMEOUT
             )
-        except (asyncio.TimeoutError, OSError) as exc:
-            log.info("TLS handshake with %s failed: %s", addr, exc)
-            self.stats["garbage"] += 1
+        except sealpump.UnknownTicketError as exc:
+            log.warning("dropping %s: %s", addr, exc)
+            self.stats["bad_tickets"] += 1
             conn.close()
             return
-        try:
-            msg = await asyncio.wait_for(tlspump.read_frame(tls), HANDSHAKE_TIMEOUT)
         except (asyncio.TimeoutError, OSError, ProtocolError) as exc:
             log.warning("dropping %s: %s", addr, exc)
             self.stats["garbage"] += 1
-            tls.close()
+            conn.close()
             return
-        tunnel = self._take_ticket(msg["ticket"]) if msg.type == P.DATA else None
-        if tunnel is None or tls.obj.pending() or tls.incoming.pending:  # speaks after START
+        tunnel = self._take_ticket(ticket)
+        if tunnel is None or sealed.pushback or sealed.chan.has_input():  # speaks after START
             self.stats["bad_tickets"] += 1
-            tls.close()
+            sealed.close()
             return
-        entry = _Conn(tls.sock, tls)
+        entry = _Conn(sealed.sock, sealed)
         loop = asyncio.get_running_loop()
-        loop.add_reader(tls.fileno(), lambda: self._drop_parked(tunnel, entry))
+        # While parked, readable means the agent went away (or misbehaves): drop it.
+        loop.add_reader(sealed.fileno(), lambda: self._drop_parked(tunnel, entry))
         self._park(tunnel, entry)
 
     def _take_ticket(self, ticket: str) -> Tunnel | None:
@@ -409,7 +416,7 @@ class RelayServer:
         return tunnel
 
     def _park(self, tunnel: Tunnel, entry: _Conn) -> None:
-        tunnel.single_use = entry.tls is None
+        tunnel.single_use = entry.sealed is None
         try:
             while tunnel.waiting:
                 fut = tunnel.waiting.popleft()
@@ -433,13 +440,13 @@ class RelayServer:
             asyncio.get_running_loop().add_reader(tunnel.listener.fileno(), tunnel.accept_ready)
 
     def _repark(self, tunnel: Tunnel, entry: _Conn) -> None:
-        """A TLS data connection whose visitor ended cleanly serves the next one: no new
-        connection and no handshake for it (like HTTP keep-alive). The pool stays bounded."""
+        """A sealed data connection whose visitor ended cleanly serves the next one: no new
+        connection for it (like HTTP keep-alive). The pool stays bounded."""
         alive = tunnel.session in self.sessions and self.tunnels_by_key.get(tunnel.key) is tunnel
         if (
             not alive
-            or entry.tls is None
-            or entry.tls.pushback
+            or entry.sealed is None
+            or entry.sealed.pushback
             or len(tunnel.pool) >= self.cfg.pool_size
         ):
             entry.close()
@@ -459,7 +466,7 @@ class RelayServer:
     def _refill(self, tunnel: Tunnel, extra: int = 0) -> None:
         """Ask the agent for data connections: the pool target plus the visitors waiting.
 
-        Coalesced: one TICKETS message per tunnel per loop iteration; for TLS data connections
+        Coalesced: one TICKETS message per tunnel per loop iteration; for sealed data connections
         (reused) only once the pool has drained to half its target (or visitors wait).
         """
         if tunnel.refill_scheduled or tunnel.session not in self.sessions:
@@ -467,7 +474,7 @@ class RelayServer:
         have = len(tunnel.pool) + len(tunnel.tickets)
         # Single-use (plain) connections: one new one per visitor, so the cost of opening them
         # is spread evenly instead of arriving in bursts that delay the next visitors. Reused
-        # (TLS) connections: only once the pool has drained to half, as most come back.
+        # (sealed) connections: only once the pool has drained to half, as most come back.
         low = self.cfg.pool_size if tunnel.single_use else self.cfg.pool_size // 2 + 1
         if not tunnel.waiting and not extra and have >= low:
             return
@@ -511,7 +518,7 @@ class RelayServer:
             s.token_label, s.token_id = found[0], msg["token_id"]
             s.plaintext_ok = self.cfg.allow_plaintext_data
             self.sessions.add(s)
-            s.send(P.WELCOME, session=s.id)
+            s.send(P.WELCOME, session=s.id, data_key=s.data_key.hex())
             return
         if msg.type == P.OPEN:
             self._open(s, msg)
@@ -749,9 +756,9 @@ class RelayServer:
         self.stats["active"] += 1
         try:
             await self._join(conn, entry, start)
-            if entry.tls is not None and not entry.tls.closed:
+            if entry.sealed is not None and not entry.sealed.closed:
                 self._repark(tunnel, entry)
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:
             log.debug("visitor %s ended abruptly: %s", visitor, exc)
             entry.close()
             _reset(conn)
@@ -763,8 +770,8 @@ class RelayServer:
         data = entry.sock
         with contextlib.suppress(Exception):
             loop.remove_reader(data.fileno())
-        if entry.tls is not None:
-            await tlspump.bridge(entry.tls, visitor, prefix=start, keep=True)
+        if entry.sealed is not None:
+            await sealpump.bridge(entry.sealed, visitor, prefix=start, keep=True)
             return
         try:
             await loop.sock_sendall(data, start)
@@ -821,19 +828,6 @@ def _resume_if_open(
 ) -> None:
     if sock.fileno() >= 0:
         loop.add_reader(sock.fileno(), ready)
-
-
-def raise_fd_limit() -> int:
-    """Raise the soft limit on open files to the hard limit (each visitor costs a few)."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    for want in (max(hard, 1 << 20), hard):  # root may raise the hard limit too
-        if soft < want:
-            with contextlib.suppress(ValueError, OSError):
-                resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
-                return want
-    return soft
 
 
 def _reset(conn: socket.socket) -> None:

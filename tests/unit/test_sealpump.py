@@ -1,4 +1,4 @@
-"""The TLS data path (natkit.relay.tlspump) over real loopback TLS connections."""
+"""The sealed data path (natkit.relay.sealpump) over real loopback TCP connections."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import pytest
 
 from natkit.errors import ProtocolError
 from natkit.relay import protocol as P
-from natkit.relay import tlspump
-from natkit.relay.certs import client_context, ensure_self_signed, server_context
+from natkit.relay import seal, sealpump
 from natkit.relay.pump import reset_on_close
 
 START = P.encode(P.START, tunnel="t0", visitor="100.200.0.3:40000")
@@ -35,14 +34,16 @@ def _pair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-async def _tls_pair(certs: Path) -> tuple[tlspump.TlsSocket, tlspump.TlsSocket]:
-    cert, key = ensure_self_signed(certs)
+async def _sealed_pair() -> tuple[sealpump.SealedSocket, sealpump.SealedSocket]:
+    """(agent side, relay side) of one sealed data connection, opened as the agent does."""
+    key, ticket = os.urandom(seal.KEY_SIZE), "t-0123456789abcdef"
     a, b = _pair()
-    client, server = await asyncio.gather(
-        tlspump.handshake(a, client_context(None), server_side=False),
-        tlspump.handshake(b, server_context(cert, key), server_side=True),
+    agent, (relay, got) = await asyncio.gather(
+        sealpump.open_sealed(a, key, ticket),
+        sealpump.accept_sealed(b, {ticket: key}.get),
     )
-    return client, server
+    assert got == ticket
+    return agent, relay
 
 
 async def _recv_all(sock: socket.socket) -> bytes:
@@ -53,9 +54,12 @@ async def _recv_all(sock: socket.socket) -> bytes:
     return bytes(out)
 
 
-def run(tmp_path: Path, body: Callable[[tlspump.TlsSocket, tlspump.TlsSocket], Awaitable[None]]) -> None:
+Body = Callable[[sealpump.SealedSocket, sealpump.SealedSocket], Awaitable[None]]
+
+
+def run(tmp_path: Path, body: Body) -> None:
     async def main() -> None:
-        client, server = await _tls_pair(tmp_path)
+        client, server = await _sealed_pair()
         try:
             await asyncio.wait_for(body(client, server), 20)
         finally:
@@ -67,17 +71,17 @@ def run(tmp_path: Path, body: Callable[[tlspump.TlsSocket, tlspump.TlsSocket], A
 
 def test_start_then_visitor_bytes_in_one_record_reach_the_service(tmp_path: Path) -> None:
     """START and the visitor's first chunk often arrive together: read_frame takes START
-    only, and the bridge delivers the rest, already decrypted inside OpenSSL."""
+    only, and the bridge delivers the rest, already opened in the channel."""
 
-    async def body(agent: tlspump.TlsSocket, relay: tlspump.TlsSocket) -> None:
-        await tlspump.send_all(relay, START + _chunk(b"GET / HTTP/1.0\r\n\r\n") + _chunk(b""))
-        msg = await tlspump.read_frame(agent)
+    async def body(agent: sealpump.SealedSocket, relay: sealpump.SealedSocket) -> None:
+        await sealpump.send_all(relay, START + _chunk(b"GET / HTTP/1.0\r\n\r\n") + _chunk(b""))
+        msg = await sealpump.read_frame(agent)
         assert msg.type == P.START and msg["visitor"] == "100.200.0.3:40000"
         service, service_far = _pair()
-        bridge = asyncio.ensure_future(tlspump.bridge(agent, service))
+        bridge = asyncio.ensure_future(sealpump.bridge(agent, service))
         assert await _recv_all(service_far) == b"GET / HTTP/1.0\r\n\r\n"
         service_far.close()  # the service answers nothing and ends: an end mark goes back
-        assert await tlspump._recv_exact(relay, 4) == _chunk(b"")
+        assert await sealpump._recv_exact(relay, 4) == _chunk(b"")
         assert await bridge == (0, 18)
 
     run(tmp_path, body)
@@ -94,10 +98,10 @@ def test_start_then_visitor_bytes_in_one_record_reach_the_service(tmp_path: Path
     ],
 )
 def test_read_frame_refuses_what_is_not_a_frame(tmp_path: Path, data: bytes) -> None:
-    async def body(agent: tlspump.TlsSocket, relay: tlspump.TlsSocket) -> None:
-        await tlspump.send_all(relay, data)
+    async def body(agent: sealpump.SealedSocket, relay: sealpump.SealedSocket) -> None:
+        await sealpump.send_all(relay, data)
         with pytest.raises(ProtocolError):
-            msg = await tlspump.read_frame(agent)
+            msg = await sealpump.read_frame(agent)
             if msg.type != P.START:
                 raise ProtocolError("not START")
 
@@ -105,27 +109,27 @@ def test_read_frame_refuses_what_is_not_a_frame(tmp_path: Path, data: bytes) -> 
 
 
 def test_read_frame_on_a_connection_closed_mid_frame(tmp_path: Path) -> None:
-    async def body(agent: tlspump.TlsSocket, relay: tlspump.TlsSocket) -> None:
-        await tlspump.send_all(relay, START[:5])
+    async def body(agent: sealpump.SealedSocket, relay: sealpump.SealedSocket) -> None:
+        await sealpump.send_all(relay, START[:5])
         relay.close()
         with pytest.raises((ProtocolError, OSError)):
-            await tlspump.read_frame(agent)
+            await sealpump.read_frame(agent)
 
     run(tmp_path, body)
 
 
 def test_both_bridges_move_a_big_stream_with_back_pressure_and_half_close(tmp_path: Path) -> None:
-    """visitor -> relay bridge -> TLS -> agent bridge -> service and back, each way ending
+    """visitor -> relay bridge -> sealed -> agent bridge -> service and back, each way ending
     on its own (half-close), 8 MiB per direction, the service reading slowly."""
     up_blob, down_blob = os.urandom(8 << 20), os.urandom(8 << 20)
 
-    async def body(agent: tlspump.TlsSocket, relay: tlspump.TlsSocket) -> None:
+    async def body(agent: sealpump.SealedSocket, relay: sealpump.SealedSocket) -> None:
         loop = asyncio.get_running_loop()
         visitor_far, visitor = _pair()
         service, service_far = _pair()
-        relay_bridge = asyncio.ensure_future(tlspump.bridge(relay, visitor, prefix=START))
-        assert (await tlspump.read_frame(agent)).type == P.START
-        agent_bridge = asyncio.ensure_future(tlspump.bridge(agent, service))
+        relay_bridge = asyncio.ensure_future(sealpump.bridge(relay, visitor, prefix=START))
+        assert (await sealpump.read_frame(agent)).type == P.START
+        agent_bridge = asyncio.ensure_future(sealpump.bridge(agent, service))
 
         async def visitor_side() -> bytes:
             await loop.sock_sendall(visitor_far, up_blob)
@@ -154,11 +158,11 @@ def test_both_bridges_move_a_big_stream_with_back_pressure_and_half_close(tmp_pa
 
 
 def test_a_data_connection_cut_without_its_end_mark_resets_the_service(tmp_path: Path) -> None:
-    async def body(agent: tlspump.TlsSocket, relay: tlspump.TlsSocket) -> None:
+    async def body(agent: sealpump.SealedSocket, relay: sealpump.SealedSocket) -> None:
         loop = asyncio.get_running_loop()
         service, service_far = _pair()
-        bridge = asyncio.ensure_future(tlspump.bridge(agent, service))
-        await tlspump.send_all(relay, _chunk(b"partial"))
+        bridge = asyncio.ensure_future(sealpump.bridge(agent, service))
+        await sealpump.send_all(relay, _chunk(b"partial"))
         relay.close()  # no end mark: a cut-off stream
         got = bytearray()
         with pytest.raises(ConnectionResetError):
@@ -172,11 +176,11 @@ def test_a_data_connection_cut_without_its_end_mark_resets_the_service(tmp_path:
 
 
 def test_a_chunk_length_that_is_not_our_framing_drops_the_connection(tmp_path: Path) -> None:
-    async def body(agent: tlspump.TlsSocket, relay: tlspump.TlsSocket) -> None:
+    async def body(agent: sealpump.SealedSocket, relay: sealpump.SealedSocket) -> None:
         loop = asyncio.get_running_loop()
         service, service_far = _pair()
-        bridge = asyncio.ensure_future(tlspump.bridge(agent, service))
-        await tlspump.send_all(relay, b"\xff\xff\xff\xff")
+        bridge = asyncio.ensure_future(sealpump.bridge(agent, service))
+        await sealpump.send_all(relay, b"\xff\xff\xff\xff")
         with pytest.raises(ConnectionResetError):
             await loop.sock_recv(service_far, 100)
         await bridge
@@ -186,12 +190,12 @@ def test_a_chunk_length_that_is_not_our_framing_drops_the_connection(tmp_path: P
 
 
 def test_a_visitor_reset_reaches_the_far_side_as_a_reset(tmp_path: Path) -> None:
-    async def body(agent: tlspump.TlsSocket, relay: tlspump.TlsSocket) -> None:
+    async def body(agent: sealpump.SealedSocket, relay: sealpump.SealedSocket) -> None:
         loop = asyncio.get_running_loop()
         visitor_far, visitor = _pair()
         service, service_far = _pair()
-        relay_bridge = asyncio.ensure_future(tlspump.bridge(relay, visitor))
-        agent_bridge = asyncio.ensure_future(tlspump.bridge(agent, service))
+        relay_bridge = asyncio.ensure_future(sealpump.bridge(relay, visitor))
+        agent_bridge = asyncio.ensure_future(sealpump.bridge(agent, service))
         await loop.sock_sendall(visitor_far, b"hello")
         assert await loop.sock_recv(service_far, 100) == b"hello"
         reset_on_close(visitor_far)
@@ -206,40 +210,40 @@ def test_a_visitor_reset_reaches_the_far_side_as_a_reset(tmp_path: Path) -> None
 
 
 def test_a_cleanly_ended_connection_carries_the_next_visitor(tmp_path: Path) -> None:
-    """keep=True: after both end marks the TLS connection stays open, and the next START,
+    """keep=True: after both end marks the sealed connection stays open, and the next START,
     sent right behind the end mark, is read from what the bridge set aside."""
 
-    async def body(agent: tlspump.TlsSocket, relay: tlspump.TlsSocket) -> None:
+    async def body(agent: sealpump.SealedSocket, relay: sealpump.SealedSocket) -> None:
         loop = asyncio.get_running_loop()
         for visitor in ("100.200.0.3:1", "100.200.0.3:2"):
             start = P.encode(P.START, tunnel="t0", visitor=visitor)
             if visitor.endswith("1"):
-                await tlspump.send_all(relay, start)
-            assert (await tlspump.read_frame(agent))["visitor"] == visitor
+                await sealpump.send_all(relay, start)
+            assert (await sealpump.read_frame(agent))["visitor"] == visitor
             service, service_far = _pair()
-            bridge = asyncio.ensure_future(tlspump.bridge(agent, service, keep=True))
+            bridge = asyncio.ensure_future(sealpump.bridge(agent, service, keep=True))
             nxt = P.encode(P.START, tunnel="t0", visitor="100.200.0.3:2")
             tail = nxt if visitor.endswith("1") else b""
-            await tlspump.send_all(relay, _chunk(b"ping") + _chunk(b"") + tail)
+            await sealpump.send_all(relay, _chunk(b"ping") + _chunk(b"") + tail)
             assert await _recv_all(service_far) == b"ping"
             await loop.sock_sendall(service_far, b"pong")
             service_far.close()
-            assert await tlspump._recv_exact(relay, 12) == _chunk(b"pong") + _chunk(b"")
+            assert await sealpump._recv_exact(relay, 12) == _chunk(b"pong") + _chunk(b"")
             assert await bridge == (4, 4)
             assert not agent.closed
         relay.close()
         with pytest.raises((ProtocolError, OSError)):
-            await tlspump.read_frame(agent)
+            await sealpump.read_frame(agent)
 
     run(tmp_path, body)
 
 
 def test_without_keep_the_connection_is_closed_after_the_visitor(tmp_path: Path) -> None:
-    async def body(agent: tlspump.TlsSocket, relay: tlspump.TlsSocket) -> None:
+    async def body(agent: sealpump.SealedSocket, relay: sealpump.SealedSocket) -> None:
         service, service_far = _pair()
-        bridge = asyncio.ensure_future(tlspump.bridge(agent, service))
+        bridge = asyncio.ensure_future(sealpump.bridge(agent, service))
         service_far.close()
-        await tlspump.send_all(relay, _chunk(b""))
+        await sealpump.send_all(relay, _chunk(b""))
         await bridge
         assert agent.closed
 

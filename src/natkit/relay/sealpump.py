@@ -1,0 +1,445 @@
+"""The encrypted data path: a sealed data connection joined to a plain TCP socket.
+
+Records are sealed and opened by :mod:`natkit.relay.seal` (sans-I/O); here they meet the
+sockets. The event loop only says when a socket is ready (``add_reader``/``add_writer``):
+one ``recv`` of up to 256 KiB feeds the channel, a record's plaintext goes on to the plain
+socket without another copy, and the records one read produced leave in one ``sendmsg``.
+An idle connection holds no buffer: the one read buffer is shared per thread.
+
+Inside the sealed stream each direction is a sequence of chunks ``u32 length + bytes``; a
+zero length ends that direction (half-close). An abrupt end on either side is passed on as
+a TCP reset, never as a clean end that would make a cut-off stream look complete.
+Back-pressure: a side is read only while the other side has nothing left to write, so at
+most one buffer of bytes waits per direction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable
+
+from natkit.errors import ProtocolError
+from natkit.relay import protocol as P
+from natkit.relay import seal
+from natkit.relay.pump import reset_on_close
+
+CHUNK = seal.RECORD_MAX - 4  # a chunk and its length prefix fill one record
+MAX_CHUNK = 4 * 1024 * 1024  # a larger length is not our framing
+_LEN = struct.Struct("!I")
+_EOF_CHUNK = b"\x00\x00\x00\x00"
+_local = threading.local()
+
+
+def _shared_buffer() -> memoryview:
+    """The read buffer of this thread's event loop: callbacks never hold it across awaits."""
+    view: memoryview | None = getattr(_local, "buffer", None)
+    if view is None:
+        view = _local.buffer = memoryview(bytearray(seal.RECORD_MAX))
+    return view
+
+
+async def _ready(sock: socket.socket, *, write: bool) -> None:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def wake() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if write:
+        loop.add_writer(fd, wake)
+    else:
+        loop.add_reader(fd, wake)
+    try:
+        await fut
+    finally:
+        (loop.remove_writer if write else loop.remove_reader)(fd)
+
+
+class SealedSocket:
+    """A non-blocking TCP socket with a :class:`~natkit.relay.seal.SealedChannel` on it.
+
+    ``feed`` moves ciphertext from the socket into the channel, ``flush`` moves the
+    channel's records (plus what the socket did not take last time) to the socket.
+    """
+
+    __slots__ = ("chan", "closed", "eof", "pushback", "sock", "unsent")
+
+    def __init__(self, sock: socket.socket, chan: seal.SealedChannel) -> None:
+        sock.setblocking(False)
+        self.sock, self.chan = sock, chan
+        self.unsent: list[bytes | memoryview] = []  # what the socket has not taken yet
+        self.eof = False  # the TCP peer finished (its ciphertext is all fed)
+        self.pushback = b""  # plaintext that came after a visitor's stream ended
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def feed(self) -> int:
+        """One ``recv`` into the channel; 0 at EOF. Raises BlockingIOError when nothing came."""
+        buf = _shared_buffer()
+        n = self.sock.recv_into(buf)
+        if n:
+            self.chan.receive(buf[:n])
+        else:
+            self.eof = True
+            self.chan.receive_eof()
+        return n
+
+    def flush(self) -> bool:
+        """Send what was sealed; True when the socket took everything."""
+        self.unsent += self.chan.take_output()
+        while self.unsent:
+            try:
+                sent = self.sock.sendmsg(self.unsent[:_IOV_MAX])
+            except (BlockingIOError, InterruptedError):
+                return False
+            while sent:
+                first = self.unsent[0]
+                if sent >= len(first):
+                    sent -= len(first)
+                    del self.unsent[0]
+                else:
+                    self.unsent[0] = memoryview(first)[sent:]
+                    return False
+        return True
+
+    def close(self, *, reset: bool = False) -> None:
+        self.closed = True
+        if reset:
+            reset_on_close(self.sock)
+        self.sock.close()
+
+
+_IOV_MAX = 512
+
+
+async def _flush_all(sealed: SealedSocket) -> None:
+    while not sealed.flush():
+        await _ready(sealed.sock, write=True)
+
+
+async def _feed_some(sealed: SealedSocket) -> None:
+    while True:
+        try:
+            sealed.feed()
+            return
+        except (BlockingIOError, InterruptedError):
+            await _ready(sealed.sock, write=False)
+
+
+async def _sock_recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes from a plain socket, no byte more."""
+    loop = asyncio.get_running_loop()
+    buf = b""
+    while len(buf) < n:
+        chunk = await loop.sock_recv(sock, n - len(buf))
+        if not chunk:
+            raise ProtocolError("connection closed during the opening")
+        buf += chunk
+    return buf
+
+
+class UnknownTicketError(ProtocolError):
+    """A sealed data connection named a ticket the relay did not issue (or saw used)."""
+
+
+async def open_sealed(sock: socket.socket, data_key: bytes, ticket: str) -> SealedSocket:
+    """The agent's side: the clear opening, then DATA {ticket} sealed (which proves it)."""
+    nonce = os.urandom(seal.NONCE_SIZE)
+    up, down = seal.derive_keys(data_key, ticket, nonce)
+    sealed = SealedSocket(sock, seal.SealedChannel(send_key=up, recv_key=down))
+    sealed.unsent.append(seal.encode_opening(ticket, nonce))
+    await send_all(sealed, P.encode(P.DATA, ticket=ticket))
+    return sealed
+
+
+async def accept_sealed(
+    sock: socket.socket, key_for: Callable[[str], bytes | None]
+) -> tuple[SealedSocket, str]:
+    """The relay's side: read the opening, find the session secret behind its ticket
+    (``key_for``), and check the sealed DATA frame. The caller bounds the time."""
+    head = await _sock_recv_exact(sock, 2)
+    opening = head + await _sock_recv_exact(sock, seal.opening_size(head) - 2)
+    ticket, nonce = seal.decode_opening(opening)
+    data_key = key_for(ticket)
+    if data_key is None:
+        raise UnknownTicketError("a sealed data connection with an unknown or used ticket")
+    up, down = seal.derive_keys(data_key, ticket, nonce)
+    sealed = SealedSocket(sock, seal.SealedChannel(send_key=down, recv_key=up))
+    msg = await read_frame(sealed)
+    if msg.type != P.DATA or msg["ticket"] != ticket:
+        raise ProtocolError("a sealed data connection must open with its DATA frame")
+    return sealed, ticket
+
+
+async def send_all(sealed: SealedSocket, data: bytes) -> None:
+    sealed.chan.seal(data)
+    await _flush_all(sealed)
+
+
+async def _recv_exact(sealed: SealedSocket, n: int) -> bytes:
+    buf = bytearray(sealed.pushback[:n])
+    sealed.pushback = sealed.pushback[n:]
+    while len(buf) < n:
+        try:
+            chunk = sealed.chan.read(n - len(buf))
+        except seal.NeedData:
+            await _feed_some(sealed)
+            continue
+        if not chunk:
+            raise ProtocolError("connection closed mid-frame")
+        buf += chunk
+    return bytes(buf)
+
+
+async def read_frame(sealed: SealedSocket) -> P.Message:
+    """Read exactly one relay frame, no byte more (what follows belongs to the bridge)."""
+    msg_type, length = P.decode_header(await _recv_exact(sealed, P.HEADER.size))
+    return P.decode_body(msg_type, await _recv_exact(sealed, length))
+
+
+class Bridge:
+    """Joins ``sealed`` (framed chunks) and ``plain`` until both directions have ended.
+
+    ``prefix`` is sent on ``sealed`` before any chunk (the relay's START frame).
+    ``done`` receives ``(bytes plain→sealed, bytes sealed→plain)``. With ``keep``, a sealed
+    connection whose both directions ended cleanly stays open for the next visitor (what
+    followed the end mark waits in ``sealed.pushback``); otherwise it is closed.
+    """
+
+    __slots__ = (
+        "done", "down", "header", "keep", "loop", "need", "out_p", "pfd", "plain", "plain_eof",
+        "registered", "sealed", "sealed_eof", "sfd", "shutdown_pending", "up",
+    )  # fmt: skip
+
+    def __init__(
+        self, sealed: SealedSocket, plain: socket.socket, prefix: bytes = b"", keep: bool = False
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.sealed, self.plain, self.keep = sealed, plain, keep
+        self.done: asyncio.Future[tuple[int, int]] = self.loop.create_future()
+        self.sfd, self.pfd = sealed.fileno(), plain.fileno()
+        self.up = self.down = 0
+        # plain -> sealed
+        self.plain_eof = False  # plain's remote finished; the end chunk is queued or sent
+        # sealed -> plain
+        self.out_p = bytearray()
+        self.header = b""  # a length prefix split across records
+        self.need = 0  # bytes of the current chunk still to come
+        self.sealed_eof = False  # the end chunk arrived
+        self.shutdown_pending = False
+        self.registered = 0  # bit set of _READ_P, _WRITE_P, _READ_S, _WRITE_S
+        if prefix:
+            sealed.chan.seal(prefix)
+        self._flush_sealed()
+        self._update()
+        # Records that came with START are in the channel already: no readiness event for them.
+        self.loop.call_soon(self._drain)
+
+    # -- registrations -------------------------------------------------------------------
+    def _want(self, bit: int, on: bool) -> None:
+        if bool(self.registered & bit) == on:
+            return
+        self.registered ^= bit
+        fd = self.pfd if bit in (_READ_P, _WRITE_P) else self.sfd
+        if bit == _READ_P:
+            (
+                self.loop.add_reader(fd, self._on_plain_readable)
+                if on
+                else self.loop.remove_reader(fd)
+            )
+        elif bit == _WRITE_P:
+            (
+                self.loop.add_writer(fd, self._on_plain_writable)
+                if on
+                else self.loop.remove_writer(fd)
+            )
+        elif bit == _READ_S:
+            (
+                self.loop.add_reader(fd, self._on_sealed_readable)
+                if on
+                else self.loop.remove_reader(fd)
+            )
+        else:
+            (
+                self.loop.add_writer(fd, self._on_sealed_writable)
+                if on
+                else self.loop.remove_writer(fd)
+            )
+
+    def _update(self) -> None:
+        if self.done.done():
+            return
+        busy = bool(self.sealed.unsent)
+        self._want(_READ_P, not self.plain_eof and not busy)
+        self._want(_WRITE_S, busy)
+        self._want(_READ_S, not self.sealed.eof and not self.out_p and not self.sealed_eof)
+        self._want(_WRITE_P, bool(self.out_p))
+        if self.plain_eof and not busy and self.sealed_eof and not self.out_p:
+            self._finish(None)
+
+    def _flush_sealed(self) -> None:
+        try:
+            self.sealed.flush()
+        except OSError as exc:
+            self._finish(exc)
+
+    # -- plain -> sealed -----------------------------------------------------------------
+    def _on_plain_readable(self) -> None:
+        if self.done.done() or self.sealed.unsent:
+            return
+        buf = _shared_buffer()
+        try:
+            n = self.plain.recv_into(buf[_LEN.size : _LEN.size + CHUNK])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._finish(exc)
+            return
+        if n == 0:
+            self.plain_eof = True
+            self.sealed.chan.seal(_EOF_CHUNK)
+        else:
+            self.up += n
+            _LEN.pack_into(buf, 0, n)
+            self.sealed.chan.seal(buf[: _LEN.size + n])
+        self._flush_sealed()
+        self._update()
+
+    def _on_sealed_writable(self) -> None:
+        if not self.done.done():
+            self._flush_sealed()
+            self._update()
+
+    # -- sealed -> plain -----------------------------------------------------------------
+    def _on_sealed_readable(self) -> None:
+        if self.done.done() or self.out_p or self.sealed_eof:
+            return
+        try:
+            self.sealed.feed()
+        except (BlockingIOError, InterruptedError):
+            return
+        except (OSError, ProtocolError) as exc:
+            self._finish(exc)
+            return
+        self._drain()
+
+    def _drain(self) -> None:
+        """Open what the channel holds and pass it on, until it holds nothing whole or
+        plain is full: one ``send`` per record."""
+        if self.done.done():
+            return
+        chan = self.sealed.chan
+        while not self.out_p and not self.sealed_eof:
+            try:
+                view = chan.read(seal.RECORD_MAX)
+            except seal.NeedData:
+                break
+            except ProtocolError as exc:
+                self._finish(exc)
+                return
+            if not view:  # cut off without the end mark: an abrupt end
+                self._finish(ConnectionResetError("the data connection ended early"))
+                return
+            try:
+                self._deframe(view)
+            except (ProtocolError, OSError) as exc:
+                self._finish(exc)
+                return
+        self._update()
+
+    def _deframe(self, view: memoryview) -> None:
+        pos, end = 0, len(view)
+        while pos < end:
+            if self.sealed_eof:  # the next visitor's START: kept for read_frame
+                self.sealed.pushback += view[pos:]
+                return
+            if self.need:
+                take = min(self.need, end - pos)
+                self._send_plain(view[pos : pos + take])
+                self.need -= take
+                pos += take
+                continue
+            want = _LEN.size - len(self.header)
+            self.header += view[pos : pos + want]
+            pos += min(want, end - pos)
+            if len(self.header) < _LEN.size:
+                return
+            n = _LEN.unpack(self.header)[0]
+            self.header = b""
+            if n == 0:
+                self.sealed_eof = True
+                self.shutdown_pending = True
+                self._flush_shutdown()
+            elif n > MAX_CHUNK:
+                raise ProtocolError(f"a data chunk of {n} bytes is not natkit framing")
+            else:
+                self.need = n
+
+    def _send_plain(self, data: memoryview) -> None:
+        self.down += len(data)
+        if self.out_p:
+            self.out_p += data
+            return
+        try:
+            sent = self.plain.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent < len(data):
+            self.out_p += data[sent:]
+
+    def _flush_shutdown(self) -> None:
+        if self.shutdown_pending and not self.out_p:
+            self.shutdown_pending = False
+            with contextlib.suppress(OSError):
+                self.plain.shutdown(socket.SHUT_WR)
+
+    def _on_plain_writable(self) -> None:
+        if self.done.done():
+            return
+        try:
+            sent = self.plain.send(self.out_p)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._finish(exc)
+            return
+        del self.out_p[:sent]
+        if not self.out_p:
+            self.out_p = bytearray()  # let the buffer go: an idle bridge holds none
+            self._flush_shutdown()
+            self._drain()  # the channel may still hold records: no readiness event for those
+            return
+        self._update()
+
+    # -- the end ---------------------------------------------------------------------------
+    def _finish(self, exc: BaseException | None) -> None:
+        if self.done.done():
+            return
+        for bit in (_READ_P, _WRITE_P, _READ_S, _WRITE_S):
+            self._want(bit, False)
+        if exc is not None:  # an abrupt end is passed on as one, both ways
+            reset_on_close(self.plain)
+        self.plain.close()
+        if exc is not None or not self.keep or self.sealed.eof:
+            self.sealed.close(reset=exc is not None)
+        self.done.set_result((self.up, self.down))
+
+
+_READ_P, _WRITE_P, _READ_S, _WRITE_S = 1, 2, 4, 8
+
+
+async def bridge(
+    sealed: SealedSocket, plain: socket.socket, prefix: bytes = b"", *, keep: bool = False
+) -> tuple[int, int]:
+    """Join a sealed data connection and a plain socket; returns the bytes moved each way.
+    With ``keep``, a cleanly ended sealed connection stays open (``sealed.closed`` tells)."""
+    return await Bridge(sealed, plain, prefix, keep).done
