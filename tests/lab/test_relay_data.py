@@ -728,6 +728,30 @@ def test_reset_is_passed_on_as_a_reset(env: Env, who: str) -> None:
         )
 
 
+def test_a_service_that_is_down_resets_the_visitor(env: Env) -> None:
+    """Nothing listens on the exposed port: the agent's connection to it is refused, and
+    each visitor gets a reset (not a clean, empty answer) while the agent stays up."""
+    with serving(env, Echo()) as port:
+        pass  # a port that was just free: nothing listens on it now
+    with tunnel(env, port) as agent:
+        host, public = tcp_public(agent)
+
+        async def visit() -> tuple[int, str]:
+            reader, writer = await asyncio.open_connection(host, public, local_addr=(VISITOR_IP, 0))
+            try:
+                writer.write(b"anyone there?")
+                await writer.drain()
+                return await _read_outcome(reader)
+            finally:
+                writer.close()
+
+        for _ in range(3):
+            got = env.wan.run(visit(), timeout=60)
+            env.routed += 1
+            assert got == (0, "reset"), got
+        assert "Traceback" not in agent.stderr, agent.why()
+
+
 def test_big_transfer_checked_by_hash(env: Env) -> None:
     """1 GiB from a visitor to the service; the service's sha256 must match the sender's.
     Each 1 MiB block is stamped with its index, so a lost, doubled or reordered block shows."""

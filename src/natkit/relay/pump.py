@@ -165,41 +165,63 @@ class _Direction:
         self.r = self.w = -1
 
 
+class SplicePair:
+    """Two connected TCP sockets joined by splice until both directions end; then both
+    are closed. ``done`` gets the bytes moved (a→b, b→a). Driven by callbacks alone: a
+    joined pair costs no task."""
+
+    __slots__ = ("a", "ab", "b", "ba", "broken", "done", "left")
+
+    def __init__(self, a: socket.socket, b: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        a.setblocking(False)
+        b.setblocking(False)
+        self.a, self.b = a, b
+        self.done: asyncio.Future[tuple[int, int]] = loop.create_future()
+        self.left, self.broken = 2, False
+        self.ab = _Direction(loop, a, b, self._direction_done)
+        self.ba = _Direction(loop, b, a, self._direction_done)
+        self.ab.start()
+        self.ba.start()
+
+    def _direction_done(self, exc: BaseException | None) -> None:
+        if exc is not None:
+            self.broken, self.left = True, 0  # a broken connection ends both directions
+        else:
+            self.left -= 1
+        if self.left <= 0:
+            self._close()
+
+    def abort(self) -> None:
+        """End now: both sides get a reset, never a FIN."""
+        self.broken = True
+        self._close()
+
+    def _close(self) -> None:
+        if self.a.fileno() < 0:  # closed already
+            return
+        self.ab.stop()
+        self.ba.stop()
+        if self.broken:
+            reset_on_close(self.a)
+            reset_on_close(self.b)
+        self.a.close()
+        self.b.close()
+        if not self.done.done():
+            self.done.set_result((self.ab.bytes, self.ba.bytes))
+
+
 async def splice_pair(a: socket.socket, b: socket.socket) -> tuple[int, int]:
     """Join two connected, non-blocking TCP sockets until both directions end; close both.
 
-    Returns the bytes moved (a→b, b→a).
+    Returns the bytes moved (a→b, b→a). Cancelled: both sides get a reset.
     """
-    loop = asyncio.get_running_loop()
-    finished: asyncio.Future[None] = loop.create_future()
-    state = {"left": 2}
-    errors: list[BaseException] = []
-
-    def done(exc: BaseException | None) -> None:
-        if exc is not None:
-            errors.append(exc)
-            state["left"] = 0  # a broken connection ends both directions
-        else:
-            state["left"] -= 1
-        if state["left"] <= 0 and not finished.done():
-            finished.set_result(None)
-
-    a.setblocking(False)
-    b.setblocking(False)
-    ab, ba = _Direction(loop, a, b, done), _Direction(loop, b, a, done)
+    pair = SplicePair(a, b)
     try:
-        ab.start()
-        ba.start()
-        await finished
-    finally:
-        ab.stop()
-        ba.stop()
-        if errors or not finished.done():  # broken or cancelled: reset both, never a FIN
-            reset_on_close(a)
-            reset_on_close(b)
-        a.close()
-        b.close()
-    return ab.bytes, ba.bytes
+        return await asyncio.shield(pair.done)
+    except asyncio.CancelledError:
+        pair.abort()
+        raise
 
 
 class _Half(asyncio.Protocol):
@@ -325,6 +347,21 @@ async def join_sockets(a: socket.socket, b: socket.socket) -> tuple[int, int]:
     if USE_SPLICE:
         return await splice_pair(a, b)
     return await bridge_sockets(a, b)
+
+
+class _TaskJoin:
+    """The Protocol bridge (no splice here) as a task, with the SplicePair interface."""
+
+    def __init__(self, a: socket.socket, b: socket.socket) -> None:
+        self.done: asyncio.Future[tuple[int, int]] = asyncio.ensure_future(bridge_sockets(a, b))
+
+    def abort(self) -> None:
+        self.done.cancel()
+
+
+def start_join(a: socket.socket, b: socket.socket) -> SplicePair | _TaskJoin:
+    """Join two plain TCP sockets now; the result has ``done`` (a future) and ``abort()``."""
+    return SplicePair(a, b) if USE_SPLICE else _TaskJoin(a, b)
 
 
 TLS_READ_BUFFER = 16 * 1024

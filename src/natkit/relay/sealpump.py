@@ -421,6 +421,10 @@ class Bridge:
         self._update()
 
     # -- the end ---------------------------------------------------------------------------
+    def abort(self) -> None:
+        """End now: both sides get a reset."""
+        self._finish(ConnectionAbortedError("the bridge was aborted"))
+
     def _finish(self, exc: BaseException | None) -> None:
         if self.done.done():
             return

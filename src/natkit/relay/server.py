@@ -25,7 +25,7 @@ import secrets
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from natkit.errors import NatkitError, ProtocolError
 from natkit.relay import protocol as P
 from natkit.relay import seal, sealpump, sniff, stunserver
 from natkit.relay.certs import ensure_self_signed, fingerprint_file, server_context
-from natkit.relay.pump import join_sockets, reset_on_close
+from natkit.relay.pump import reset_on_close, start_join
 from natkit.relay.rooms import Rendezvous
 from natkit.relay.sockframes import read_frame
 
@@ -204,6 +204,7 @@ class RelayServer:
         self.stats: collections.Counter[str] = collections.Counter()
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._joins: set[Any] = set()  # visitors joined to data connections (abort on close)
         self._servers: list[asyncio.AbstractServer] = []
         self.listen_port = cfg.listen_port
         self._last_accept_warning = 0.0
@@ -259,6 +260,8 @@ class RelayServer:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        for join in list(self._joins):
+            join.abort()
         if self.stun is not None:
             self.stun.close()
         self.rendezvous.close()
@@ -714,72 +717,79 @@ class RelayServer:
                     )
             conn.close()
             return
-        await self._visitor(conn, tunnel, addr)
+        waiting = self._visitor(conn, tunnel, addr)
+        if waiting is not None:
+            await waiting
 
     def _tcp_visitor(self, tunnel: Tunnel, conn: socket.socket, addr: Any) -> Any:
         return self._visitor(conn, tunnel, addr)
 
-    async def _visitor(self, conn: socket.socket, tunnel: Tunnel, addr: Any) -> None:
+    def _visitor(
+        self, conn: socket.socket, tunnel: Tunnel, addr: Any
+    ) -> Coroutine[Any, Any, None] | None:
+        """Join a visitor to a pooled data connection at once (no task, no loop iteration
+        in between), or return a coroutine that waits for one."""
         self.stats["visitors"] += 1
         tunnel.visitors += 1
-        entry = None
         while tunnel.pool:
-            candidate = tunnel.pool.popleft()
-            if not candidate.dead:
-                entry = candidate
-                break
-        if entry is None:
-            if len(tunnel.waiting) >= self.cfg.max_pending_visitors and tunnel.listener is None:
-                self.stats["visitors_refused"] += 1  # a shared HTTP(S) port cannot pause
-                _reset(conn)
-                return
-            fut: asyncio.Future[_Conn] = asyncio.get_running_loop().create_future()
-            tunnel.waiting.append(fut)
-            if len(tunnel.waiting) >= self.cfg.max_pending_visitors:
-                self._pause_accept(tunnel)  # the rest wait in the kernel's backlog
-            self._refill(tunnel)
-            try:
-                entry = await asyncio.wait_for(fut, VISITOR_WAIT)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
-                self.stats["visitors_timed_out"] += 1
-                with contextlib.suppress(ValueError):
-                    tunnel.waiting.remove(fut)
-                if tunnel.accept_paused and len(tunnel.waiting) < self.cfg.max_pending_visitors:
-                    self._resume_accept(tunnel)
-                _reset(conn)  # a refusal, not an empty answer
-                return
-        else:
-            self._refill(tunnel)
+            entry = tunnel.pool.popleft()
+            if not entry.dead:
+                self._refill(tunnel)
+                self._serve(conn, tunnel, addr, entry)
+                return None
+        return self._wait_for_data_conn(conn, tunnel, addr)
+
+    async def _wait_for_data_conn(self, conn: socket.socket, tunnel: Tunnel, addr: Any) -> None:
+        if len(tunnel.waiting) >= self.cfg.max_pending_visitors and tunnel.listener is None:
+            self.stats["visitors_refused"] += 1  # a shared HTTP(S) port cannot pause
+            _reset(conn)
+            return
+        fut: asyncio.Future[_Conn] = asyncio.get_running_loop().create_future()
+        tunnel.waiting.append(fut)
+        if len(tunnel.waiting) >= self.cfg.max_pending_visitors:
+            self._pause_accept(tunnel)  # the rest wait in the kernel's backlog
+        self._refill(tunnel)
+        try:
+            entry = await asyncio.wait_for(fut, VISITOR_WAIT)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            self.stats["visitors_timed_out"] += 1
+            with contextlib.suppress(ValueError):
+                tunnel.waiting.remove(fut)
+            if tunnel.accept_paused and len(tunnel.waiting) < self.cfg.max_pending_visitors:
+                self._resume_accept(tunnel)
+            _reset(conn)  # a refusal, not an empty answer
+            return
+        self._serve(conn, tunnel, addr, entry)
+
+    def _serve(self, conn: socket.socket, tunnel: Tunnel, addr: Any, entry: _Conn) -> None:
+        """START on the data connection, then join it to the visitor (callbacks only)."""
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(entry.sock.fileno())  # the parked watch
         # The address accept() gave: getpeername() fails once a visitor has reset.
         visitor = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else "?"
         start = P.encode(P.START, tunnel=tunnel.id, visitor=visitor)
-        self.stats["active"] += 1
-        try:
-            await self._join(conn, entry, start)
-            if entry.sealed is not None and not entry.sealed.closed:
-                self._repark(tunnel, entry)
-        except OSError as exc:
-            log.debug("visitor %s ended abruptly: %s", visitor, exc)
-            entry.close()
-            _reset(conn)
-        finally:
-            self.stats["active"] -= 1
-
-    async def _join(self, visitor: socket.socket, entry: _Conn, start: bytes) -> None:
-        loop = asyncio.get_running_loop()
-        data = entry.sock
-        with contextlib.suppress(Exception):
-            loop.remove_reader(data.fileno())
+        join: Any
         if entry.sealed is not None:
-            await sealpump.bridge(entry.sealed, visitor, prefix=start, keep=True)
-            return
-        try:
-            await loop.sock_sendall(data, start)
-        except OSError:
-            data.close()
-            visitor.close()
-            return
-        await join_sockets(visitor, data)
+            join = sealpump.Bridge(entry.sealed, conn, start, keep=True)
+        else:
+            try:  # a parked connection's send buffer is empty: START goes at once
+                if entry.sock.send(start) != len(start):
+                    raise BlockingIOError("START did not fit the send buffer")
+            except OSError as exc:
+                log.debug("data connection for %s failed: %s", visitor, exc)
+                entry.close()
+                _reset(conn)
+                return
+            join = start_join(conn, entry.sock)
+        self.stats["active"] += 1
+        self._joins.add(join)
+        join.done.add_done_callback(lambda _: self._served(tunnel, entry, join))
+
+    def _served(self, tunnel: Tunnel, entry: _Conn, join: Any) -> None:
+        self._joins.discard(join)
+        self.stats["active"] -= 1
+        if entry.sealed is not None and not entry.sealed.closed:
+            self._repark(tunnel, entry)
 
     # ---- housekeeping and metrics ---------------------------------------------------------
 
