@@ -248,3 +248,50 @@ def test_without_keep_the_connection_is_closed_after_the_visitor(tmp_path: Path)
         assert agent.closed
 
     run(tmp_path, body)
+
+
+def test_start_and_a_chunk_behind_an_end_mark_in_one_record_reach_the_next_visitor(
+    tmp_path: Path,
+) -> None:
+    """One record may hold a visitor's end mark, the next START and that visitor's first
+    chunk: read_frame takes START from what was set aside, the next bridge the chunk."""
+
+    async def body(agent: sealpump.SealedSocket, relay: sealpump.SealedSocket) -> None:
+        await sealpump.send_all(relay, START)
+        assert (await sealpump.read_frame(agent)).type == P.START
+        first, first_far = _pair()
+        bridge = asyncio.ensure_future(sealpump.bridge(agent, first, keep=True))
+        nxt = P.encode(P.START, tunnel="t0", visitor="100.200.0.3:2")
+        await sealpump.send_all(relay, _chunk(b"") + nxt + _chunk(b"second") + _chunk(b""))
+        first_far.close()
+        assert await bridge == (0, 0)
+        assert (await sealpump.read_frame(agent))["visitor"] == "100.200.0.3:2"
+        second, second_far = _pair()
+        bridge = asyncio.ensure_future(sealpump.bridge(agent, second, keep=True))
+        assert await _recv_all(second_far) == b"second"
+        second_far.close()
+        assert await bridge == (0, 6)
+
+    run(tmp_path, body)
+
+
+def test_a_cancelled_bridge_resets_both_sides_and_lets_go_of_the_loop(tmp_path: Path) -> None:
+    async def body(agent: sealpump.SealedSocket, relay: sealpump.SealedSocket) -> None:
+        loop = asyncio.get_running_loop()
+        service, service_far = _pair()
+        fds = (agent.fileno(), service.fileno())
+        bridge = asyncio.ensure_future(sealpump.bridge(agent, service))
+        await asyncio.sleep(0.05)
+        bridge.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await bridge
+        assert service.fileno() == -1 and agent.closed
+        selector = loop._selector  # type: ignore[attr-defined]
+        assert all(fd not in selector.get_map() for fd in fds)
+        with pytest.raises(ConnectionResetError):
+            await loop.sock_recv(service_far, 10)
+        with pytest.raises((ConnectionResetError, ProtocolError)):
+            await sealpump.read_frame(relay)
+        service_far.close()
+
+    run(tmp_path, body)

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
-import ipaddress
 import logging
-import os
 import random
 import socket
 import ssl
@@ -31,7 +28,7 @@ from natkit.errors import NatkitError, ProtocolError
 from natkit.relay import protocol as P
 from natkit.relay import seal, sealpump
 from natkit.relay.certs import KnownRelays, RelayTrustError, client_context, fingerprint_der
-from natkit.relay.pump import join_sockets
+from natkit.relay.pump import join_sockets, reset_on_close
 from natkit.relay.rendezvous import P2PRoom, Rendezvous
 from natkit.relay.sockframes import read_frame
 from natkit.state import state_dir
@@ -174,7 +171,7 @@ class Agent:
             if msg.type == P.ERROR and msg["code"] == "auth":
                 raise RelayAuthError(f"relay {self.relay} rejected the token: {msg['message']}")
             if msg.type != P.WELCOME:
-                raise ProtocolError(f"expected WELCOME, got {msg.name}: {msg.fields}")
+                raise ProtocolError(f"expected WELCOME, got {msg.name}")
             self._data_key = _data_key(msg["data_key"])
             self._writer = writer
             self.connections += 1
@@ -365,25 +362,22 @@ class Agent:
                 raise ProtocolError(f"expected START, got {start.name}")
             local = await self._connect_local(t)
         except BaseException:
+            # After START a visitor waits on the far side: a failure (the service refused)
+            # must reach it as a reset, never as a clean, empty answer.
+            reset_on_close(data)
             data.close()
             raise
         await join_sockets(data, local)
 
     async def _connect_local(self, t: TunnelSpec) -> socket.socket:
-        """A connection to the service. To an IP address it is returned while the handshake
-        is still in flight: the bridge's first send waits for it (a refusal surfaces there
-        as a reset), so the visitor's bytes are not held back a loop iteration."""
         loop = asyncio.get_running_loop()
         local = socket.socket(socket.AF_INET6 if ":" in t.local_host else socket.AF_INET)
         local.setblocking(False)
         local.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            if _is_ip(t.local_host):
-                err = local.connect_ex((t.local_host, t.local_port))
-                if err not in (0, errno.EINPROGRESS):
-                    raise OSError(err, f"{t.local_host}:{t.local_port}: {os.strerror(err)}")
-            else:
-                await loop.sock_connect(local, (t.local_host, t.local_port))
+            # Connected before the bridge starts: a visitor's half-close passed on as
+            # shutdown() to a socket still connecting would abort the connection.
+            await loop.sock_connect(local, (t.local_host, t.local_port))
         except BaseException:
             local.close()
             raise
@@ -414,7 +408,7 @@ class Agent:
                     return
                 self._repark()
         except BaseException:
-            sealed.close()
+            sealed.close(reset=True)  # as above: a visitor must see a reset
             raise
 
     def _repark(self) -> None:
@@ -429,14 +423,6 @@ class Agent:
             task.cancel()
         if self._writer is not None:
             self._writer.close()
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _data_key(text: str) -> bytes:

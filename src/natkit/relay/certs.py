@@ -73,8 +73,7 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
-    # No TLS 1.3 session tickets: nobody resumes, and a data connection's first read
-    # should find the relay's START frame, not handshake messages.
+    # No TLS 1.3 session tickets: agents do not resume (one long control connection each).
     ctx.num_tickets = 0
     return ctx
 

@@ -30,6 +30,7 @@ from natkit.relay.pump import reset_on_close
 
 CHUNK = seal.RECORD_MAX - 4  # a chunk and its length prefix fill one record
 MAX_CHUNK = 4 * 1024 * 1024  # a larger length is not our framing
+FIRST_RECORD_MAX = 1024  # the agent's DATA frame
 _LEN = struct.Struct("!I")
 _EOF_CHUNK = b"\x00\x00\x00\x00"
 _local = threading.local()
@@ -84,11 +85,17 @@ class SealedSocket:
 
     def feed(self) -> int:
         """One ``recv`` into the channel; 0 at EOF. Raises BlockingIOError when nothing came."""
-        buf = _shared_buffer()
-        n = self.sock.recv_into(buf)
-        if n:
-            self.chan.receive(buf[:n])
+        target = self.chan.recv_buffer()  # the rest of a record arriving in parts
+        if target is not None:
+            n = self.sock.recv_into(target)
+            if n:
+                self.chan.received_into(n)
         else:
+            buf = _shared_buffer()
+            n = self.sock.recv_into(buf)
+            if n:
+                self.chan.receive(buf[:n])
+        if not n:
             self.eof = True
             self.chan.receive_eof()
         return n
@@ -174,9 +181,11 @@ async def accept_sealed(
         raise UnknownTicketError("a sealed data connection with an unknown or used ticket")
     up, down = seal.derive_keys(data_key, ticket, nonce)
     sealed = SealedSocket(sock, seal.SealedChannel(send_key=down, recv_key=up))
+    sealed.chan.limit = FIRST_RECORD_MAX  # not authenticated yet: no large buffer for it
     msg = await read_frame(sealed)
     if msg.type != P.DATA or msg["ticket"] != ticket:
         raise ProtocolError("a sealed data connection must open with its DATA frame")
+    sealed.chan.limit = seal.RECORD_MAX
     return sealed, ticket
 
 
@@ -216,7 +225,8 @@ class Bridge:
     """
 
     __slots__ = (
-        "done", "down", "header", "keep", "loop", "need", "out_p", "pfd", "plain", "plain_eof",
+        "done", "down", "finished", "header", "keep", "loop", "need", "out_p", "pfd", "plain",
+        "plain_eof",
         "registered", "sealed", "sealed_eof", "sfd", "shutdown_pending", "up",
     )  # fmt: skip
 
@@ -226,6 +236,7 @@ class Bridge:
         self.loop = asyncio.get_running_loop()
         self.sealed, self.plain, self.keep = sealed, plain, keep
         self.done: asyncio.Future[tuple[int, int]] = self.loop.create_future()
+        self.finished = False  # not done.done(): a cancelled ``done`` must not stop the cleanup
         self.sfd, self.pfd = sealed.fileno(), plain.fileno()
         self.up = self.down = 0
         # plain -> sealed
@@ -276,7 +287,7 @@ class Bridge:
             )
 
     def _update(self) -> None:
-        if self.done.done():
+        if self.finished:
             return
         busy = bool(self.sealed.unsent)
         self._want(_READ_P, not self.plain_eof and not busy)
@@ -294,7 +305,7 @@ class Bridge:
 
     # -- plain -> sealed -----------------------------------------------------------------
     def _on_plain_readable(self) -> None:
-        if self.done.done() or self.sealed.unsent:
+        if self.finished or self.sealed.unsent:
             return
         buf = _shared_buffer()
         try:
@@ -315,13 +326,13 @@ class Bridge:
         self._update()
 
     def _on_sealed_writable(self) -> None:
-        if not self.done.done():
+        if not self.finished:
             self._flush_sealed()
             self._update()
 
     # -- sealed -> plain -----------------------------------------------------------------
     def _on_sealed_readable(self) -> None:
-        if self.done.done() or self.out_p or self.sealed_eof:
+        if self.finished or self.out_p or self.sealed_eof:
             return
         try:
             self.sealed.feed()
@@ -335,9 +346,16 @@ class Bridge:
     def _drain(self) -> None:
         """Open what the channel holds and pass it on, until it holds nothing whole or
         plain is full: one ``send`` per record."""
-        if self.done.done():
+        if self.finished:
             return
         chan = self.sealed.chan
+        if self.sealed.pushback:  # what followed the last visitor's end mark in its record
+            rest, self.sealed.pushback = self.sealed.pushback, b""
+            try:
+                self._deframe(memoryview(rest))
+            except ProtocolError as exc:
+                self._finish(exc)
+                return
         while not self.out_p and not self.sealed_eof:
             try:
                 view = chan.read(seal.RECORD_MAX)
@@ -403,7 +421,7 @@ class Bridge:
                 self.plain.shutdown(socket.SHUT_WR)
 
     def _on_plain_writable(self) -> None:
-        if self.done.done():
+        if self.finished:
             return
         try:
             sent = self.plain.send(self.out_p)
@@ -426,8 +444,9 @@ class Bridge:
         self._finish(ConnectionAbortedError("the bridge was aborted"))
 
     def _finish(self, exc: BaseException | None) -> None:
-        if self.done.done():
+        if self.finished:
             return
+        self.finished = True
         for bit in (_READ_P, _WRITE_P, _READ_S, _WRITE_S):
             self._want(bit, False)
         if exc is not None:  # an abrupt end is passed on as one, both ways
@@ -435,7 +454,8 @@ class Bridge:
         self.plain.close()
         if exc is not None or not self.keep or self.sealed.eof:
             self.sealed.close(reset=exc is not None)
-        self.done.set_result((self.up, self.down))
+        if not self.done.done():
+            self.done.set_result((self.up, self.down))
 
 
 _READ_P, _WRITE_P, _READ_S, _WRITE_S = 1, 2, 4, 8
@@ -445,5 +465,11 @@ async def bridge(
     sealed: SealedSocket, plain: socket.socket, prefix: bytes = b"", *, keep: bool = False
 ) -> tuple[int, int]:
     """Join a sealed data connection and a plain socket; returns the bytes moved each way.
-    With ``keep``, a cleanly ended sealed connection stays open (``sealed.closed`` tells)."""
-    return await Bridge(sealed, plain, prefix, keep).done
+    With ``keep``, a cleanly ended sealed connection stays open (``sealed.closed`` tells).
+    Cancelled: both sides get a reset."""
+    joined = Bridge(sealed, plain, prefix, keep)
+    try:
+        return await asyncio.shield(joined.done)
+    except asyncio.CancelledError:
+        joined.abort()
+        raise

@@ -450,6 +450,7 @@ class RelayServer:
             not alive
             or entry.sealed is None
             or entry.sealed.pushback
+            or entry.sealed.chan.has_input()  # the agent spoke after its end mark
             or len(tunnel.pool) >= self.cfg.pool_size
         ):
             entry.close()
@@ -755,9 +756,14 @@ class RelayServer:
             self.stats["visitors_timed_out"] += 1
             with contextlib.suppress(ValueError):
                 tunnel.waiting.remove(fut)
+            if fut.done() and not fut.cancelled():  # handed over just as time ran out
+                self._park(tunnel, fut.result())
             if tunnel.accept_paused and len(tunnel.waiting) < self.cfg.max_pending_visitors:
                 self._resume_accept(tunnel)
             _reset(conn)  # a refusal, not an empty answer
+            return
+        if entry.dead:  # the agent dropped it before this visitor could take it
+            await self._wait_for_data_conn(conn, tunnel, addr)
             return
         self._serve(conn, tunnel, addr, entry)
 
