@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import random
 import socket
@@ -28,9 +29,8 @@ from natkit.errors import NatkitError, ProtocolError
 from natkit.relay import protocol as P
 from natkit.relay import seal, sealpump
 from natkit.relay.certs import KnownRelays, RelayTrustError, client_context, fingerprint_der
-from natkit.relay.pump import join_sockets, reset_on_close
+from natkit.relay.dataconn import DataConn
 from natkit.relay.rendezvous import P2PRoom, Rendezvous
-from natkit.relay.sockframes import read_frame
 from natkit.state import state_dir
 
 log = logging.getLogger("natkit.relay")
@@ -108,7 +108,9 @@ class Agent:
         self._data_key = b""  # the session's secret for sealed data connections (WELCOME)
         self.connections = 0
         self._queued: list[P.Message] = []
-        self._parked: set[asyncio.Task[None]] = set()
+        self._parked: set[asyncio.Task[None]] = set()  # data connections being opened
+        self._parked_conns: set[DataConn] = set()  # open, waiting for a visitor
+        self._active_conns: set[DataConn] = set()  # carrying a visitor
         self._pings: dict[float, asyncio.Future[None]] = {}
         self._rendezvous = Rendezvous(
             self._send_frame, (self.relay_host, self.relay_port), self.relay
@@ -196,6 +198,8 @@ class Agent:
             # relay forgot their tickets. Connections already carrying a visitor go on.
             for task in list(self._parked):
                 task.cancel()
+            for conn in list(self._parked_conns):
+                conn.abort()
             for fut in self._dials.values():
                 if not fut.done():
                     fut.set_exception(NatkitError("relay connection lost"))
@@ -331,98 +335,60 @@ class Agent:
 
     # ---- data connections -------------------------------------------------------------------
 
-    def _unpark(self) -> None:
-        """The current data connection carries a visitor now: it outlives the session."""
-        task = asyncio.current_task()
-        if task is not None:
-            self._parked.discard(task)
-            self._tasks.add(task)  # keep a strong reference while it runs
-            task.add_done_callback(self._tasks.discard)
+    def _data_conn_state(self, conn: DataConn, state: str) -> None:
+        """Parked connections belong to the session (dropped with it); those carrying a
+        visitor go on until the visitor is done."""
+        (self._parked_conns.add if state == "parked" else self._parked_conns.discard)(conn)
+        (self._active_conns.add if state == "active" else self._active_conns.discard)(conn)
 
     async def _data_conn(self, t: TunnelSpec, ticket: str, data_key: bytes) -> None:
-        try:
-            if self.plaintext_data:
-                await self._data_conn_plain(t, ticket)
-            else:
-                await self._data_conn_sealed(t, ticket, data_key)
-        except (OSError, ProtocolError) as exc:
-            log.debug("data connection ended: %s", exc)
-
-    async def _data_conn_plain(self, t: TunnelSpec, ticket: str) -> None:
-        loop = asyncio.get_running_loop()
-        data = socket.socket(socket.AF_INET6 if ":" in self.relay_host else socket.AF_INET)
-        data.setblocking(False)
-        data.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            await loop.sock_connect(data, (self.relay_host, self.relay_port))
-            await loop.sock_sendall(data, P.encode(P.DATA, ticket=ticket))
-            start = await read_frame(data)  # parked until a visitor arrives
-            self._unpark()
-            if start.type != P.START:
-                raise ProtocolError(f"expected START, got {start.name}")
-            local = await self._connect_local(t)
-        except BaseException:
-            # After START a visitor waits on the far side: a failure (the service refused)
-            # must reach it as a reset, never as a clean, empty answer.
-            reset_on_close(data)
-            data.close()
-            raise
-        await join_sockets(data, local)
-
-    async def _connect_local(self, t: TunnelSpec) -> socket.socket:
-        loop = asyncio.get_running_loop()
-        local = socket.socket(socket.AF_INET6 if ":" in t.local_host else socket.AF_INET)
-        local.setblocking(False)
-        local.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            # Connected before the bridge starts: a visitor's half-close passed on as
-            # shutdown() to a socket still connecting would abort the connection.
-            await loop.sock_connect(local, (t.local_host, t.local_port))
-        except BaseException:
-            local.close()
-            raise
-        return local
-
-    async def _data_conn_sealed(self, t: TunnelSpec, ticket: str, data_key: bytes) -> None:
+        """Open a data connection for ``ticket`` and park it: callbacks take over from there
+        (:mod:`natkit.relay.dataconn`)."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET6 if ":" in self.relay_host else socket.AF_INET)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sealed = None
         try:
+            local = await _service_address(t)
             await loop.sock_connect(sock, (self.relay_host, self.relay_port))
-            sealed = await asyncio.wait_for(sealpump.open_sealed(sock, data_key, ticket), 10)
+            if self.plaintext_data:
+                await loop.sock_sendall(sock, P.encode(P.DATA, ticket=ticket))
+            else:
+                sealed = await asyncio.wait_for(sealpump.open_sealed(sock, data_key, ticket), 10)
+        except (OSError, ProtocolError, asyncio.TimeoutError) as exc:
+            log.debug("data connection failed: %s", exc)
+            sock.close()
+            return
         except BaseException:
             sock.close()
             raise
-        try:
-            while True:
-                start = await sealpump.read_frame(sealed)  # parked until a visitor arrives
-                self._unpark()
-                if start.type != P.START:
-                    raise ProtocolError(f"expected START, got {start.name}")
-                local = await self._connect_local(t)
-                # The visitor's first bytes may already sit opened in the channel: the bridge
-                # reads them. A cleanly ended visitor leaves the connection for the next one.
-                await sealpump.bridge(sealed, local, keep=True)
-                if sealed.closed:
-                    return
-                self._repark()
-        except BaseException:
-            sealed.close(reset=True)  # as above: a visitor must see a reset
-            raise
-
-    def _repark(self) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.discard(task)
-            self._parked.add(task)
+        DataConn(sock, sealed, local, self._data_conn_state).park()
 
     async def close(self) -> None:
         self._rendezvous.close()
         for task in list(self._tasks) + list(self._parked):
             task.cancel()
+        for conn in list(self._parked_conns) + list(self._active_conns):
+            conn.abort()
         if self._writer is not None:
             self._writer.close()
+
+
+async def _service_address(t: TunnelSpec) -> tuple[str, int]:
+    """The service's address as an IP and port: a data connection connects to it from a
+    callback, where a name lookup would block the loop."""
+    try:
+        ipaddress.ip_address(t.local_host)
+    except ValueError:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            t.local_host, t.local_port, type=socket.SOCK_STREAM
+        )
+        if not infos:
+            raise OSError(f"{t.local_host} has no address") from None
+        host, port = infos[0][4][:2]
+        return str(host), int(port)
+    return t.local_host, t.local_port
 
 
 def _data_key(text: str) -> bytes:

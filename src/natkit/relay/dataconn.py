@@ -1,0 +1,198 @@
+"""The agent's side of one data connection once it is open, driven by event-loop callbacks.
+
+A parked connection waits for the relay's START with a reader callback (no task, no
+future); START starts the connection to the service, and once that is up the two are
+joined: spliced when plain, a :class:`~natkit.relay.sealpump.Bridge` when sealed. A sealed
+connection whose visitor ended cleanly parks again for the next visitor. Between a visitor's
+arrival at the relay and its first byte reaching the service there is then no task wake-up
+at all, and a held visitor costs no task.
+
+Any failure after START (the service refused, the relay went away) ends the data
+connection with a reset, so the visitor sees an abrupt end, never a clean, empty answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from natkit.errors import ProtocolError
+from natkit.relay import protocol as P
+from natkit.relay import seal
+from natkit.relay.pump import reset_on_close, start_join
+from natkit.relay.sealpump import Bridge, SealedSocket
+
+log = logging.getLogger("natkit.relay")
+
+# What a data connection tells its owner: "parked", "active" (carries a visitor), "gone".
+Owner = Callable[["DataConn", str], None]
+
+
+class DataConn:
+    """A data connection (plain ``sock``, or ``sealed`` on it) for the service at ``local``
+    (an IP address and port)."""
+
+    __slots__ = ("frame", "join", "local", "local_addr", "loop", "owner", "sealed", "sock", "state")
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        sealed: SealedSocket | None,
+        local_addr: tuple[str, int],
+        owner: Owner,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.sock, self.sealed, self.local_addr, self.owner = sock, sealed, local_addr, owner
+        self.frame = b""  # START as it arrives
+        self.local: socket.socket | None = None
+        self.join: Any = None  # the Bridge or splice pair while a visitor is carried
+        self.state = "new"
+
+    # -- parked ----------------------------------------------------------------------------
+    def park(self) -> None:
+        self._set_state("parked")
+        self.frame = b""
+        self.loop.add_reader(self.sock.fileno(), self._on_readable)
+        if self.sealed is not None and (self.sealed.pushback or self.sealed.chan.has_input()):
+            # START came with the last visitor's end mark: no readiness event for it.
+            self.loop.call_soon(self._on_readable)
+
+    def _on_readable(self) -> None:
+        if self.state != "parked":
+            return
+        try:
+            start = self._read_start()
+        except (OSError, ProtocolError) as exc:
+            self._fail(exc)
+            return
+        if start is None:
+            return
+        self.loop.remove_reader(self.sock.fileno())
+        if start.type != P.START:
+            self._fail(ProtocolError(f"expected START, got {start.name}"))
+            return
+        self._set_state("active")
+        self._connect_local()
+
+    def _read_start(self) -> P.Message | None:
+        """START once it is whole (None until then), reading no byte beyond it."""
+        while True:
+            need = P.HEADER.size
+            if len(self.frame) >= need:
+                need += P.decode_header(self.frame[: P.HEADER.size])[1]
+                if len(self.frame) >= need:
+                    msg_type, _ = P.decode_header(self.frame[: P.HEADER.size])
+                    return P.decode_body(msg_type, self.frame[P.HEADER.size :])
+            more = self._take(need - len(self.frame))
+            if more is None:
+                return None
+            self.frame += more
+
+    def _take(self, n: int) -> bytes | None:
+        """Up to ``n`` bytes of what the relay sent, None when none are here yet."""
+        if self.sealed is None:
+            try:
+                got = self.sock.recv(n)
+            except (BlockingIOError, InterruptedError):
+                return None
+            if not got:
+                raise ConnectionResetError("the relay closed the data connection")
+            return got
+        sealed = self.sealed
+        if sealed.pushback:
+            got, sealed.pushback = sealed.pushback[:n], sealed.pushback[n:]
+            return got
+        while True:
+            try:
+                view = sealed.chan.read(n)
+            except seal.NeedData:
+                try:
+                    sealed.feed()
+                except (BlockingIOError, InterruptedError):
+                    return None
+                continue
+            if not view:
+                raise ConnectionResetError("the relay closed the data connection")
+            return bytes(view)
+
+    # -- the service -----------------------------------------------------------------------
+    def _connect_local(self) -> None:
+        host, _ = self.local_addr
+        local = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        local.setblocking(False)
+        local.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.local = local
+        err = local.connect_ex(self.local_addr)
+        if err == 0:
+            self._join()
+        elif err in _IN_PROGRESS:
+            # Joined only once connected: a visitor's half-close passed on as shutdown() to a
+            # socket still connecting would abort the connection.
+            self.loop.add_writer(local.fileno(), self._on_connected)
+        else:
+            self._fail(OSError(err, f"the service at {host}:{self.local_addr[1]} refused"))
+
+    def _on_connected(self) -> None:
+        assert self.local is not None
+        self.loop.remove_writer(self.local.fileno())
+        err = self.local.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail(OSError(err, f"the service at {self.local_addr[0]} is unreachable"))
+            return
+        self._join()
+
+    def _join(self) -> None:
+        local, self.local = self.local, None
+        assert local is not None
+        if self.sealed is not None:
+            self.join = Bridge(self.sealed, local, keep=True)
+        else:
+            self.join = start_join(self.sock, local)
+        self.join.done.add_done_callback(self._joined)
+
+    def _joined(self, _: Any) -> None:
+        self.join = None
+        if self.sealed is not None and not self.sealed.closed:
+            self.park()  # a clean end: the next visitor may come on this connection
+        else:
+            self._set_state("gone")
+
+    # -- the end ---------------------------------------------------------------------------
+    def abort(self) -> None:
+        """End now (the agent stops, or its session with the relay was lost)."""
+        if self.join is not None:
+            self.join.abort()  # its done callback says "gone"
+        else:
+            self._fail(ConnectionAbortedError("the agent let go of this data connection"))
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.state == "gone":
+            return
+        log.debug("data connection ended: %s", exc)
+        fd = self.sock.fileno()
+        if fd >= 0:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(fd)
+        if self.local is not None:
+            with contextlib.suppress(Exception):
+                self.loop.remove_writer(self.local.fileno())
+            self.local.close()
+            self.local = None
+        if self.sealed is not None:
+            self.sealed.close(reset=True)
+        else:
+            reset_on_close(self.sock)
+            self.sock.close()
+        self._set_state("gone")
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        self.owner(self, state)
+
+
+_IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK)
