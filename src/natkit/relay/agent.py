@@ -345,7 +345,11 @@ class Agent:
         """Open a data connection for ``ticket`` and park it: callbacks take over from there
         (:mod:`natkit.relay.dataconn`)."""
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET6 if ":" in self.relay_host else socket.AF_INET)
+        try:
+            sock = socket.socket(socket.AF_INET6 if ":" in self.relay_host else socket.AF_INET)
+        except OSError as exc:  # out of file descriptors: the relay's ticket expires
+            log.debug("data connection failed: %s", exc)
+            return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sealed = None

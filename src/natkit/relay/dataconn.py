@@ -77,7 +77,10 @@ class DataConn:
             self._fail(ProtocolError(f"expected START, got {start.name}"))
             return
         self._set_state("active")
-        self._connect_local()
+        try:
+            self._connect_local()
+        except OSError as exc:  # out of file descriptors, no route: the visitor gets a reset
+            self._fail(exc)
 
     def _read_start(self) -> P.Message | None:
         """START once it is whole (None until then), reading no byte beyond it."""
@@ -129,7 +132,7 @@ class DataConn:
         self.local = local
         err = local.connect_ex(self.local_addr)
         if err == 0:
-            self._join()
+            self._join()  # (an OSError here is the caller's to handle)
         elif err in _IN_PROGRESS:
             # Joined only once connected: a visitor's half-close passed on as shutdown() to a
             # socket still connecting would abort the connection.
@@ -144,16 +147,19 @@ class DataConn:
         if err:
             self._fail(OSError(err, f"the service at {self.local_addr[0]} is unreachable"))
             return
-        self._join()
+        try:
+            self._join()
+        except OSError as exc:
+            self._fail(exc)
 
     def _join(self) -> None:
-        local, self.local = self.local, None
+        local = self.local
         assert local is not None
-        if self.sealed is not None:
-            self.join = Bridge(self.sealed, local, keep=True)
-        else:
-            self.join = start_join(self.sock, local)
-        self.join.done.add_done_callback(self._joined)
+        join = (
+            Bridge(self.sealed, local, keep=True) if self.sealed else start_join(self.sock, local)
+        )
+        self.local, self.join = None, join  # the join owns the service connection now
+        join.done.add_done_callback(self._joined)
 
     def _joined(self, _: Any) -> None:
         self.join = None

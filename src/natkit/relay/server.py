@@ -775,18 +775,18 @@ class RelayServer:
         visitor = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else "?"
         start = P.encode(P.START, tunnel=tunnel.id, visitor=visitor)
         join: Any
-        if entry.sealed is not None:
-            join = sealpump.Bridge(entry.sealed, conn, start, keep=True)
-        else:
-            try:  # a parked connection's send buffer is empty: START goes at once
+        try:
+            if entry.sealed is not None:
+                join = sealpump.Bridge(entry.sealed, conn, start, keep=True)
+            else:  # a parked connection's send buffer is empty: START goes at once
                 if entry.sock.send(start) != len(start):
                     raise BlockingIOError("START did not fit the send buffer")
-            except OSError as exc:
-                log.debug("data connection for %s failed: %s", visitor, exc)
-                entry.close()
-                _reset(conn)
-                return
-            join = start_join(conn, entry.sock)
+                join = start_join(conn, entry.sock)
+        except OSError as exc:
+            log.debug("data connection for %s failed: %s", visitor, exc)
+            entry.close()
+            _reset(conn)
+            return
         self.stats["active"] += 1
         self._joins.add(join)
         join.done.add_done_callback(lambda _: self._served(tunnel, entry, join))
