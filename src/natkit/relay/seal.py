@@ -17,8 +17,10 @@ Tickets are single-use and issued by the relay over the control connection, so n
 connections share keys; the agent's nonce guards against a ticket used twice by mistake.
 A record is ``u32 length of plaintext`` (clear, authenticated as associated data) then the
 ciphertext and its 16-byte tag. Nonces are a per-direction counter: records cannot be
-dropped, replayed or reordered without the next one failing. Anything that fails to open
-is a :class:`ProtocolError` and the connection is dropped. An idle channel holds no buffer.
+dropped, replayed or reordered without the next one failing (a stream cut off between two
+records is caught one level up: each visitor's stream ends with a sealed end mark, see
+:mod:`natkit.relay.sealpump`). Anything that fails to open is a :class:`ProtocolError` and
+the connection is dropped. An idle channel holds no buffer.
 """
 
 from __future__ import annotations
