@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import gc
 import json
 import os
@@ -424,6 +425,38 @@ def _emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def _hop_main(args: argparse.Namespace) -> int:
+    """The two-hop splice floor: a minimal forwarder (no natkit, no event loop). It accepts on
+    ``--port``, connects each connection on to ``--to``, and splices both ways with blocking
+    ``os.splice`` in two threads per connection. Two in a row are a two-hop splice relay."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((LOOPBACK, args.port))
+    listener.listen(64)
+    print(json.dumps({"event": "ready", "port": listener.getsockname()[1]}), flush=True)
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        r, w = os.pipe()
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ
+        with contextlib.suppress(OSError):
+            while n := os.splice(src.fileno(), w, 1 << 20):
+                while n:
+                    n -= os.splice(r, dst.fileno(), n)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+        os.close(r)
+        os.close(w)
+
+    while True:
+        conn, _ = listener.accept()
+        onward = socket.create_connection((LOOPBACK, args.to))
+        for sock in (conn, onward):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for a, b in ((conn, onward), (onward, conn)):
+            threading.Thread(target=pump, args=(a, b), daemon=True).start()
+
+
 def _client_main(args: argparse.Namespace) -> int:
     _raise_nofile()
     if args.what == "throughput":
@@ -441,6 +474,9 @@ def _role_main(argv: list[str]) -> int:
     s = sub.add_parser("_service")
     s.add_argument("--port", type=int, default=0)
     s.add_argument("--blob", required=True)
+    h = sub.add_parser("_hop")
+    h.add_argument("--port", type=int, default=0)
+    h.add_argument("--to", type=int, required=True)
     c = sub.add_parser("_client")
     c.add_argument("what", choices=["throughput", "latency", "hold"])
     c.add_argument("--port", type=int, required=True)
@@ -453,6 +489,8 @@ def _role_main(argv: list[str]) -> int:
     c.add_argument("--batch", type=int, default=HOLD_BATCH)
     c.add_argument("--sample", type=int, default=HOLD_SAMPLE)
     args = parser.parse_args(argv)
+    if args.role == "_hop":
+        return _hop_main(args)
     return _service_main(args) if args.role == "_service" else _client_main(args)
 
 
@@ -673,6 +711,16 @@ class Env:
         )
         wait_port(port)
         return Route("socat", f"socat -b {SOCAT_BUFFER} (one hop)", port, {"socat": proc})
+
+    def splice_floor(self) -> Route:
+        """Two minimal blocking-splice forwarders in a row (``_hop``): what any two-hop splice
+        relay costs on this machine, without natkit."""
+        far = self.start("hop2", [sys.executable, __file__, "_hop", "--to", str(self.svc_port)])
+        far_port = int(json.loads(far.wait_for(r"\{.*\}").group(0))["port"])
+        near = self.start("hop1", [sys.executable, __file__, "_hop", "--to", str(far_port)])
+        port = int(json.loads(near.wait_for(r"\{.*\}").group(0))["port"])
+        return Route("splice2", "two-hop splice floor (2 minimal forwarders)", port,
+                     {"hop1": near, "hop2": far})  # fmt: skip
 
     def ssh(self, interactive: bool = False) -> Route:
         d = self.tmp / "ssh"
@@ -1004,8 +1052,12 @@ def run(lab: Any, opts: Options) -> Report:
     with tempfile.TemporaryDirectory(prefix="nkb-relay-") as tmpdir:
         env = Env(Path(tmpdir))
         try:
-            paths = [env.direct(), env.socat(), env.ssh(), env.natkit(True), env.natkit(False)]
+            paths = [env.direct(), env.socat(), env.splice_floor(), env.ssh(), env.natkit(True),
+                     env.natkit(False)]  # fmt: skip
             tput = _throughput(env, paths, runs, opts.warmup)
+            floor = paths.pop(2)  # throughput only: a reference, not a tunnel
+            env.stop(*floor.procs.values())
+            path_info = {floor.key: {"label": floor.label, "port": floor.port}}
             ssh_tty = env.ssh(interactive=True)  # latency only: ssh with TCP_NODELAY
             paths.insert(3, ssh_tty)
             lat = _latency(env, paths)
@@ -1015,7 +1067,7 @@ def run(lab: Any, opts: Options) -> Report:
                 _hold(env, make)
                 for make in (lambda: env.natkit(True), lambda: env.natkit(False), env.ssh)
             ]
-            path_info = {p.key: {"label": p.label, "port": p.port, **p.info} for p in paths}
+            path_info |= {p.key: {"label": p.label, "port": p.port, **p.info} for p in paths}
         finally:
             env.close()
     return _report(
@@ -1401,7 +1453,9 @@ def _report(
         r1 = tp_ratio(direction, "natkit_plain", "ssh", "throughput natkit plaintext / ssh -R")
         r2 = tp_ratio(direction, "natkit_plain", "socat", "throughput natkit plaintext / socat")
         r3 = tp_ratio(direction, "natkit_sealed", "ssh", "throughput natkit sealed / ssh -R")
-        ratios += [r1, r2, r3]
+        r4 = tp_ratio(direction, "splice2", "socat", "throughput two-hop splice floor / socat")
+        r5 = tp_ratio(direction, "natkit_plain", "splice2", "throughput natkit plaintext / floor")
+        ratios += [r1, r2, r3, r4, r5]
         goals += [
             (f"{r1.label} ≥ {GOAL_PLAIN_VS_SSH:g}x", (r1.value or 0) >= GOAL_PLAIN_VS_SSH),
             (f"{r2.label} ≥ {GOAL_PLAIN_VS_SOCAT:g}x", (r2.value or 0) >= GOAL_PLAIN_VS_SOCAT),
@@ -1445,6 +1499,9 @@ def _report(
         f"({paths.get('natkit_sealed', {}).get('tls', '?')}); "
         f"ssh: {SSH_CIPHER}. Both natkit modes run with the relay's default pool "
         f"({_pool_size()} data connections kept ready).",
+        "The two-hop splice floor is two minimal forwarders in a row (this file's `_hop`: "
+        "blocking os.splice in two threads per connection, no event loop, no natkit): what any "
+        "relay plus agent built on splice costs here, measured in the same run as socat.",
         "Each tunnel's processes are separate: natkit relay and agent; sshd (listener, monitor "
         "and session process) and ssh; socat (a child per connection, reaped: its CPU is in the "
         "parent's cutime). The client is a new process per measurement (start-up untimed).",
