@@ -135,8 +135,12 @@ class DataConn:
             self._join()  # (an OSError here is the caller's to handle)
         elif err in _IN_PROGRESS:
             # Joined only once connected: a visitor's half-close passed on as shutdown() to a
-            # socket still connecting would abort the connection.
-            self.loop.add_writer(local.fileno(), self._on_connected)
+            # socket still connecting would abort the connection. Over loopback the handshake
+            # is usually done when connect() returns: then no loop iteration is spent on it.
+            if _connected(local):
+                self._join()
+            else:
+                self.loop.add_writer(local.fileno(), self._on_connected)
         else:
             self._fail(OSError(err, f"the service at {host}:{self.local_addr[1]} refused"))
 
@@ -202,3 +206,11 @@ class DataConn:
 
 
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK)
+
+
+def _connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
