@@ -301,17 +301,7 @@ def host_candidate(address: Addr) -> Candidate:
 
 def srflx_candidate(mapped: Addr, base: Addr) -> Candidate:
     """A server-reflexive candidate learned from a STUN server."""
-    return Candidate(
-        foundation=candidate_foundation("srflx", "udp", base[0]),
-        component=COMPONENT,
-        transport="udp",
-        priority=candidate_priority(COMPONENT, "srflx", STUN_SRFLX_LOCAL_PREF),
-        host=mapped[0],
-        port=mapped[1],
-        type="srflx",
-        related_address=base[0],
-        related_port=base[1],
-    )
+    return _reflexive("srflx", mapped, base, STUN_SRFLX_LOCAL_PREF)
 
 
 def port_mapped_candidate(public: Addr, base: Addr) -> Candidate:
@@ -320,11 +310,15 @@ def port_mapped_candidate(public: Addr, base: Addr) -> Candidate:
     Its own foundation: it comes from another "server" (the router) than the STUN-learned
     one, and its checks succeed or fail independently (RFC 8445 section 5.1.1.3).
     """
+    return _reflexive("portmap", public, base, PORT_MAPPED_LOCAL_PREF)
+
+
+def _reflexive(source: str, public: Addr, base: Addr, local_pref: int) -> Candidate:
     return Candidate(
-        foundation=candidate_foundation("portmap", "udp", base[0]),
+        foundation=candidate_foundation(source, "udp", base[0]),
         component=COMPONENT,
         transport="udp",
-        priority=candidate_priority(COMPONENT, "srflx", PORT_MAPPED_LOCAL_PREF),
+        priority=candidate_priority(COMPONENT, "srflx", local_pref),
         host=public[0],
         port=public[1],
         type="srflx",

@@ -23,7 +23,6 @@ from typing import Any
 
 from natkit.errors import ProtocolError
 from natkit.relay import protocol as P
-from natkit.relay import seal
 from natkit.relay.pump import reset_on_close, start_join
 from natkit.relay.sealpump import Bridge, SealedSocket
 
@@ -85,43 +84,28 @@ class DataConn:
     def _read_start(self) -> P.Message | None:
         """START once it is whole (None until then), reading no byte beyond it."""
         while True:
-            need = P.HEADER.size
-            if len(self.frame) >= need:
-                need += P.decode_header(self.frame[: P.HEADER.size])[1]
-                if len(self.frame) >= need:
-                    msg_type, _ = P.decode_header(self.frame[: P.HEADER.size])
-                    return P.decode_body(msg_type, self.frame[P.HEADER.size :])
-            more = self._take(need - len(self.frame))
+            size = P.HEADER.size
+            if len(self.frame) >= size:
+                msg_type, length = P.decode_header(self.frame[:size])
+                if len(self.frame) == size + length:
+                    return P.decode_body(msg_type, self.frame[size:])
+                size += length
+            more = self._take(size - len(self.frame))
             if more is None:
                 return None
             self.frame += more
 
     def _take(self, n: int) -> bytes | None:
         """Up to ``n`` bytes of what the relay sent, None when none are here yet."""
-        if self.sealed is None:
-            try:
-                got = self.sock.recv(n)
-            except (BlockingIOError, InterruptedError):
-                return None
-            if not got:
-                raise ConnectionResetError("the relay closed the data connection")
-            return got
-        sealed = self.sealed
-        if sealed.pushback:
-            got, sealed.pushback = sealed.pushback[:n], sealed.pushback[n:]
-            return got
-        while True:
-            try:
-                view = sealed.chan.read(n)
-            except seal.NeedData:
-                try:
-                    sealed.feed()
-                except (BlockingIOError, InterruptedError):
-                    return None
-                continue
-            if not view:
-                raise ConnectionResetError("the relay closed the data connection")
-            return bytes(view)
+        if self.sealed is not None:
+            return self.sealed.take(n)
+        try:
+            got = self.sock.recv(n)
+        except (BlockingIOError, InterruptedError):
+            return None
+        if not got:
+            raise ConnectionResetError("the relay closed the data connection")
+        return got
 
     # -- the service -----------------------------------------------------------------------
     def _connect_local(self) -> None:

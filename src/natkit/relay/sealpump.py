@@ -27,6 +27,7 @@ from natkit.errors import ProtocolError
 from natkit.relay import protocol as P
 from natkit.relay import seal
 from natkit.relay.pump import reset_on_close
+from natkit.relay.sockframes import recv_exact
 
 CHUNK = seal.RECORD_MAX - 4  # a chunk and its length prefix fill one record
 MAX_CHUNK = 4 * 1024 * 1024  # a larger length is not our framing
@@ -100,6 +101,26 @@ class SealedSocket:
             self.chan.receive_eof()
         return n
 
+    def take(self, n: int) -> bytes | None:
+        """Up to ``n`` plaintext bytes that are here now (what followed an end mark first,
+        then the channel, fed from the socket as needed), None when none are; never a byte
+        beyond ``n``. The stream ending here is a ProtocolError."""
+        if self.pushback:
+            got, self.pushback = self.pushback[:n], self.pushback[n:]
+            return bytes(got)
+        while True:
+            try:
+                view = self.chan.read(n)
+            except seal.NeedData:
+                try:
+                    self.feed()
+                except (BlockingIOError, InterruptedError):
+                    return None
+                continue
+            if not view:
+                raise ProtocolError("the data connection ended mid-frame")
+            return bytes(view)
+
     def flush(self) -> bool:
         """Send what was sealed; True when the socket took everything."""
         self.unsent += self.chan.take_output()
@@ -133,27 +154,6 @@ async def _flush_all(sealed: SealedSocket) -> None:
         await _ready(sealed.sock, write=True)
 
 
-async def _feed_some(sealed: SealedSocket) -> None:
-    while True:
-        try:
-            sealed.feed()
-            return
-        except (BlockingIOError, InterruptedError):
-            await _ready(sealed.sock, write=False)
-
-
-async def _sock_recv_exact(sock: socket.socket, n: int) -> bytes:
-    """Exactly ``n`` bytes from a plain socket, no byte more."""
-    loop = asyncio.get_running_loop()
-    buf = b""
-    while len(buf) < n:
-        chunk = await loop.sock_recv(sock, n - len(buf))
-        if not chunk:
-            raise ProtocolError("connection closed during the opening")
-        buf += chunk
-    return buf
-
-
 class UnknownTicketError(ProtocolError):
     """A sealed data connection named a ticket the relay did not issue (or saw used)."""
 
@@ -173,8 +173,8 @@ async def accept_sealed(
 ) -> tuple[SealedSocket, str]:
     """The relay's side: read the opening, find the session secret behind its ticket
     (``key_for``), and check the sealed DATA frame. The caller bounds the time."""
-    head = await _sock_recv_exact(sock, 2)
-    opening = head + await _sock_recv_exact(sock, seal.opening_size(head) - 2)
+    head = await recv_exact(sock, 2)
+    opening = head + await recv_exact(sock, seal.opening_size(head) - 2)
     ticket, nonce = seal.decode_opening(opening)
     data_key = key_for(ticket)
     if data_key is None:
@@ -195,17 +195,13 @@ async def send_all(sealed: SealedSocket, data: bytes) -> None:
 
 
 async def _recv_exact(sealed: SealedSocket, n: int) -> bytes:
-    buf = bytearray(sealed.pushback[:n])
-    sealed.pushback = sealed.pushback[n:]
+    buf = bytearray()
     while len(buf) < n:
-        try:
-            chunk = sealed.chan.read(n - len(buf))
-        except seal.NeedData:
-            await _feed_some(sealed)
-            continue
-        if not chunk:
-            raise ProtocolError("connection closed mid-frame")
-        buf += chunk
+        chunk = sealed.take(n - len(buf))
+        if chunk is None:
+            await _ready(sealed.sock, write=False)
+        else:
+            buf += chunk
     return bytes(buf)
 
 

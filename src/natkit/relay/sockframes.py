@@ -11,12 +11,13 @@ from natkit.relay import protocol as P
 
 
 async def read_frame(conn: socket.socket) -> P.Message:
+    msg_type, length = P.decode_header(await recv_exact(conn, P.HEADER.size))
+    return P.decode_body(msg_type, await recv_exact(conn, length))
+
+
+async def recv_exact(conn: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes, no byte more; ProtocolError if the connection ends first."""
     loop = asyncio.get_running_loop()
-    msg_type, length = P.decode_header(await _recv_exact(loop, conn, P.HEADER.size))
-    return P.decode_body(msg_type, await _recv_exact(loop, conn, length))
-
-
-async def _recv_exact(loop: asyncio.AbstractEventLoop, conn: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
         chunk = await loop.sock_recv(conn, n - len(buf))
