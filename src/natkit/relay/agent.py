@@ -27,9 +27,9 @@ from typing import Any
 
 from natkit.errors import NatkitError, ProtocolError
 from natkit.relay import protocol as P
-from natkit.relay import seal, sealpump
+from natkit.relay import seal
 from natkit.relay.certs import KnownRelays, RelayTrustError, client_context, fingerprint_der
-from natkit.relay.dataconn import DataConn
+from natkit.relay.dataconn import DataConn, Opening
 from natkit.relay.rendezvous import P2PRoom, Rendezvous
 from natkit.state import state_dir
 
@@ -108,7 +108,9 @@ class Agent:
         self._data_key = b""  # the session's secret for sealed data connections (WELCOME)
         self.connections = 0
         self._queued: list[P.Message] = []
-        self._parked: set[asyncio.Task[None]] = set()  # data connections being opened
+        self._resolving: set[asyncio.Task[None]] = set()  # tickets waiting for a name lookup
+        self._openings: set[Opening] = set()  # data connections being opened
+        self._relay_addr: tuple[str, int] = (self.relay_host, self.relay_port)  # as connected
         self._parked_conns: set[DataConn] = set()  # open, waiting for a visitor
         self._active_conns: set[DataConn] = set()  # carrying a visitor
         self._pings: dict[float, asyncio.Future[None]] = {}
@@ -175,6 +177,8 @@ class Agent:
             if msg.type != P.WELCOME:
                 raise ProtocolError(f"expected WELCOME, got {msg.name}")
             self._data_key = _data_key(msg["data_key"])
+            # Data connections go to the address the control connection reached (no lookup).
+            self._relay_addr = tuple(writer.get_extra_info("peername")[:2])
             self._writer = writer
             self.connections += 1
             for t in self.tunnels.values():
@@ -182,22 +186,31 @@ class Agent:
             self._rendezvous.attach()
             self.connected.set()
             ping = asyncio.get_running_loop().create_task(self._pinger(writer))
+            # One watchdog timer for the session, not a timeout per message (a TICKETS
+            # message per visitor in plaintext mode).
+            watch = _Watchdog(writer.transport, SILENCE_LIMIT)
             try:
                 while True:
                     try:
-                        msg = await asyncio.wait_for(self._next(reader, decoder), SILENCE_LIMIT)
-                    except asyncio.TimeoutError:
-                        raise ProtocolError(f"relay silent for {SILENCE_LIMIT:g} s") from None
+                        msg = await self._next(reader, decoder)
+                    except (OSError, ProtocolError):
+                        if watch.fired:
+                            raise ProtocolError(f"relay silent for {SILENCE_LIMIT:g} s") from None
+                        raise
+                    watch.heard()
                     self._handle(msg)
             finally:
+                watch.cancel()
                 ping.cancel()
         finally:
             self._writer = None
             self._rendezvous.detach()
             # Data connections still waiting for a visitor belong to the lost session: the
             # relay forgot their tickets. Connections already carrying a visitor go on.
-            for task in list(self._parked):
+            for task in list(self._resolving):
                 task.cancel()
+            for opening in list(self._openings):
+                opening.abort()
             for conn in list(self._parked_conns):
                 conn.abort()
             for fut in self._dials.values():
@@ -280,12 +293,17 @@ class Agent:
                 fut.set_result(t.public)
         elif msg.type == P.TICKETS:
             t = self.tunnels.get(msg["tunnel"])
-            if t is not None:
-                for ticket in msg["tickets"]:
-                    conn = self._data_conn(t, ticket, self._data_key)
-                    task = asyncio.get_running_loop().create_task(conn)
-                    self._parked.add(task)
-                    task.add_done_callback(self._parked.discard)
+            if t is None:
+                return
+            local = _service_ip(t)
+            if local is not None:
+                self._open_data_conns(t, local, msg["tickets"])
+            else:  # a service named by host name: look it up first (off the loop)
+                task = asyncio.get_running_loop().create_task(
+                    self._resolve_then_open(t, msg["tickets"])
+                )
+                self._resolving.add(task)
+                task.add_done_callback(self._resolving.discard)
         elif msg.type == P.PING:
             if self._writer is not None:
                 self._writer.write(P.encode(P.PONG, t=msg["t"]))
@@ -341,58 +359,88 @@ class Agent:
         (self._parked_conns.add if state == "parked" else self._parked_conns.discard)(conn)
         (self._active_conns.add if state == "active" else self._active_conns.discard)(conn)
 
-    async def _data_conn(self, t: TunnelSpec, ticket: str, data_key: bytes) -> None:
-        """Open a data connection for ``ticket`` and park it: callbacks take over from there
-        (:mod:`natkit.relay.dataconn`)."""
-        loop = asyncio.get_running_loop()
-        try:
-            sock = socket.socket(socket.AF_INET6 if ":" in self.relay_host else socket.AF_INET)
-        except OSError as exc:  # out of file descriptors: the relay's ticket expires
-            log.debug("data connection failed: %s", exc)
-            return
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sealed = None
+    def _open_data_conns(self, t: TunnelSpec, local: tuple[str, int], tickets: list[str]) -> None:
+        """A data connection per ticket, parked once open (:mod:`natkit.relay.dataconn`)."""
+        key = None if self.plaintext_data else self._data_key
+        for ticket in tickets:
+            try:
+                opening = Opening(
+                    self._relay_addr, ticket, key, local, self._data_conn_state,
+                    self._openings.discard,
+                )  # fmt: skip
+            except OSError as exc:  # out of file descriptors: the relay's ticket expires
+                log.debug("data connection failed: %s", exc)
+                return
+            if not opening.finished:
+                self._openings.add(opening)
+
+    async def _resolve_then_open(self, t: TunnelSpec, tickets: list[str]) -> None:
         try:
             local = await _service_address(t)
-            await loop.sock_connect(sock, (self.relay_host, self.relay_port))
-            if self.plaintext_data:
-                await loop.sock_sendall(sock, P.encode(P.DATA, ticket=ticket))
-            else:
-                sealed = await asyncio.wait_for(sealpump.open_sealed(sock, data_key, ticket), 10)
-        except (OSError, ProtocolError, asyncio.TimeoutError) as exc:
-            log.debug("data connection failed: %s", exc)
-            sock.close()
+        except OSError as exc:
+            log.warning("cannot find the service %s: %s", t.local_host, exc)
             return
-        except BaseException:
-            sock.close()
-            raise
-        DataConn(sock, sealed, local, self._data_conn_state).park()
+        self._open_data_conns(t, local, tickets)
 
     async def close(self) -> None:
         self._rendezvous.close()
-        for task in list(self._tasks) + list(self._parked):
+        for task in list(self._tasks) + list(self._resolving):
             task.cancel()
+        for opening in list(self._openings):
+            opening.abort()
         for conn in list(self._parked_conns) + list(self._active_conns):
             conn.abort()
         if self._writer is not None:
             self._writer.close()
 
 
-async def _service_address(t: TunnelSpec) -> tuple[str, int]:
-    """The service's address as an IP and port: a data connection connects to it from a
-    callback, where a name lookup would block the loop."""
+def _service_ip(t: TunnelSpec) -> tuple[str, int] | None:
+    """The service's address when it is given as an IP address (no lookup needed)."""
     try:
         ipaddress.ip_address(t.local_host)
     except ValueError:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            t.local_host, t.local_port, type=socket.SOCK_STREAM
-        )
-        if not infos:
-            raise OSError(f"{t.local_host} has no address") from None
-        host, port = infos[0][4][:2]
-        return str(host), int(port)
+        return None
     return t.local_host, t.local_port
+
+
+class _Watchdog:
+    """Aborts ``transport`` when nothing was heard on it for ``limit`` seconds."""
+
+    def __init__(self, transport: asyncio.WriteTransport, limit: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.transport, self.limit = transport, limit
+        self.last = self.loop.time()
+        self.fired = False
+        self.timer = self.loop.call_later(limit, self._check)
+
+    def heard(self) -> None:
+        self.last = self.loop.time()
+
+    def _check(self) -> None:
+        quiet = self.loop.time() - self.last
+        if quiet < self.limit:
+            self.timer = self.loop.call_later(self.limit - quiet, self._check)
+            return
+        self.fired = True
+        self.transport.abort()
+
+    def cancel(self) -> None:
+        self.timer.cancel()
+
+
+async def _service_address(t: TunnelSpec) -> tuple[str, int]:
+    """The service's address as an IP and port: a data connection connects to it from a
+    callback, where a name lookup would block the loop."""
+    known = _service_ip(t)
+    if known is not None:
+        return known
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        t.local_host, t.local_port, type=socket.SOCK_STREAM
+    )
+    if not infos:
+        raise OSError(f"{t.local_host} has no address")
+    host, port = infos[0][4][:2]
+    return str(host), int(port)
 
 
 def _data_key(text: str) -> bytes:

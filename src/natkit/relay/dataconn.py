@@ -24,12 +24,115 @@ from typing import Any
 from natkit.errors import ProtocolError
 from natkit.relay import protocol as P
 from natkit.relay.pump import reset_on_close, start_join
-from natkit.relay.sealpump import Bridge, SealedSocket
+from natkit.relay.sealpump import Bridge, SealedSocket, begin_sealed
 
 log = logging.getLogger("natkit.relay")
 
 # What a data connection tells its owner: "parked", "active" (carries a visitor), "gone".
 Owner = Callable[["DataConn", str], None]
+OPEN_TIMEOUT = 10.0  # connect and send the ticket within this, or give the ticket up
+
+
+class Opening:
+    """A data connection on its way to the relay at ``relay_addr`` (an IP address and
+    port): connect, send the ticket (a plain DATA frame, or the sealed opening when
+    ``data_key`` is given), then park as a :class:`DataConn`. Callbacks only, no task: the
+    relay asks for one per visitor in plaintext mode. ``ended`` is told when it is parked
+    or has failed (the relay's unused ticket then expires). The constructor raises
+    OSError when no socket can be had (out of file descriptors)."""
+
+    __slots__ = (
+        "ended",
+        "finished",
+        "local_addr",
+        "loop",
+        "out",
+        "owner",
+        "sealed",
+        "sock",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        relay_addr: tuple[str, int],
+        ticket: str,
+        data_key: bytes | None,
+        local_addr: tuple[str, int],
+        owner: Owner,
+        ended: Callable[[Opening], None],
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.local_addr, self.owner, self.ended = local_addr, owner, ended
+        sock = socket.socket(socket.AF_INET6 if ":" in relay_addr[0] else socket.AF_INET)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.sealed = None if data_key is None else begin_sealed(sock, data_key, ticket)
+        self.out = P.encode(P.DATA, ticket=ticket) if data_key is None else b""
+        self.timer: asyncio.TimerHandle | None = None
+        self.finished = False  # parked (the DataConn owns the socket now) or failed
+        err = sock.connect_ex(relay_addr)
+        if err == 0 or (err in _IN_PROGRESS and _connected(sock)):
+            self._send()  # loopback, or a connection that completed at once
+        elif err in _IN_PROGRESS:
+            self._wait_writable()
+        else:
+            self._fail(OSError(err, f"cannot connect to the relay: {errno.errorcode.get(err)}"))
+
+    def _wait_writable(self) -> None:
+        self.loop.add_writer(self.sock.fileno(), self._on_writable)
+        if self.timer is None:
+            self.timer = self.loop.call_later(
+                OPEN_TIMEOUT, self._fail, TimeoutError("the relay did not take the connection")
+            )
+
+    def _on_writable(self) -> None:
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail(OSError(err, f"cannot connect to the relay: {errno.errorcode.get(err)}"))
+            return
+        self._send()
+
+    def _send(self) -> None:
+        try:
+            if self.sealed is not None:
+                complete = self.sealed.flush()
+            else:
+                self.out = self.out[self.sock.send(self.out) :]
+                complete = not self.out
+        except (BlockingIOError, InterruptedError):
+            complete = False
+        except OSError as exc:
+            self._fail(exc)
+            return
+        if not complete:
+            self._wait_writable()
+            return
+        self._stop_watching()
+        self.finished = True
+        DataConn(self.sock, self.sealed, self.local_addr, self.owner).park()
+        self.ended(self)
+
+    def _stop_watching(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        with contextlib.suppress(Exception):
+            self.loop.remove_writer(self.sock.fileno())
+
+    def _fail(self, exc: BaseException) -> None:
+        log.debug("data connection failed: %s", exc)
+        self.abort()
+
+    def abort(self) -> None:
+        """Give up (the agent stops, or its session with the relay was lost)."""
+        if self.finished:
+            return
+        self.finished = True
+        self._stop_watching()
+        self.sock.close()
+        self.ended(self)
 
 
 class DataConn:

@@ -158,13 +158,21 @@ class UnknownTicketError(ProtocolError):
     """A sealed data connection named a ticket the relay did not issue (or saw used)."""
 
 
-async def open_sealed(sock: socket.socket, data_key: bytes, ticket: str) -> SealedSocket:
-    """The agent's side: the clear opening, then DATA {ticket} sealed (which proves it)."""
+def begin_sealed(sock: socket.socket, data_key: bytes, ticket: str) -> SealedSocket:
+    """The agent's side, before any I/O: the clear opening, then DATA {ticket} sealed (which
+    proves it), queued for :meth:`SealedSocket.flush`."""
     nonce = os.urandom(seal.NONCE_SIZE)
     up, down = seal.derive_keys(data_key, ticket, nonce)
     sealed = SealedSocket(sock, seal.SealedChannel(send_key=up, recv_key=down))
     sealed.unsent.append(seal.encode_opening(ticket, nonce))
-    await send_all(sealed, P.encode(P.DATA, ticket=ticket))
+    sealed.chan.seal(P.encode(P.DATA, ticket=ticket))
+    return sealed
+
+
+async def open_sealed(sock: socket.socket, data_key: bytes, ticket: str) -> SealedSocket:
+    """:func:`begin_sealed`, sent."""
+    sealed = begin_sealed(sock, data_key, ticket)
+    await _flush_all(sealed)
     return sealed
 
 
@@ -246,10 +254,16 @@ class Bridge:
         self.registered = 0  # bit set of _READ_P, _WRITE_P, _READ_S, _WRITE_S
         if prefix:
             sealed.chan.seal(prefix)
-        self._flush_sealed()
         self._update()
-        # Records that came with START are in the channel already: no readiness event for them.
-        self.loop.call_soon(self._drain)
+        # What is already waiting goes now, not one loop iteration later: plain bytes (a
+        # visitor's request, which came with its connection) leave sealed behind the prefix
+        # in the same send, and records that came with START are in the channel already
+        # (no readiness event would come for them).
+        self._on_plain_readable()
+        if not self.finished:
+            self._flush_sealed()
+            self._update()
+            self._drain()
 
     # -- registrations -------------------------------------------------------------------
     def _want(self, bit: int, on: bool) -> None:

@@ -40,6 +40,7 @@ from natkit.relay.sockframes import read_frame
 log = logging.getLogger("natkit.relay")
 
 HANDSHAKE_TIMEOUT = 10.0
+_PLAIN_DATA_PEEK = 256  # a plain DATA frame (its ticket is at most P.MAX_TICKET characters) fits
 HEADER_TIMEOUT = 10.0  # slowloris: a visitor's routing bytes must arrive within this
 VISITOR_WAIT = 10.0  # how long a visitor waits for a data connection
 TICKET_TTL = 10.0  # an agent answers a ticket within milliseconds; older ones are lost
@@ -223,7 +224,7 @@ class RelayServer:
     async def start(self) -> None:
         sock = await self._listen_main()
         self.listen_port = sock.getsockname()[1]
-        self._accept(sock, self._on_listen_conn)
+        self._accept(sock, self._on_listen_conn_now)
         if self.cfg.http_port is not None:
             s = self._listen(self.cfg.listen_host, self.cfg.http_port)
             self.http_port = s.getsockname()[1]
@@ -331,6 +332,32 @@ class RelayServer:
 
     # ---- the listen port: TLS control, sealed data or plaintext data ----------------------
 
+    def _on_listen_conn_now(
+        self, conn: socket.socket, addr: Any
+    ) -> Coroutine[Any, Any, None] | None:
+        """A plain data connection whose DATA frame came with it (the usual case: the agent
+        sends it as soon as it connects, and plaintext mode opens one per visitor) is parked
+        here, in the accept callback; anything else is read by a task."""
+        try:
+            head = conn.recv(_PLAIN_DATA_PEEK, socket.MSG_PEEK)
+        except OSError:
+            head = b""
+        if len(head) >= P.HEADER.size and head[:1] not in (seal.PREFIX, b"\x16"):
+            try:
+                msg_type, length = P.decode_header(head[: P.HEADER.size])
+            except ProtocolError:
+                msg_type, length = 0, _PLAIN_DATA_PEEK
+            size = P.HEADER.size + length
+            if msg_type == P.DATA and len(head) >= size:
+                try:
+                    msg = P.decode_body(msg_type, conn.recv(size)[P.HEADER.size :])
+                except (OSError, ProtocolError) as exc:
+                    self._garbage(conn, addr, exc)
+                    return None
+                self._plain_data_msg(conn, msg)
+                return None
+        return self._on_listen_conn(conn, addr)
+
     async def _on_listen_conn(self, conn: socket.socket, addr: Any) -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -361,10 +388,18 @@ class RelayServer:
         try:
             msg = await asyncio.wait_for(read_frame(conn), HANDSHAKE_TIMEOUT)
         except (asyncio.TimeoutError, OSError, ProtocolError) as exc:
-            log.warning("dropping %s: %s", addr, exc)
-            self.stats["garbage"] += 1
-            conn.close()
+            self._garbage(conn, addr, exc)
             return
+        self._plain_data_msg(conn, msg)
+
+    def _garbage(self, conn: socket.socket, addr: Any, exc: BaseException) -> None:
+        log.warning("dropping %s: %s", addr, exc)
+        self.stats["garbage"] += 1
+        conn.close()
+
+    def _plain_data_msg(self, conn: socket.socket, msg: P.Message) -> None:
+        """A plain connection's first frame: a P2P fallback path, or a tunnel's data
+        connection (parked until a visitor comes)."""
         if msg.type == P.DATA and self.rendezvous.has_ticket(msg["ticket"]):
             # A P2P relay-fallback path: always plain, the peers encrypt end to end.
             self.rendezvous.data_conn(conn, msg["ticket"])
@@ -395,9 +430,7 @@ class RelayServer:
             conn.close()
             return
         except (asyncio.TimeoutError, OSError, ProtocolError) as exc:
-            log.warning("dropping %s: %s", addr, exc)
-            self.stats["garbage"] += 1
-            conn.close()
+            self._garbage(conn, addr, exc)
             return
         tunnel = self._take_ticket(ticket)
         if tunnel is None or sealed.pushback or sealed.chan.has_input():  # speaks after START

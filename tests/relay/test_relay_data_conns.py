@@ -1,0 +1,228 @@
+"""How data connections are opened and taken in, for real on loopback: a
+:class:`RelayServer` and an :class:`Agent` in the test's loop, a real echo service, real
+TCP sockets. Nothing leaves 127.0.0.1.
+
+* The agent opens its data connections from callbacks (:class:`Opening`): visitors are
+  served in both data modes, one after another and side by side; an opening to a relay
+  that is not there, or one given up, leaves nothing behind.
+* The relay takes a plain data connection whose DATA frame came with it in its accept
+  callback, and one whose frame comes in parts in a task: both are judged the same way.
+* The agent's control connection is cut after a silence (one watchdog timer, not a
+  timeout per message), and not while the relay speaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from natkit.relay import protocol as P
+from natkit.relay.agent import Agent, TunnelSpec, _Watchdog
+from natkit.relay.dataconn import DataConn, Opening
+from natkit.relay.server import RelayConfig, RelayServer
+
+TOKEN = "data-conn-token-0123456789abcdef"
+LOOPBACK = "127.0.0.1"
+
+
+@pytest.fixture
+async def relay(tmp_path: Path) -> AsyncIterator[RelayServer]:
+    server = RelayServer(
+        RelayConfig(
+            listen_host=LOOPBACK,
+            listen_port=0,
+            tokens={"a": TOKEN},
+            ports=(41000, 41049),
+            state_dir=tmp_path / "relay",
+            stun=False,
+            pool_size=4,
+        )
+    )
+    await server.start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[int]:
+    """A service that echoes every connection until its EOF, then half-closes."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.write_eof()
+        writer.close()
+
+    server = await asyncio.start_server(serve, LOOPBACK, 0)
+    yield int(server.sockets[0].getsockname()[1])
+    server.close()
+    await server.wait_closed()
+
+
+async def _agent(relay: RelayServer, service: int, tmp_path: Path, *, plaintext: bool) -> tuple[Agent, asyncio.Task[None], int]:  # fmt: skip
+    agent = Agent(
+        f"{LOOPBACK}:{relay.listen_port}",
+        TOKEN,
+        [TunnelSpec(local_port=service)],
+        plaintext_data=plaintext,
+        known_relays=tmp_path / f"known-{plaintext}.json",
+    )
+    task = asyncio.get_running_loop().create_task(agent.run())
+    public = await agent.wait_open("t0", timeout=10)
+    return agent, task, int(public.rsplit(":", 1)[1])
+
+
+async def _visit(port: int, payload: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    writer.write(payload)
+    writer.write_eof()
+    got = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return got
+
+
+@pytest.mark.parametrize("plaintext", [True, False], ids=["plain", "sealed"])
+async def test_visitors_are_served_through_callback_opened_data_conns(
+    relay: RelayServer, echo: int, tmp_path: Path, plaintext: bool
+) -> None:
+    agent, task, port = await _agent(relay, echo, tmp_path, plaintext=plaintext)
+    try:
+        for i in range(30):  # more than the pool: plain ones are replaced one by one
+            payload = b"visitor %d " % i * 100
+            assert await _visit(port, payload) == payload
+        many = [b"together %d " % i * 2000 for i in range(20)]
+        assert await asyncio.gather(*(_visit(port, p) for p in many)) == many
+        await asyncio.sleep(0.1)
+        assert not agent._openings, "openings left behind once parked"
+        assert relay.stats["bad_tickets"] == 0 and relay.stats["garbage"] == 0, relay.stats
+        if plaintext:
+            assert relay.stats["data_conns_reused"] == 0
+        else:
+            assert relay.stats["data_conns_reused"] > 0
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await agent.close()
+
+
+async def test_an_opening_to_no_relay_ends_with_nothing_parked() -> None:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        closed_port = s.getsockname()[1]  # bound, not listening: connections are refused
+        ended: list[Opening] = []
+        states: list[str] = []
+        opening = Opening(
+            (LOOPBACK, closed_port), "ticket", None, (LOOPBACK, 9),
+            lambda _c, state: states.append(state), ended.append,
+        )  # fmt: skip
+        for _ in range(50):
+            if ended:
+                break
+            await asyncio.sleep(0.01)
+        assert ended == [opening] and opening.finished
+        assert opening.sock.fileno() == -1
+        assert states == []  # no DataConn was made
+        opening.abort()  # a second end is a no-op
+        assert ended == [opening]
+
+
+@pytest.mark.parametrize("key", [None, bytes(32)], ids=["plain", "sealed"])
+async def test_an_opening_sends_its_ticket_and_parks(key: bytes | None) -> None:
+    listener = socket.create_server((LOOPBACK, 0))
+    listener.setblocking(False)
+    loop = asyncio.get_running_loop()
+    ended: list[Opening] = []
+    conns: list[tuple[DataConn, str]] = []
+    try:
+        opening = Opening(
+            listener.getsockname()[:2], "t1cket", key, (LOOPBACK, 9),
+            lambda c, state: conns.append((c, state)), ended.append,
+        )  # fmt: skip
+        peer, _ = await loop.sock_accept(listener)
+        for _ in range(50):
+            if ended:
+                break
+            await asyncio.sleep(0.01)
+        assert ended == [opening] and [s for _, s in conns] == ["parked"]
+        head = await asyncio.wait_for(loop.sock_recv(peer, 4096), 5)
+        if key is None:
+            assert head == P.encode(P.DATA, ticket="t1cket")
+        else:
+            assert head[:1] == b"S" and b"t1cket" in head  # the clear opening names it
+        opening.abort()  # handed over: the DataConn owns the socket now
+        assert conns[0][0].sock.fileno() >= 0
+        conns[0][0].abort()
+        peer.close()
+    finally:
+        listener.close()
+
+
+async def _send_in_parts(port: int, parts: list[bytes], pause: float) -> bytes:
+    """The first part goes before the relay's loop runs again (so it is there when the
+    relay accepts), the others after pauses; returns what the relay sent back."""
+    loop = asyncio.get_running_loop()
+    with socket.create_connection((LOOPBACK, port), timeout=5) as sock:
+        sock.sendall(parts[0])
+        sock.setblocking(False)
+        for part in parts[1:]:
+            await asyncio.sleep(pause)
+            await loop.sock_sendall(sock, part)
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := await asyncio.wait_for(loop.sock_recv(sock, 4096), 5):
+                got += chunk
+        return got
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "in-parts"])
+async def test_plain_data_frames_are_judged_alike_whole_or_in_parts(
+    relay: RelayServer, split: bool
+) -> None:
+    cases: dict[str, tuple[bytes, str]] = {
+        "a bogus ticket": (P.encode(P.DATA, ticket="bogus"), "bad_tickets"),
+        "not JSON": (bytes([P.DATA, 0, 0, 4]) + b"\xff\xfe\xfd\xfc", "garbage"),
+        "not DATA": (P.encode(P.PING, t=1.0), "bad_tickets"),
+    }
+    for name, (frame, counter) in cases.items():
+        before = dict(relay.stats)
+        parts = [frame[:3], frame[3:]] if split else [frame]
+        got = await _send_in_parts(relay.listen_port, parts, 0.05)
+        assert got == b"", f"{name}: the relay answered {got!r}"
+        for _ in range(50):
+            if relay.stats[counter] > before.get(counter, 0):
+                break
+            await asyncio.sleep(0.01)
+        assert relay.stats[counter] == before.get(counter, 0) + 1, (name, relay.stats)
+
+
+async def test_the_watchdog_cuts_a_silent_connection_only() -> None:
+    listener = socket.create_server((LOOPBACK, 0))
+    listener.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        reader, writer = await asyncio.open_connection(*listener.getsockname()[:2])
+        peer, _ = await loop.sock_accept(listener)
+        watch = _Watchdog(writer.transport, 0.3)
+        for _ in range(6):  # the peer speaks every 0.1 s: never cut
+            await loop.sock_sendall(peer, b"x")
+            assert await asyncio.wait_for(reader.read(1), 1) == b"x"
+            watch.heard()
+            await asyncio.sleep(0.1)
+        assert not watch.fired
+        t0 = loop.time()
+        got: Any = await asyncio.wait_for(reader.read(1), 2)  # then silence
+        assert got == b"" and watch.fired
+        assert 0.2 <= loop.time() - t0 <= 1.0
+        watch.cancel()
+        peer.close()
+    finally:
+        listener.close()
