@@ -7,6 +7,9 @@ TCP sockets. Nothing leaves 127.0.0.1.
   that is not there, or one given up, leaves nothing behind.
 * The relay takes a plain data connection whose DATA frame came with it in its accept
   callback, and one whose frame comes in parts in a task: both are judged the same way.
+* The relay routes an HTTP visitor whose request head came with its connection in its
+  accept callback, and one whose head comes in parts in a task: both are served, and both
+  get the same 404 for a host no tunnel holds.
 * The agent's control connection is cut after a silence (one watchdog timer, not a
   timeout per message), and not while the relay speaks.
 """
@@ -42,6 +45,8 @@ async def relay(tmp_path: Path) -> AsyncIterator[RelayServer]:
             state_dir=tmp_path / "relay",
             stun=False,
             pool_size=4,
+            http_port=0,
+            domain="lab.test",
         )
     )
     await server.start()
@@ -67,17 +72,17 @@ async def echo() -> AsyncIterator[int]:
     await server.wait_closed()
 
 
-async def _agent(relay: RelayServer, service: int, tmp_path: Path, *, plaintext: bool) -> tuple[Agent, asyncio.Task[None], int]:  # fmt: skip
+async def _agent(relay: RelayServer, service: int, tmp_path: Path, *, plaintext: bool, spec: TunnelSpec | None = None) -> tuple[Agent, asyncio.Task[None], int]:  # fmt: skip
     agent = Agent(
         f"{LOOPBACK}:{relay.listen_port}",
         TOKEN,
-        [TunnelSpec(local_port=service)],
+        [spec or TunnelSpec(local_port=service)],
         plaintext_data=plaintext,
         known_relays=tmp_path / f"known-{plaintext}.json",
     )
     task = asyncio.get_running_loop().create_task(agent.run())
     public = await agent.wait_open("t0", timeout=10)
-    return agent, task, int(public.rsplit(":", 1)[1])
+    return agent, task, int(public.rsplit(":", 1)[1]) if spec is None else 0
 
 
 async def _visit(port: int, payload: bytes) -> bytes:
@@ -168,7 +173,7 @@ async def test_an_opening_sends_its_ticket_and_parks(key: bytes | None) -> None:
 
 async def _send_in_parts(port: int, parts: list[bytes], pause: float) -> bytes:
     """The first part goes before the relay's loop runs again (so it is there when the
-    relay accepts), the others after pauses; returns what the relay sent back."""
+    relay accepts), the others after pauses, then EOF; returns what came back."""
     loop = asyncio.get_running_loop()
     with socket.create_connection((LOOPBACK, port), timeout=5) as sock:
         sock.sendall(parts[0])
@@ -176,6 +181,7 @@ async def _send_in_parts(port: int, parts: list[bytes], pause: float) -> bytes:
         for part in parts[1:]:
             await asyncio.sleep(pause)
             await loop.sock_sendall(sock, part)
+        sock.shutdown(socket.SHUT_WR)
         got = b""
         with contextlib.suppress(ConnectionResetError):
             while chunk := await asyncio.wait_for(loop.sock_recv(sock, 4096), 5):
@@ -202,6 +208,30 @@ async def test_plain_data_frames_are_judged_alike_whole_or_in_parts(
                 break
             await asyncio.sleep(0.01)
         assert relay.stats[counter] == before.get(counter, 0) + 1, (name, relay.stats)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "in-parts"])
+async def test_http_visitors_are_routed_whole_or_in_parts(
+    relay: RelayServer, echo: int, tmp_path: Path, split: bool
+) -> None:
+    spec = TunnelSpec(local_port=echo, kind="http", name="shop")
+    agent, task, _ = await _agent(relay, echo, tmp_path, plaintext=False, spec=spec)
+    try:
+        assert relay.http_port is not None
+        for host, served in (("shop.lab.test", True), ("nobody.lab.test", False)):
+            head = f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+            parts = [head[:9], head[9:]] if split else [head]
+            got = await _send_in_parts(relay.http_port, parts, 0.05)
+            if served:  # the echo service sends the request back
+                assert got == head, got
+            else:
+                assert got.startswith(b"HTTP/1.1 404 "), got
+        assert relay.stats["unrouted_visitors"] == 1, relay.stats
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await agent.close()
 
 
 async def test_the_watchdog_cuts_a_silent_connection_only() -> None:

@@ -228,11 +228,11 @@ class RelayServer:
         if self.cfg.http_port is not None:
             s = self._listen(self.cfg.listen_host, self.cfg.http_port)
             self.http_port = s.getsockname()[1]
-            self._accept(s, lambda c, a: self._visitor_by_name(c, a, "http"))
+            self._accept(s, lambda c, a: self._visitor_by_name_now(c, a, "http"))
         if self.cfg.https_port is not None:
             s = self._listen(self.cfg.listen_host, self.cfg.https_port)
             self.https_port = s.getsockname()[1]
-            self._accept(s, lambda c, a: self._visitor_by_name(c, a, "tls"))
+            self._accept(s, lambda c, a: self._visitor_by_name_now(c, a, "tls"))
         if self.cfg.metrics is not None:
             self._servers.append(await asyncio.start_server(self._metrics, *self.cfg.metrics))
         self._spawn(self._housekeeping())
@@ -717,10 +717,24 @@ class RelayServer:
 
     # ---- visitors ----------------------------------------------------------------------------
 
+    def _visitor_by_name_now(
+        self, conn: socket.socket, addr: Any, kind: str
+    ) -> Coroutine[Any, Any, None] | None:
+        """A visitor whose request head (HTTP) or ClientHello (TLS) came with its connection,
+        the usual case, is routed here in the accept callback; any other is read by a task,
+        which also answers the ones that cannot be routed."""
+        parse, limit = _ROUTE_BY[kind]
+        try:
+            host = parse(conn.recv(limit + 1, socket.MSG_PEEK))
+        except (OSError, ProtocolError):
+            host = None
+        if not host:
+            return self._visitor_by_name(conn, addr, kind)
+        return self._route(conn, addr, kind, host)
+
     async def _visitor_by_name(self, conn: socket.socket, addr: Any, kind: str) -> None:
         """HTTP: route by Host; TLS: route by SNI. The bytes are peeked, not consumed."""
-        parse = sniff.http_host if kind == "http" else sniff.tls_sni
-        limit = sniff.MAX_HTTP_HEAD if kind == "http" else sniff.MAX_CLIENT_HELLO
+        parse, limit = _ROUTE_BY[kind]
         try:
             host = await asyncio.wait_for(_peek_until(conn, parse, limit), HEADER_TIMEOUT)
         except asyncio.TimeoutError:
@@ -738,6 +752,14 @@ class RelayServer:
                     )
             conn.close()
             return
+        waiting = self._route(conn, addr, kind, host)
+        if waiting is not None:
+            await waiting
+
+    def _route(
+        self, conn: socket.socket, addr: Any, kind: str, host: str | None
+    ) -> Coroutine[Any, Any, None] | None:
+        """The visitor to the tunnel holding ``host``, or an answer that there is none."""
         tunnel = self.tunnels_by_key.get(f"{kind}:{host}") if host else None
         if tunnel is None:
             self.stats["unrouted_visitors"] += 1
@@ -750,10 +772,8 @@ class RelayServer:
                         % (len(body), body)
                     )
             conn.close()
-            return
-        waiting = self._visitor(conn, tunnel, addr)
-        if waiting is not None:
-            await waiting
+            return None
+        return self._visitor(conn, tunnel, addr)
 
     def _tcp_visitor(self, tunnel: Tunnel, conn: socket.socket, addr: Any) -> Any:
         return self._visitor(conn, tunnel, addr)
@@ -870,6 +890,13 @@ class RelayServer:
                          b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))  # fmt: skip
             await writer.drain()
         writer.close()
+
+
+# How a visitor to the HTTP or HTTPS port is routed: its host name from what bytes, at most how many.
+_ROUTE_BY: dict[str, tuple[Callable[[bytes], str | None], int]] = {
+    "http": (sniff.http_host, sniff.MAX_HTTP_HEAD),
+    "tls": (sniff.tls_sni, sniff.MAX_CLIENT_HELLO),
+}
 
 
 def _resume_if_open(
