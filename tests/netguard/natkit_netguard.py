@@ -11,9 +11,11 @@ fails the test even when the code under test swallows the error.
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import ipaddress
 import os
 import socket
+import sys
 from typing import Any
 
 # Keep in step with natkit.lab.config.LAB_SUBNETS (tests/lab/test_lab_nat.py checks it).
@@ -114,15 +116,7 @@ def install() -> None:
         return _orig["sendmsg"](self, buffers, *args)  # type: ignore[no-any-return]
 
     def getaddrinfo(host: Any, *args: Any, **kw: Any) -> Any:
-        # A name lookup would send a DNS query to the host's resolver: numeric hosts only.
-        if isinstance(host, bytes):
-            host = host.decode()
-        if host not in (None, "localhost"):
-            try:
-                ipaddress.ip_address(str(host).split("%", 1)[0])
-            except ValueError:
-                _record(f"network guard: DNS lookup of {host!r} (pid {os.getpid()}) is forbidden")
-                raise socket.gaierror(socket.EAI_NONAME, f"network guard: no DNS for {host!r}") from None
+        _no_dns(host)
         return _orig["getaddrinfo"](host, *args, **kw)
 
     cls.connect = connect  # type: ignore[method-assign]
@@ -130,3 +124,125 @@ def install() -> None:
     cls.sendto = sendto  # type: ignore[assignment]
     cls.sendmsg = sendmsg  # type: ignore[method-assign]
     socket.getaddrinfo = getaddrinfo
+    if "uvloop" in sys.modules:
+        _guard_uvloop(sys.modules["uvloop"])
+    else:
+        sys.meta_path.insert(0, _GuardUvloopOnImport())
+
+
+# uvloop (the event loop of natkit's relay and agent commands) connects, sends datagrams
+# and resolves names in C, past the socket methods above: its loop's methods are guarded
+# too, as soon as it is imported.
+
+
+def _no_dns(host: Any) -> None:
+    """A name lookup would send a DNS query to the host's resolver: numeric hosts only."""
+    if isinstance(host, bytes):
+        host = host.decode()
+    if host in (None, "localhost"):
+        return
+    try:
+        ipaddress.ip_address(str(host).split("%", 1)[0])
+    except ValueError:
+        _record(f"network guard: DNS lookup of {host!r} (pid {os.getpid()}) is forbidden")
+        raise socket.gaierror(socket.EAI_NONAME, f"network guard: no DNS for {host!r}") from None
+
+
+def _check_host(host: Any, port: Any, op: str) -> None:
+    if host is not None:
+        _no_dns(host)
+        check((str(host.decode() if isinstance(host, bytes) else host), port), op)
+
+
+class _GuardedDatagramTransport:
+    """A datagram transport whose ``sendto`` to an address is checked first."""
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        if addr is None:
+            self._transport.sendto(data)
+            return
+        check(addr, "sendto", self._transport.get_extra_info("socket"))
+        self._transport.sendto(data, addr)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def _guard_uvloop(uvloop: Any) -> None:
+    loop_cls = uvloop.Loop
+    if getattr(loop_cls, "_natkit_guarded", False):
+        return
+    orig = {n: getattr(loop_cls, n) for n in (
+        "create_connection", "create_datagram_endpoint", "getaddrinfo", "sock_connect",
+        "sock_sendto",
+    ) if hasattr(loop_cls, n)}  # fmt: skip
+
+    async def create_connection(self: Any, factory: Any, host: Any = None, port: Any = None, *args: Any, **kw: Any) -> Any:  # fmt: skip
+        _check_host(host, port, "connect")
+        return await orig["create_connection"](self, factory, host, port, *args, **kw)
+
+    async def create_datagram_endpoint(self: Any, factory: Any, local_addr: Any = None, remote_addr: Any = None, **kw: Any) -> Any:  # fmt: skip
+        if remote_addr is not None:
+            _check_host(remote_addr[0], remote_addr[1], "connect")
+        made: list[_GuardedDatagramTransport] = []
+
+        class Guarded:  # the protocol sees the guarded transport too
+            def __init__(self) -> None:
+                self.inner = factory()
+
+            def connection_made(self, transport: Any) -> None:
+                made.append(_GuardedDatagramTransport(transport))
+                self.inner.connection_made(made[0])
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.inner, name)
+
+        transport, protocol = await orig["create_datagram_endpoint"](
+            self, Guarded, local_addr, remote_addr, **kw
+        )
+        return (made[0] if made else _GuardedDatagramTransport(transport)), protocol.inner
+
+    async def getaddrinfo(self: Any, host: Any, port: Any, *args: Any, **kw: Any) -> Any:
+        _no_dns(host)
+        return await orig["getaddrinfo"](self, host, port, *args, **kw)
+
+    async def sock_connect(self: Any, sock: Any, address: Any) -> Any:
+        check(address, "connect", sock)
+        return await orig["sock_connect"](self, sock, address)
+
+    async def sock_sendto(self: Any, sock: Any, data: Any, address: Any) -> Any:
+        check(address, "sendto", sock)
+        return await orig["sock_sendto"](self, sock, data, address)
+
+    for name, fn in (("create_connection", create_connection),
+                     ("create_datagram_endpoint", create_datagram_endpoint),
+                     ("getaddrinfo", getaddrinfo), ("sock_connect", sock_connect),
+                     ("sock_sendto", sock_sendto)):  # fmt: skip
+        if name in orig:
+            setattr(loop_cls, name, fn)
+    loop_cls._natkit_guarded = True
+
+
+class _GuardUvloopOnImport:
+    """A meta path finder that guards uvloop once it is imported (importing it eagerly
+    would slow every Python child down)."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != "uvloop":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        loader = spec.loader
+        run = loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            run(module)
+            _guard_uvloop(module)
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec

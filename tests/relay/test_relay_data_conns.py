@@ -12,12 +12,15 @@ TCP sockets. Nothing leaves 127.0.0.1.
   get the same 404 for a host no tunnel holds.
 * The agent's control connection is cut after a silence (one watchdog timer, not a
   timeout per message), and not while the relay speaks.
+* The agent command runs on uvloop, and the network guard holds it all the same.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,6 +33,7 @@ from natkit.relay.agent import Agent, TunnelSpec, _Watchdog
 from natkit.relay.dataconn import DataConn, Opening
 from natkit.relay.server import RelayConfig, RelayServer
 
+NATKIT = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "natkit")
 TOKEN = "data-conn-token-0123456789abcdef"
 LOOPBACK = "127.0.0.1"
 
@@ -254,5 +258,44 @@ async def test_the_watchdog_cuts_a_silent_connection_only() -> None:
         assert 0.2 <= loop.time() - t0 <= 1.0
         watch.cancel()
         peer.close()
+    finally:
+        listener.close()
+
+
+@pytest.mark.trips_network_guard
+@pytest.mark.parametrize("relay_addr", ["192.0.2.1:7835", "relay.example:7835"])
+async def test_the_agent_command_on_uvloop_is_held_by_the_network_guard(
+    tmp_path: Path, network_guard: list[str], relay_addr: str
+) -> None:
+    """``natkit expose`` runs on uvloop, which connects and resolves in C: the guard in
+    every test child must stop it all the same (here: a relay outside loopback)."""
+    env = {**os.environ, "NATKIT_STATE_DIR": str(tmp_path)}
+    env.pop("NATKIT_EVENT_LOOP", None)
+    proc = await asyncio.create_subprocess_exec(
+        NATKIT, "expose", "8080", "--via", "relay", "--relay", relay_addr, "--token", TOKEN,
+        "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 20)
+    proc.terminate()
+    await proc.wait()
+    event = json.loads(line)
+    assert event["event"] == "lost" and "network guard" in event["reason"], event
+
+
+def test_accepted_sockets_are_tuned_without_a_call_each() -> None:
+    """The relay sets TCP_NODELAY and keepalive on its listening sockets only: what it
+    accepts must have them (Linux copies them), or visitors would wait on Nagle and
+    half-open connections would never expire."""
+    listener = RelayServer._listen(LOOPBACK, 0)
+    try:
+        with socket.create_connection(listener.getsockname()[:2]):
+            listener.setblocking(True)
+            conn, _ = listener.accept()
+            with conn:
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+                assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 4
     finally:
         listener.close()

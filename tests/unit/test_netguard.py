@@ -40,3 +40,48 @@ def test_loopback_is_fine() -> None:
         rx.bind(("127.0.0.1", 0))
         tx.sendto(b"hi", rx.getsockname())
         assert rx.recv(10) == b"hi"
+
+
+def test_guard_covers_uvloop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """natkit's relay and agent commands run on uvloop, which connects, sends and resolves
+    in C: the guard must stop those too (and let loopback through)."""
+    import asyncio
+
+    import uvloop
+
+    log = tmp_path / "guard.log"
+    monkeypatch.setattr(guard, "LOG", str(log))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        assert type(loop).__module__.startswith("uvloop")
+        with pytest.raises(PermissionError):
+            await asyncio.open_connection("192.0.2.1", 9)
+        with pytest.raises(socket.gaierror):
+            await asyncio.open_connection("example.com", 80)
+        with pytest.raises(socket.gaierror):
+            await loop.getaddrinfo("example.com", 80)
+        with pytest.raises(PermissionError):
+            await loop.create_datagram_endpoint(asyncio.DatagramProtocol, remote_addr=("192.0.2.1", 9))
+        got: asyncio.Future[bytes] = loop.create_future()
+
+        class Rx(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: object) -> None:
+                got.set_result(data)
+
+        rx, _ = await loop.create_datagram_endpoint(Rx, local_addr=("127.0.0.1", 0))
+        tx, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0))
+        with pytest.raises(PermissionError):
+            tx.sendto(b"x", ("192.0.2.1", 9))
+        tx.sendto(b"hi", rx.get_extra_info("sockname"))  # loopback is fine
+        assert await asyncio.wait_for(got, 5) == b"hi"
+        rx.close()
+        tx.close()
+        with socket.socket() as s:
+            s.setblocking(False)
+            with pytest.raises(PermissionError):
+                await loop.sock_connect(s, ("192.0.2.1", 9))
+
+    uvloop.run(main())
+    text = log.read_text()
+    assert text.count("network guard") == 6, text

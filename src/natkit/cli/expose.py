@@ -13,7 +13,7 @@ import click
 from rich.live import Live
 from rich.table import Table
 
-from natkit.cli.common import emit_json, err, out
+from natkit.cli.common import emit_json, err, out, run_loop
 from natkit.errors import NatkitError
 from natkit.net.fdlimit import raise_fd_limit
 from natkit.relay.agent import Agent, TunnelSpec
@@ -119,7 +119,7 @@ def expose(**kw: Any) -> None:
         raise click.UsageError("--relay needs --token (or $NATKIT_TOKEN)")
     if opts.relay and opts.protocol == "udp" and opts.via == "relay":
         raise click.UsageError("relay tunnels carry TCP; UDP needs a router mapping")
-    asyncio.run(_main(opts))
+    run_loop(_main(opts))
 
 
 @dataclasses.dataclass

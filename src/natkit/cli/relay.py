@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from natkit.cli.common import emit_json, fail, out
+from natkit.cli.common import emit_json, fail, out, run_loop
 from natkit.net.fdlimit import raise_fd_limit
 from natkit.relay.agent import parse_hostport
 from natkit.relay.pump import small_tls_buffers
@@ -103,7 +103,7 @@ def serve(
         allow_plaintext_data=not no_plaintext_data, grace=grace, pool_size=pool_size,
         stun=not no_stun,
     )  # fmt: skip
-    asyncio.run(_serve(cfg, as_json))
+    run_loop(_serve(cfg, as_json))
 
 
 async def _serve(cfg: RelayConfig, as_json: bool) -> None:

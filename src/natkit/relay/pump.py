@@ -19,7 +19,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20
@@ -264,8 +264,8 @@ class _Half(asyncio.Protocol):
 
     # -- receiving from our own remote --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # (uvloop's transports are not subclasses of asyncio.Transport)
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.deliver(data)
