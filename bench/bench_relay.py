@@ -954,7 +954,8 @@ class RelayReport(Report):
             f"- machine: {m.get('nproc')} CPUs ({m.get('cpu')}), Linux {m.get('kernel')}, "
             f"{m.get('os')}; everything on 127.0.0.1",
             f"- natkit {m.get('natkit')} (git {m.get('git')}), Python {m.get('python')}, "
-            f"{m.get('openssl')}",
+            f"{m.get('openssl')}, event loop of `natkit relay serve`/`expose`: "
+            f"{m.get('event_loop')}",
             f"- references: {m.get('openssh')} (Debian `openssh-server` {m.get('openssh_deb')}), "
             f"socat {m.get('socat')} (Debian `socat` {m.get('socat_deb')})",
             f"- run took {self.elapsed:.0f} s",
@@ -1013,7 +1014,19 @@ def _versions() -> dict[str, str]:
         "socat": socat_v.group(1) if socat_v else "?",
         "socat_deb": deb("socat"),
         "openssl": ssl.OPENSSL_VERSION,
+        "event_loop": _event_loop(),
     }
+
+
+def _event_loop() -> str:
+    """What natkit's relay and agent commands run on here (natkit.cli.common.run_loop)."""
+    if os.environ.get("NATKIT_EVENT_LOOP", "").lower() == "asyncio":
+        return "asyncio (NATKIT_EVENT_LOOP=asyncio)"
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio (uvloop not installed)"
+    return f"uvloop {uvloop.__version__}"
 
 
 def _pool_size() -> str:
@@ -1593,7 +1606,7 @@ BENCHMARK = Benchmark(
     "(throughput, new-connection latency, 10,000 held connections)",
     lab_config=None,
     run=run,
-    iterations=3,
+    iterations=5,
 )
 
 

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         "-n",
         "--iterations",
         type=int,
-        help="timed runs per case (default: 15; relay: 3 runs of 1 GiB per path and direction)",
+        help="timed runs per case (default: 15; relay: 5 runs of 1 GiB per path and direction)",
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per case first")
     parser.add_argument(
