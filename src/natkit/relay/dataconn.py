@@ -1,6 +1,7 @@
-"""The agent's side of one data connection once it is open, driven by event-loop callbacks.
+"""The agent's side of one data connection, driven by event-loop callbacks alone.
 
-A parked connection waits for the relay's START with a reader callback (no task, no
+An :class:`Opening` connects to the relay and sends the connection's ticket; then the
+connection parks as a :class:`DataConn`. A parked connection waits for the relay's START with a reader callback (no task, no
 future); START starts the connection to the service, and once that is up the two are
 joined: spliced when plain, a :class:`~natkit.relay.sealpump.Bridge` when sealed. A sealed
 connection whose visitor ended cleanly parks again for the next visitor. Between a visitor's
