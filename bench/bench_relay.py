@@ -777,11 +777,13 @@ class Env:
                          {"sshd": sshd, "ssh": ssh})  # fmt: skip
         return Route("ssh", f"ssh -N -R ({SSH_CIPHER})", public, {"sshd": sshd, "ssh": ssh})
 
-    def natkit(self, plaintext: bool) -> Route:
+    def natkit(self, plaintext: bool, *, asyncio_loop: bool = False) -> Route:
         mode = "plain" if plaintext else "sealed"
         state = self.tmp / f"natkit-{mode}-{len(self.procs)}"
         state.mkdir()
         env = {"NATKIT_STATE_DIR": str(state)}
+        if asyncio_loop:  # the same code on asyncio's own event loop (a reference row)
+            env["NATKIT_EVENT_LOOP"] = "asyncio"
         token = secrets.token_urlsafe(24)
         relay = self.start(
             f"relay-{mode}",
@@ -818,8 +820,11 @@ class Env:
         public = str(up["public_address"])
         port = int(public.rsplit(":", 1)[1])
         label = "natkit relay+agent, " + ("plaintext data (splice)" if plaintext else "sealed data")
+        key = f"natkit_{mode}"
+        if asyncio_loop:
+            label, key = label + ", on asyncio's event loop", key + "_asyncio"
         info = {"listen": listen, "public": public, "tls": _tls_of(listen)}
-        return Route(f"natkit_{mode}", label, port, {"relay": relay, "agent": agent}, info)
+        return Route(key, label, port, {"relay": relay, "agent": agent}, info)
 
     # -- clients --
 
@@ -1073,6 +1078,8 @@ def run(lab: Any, opts: Options) -> Report:
             path_info = {floor.key: {"label": floor.label, "port": floor.port}}
             ssh_tty = env.ssh(interactive=True)  # latency only: ssh with TCP_NODELAY
             paths.insert(3, ssh_tty)
+            # Latency only: natkit on asyncio's own loop, to show what uvloop buys.
+            paths += [env.natkit(True, asyncio_loop=True), env.natkit(False, asyncio_loop=True)]
             lat = _latency(env, paths)
             for p in paths:
                 env.stop(*p.procs.values())
@@ -1475,6 +1482,12 @@ def _report(
             (f"{r3.label} ≥ {GOAL_SEALED_VS_SSH:g}x", (r3.value or 0) >= GOAL_SEALED_VS_SSH),
         ]
     for key in ("natkit_plain", "natkit_sealed"):
+        on_uv, on_asyncio = lat_stats.get(key), lat_stats.get(key + "_asyncio")
+        ratios.append(Ratio(
+            f"latency p50 {key.replace('_', ' ')} on asyncio's loop / on uvloop", key + "_asyncio",
+            key, on_asyncio["p50"] / on_uv["p50"] if on_uv and on_asyncio else None,
+        ))  # fmt: skip
+    for key in ("natkit_plain", "natkit_sealed"):
         st = lat_stats.get(key)
         goals.append(
             (
@@ -1512,6 +1525,9 @@ def _report(
         f"({paths.get('natkit_sealed', {}).get('tls', '?')}); "
         f"ssh: {SSH_CIPHER}. Both natkit modes run with the relay's default pool "
         f"({_pool_size()} data connections kept ready).",
+        "natkit's relay and agent run on uvloop (the default of `natkit relay serve` and "
+        "`natkit expose` where it is installed); the latency rows '... on asyncio's event loop' "
+        "are the same code with NATKIT_EVENT_LOOP=asyncio, measured in the same rounds.",
         "The two-hop splice floor is two minimal forwarders in a row (this file's `_hop`: "
         "blocking os.splice in two threads per connection, no event loop, no natkit): what any "
         "relay plus agent built on splice costs here, measured in the same run as socat.",
