@@ -254,6 +254,17 @@ def _service_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _steal_s() -> float:
+    """CPU time the hypervisor gave to others while this VM wanted it (all CPUs, seconds):
+    /proc/stat's steal column. A shared machine's noise, measured instead of guessed."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _cpu_self() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
@@ -865,6 +876,7 @@ class Run:
     cpu: dict[str, float]  # role -> CPU seconds of that process tree during the run
     client_cpu: float
     service_cpu: float
+    steal_s: float = 0.0  # hypervisor steal (both CPUs) during the run
 
     @property
     def mbps(self) -> float:
@@ -872,7 +884,7 @@ class Run:
 
 
 def measure_throughput(env: Env, path: Route, direction: str, n: int) -> Run:
-    before, svc0 = path.cpu(), tree_cpu(env.service.pid)
+    before, svc0, steal0 = path.cpu(), tree_cpu(env.service.pid), _steal_s()
     r = env.client(
         "throughput",
         path.port,
@@ -888,7 +900,8 @@ def measure_throughput(env: Env, path: Route, direction: str, n: int) -> Run:
     if not r["ok"]:
         raise BenchError(f"{path.key} {direction}: {r['bytes']} bytes arrived, not {n}")
     cpu = {k: after[k] - before[k] for k in after}
-    return Run(r["seconds"], r["bytes"], cpu, r["client_cpu_s"], svc1 - svc0)
+    stolen = round(_steal_s() - steal0, 3)
+    return Run(r["seconds"], r["bytes"], cpu, r["client_cpu_s"], svc1 - svc0, stolen)
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -963,7 +976,9 @@ class RelayReport(Report):
             f"{m.get('event_loop')}",
             f"- references: {m.get('openssh')} (Debian `openssh-server` {m.get('openssh_deb')}), "
             f"socat {m.get('socat')} (Debian `socat` {m.get('socat_deb')})",
-            f"- run took {self.elapsed:.0f} s",
+            f"- run took {self.elapsed:.0f} s; CPU time stolen by the hypervisor meanwhile "
+            f"(other guests on the host): {m.get('steal_s', 0):.1f} s of "
+            f"{self.elapsed * int(m.get('nproc') or 1):.0f} CPU-s",
             "",
         ]
         for t in self.tables:
@@ -1067,6 +1082,7 @@ def run(lab: Any, opts: Options) -> Report:
     for key in ("miniupnpd", "miniupnpd_deb", "upnpc_deb", "miniupnpc_binding"):
         machine.pop(key, None)
     runs = max(1, opts.iterations)
+    steal0 = _steal_s()
     with tempfile.TemporaryDirectory(prefix="nkb-relay-") as tmpdir:
         env = Env(Path(tmpdir))
         try:
@@ -1090,6 +1106,7 @@ def run(lab: Any, opts: Options) -> Report:
             path_info |= {p.key: {"label": p.label, "port": p.port, **p.info} for p in paths}
         finally:
             env.close()
+    machine["steal_s"] = round(_steal_s() - steal0, 1)
     return _report(
         started, time.monotonic() - t_start, machine, opts, runs, path_info, tput, lat, hold
     )
@@ -1111,7 +1128,8 @@ def _throughput(
             r = measure_throughput(env, path, direction, n)
             if not warm:
                 results[direction][path.key].append(r)
-            print(f" {path.key}/{direction}={r.mbps:.0f}", end="", flush=True)
+            note = f"(steal {r.steal_s * 1000:.0f} ms)" if r.steal_s >= 0.02 else ""
+            print(f" {path.key}/{direction}={r.mbps:.0f}{note}", end="", flush=True)
         print(flush=True)
     return results
 
@@ -1128,10 +1146,15 @@ def _latency(env: Env, paths: list[Route]) -> dict[str, dict[str, Any]]:
         order = paths[rnd % len(paths) :] + paths[: rnd % len(paths)]
         print(f"  latency {rnd + 1}/{LAT_ROUNDS} (p50 ms):", end="", flush=True)
         for p in order:
-            cpu0 = p.cpu()
+            cpu0, steal0 = p.cpu(), _steal_s()
             r = env.client("latency", p.port, "--requests", str(per_round))
-            cpu1 = p.cpu()
+            cpu1, stolen = p.cpu(), _steal_s() - steal0
             o = out[p.key]
+            o["steal_s"] = o.get("steal_s", 0.0) + stolen
+            o.setdefault("rounds", []).append(
+                {"p50": statistics.median(r["samples"]) if r["samples"] else None,
+                 "steal_s": round(stolen, 3)}
+            )  # fmt: skip
             o["samples"] += r["samples"]
             o["failed"] += r["failed"]
             o["errors"] += r["errors"]
@@ -1139,7 +1162,8 @@ def _latency(env: Env, paths: list[Route]) -> dict[str, dict[str, Any]]:
             for k in cpu1:
                 o["cpu_s"][k] = o["cpu_s"].get(k, 0.0) + cpu1[k] - cpu0[k]
             p50 = statistics.median(r["samples"]) * 1000 if r["samples"] else float("nan")
-            print(f" {p.key}={p50:.3f}", end="", flush=True)
+            note = f" (steal {stolen * 1000:.0f} ms)" if stolen >= 0.02 else ""
+            print(f" {p.key}={p50:.3f}{note}", end="", flush=True)
         print(flush=True)
     return out
 
@@ -1354,7 +1378,7 @@ def _report(
     for key, o in lat.items():
         s = o["samples"]
         if not s:
-            lat_rows.append([paths[key]["label"], "failed", "", "", "", "", f"0/{o['failed']}", ""])
+            lat_rows.append([paths[key]["label"], "failed", "", "", "", "", f"0/{o['failed']}", "", ""])
             continue
         st = {
             "p50": pct(s, 50),
@@ -1374,6 +1398,7 @@ def _report(
                 f"{st['mean'] * 1000:.3f}",
                 f"{len(s)}/{len(s) + o['failed']}",
                 cpu_txt,
+                f"{o.get('steal_s', 0.0) * 1000:.0f}",
             ]
         )
     tables.append(
@@ -1389,11 +1414,14 @@ def _report(
                 "mean ms",
                 "ok",
                 "tunnel CPU µs/request",
+                "hypervisor steal ms",
             ],
             lat_rows,
             intro=f"{LAT_REQUESTS} requests per path, one new TCP connection each, sequential, after "
             f"{LAT_WARMUP} untimed; {LAT_ROUNDS} rounds of {LAT_REQUESTS // LAT_ROUNDS}, interleaved. "
-            "Percentiles: nearest rank.",
+            "Percentiles: nearest rank. Hypervisor steal: CPU time (both CPUs) the host gave to "
+            "other guests during that path's rounds (/proc/stat); each round's p50 and steal "
+            "are in the JSON.",
         )
     )
 
