@@ -149,9 +149,11 @@ def _no_dns(host: Any) -> None:
 
 
 def _check_host(host: Any, port: Any, op: str) -> None:
+    if isinstance(host, bytes):
+        host = host.decode()
     if host is not None:
         _no_dns(host)
-        check((str(host.decode() if isinstance(host, bytes) else host), port), op)
+        check((str(host), port), op)
 
 
 class _GuardedDatagramTransport:

@@ -76,7 +76,10 @@ async def echo() -> AsyncIterator[int]:
     await server.wait_closed()
 
 
-async def _agent(relay: RelayServer, service: int, tmp_path: Path, *, plaintext: bool, spec: TunnelSpec | None = None) -> tuple[Agent, asyncio.Task[None], int]:  # fmt: skip
+@contextlib.asynccontextmanager
+async def _running_agent(relay: RelayServer, service: int, tmp_path: Path, *, plaintext: bool, spec: TunnelSpec | None = None) -> AsyncIterator[tuple[Agent, int]]:  # fmt: skip
+    """An agent for one tunnel, connected and open; yields it and its public TCP port (0
+    for a named tunnel); stopped after."""
     agent = Agent(
         f"{LOOPBACK}:{relay.listen_port}",
         TOKEN,
@@ -85,8 +88,14 @@ async def _agent(relay: RelayServer, service: int, tmp_path: Path, *, plaintext:
         known_relays=tmp_path / f"known-{plaintext}.json",
     )
     task = asyncio.get_running_loop().create_task(agent.run())
-    public = await agent.wait_open("t0", timeout=10)
-    return agent, task, int(public.rsplit(":", 1)[1]) if spec is None else 0
+    try:
+        public = await agent.wait_open("t0", timeout=10)
+        yield agent, int(public.rsplit(":", 1)[1]) if spec is None else 0
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await agent.close()
 
 
 async def _visit(port: int, payload: bytes) -> bytes:
@@ -102,8 +111,7 @@ async def _visit(port: int, payload: bytes) -> bytes:
 async def test_visitors_are_served_through_callback_opened_data_conns(
     relay: RelayServer, echo: int, tmp_path: Path, plaintext: bool
 ) -> None:
-    agent, task, port = await _agent(relay, echo, tmp_path, plaintext=plaintext)
-    try:
+    async with _running_agent(relay, echo, tmp_path, plaintext=plaintext) as (agent, port):
         for i in range(30):  # more than the pool: plain ones are replaced one by one
             payload = b"visitor %d " % i * 100
             assert await _visit(port, payload) == payload
@@ -116,11 +124,6 @@ async def test_visitors_are_served_through_callback_opened_data_conns(
             assert relay.stats["data_conns_reused"] == 0
         else:
             assert relay.stats["data_conns_reused"] > 0
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await agent.close()
 
 
 async def test_an_opening_to_no_relay_ends_with_nothing_parked() -> None:
@@ -219,8 +222,7 @@ async def test_http_visitors_are_routed_whole_or_in_parts(
     relay: RelayServer, echo: int, tmp_path: Path, split: bool
 ) -> None:
     spec = TunnelSpec(local_port=echo, kind="http", name="shop")
-    agent, task, _ = await _agent(relay, echo, tmp_path, plaintext=False, spec=spec)
-    try:
+    async with _running_agent(relay, echo, tmp_path, plaintext=False, spec=spec):
         assert relay.http_port is not None
         for host, served in (("shop.lab.test", True), ("nobody.lab.test", False)):
             head = f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
@@ -231,11 +233,6 @@ async def test_http_visitors_are_routed_whole_or_in_parts(
             else:
                 assert got.startswith(b"HTTP/1.1 404 "), got
         assert relay.stats["unrouted_visitors"] == 1, relay.stats
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await agent.close()
 
 
 async def test_the_watchdog_cuts_a_silent_connection_only() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import ipaddress
 import logging
 import random
@@ -295,9 +296,9 @@ class Agent:
             t = self.tunnels.get(msg["tunnel"])
             if t is None:
                 return
-            local = _service_ip(t)
+            local = _service_ip(t.local_host, t.local_port)
             if local is not None:
-                self._open_data_conns(t, local, msg["tickets"])
+                self._open_data_conns(local, msg["tickets"])
             else:  # a service named by host name: look it up first (off the loop)
                 task = asyncio.get_running_loop().create_task(
                     self._resolve_then_open(t, msg["tickets"])
@@ -359,7 +360,7 @@ class Agent:
         (self._parked_conns.add if state == "parked" else self._parked_conns.discard)(conn)
         (self._active_conns.add if state == "active" else self._active_conns.discard)(conn)
 
-    def _open_data_conns(self, t: TunnelSpec, local: tuple[str, int], tickets: list[str]) -> None:
+    def _open_data_conns(self, local: tuple[str, int], tickets: list[str]) -> None:
         """A data connection per ticket, parked once open (:mod:`natkit.relay.dataconn`)."""
         key = None if self.plaintext_data else self._data_key
         for ticket in tickets:
@@ -380,7 +381,7 @@ class Agent:
         except OSError as exc:
             log.warning("cannot find the service %s: %s", t.local_host, exc)
             return
-        self._open_data_conns(t, local, tickets)
+        self._open_data_conns(local, tickets)
 
     async def close(self) -> None:
         self._rendezvous.close()
@@ -394,13 +395,15 @@ class Agent:
             self._writer.close()
 
 
-def _service_ip(t: TunnelSpec) -> tuple[str, int] | None:
-    """The service's address when it is given as an IP address (no lookup needed)."""
+@functools.lru_cache(maxsize=64)
+def _service_ip(host: str, port: int) -> tuple[str, int] | None:
+    """The service's address when it is given as an IP address (no lookup needed); cached,
+    as plaintext mode asks once per visitor."""
     try:
-        ipaddress.ip_address(t.local_host)
+        ipaddress.ip_address(host)
     except ValueError:
         return None
-    return t.local_host, t.local_port
+    return host, port
 
 
 class _Watchdog:
@@ -431,7 +434,7 @@ class _Watchdog:
 async def _service_address(t: TunnelSpec) -> tuple[str, int]:
     """The service's address as an IP and port: a data connection connects to it from a
     callback, where a name lookup would block the loop."""
-    known = _service_ip(t)
+    known = _service_ip(t.local_host, t.local_port)
     if known is not None:
         return known
     infos = await asyncio.get_running_loop().getaddrinfo(

@@ -79,7 +79,7 @@ class Opening:
         elif err in _IN_PROGRESS:
             self._wait_writable()
         else:
-            self._fail(OSError(err, f"cannot connect to the relay: {errno.errorcode.get(err)}"))
+            self._fail(_refused(err))
 
     def _wait_writable(self) -> None:
         self.loop.add_writer(self.sock.fileno(), self._on_writable)
@@ -91,7 +91,7 @@ class Opening:
     def _on_writable(self) -> None:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self._fail(OSError(err, f"cannot connect to the relay: {errno.errorcode.get(err)}"))
+            self._fail(_refused(err))
             return
         self._send()
 
@@ -294,6 +294,10 @@ class DataConn:
 
 
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK)
+
+
+def _refused(err: int) -> OSError:
+    return OSError(err, f"cannot connect to the relay: {errno.errorcode.get(err)}")
 
 
 def _connected(sock: socket.socket) -> bool:

@@ -343,23 +343,21 @@ class RelayServer:
         here, in the accept callback; anything else is read by a task."""
         try:
             head = conn.recv(_PLAIN_DATA_PEEK, socket.MSG_PEEK)
-        except OSError:
-            head = b""
-        if len(head) >= P.HEADER.size and head[:1] not in (seal.PREFIX, b"\x16"):
-            try:
-                msg_type, length = P.decode_header(head[: P.HEADER.size])
-            except ProtocolError:
-                msg_type, length = 0, _PLAIN_DATA_PEEK
-            size = P.HEADER.size + length
-            if msg_type == P.DATA and len(head) >= size:
-                try:
-                    msg = P.decode_body(msg_type, conn.recv(size)[P.HEADER.size :])
-                except (OSError, ProtocolError) as exc:
-                    self._garbage(conn, addr, exc)
-                    return None
-                self._plain_data_msg(conn, msg)
-                return None
-        return self._on_listen_conn(conn, addr)
+            if len(head) < P.HEADER.size:
+                return self._on_listen_conn(conn, addr)  # nothing yet, or too little
+            msg_type, length = P.decode_header(head)
+        except (OSError, ProtocolError):  # not a relay frame (TLS, sealed, garbage)
+            return self._on_listen_conn(conn, addr)
+        size = P.HEADER.size + length
+        if msg_type != P.DATA or len(head) < size:  # TLS, sealed, or still coming
+            return self._on_listen_conn(conn, addr)
+        try:
+            msg = P.decode_body(msg_type, conn.recv(size)[P.HEADER.size :])
+        except (OSError, ProtocolError) as exc:
+            self._garbage(conn, addr, exc)
+            return None
+        self._plain_data_msg(conn, msg)
+        return None
 
     async def _on_listen_conn(self, conn: socket.socket, addr: Any) -> None:
         loop = asyncio.get_running_loop()
