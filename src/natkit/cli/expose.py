@@ -18,6 +18,7 @@ from natkit.errors import NatkitError
 from natkit.net.fdlimit import raise_fd_limit
 from natkit.relay.agent import Agent, TunnelSpec
 from natkit.relay.pump import small_tls_buffers
+from natkit.state import state_dir
 
 if TYPE_CHECKING:
     from natkit.portmap.manager import KeptMapping
@@ -102,6 +103,8 @@ def _event_json(event: str, m: PortMapping, info: dict[str, Any]) -> dict[str, A
     "--fingerprint",
     help="The relay's certificate fingerprint (sha256:...), else pinned on first use.",
 )
+@click.option("--takeover", is_flag=True,
+              help="Take the relay port or host name over from another live agent of this token.")  # fmt: skip
 @click.option(
     "--json", "as_json", is_flag=True, help="JSON lines: ready, renewed, lost, restored, closed."
 )
@@ -139,6 +142,7 @@ class ExposeOptions:
     local_host: str
     plaintext_data: bool
     fingerprint: str | None
+    takeover: bool
     as_json: bool
 
     @property
@@ -216,7 +220,7 @@ def _keeper(opts: ExposeOptions) -> KeptMapping:
 def _agent(opts: ExposeOptions, specs: list[TunnelSpec]) -> Agent:
     assert opts.relay and opts.token
     return Agent(opts.relay, opts.token, specs, plaintext_data=opts.plaintext_data,
-                 fingerprint=opts.fingerprint)  # fmt: skip
+                 fingerprint=opts.fingerprint, remember_ports=state_dir() / "relay_ports.json")  # fmt: skip
 
 
 async def _run_relay(
@@ -224,7 +228,9 @@ async def _run_relay(
 ) -> None:
     small_tls_buffers()  # this process is natkit's own agent (see pump.small_tls_buffers)
     raise_fd_limit()
-    spec = TunnelSpec(opts.port, kind=opts.kind, name=opts.hostname, local_host=opts.local_host)
+    spec = TunnelSpec(opts.port, kind=opts.kind, name=opts.hostname, local_host=opts.local_host,
+                      port=opts.external_port or 0, exact=bool(opts.external_port),
+                      takeover=opts.takeover)  # fmt: skip
     if agent is None or task is None:
         agent = _agent(opts, [spec])
         task = asyncio.get_running_loop().create_task(agent.run())
@@ -248,6 +254,13 @@ async def _run_relay(
                  f"relay connection restored: {info['public']}")  # fmt: skip
         elif event == "pinned":
             err.print(f"pinned relay {info['relay']} certificate {info['fingerprint']}")
+        elif event == "lost":  # taken over by another agent of the token
+            _say(opts, {"event": "lost", **base, "public_address": info["public"],
+                        "reason": info["reason"], "final": True},
+                 f"tunnel lost: {info['reason']}")  # fmt: skip
+        elif event == "interference":
+            _say(opts, {"event": "interference", **base, "message": info["message"]},
+                 f"warning: {info['message']}")  # fmt: skip
 
     agent.on_event(on_event)
     stopper = asyncio.ensure_future(stop.wait())

@@ -14,24 +14,21 @@ from natkit.net.fdlimit import raise_fd_limit
 from natkit.relay.agent import parse_hostport
 from natkit.relay.pump import small_tls_buffers
 from natkit.relay.server import RelayConfig, RelayServer
+from natkit.relay.tenants import Tenant, TenantError, parse_tenants
 from natkit.state import state_dir
 
 
-def _tokens(tokens: tuple[str, ...], tokens_file: Path | None) -> dict[str, str]:
-    """``--token`` values and ``--tokens-file`` lines (``LABEL:TOKEN`` or ``TOKEN``)."""
-    found: dict[str, str] = {}
+def _tenants(tokens: tuple[str, ...], tokens_file: Path | None) -> list[Tenant]:
+    """``--token`` values and ``--tokens-file`` lines (``LABEL:TOKEN [quotas] [reserve=...]``,
+    see :mod:`natkit.relay.tenants`)."""
     lines = list(tokens)
     if tokens_file is not None:
-        lines += [ln.strip() for ln in tokens_file.read_text().splitlines()]
-    for i, line in enumerate(lines):
-        if not line or line.startswith("#"):
-            continue
-        label, sep, token = line.partition(":")
-        if not sep:
-            label, token = f"token{i + 1}", line
-        if len(token) < 16:
-            fail(f"token {label!r} is too short: use at least 16 random characters", 2)
-        found[label] = token
+        lines += tokens_file.read_text().splitlines()
+    try:
+        found = parse_tenants(lines)
+    except TenantError as exc:
+        where = f" in {tokens_file}" if tokens_file is not None else ""
+        fail(f"{exc}{where}", 2)
     if not found:
         fail("give at least one --token (or --tokens-file): the relay is no open proxy", 2)
     return found
@@ -46,7 +43,8 @@ def relay() -> None:
 @click.option("--listen", default="0.0.0.0:7835", show_default=True, help="Agents connect here.")
 @click.option("--token", "tokens", multiple=True, help="A token agents must prove (repeatable).")
 @click.option("--tokens-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="File of LABEL:TOKEN lines.")  # fmt: skip
+              help="File of LABEL:TOKEN lines, each with optional quotas and reserved names "
+                   "(sessions=N tunnels=N ports=N hostnames=N reserve=NAME,...).")  # fmt: skip
 @click.option(
     "--ports", default="20000-20999", show_default=True, help="Public TCP ports: LOW-HIGH."
 )
@@ -95,7 +93,7 @@ def serve(
     if (cert is None) != (key is None):
         fail("give both --cert and --key, or neither (a self-signed pair is made)", 2)
     cfg = RelayConfig(
-        listen_host=host, listen_port=port, tokens=_tokens(tokens, tokens_file),
+        listen_host=host, listen_port=port, tenants=_tenants(tokens, tokens_file),
         ports=(int(low), int(high)), http_port=http_port, https_port=https_port, domain=domain,
         public_host=public_host, cert=cert, key=key,
         state_dir=relay_state or state_dir() / "relay",

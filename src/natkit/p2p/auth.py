@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from natkit.errors import ProtocolError
+from natkit.net.certs import fingerprint_der, self_signed
 from natkit.p2p.errors import P2PAuthError
-from natkit.relay.certs import fingerprint_der, self_signed
 
 #: The largest sealed signalling message accepted (ICE candidates and fingerprints fit easily).
 MAX_SEALED = 64 * 1024

@@ -17,8 +17,8 @@ from collections.abc import Collection
 from typing import Any
 
 from natkit.errors import NatkitError
+from natkit.net.sockets import reset_on_close
 from natkit.p2p.errors import P2PError
-from natkit.relay.pump import reset_on_close
 
 log = logging.getLogger("natkit.p2p")
 

@@ -8,17 +8,24 @@ the local service: spliced when both are plain TCP (``--plaintext-data``), else 
 keys from the control session (:mod:`natkit.relay.seal`).
 
 An agent also meets peers through the relay (:meth:`Agent.join_p2p`, see
-:mod:`natkit.relay.rendezvous`); it needs no tunnel for that.
+:mod:`natkit.rendezvous.client`); it needs no tunnel for that.
+
+Each agent process has its own identity (an instance name and a resumption secret, sent
+with its login): the relay recognises this agent coming back on a new connection by it,
+and tells apart two agents on one token, which get two addresses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import ipaddress
+import json
 import logging
 import random
+import secrets
 import socket
 import ssl
 import time
@@ -27,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from natkit.errors import NatkitError, ProtocolError
-from natkit.relay import protocol as P
-from natkit.relay import seal
-from natkit.relay.certs import KnownRelays, RelayTrustError, client_context, fingerprint_der
+from natkit.net.certs import KnownRelays, RelayTrustError, client_context, fingerprint_der
+from natkit.relay import control, seal
+from natkit.relay import messages as M
 from natkit.relay.dataconn import DataConn, Opening
-from natkit.relay.rendezvous import P2PRoom, Rendezvous
+from natkit.rendezvous.client import P2PRoom, Rendezvous
 from natkit.state import state_dir
 
 log = logging.getLogger("natkit.relay")
@@ -56,6 +63,9 @@ class TunnelSpec:
     local_host: str = "127.0.0.1"
     id: str = "t0"
     public: str = ""
+    exact: bool = False  # ``port`` or a refusal (else it is a preference)
+    takeover: bool = False  # take the name from another live agent of the same token
+    plaintext: bool = False  # set from the agent's plaintext_data
 
 
 def parse_hostport(
@@ -86,38 +96,49 @@ class Agent:
         fingerprint: str | None = None,
         cafile: Path | None = None,
         known_relays: Path | None = None,
+        remember_ports: Path | None = None,
         max_backoff: float = 30.0,
     ) -> None:
         self.relay_host, self.relay_port = parse_hostport(relay)
         self.relay = relay
         self.token = token
-        self.tunnels = {t.id: t for t in tunnels}
         self.plaintext_data = plaintext_data
+        self.tunnels: dict[str, TunnelSpec] = {}
         self.expected_fingerprint = fingerprint
         self.ssl = client_context(cafile)
         self.known = KnownRelays(known_relays or state_dir() / "known_relays.json")
+        self.remembered = _RememberedPorts(remember_ports, relay) if remember_ports else None
         self.max_backoff = max_backoff
+        # This process's identity at the relay: how it knows us coming back.
+        self.instance = secrets.token_hex(16)
+        self._resume = secrets.token_hex(32)
         self.listeners: list[Listener] = []
         self.connected = asyncio.Event()
         self._writer: asyncio.StreamWriter | None = None
+        self._conn: control.ControlConnection | None = None
         self._dials: dict[int, asyncio.Future[tuple[bool, str]]] = {}
         self._dial_seq = 0
         self._opened: dict[str, asyncio.Future[str]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._fatal: BaseException | None = None
         self.fingerprint = ""
         self._data_key = b""  # the session's secret for sealed data connections (WELCOME)
         self.connections = 0
-        self._queued: list[P.Message] = []
         self._resolving: set[asyncio.Task[None]] = set()  # tickets waiting for a name lookup
         self._openings: set[Opening] = set()  # data connections being opened
         self._relay_addr: tuple[str, int] = (self.relay_host, self.relay_port)  # as connected
         self._parked_conns: set[DataConn] = set()  # open, waiting for a visitor
         self._active_conns: set[DataConn] = set()  # carrying a visitor
         self._pings: dict[float, asyncio.Future[None]] = {}
-        self._rendezvous = Rendezvous(
-            self._send_frame, (self.relay_host, self.relay_port), self.relay
-        )
+        self._lost_all: TunnelRefusedError | None = None  # every tunnel taken over
+        self._rendezvous = Rendezvous(self._send, (self.relay_host, self.relay_port), self.relay)
+        for spec in tunnels:
+            self._add(spec)
+
+    def _add(self, spec: TunnelSpec) -> None:
+        spec.plaintext = self.plaintext_data
+        if self.remembered is not None and spec.kind == "tcp" and not spec.port:
+            spec.port = self.remembered.get(spec)  # a preference: another port if it is taken
+        self.tunnels[spec.id] = spec
 
     def on_event(self, listener: Listener) -> None:
         self.listeners.append(listener)
@@ -149,6 +170,8 @@ class Agent:
                 reason = str(exc) or type(exc).__name__
             else:
                 reason = "the relay closed the connection"
+            if self._lost_all is not None:
+                raise self._lost_all
             self.connected.clear()
             if time.monotonic() - started > 10:
                 delay = 0.5  # it had been up a while: start the backoff afresh
@@ -162,38 +185,45 @@ class Agent:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(self.relay_host, self.relay_port, ssl=self.ssl), 10.0
         )
+        conn = control.ControlConnection(control.Side.AGENT)
         try:
             self._check_peer(writer.get_extra_info("ssl_object"))
-            decoder = P.Decoder()
-            self._queued = []
-            writer.write(P.encode(P.HELLO, version=P.VERSION, agent="natkit"))
-            msg = await self._next(reader, decoder)
-            if msg.type != P.CHALLENGE:
-                raise ProtocolError(f"expected CHALLENGE, got {msg.name}")
-            writer.write(P.encode(P.AUTH, token_id=P.token_id(self.token),
-                                  mac=P.auth_mac(self.token, msg["nonce"], self.fingerprint)))  # fmt: skip
-            msg = await self._next(reader, decoder)
-            if msg.type == P.ERROR and msg["code"] == "auth":
-                raise RelayAuthError(f"relay {self.relay} rejected the token: {msg['message']}")
-            if msg.type != P.WELCOME:
-                raise ProtocolError(f"expected WELCOME, got {msg.name}")
-            self._data_key = _data_key(msg["data_key"])
+            writer.write(conn.send(M.Hello(version=M.VERSION, agent="natkit")))
+            msg = await _next(reader, conn)
+            if isinstance(msg, M.Challenge):
+                mac = control.auth_mac(
+                    self.token, msg.nonce, self.fingerprint, self.instance, self._resume
+                )
+                writer.write(conn.send(M.Auth(token_id=control.token_id(self.token), mac=mac,
+                                              instance=self.instance, resume=self._resume)))  # fmt: skip
+                msg = await _next(reader, conn)
+            if isinstance(msg, M.Error):
+                if msg.code == "auth":
+                    raise RelayAuthError(f"relay {self.relay} rejected the token: {msg.message}")
+                raise NatkitError(f"relay {self.relay} refused the agent: {msg.message}")
+            assert isinstance(msg, M.Welcome)  # the state machine allows nothing else here
+            if self.plaintext_data and not msg.plaintext:
+                raise TunnelRefusedError(
+                    f"relay {self.relay} refuses plaintext data connections: drop "
+                    "--plaintext-data (data connections are sealed by default)"
+                )
+            self._data_key = _data_key(msg.data_key)
             # Data connections go to the address the control connection reached (no lookup).
             self._relay_addr = tuple(writer.get_extra_info("peername")[:2])
-            self._writer = writer
+            self._writer, self._conn = writer, conn
             self.connections += 1
-            for t in self.tunnels.values():
-                writer.write(P.encode(P.OPEN, tunnel=t.id, kind=t.kind, name=t.name, port=t.port))
+            for t in list(self.tunnels.values()):
+                self._send(_open_message(t))
             self._rendezvous.attach()
             self.connected.set()
-            ping = asyncio.get_running_loop().create_task(self._pinger(writer))
+            ping = asyncio.get_running_loop().create_task(self._pinger())
             # One watchdog timer for the session, not a timeout per message (a TICKETS
             # message per visitor in plaintext mode).
             watch = _Watchdog(writer.transport, SILENCE_LIMIT)
             try:
                 while True:
                     try:
-                        msg = await self._next(reader, decoder)
+                        msg = await _next(reader, conn)
                     except (OSError, ProtocolError):
                         if watch.fired:
                             raise ProtocolError(f"relay silent for {SILENCE_LIMIT:g} s") from None
@@ -204,7 +234,7 @@ class Agent:
                 watch.cancel()
                 ping.cancel()
         finally:
-            self._writer = None
+            self._writer = self._conn = None
             self._rendezvous.detach()
             # Data connections still waiting for a visitor belong to the lost session: the
             # relay forgot their tickets. Connections already carrying a visitor go on.
@@ -212,8 +242,8 @@ class Agent:
                 task.cancel()
             for opening in list(self._openings):
                 opening.abort()
-            for conn in list(self._parked_conns):
-                conn.abort()
+            for dconn in list(self._parked_conns):
+                dconn.abort()
             for fut in self._dials.values():
                 if not fut.done():
                     fut.set_exception(NatkitError("relay connection lost"))
@@ -228,39 +258,31 @@ class Agent:
         if self.known.check(self.relay, self.fingerprint, self.expected_fingerprint):
             self._emit("pinned", relay=self.relay, fingerprint=self.fingerprint)
 
-    async def _next(self, reader: asyncio.StreamReader, decoder: P.Decoder) -> P.Message:
-        while True:
-            if self._queued:
-                return self._queued.pop(0)
-            data = await reader.read(65536)
-            if not data:
-                raise ProtocolError("relay closed the connection")
-            self._queued.extend(decoder.feed(data))
-
-    async def _pinger(self, writer: asyncio.StreamWriter) -> None:
+    async def _pinger(self) -> None:
         while True:
             await asyncio.sleep(PING_INTERVAL)
-            writer.write(P.encode(P.PING, t=time.time()))
+            self._send(M.Ping(t=time.time()))
 
     async def ping(self, timeout: float = 2.0) -> float:
         """One PING/PONG round trip on the control connection, in seconds."""
         await asyncio.wait_for(self.connected.wait(), timeout)
-        if self._writer is None:
-            raise NatkitError(f"not connected to relay {self.relay}")
         t0 = time.monotonic()
         fut = asyncio.get_running_loop().create_future()
         self._pings[t0] = fut
         try:
-            self._writer.write(P.encode(P.PING, t=t0))
+            if not self._send(M.Ping(t=t0)):
+                raise NatkitError(f"not connected to relay {self.relay}")
             await asyncio.wait_for(fut, timeout)
         finally:
             self._pings.pop(t0, None)
         return time.monotonic() - t0
 
-    def _send_frame(self, frame: bytes) -> bool:
-        if self._writer is None or self._writer.is_closing():
+    def _send(self, msg: M.Message) -> bool:
+        """Send ``msg`` on the control connection; False when not connected."""
+        writer, conn = self._writer, self._conn
+        if writer is None or conn is None or writer.is_closing():
             return False
-        self._writer.write(frame)
+        writer.write(conn.send(msg))
         return True
 
     async def join_p2p(self, name: str, role: str, *, timeout: float = 10.0) -> P2PRoom:
@@ -270,70 +292,88 @@ class Agent:
         role is taken; limit: too many rooms for the token)."""
         return await self._rendezvous.join(name, role, timeout)
 
-    def _handle(self, msg: P.Message) -> None:
+    def _handle(self, msg: M.Message) -> None:
         if self._rendezvous.handle(msg):
             return
-        if msg.type == P.PONG:
-            pong = self._pings.get(msg["t"])
+        if isinstance(msg, M.Pong):
+            pong = self._pings.get(msg.t)
             if pong is not None and not pong.done():
                 pong.set_result(None)
-            return
-        if msg.type == P.OPENED:
-            t = self.tunnels.get(msg["tunnel"])
-            if t is None:
-                return
-            previous, t.public = t.public, msg["public"]
-            if t.kind == "tcp":
-                t.port = int(t.public.rsplit(":", 1)[1])  # ask for the same port next time
-            event = "ready" if not previous else "restored"
-            self._emit(
-                event, tunnel=t.id, public=t.public, changed=bool(previous) and previous != t.public
-            )
-            fut = self._opened.get(t.id)
-            if fut is not None and not fut.done():
-                fut.set_result(t.public)
-        elif msg.type == P.TICKETS:
-            t = self.tunnels.get(msg["tunnel"])
+        elif isinstance(msg, M.Opened):
+            self._opened_tunnel(msg)
+        elif isinstance(msg, M.Tickets):
+            t = self.tunnels.get(msg.tunnel)
             if t is None:
                 return
             local = _service_ip(t.local_host, t.local_port)
             if local is not None:
-                self._open_data_conns(local, msg["tickets"])
+                self._open_data_conns(local, msg.tickets)
             else:  # a service named by host name: look it up first (off the loop)
                 task = asyncio.get_running_loop().create_task(
-                    self._resolve_then_open(t, msg["tickets"])
+                    self._resolve_then_open(t, msg.tickets)
                 )
                 self._resolving.add(task)
                 task.add_done_callback(self._resolving.discard)
-        elif msg.type == P.PING:
-            if self._writer is not None:
-                self._writer.write(P.encode(P.PONG, t=msg["t"]))
-        elif msg.type == P.DIALED:
-            dialed = self._dials.pop(msg["id"], None)
+        elif isinstance(msg, M.Ping):
+            self._send(M.Pong(t=msg.t))
+        elif isinstance(msg, M.Dialed):
+            dialed = self._dials.pop(msg.id, None)
             if dialed is not None and not dialed.done():
-                dialed.set_result((msg["ok"], msg["error"]))
-        elif msg.type == P.ERROR:
-            if msg["code"] in ("refused", "limit"):
-                text = f"relay {self.relay} refused the tunnel: {msg['message']}"
-                if self.tunnels and all(t.public for t in self.tunnels.values()):
-                    # A reconnection: the relay most likely still holds our address (and counts
-                    # our tunnels) for the connection that just died, until it notices that.
-                    # Not final: reconnect with backoff until it lets go.
-                    raise NatkitError(text)
-                err = TunnelRefusedError(text)
-                for fut in self._opened.values():
-                    if not fut.done():
-                        fut.set_exception(err)
-                raise err
-            log.warning("relay error %s: %s", msg["code"], msg["message"])
+                dialed.set_result((msg.ok, msg.error))
+        elif isinstance(msg, M.Closed):
+            self._closed_tunnel(msg)
+        elif isinstance(msg, M.Notice):
+            log.warning("relay %s: %s", self.relay, msg.message)
+            self._emit(msg.code, message=msg.message)
+        elif isinstance(msg, M.Error):
+            log.warning("relay error %s: %s", msg.code, msg.message)
+
+    def _opened_tunnel(self, msg: M.Opened) -> None:
+        t = self.tunnels.get(msg.tunnel)
+        if t is None:
+            return
+        previous, t.public = t.public, msg.public
+        if t.kind == "tcp":
+            t.port = int(t.public.rsplit(":", 1)[1])  # ask for the same port next time
+            if self.remembered is not None:
+                self.remembered.put(t)
+        event = "ready" if not previous else "restored"
+        self._emit(
+            event, tunnel=t.id, public=t.public, changed=bool(previous) and previous != t.public
+        )
+        fut = self._opened.get(t.id)
+        if fut is not None and not fut.done():
+            fut.set_result(t.public)
+
+    def _closed_tunnel(self, msg: M.Closed) -> None:
+        t = self.tunnels.get(msg.tunnel)
+        if t is None:
+            return
+        if msg.code == "taken-over":
+            # Another agent of this token took the name over, on purpose: ours is gone.
+            del self.tunnels[t.id]
+            self._emit("lost", tunnel=t.id, public=t.public, reason=msg.message, final=True)
+            if not self.tunnels:
+                self._lost_all = TunnelRefusedError(f"relay {self.relay}: {msg.message}")
+                if self._writer is not None:
+                    self._writer.close()
+            return
+        text = f"relay {self.relay} refused the tunnel: {msg.message}"
+        if t.public:
+            # A reconnection that lost its name (another agent of the token holds it now,
+            # or a limit): not final, the agent retries with backoff.
+            raise NatkitError(text)
+        err = TunnelRefusedError(text)
+        for fut in self._opened.values():
+            if not fut.done():
+                fut.set_exception(err)
+        raise err
 
     def open(self, spec: TunnelSpec) -> None:
         """Add a tunnel; it is opened now if connected, else at the next connection."""
-        self.tunnels[spec.id] = spec
-        if self._writer is not None and self.connected.is_set():
-            self._writer.write(
-                P.encode(P.OPEN, tunnel=spec.id, kind=spec.kind, name=spec.name, port=spec.port)
-            )
+        self._add(spec)
+        if self.connected.is_set():
+            self._send(_open_message(spec))
 
     async def wait_open(self, tunnel_id: str, timeout: float | None = None) -> str:
         t = self.tunnels[tunnel_id]
@@ -345,11 +385,12 @@ class Agent:
     async def dial(self, host: str, port: int, timeout: float = 10.0) -> tuple[bool, str]:
         """Ask the relay to connect to host:port from the outside (proves reachability)."""
         await asyncio.wait_for(self.connected.wait(), timeout)
-        assert self._writer is not None
         self._dial_seq += 1
         fut: asyncio.Future[tuple[bool, str]] = asyncio.get_running_loop().create_future()
         self._dials[self._dial_seq] = fut
-        self._writer.write(P.encode(P.DIAL, id=self._dial_seq, host=host, port=port))
+        if not self._send(M.Dial(id=self._dial_seq, host=host, port=port)):
+            self._dials.pop(self._dial_seq, None)
+            raise NatkitError(f"not connected to relay {self.relay}")
         return await asyncio.wait_for(fut, timeout)
 
     # ---- data connections -------------------------------------------------------------------
@@ -360,7 +401,7 @@ class Agent:
         (self._parked_conns.add if state == "parked" else self._parked_conns.discard)(conn)
         (self._active_conns.add if state == "active" else self._active_conns.discard)(conn)
 
-    def _open_data_conns(self, local: tuple[str, int], tickets: list[str]) -> None:
+    def _open_data_conns(self, local: tuple[str, int], tickets: tuple[str, ...]) -> None:
         """A data connection per ticket, parked once open (:mod:`natkit.relay.dataconn`)."""
         key = None if self.plaintext_data else self._data_key
         for ticket in tickets:
@@ -375,7 +416,7 @@ class Agent:
             if not opening.finished:
                 self._openings.add(opening)
 
-    async def _resolve_then_open(self, t: TunnelSpec, tickets: list[str]) -> None:
+    async def _resolve_then_open(self, t: TunnelSpec, tickets: tuple[str, ...]) -> None:
         try:
             local = await _service_address(t)
         except OSError as exc:
@@ -444,6 +485,59 @@ async def _service_address(t: TunnelSpec) -> tuple[str, int]:
         raise OSError(f"{t.local_host} has no address")
     host, port = infos[0][4][:2]
     return str(host), int(port)
+
+
+async def _next(reader: asyncio.StreamReader, conn: control.ControlConnection) -> M.Message:
+    """The relay's next message, checked by the state machine."""
+    while True:
+        msg = conn.next_event()
+        if msg is not None:
+            return msg
+        data = await reader.read(65536)
+        if not data:
+            raise ProtocolError("relay closed the connection")
+        conn.receive_data(data)
+
+
+def _open_message(t: TunnelSpec) -> M.Open:
+    return M.Open(tunnel=t.id, kind=t.kind, name=t.name, port=t.port, exact=t.exact,
+                  plaintext=t.plaintext, takeover=t.takeover)  # fmt: skip
+
+
+class _RememberedPorts:
+    """The public port each tcp tunnel last had at a relay (a file in the state directory),
+    asked for again by the next agent process: a restarted ``natkit expose`` keeps its
+    address while the relay still holds it for this token. A preference only: when another
+    live agent holds it, the relay gives another port."""
+
+    def __init__(self, path: Path, relay: str) -> None:
+        self.path, self.relay = path, relay
+
+    def _key(self, t: TunnelSpec) -> str:
+        return f"{self.relay} {t.local_host}:{t.local_port}"
+
+    def _load(self) -> dict[str, int]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}  # a cache: unreadable means nothing remembered
+        if not isinstance(data, dict):
+            return {}
+        return {str(k): v for k, v in data.items() if isinstance(v, int) and 0 < v < 65536}
+
+    def get(self, t: TunnelSpec) -> int:
+        return self._load().get(self._key(t), 0)
+
+    def put(self, t: TunnelSpec) -> None:
+        data = self._load()
+        if data.get(self._key(t)) == t.port:
+            return
+        data[self._key(t)] = t.port
+        with contextlib.suppress(OSError):
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            tmp.replace(self.path)
 
 
 def _data_key(text: str) -> bytes:

@@ -73,14 +73,17 @@ async def connect_async(
     fingerprint: str | None = None,
     cafile: Path | None = None,
     known_relays: Path | None = None,
+    takeover: bool = False,
     timeout: float = 30.0,
 ) -> RelayTunnel:
     """Open a tunnel from the relay to ``local_host:port``; returns once it is public.
 
     ``kind`` is ``tcp`` (a port on the relay), ``http`` (routed by Host to
-    ``hostname.DOMAIN``) or ``tls`` (routed by SNI, passed through untouched).
+    ``hostname.DOMAIN``) or ``tls`` (routed by SNI, passed through untouched). Each call is
+    its own agent with its own address; a host name another live agent of the token holds
+    is refused unless ``takeover``.
     """
-    spec = TunnelSpec(port, kind=kind, name=hostname, local_host=local_host)
+    spec = TunnelSpec(port, kind=kind, name=hostname, local_host=local_host, takeover=takeover)
     agent = Agent(relay, token, [spec], plaintext_data=plaintext_data, fingerprint=fingerprint,
                   cafile=cafile, known_relays=known_relays)  # fmt: skip
     task = asyncio.get_running_loop().create_task(agent.run())

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from natkit.errors import ProtocolError
-from natkit.relay import protocol as P
+from natkit.relay import messages as M
 from natkit.relay.pump import reset_on_close, start_join
 from natkit.relay.sealpump import Bridge, SealedSocket, begin_sealed
 
@@ -70,7 +70,7 @@ class Opening:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self.sealed = None if data_key is None else begin_sealed(sock, data_key, ticket)
-        self.out = P.encode(P.DATA, ticket=ticket) if data_key is None else b""
+        self.out = M.encode(M.Data(ticket=ticket)) if data_key is None else b""
         self.timer: asyncio.TimerHandle | None = None
         self.finished = False  # parked (the DataConn owns the socket now) or failed
         err = sock.connect_ex(relay_addr)
@@ -176,8 +176,8 @@ class DataConn:
         if start is None:
             return
         self.loop.remove_reader(self.sock.fileno())
-        if start.type != P.START:
-            self._fail(ProtocolError(f"expected START, got {start.name}"))
+        if not isinstance(start, M.Start):
+            self._fail(ProtocolError(f"expected START, got {type(start).__name__}"))
             return
         self._set_state("active")
         try:
@@ -185,14 +185,14 @@ class DataConn:
         except OSError as exc:  # out of file descriptors, no route: the visitor gets a reset
             self._fail(exc)
 
-    def _read_start(self) -> P.Message | None:
+    def _read_start(self) -> M.Message | None:
         """START once it is whole (None until then), reading no byte beyond it."""
         while True:
-            size = P.HEADER.size
+            size = M.HEADER.size
             if len(self.frame) >= size:
-                msg_type, length = P.decode_header(self.frame[:size])
+                msg_type, length = M.decode_header(self.frame[:size])
                 if len(self.frame) == size + length:
-                    return P.decode_body(msg_type, self.frame[size:])
+                    return M.decode_body(msg_type, self.frame[size:])
                 size += length
             more = self._take(size - len(self.frame))
             if more is None:

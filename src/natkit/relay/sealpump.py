@@ -24,8 +24,9 @@ import threading
 from collections.abc import Callable
 
 from natkit.errors import ProtocolError
-from natkit.relay import protocol as P
+from natkit.relay import messages as M
 from natkit.relay import seal
+from natkit.relay.control import ticket_handle
 from natkit.relay.pump import reset_on_close
 from natkit.relay.sockframes import recv_exact
 
@@ -122,25 +123,37 @@ class SealedSocket:
             return bytes(view)
 
     def flush(self) -> bool:
-        """Send what was sealed; True when the socket took everything."""
-        self.unsent += self.chan.take_output()
-        while self.unsent:
+        """Send what was sealed; True when the socket took everything. One ``sendmsg`` for
+        all the records waiting (up to IOV_MAX buffers at a time)."""
+        out = self.chan.take_output()
+        if self.unsent:
+            self.unsent += out
+        elif out:
+            self.unsent = out
+        else:
+            return True
+        unsent = self.unsent
+        while unsent:
             try:
-                sent = self.sock.sendmsg(self.unsent[:_IOV_MAX])
+                sent = self.sock.sendmsg(unsent if len(unsent) <= _IOV_MAX else unsent[:_IOV_MAX])
             except (BlockingIOError, InterruptedError):
                 return False
-            while sent:
-                first = self.unsent[0]
-                if sent >= len(first):
-                    sent -= len(first)
-                    del self.unsent[0]
-                else:
-                    self.unsent[0] = memoryview(first)[sent:]
-                    return False
+            done = 0
+            for buf in unsent:
+                if sent < len(buf):
+                    break
+                sent -= len(buf)
+                done += 1
+            if done:
+                del unsent[:done]
+            if sent:
+                unsent[0] = memoryview(unsent[0])[sent:]
+                return False
         return True
 
     def close(self, *, reset: bool = False) -> None:
         self.closed = True
+        self.chan.forget()
         if reset:
             reset_on_close(self.sock)
         self.sock.close()
@@ -159,13 +172,14 @@ class UnknownTicketError(ProtocolError):
 
 
 def begin_sealed(sock: socket.socket, data_key: bytes, ticket: str) -> SealedSocket:
-    """The agent's side, before any I/O: the clear opening, then DATA {ticket} sealed (which
-    proves it), queued for :meth:`SealedSocket.flush`."""
+    """The agent's side, before any I/O: the clear opening (which names the ticket only by
+    its handle), then DATA {ticket} sealed under keys derived from the ticket (which proves
+    it), queued for :meth:`SealedSocket.flush`."""
     nonce = os.urandom(seal.NONCE_SIZE)
     up, down = seal.derive_keys(data_key, ticket, nonce)
     sealed = SealedSocket(sock, seal.SealedChannel(send_key=up, recv_key=down))
-    sealed.unsent.append(seal.encode_opening(ticket, nonce))
-    sealed.chan.seal(P.encode(P.DATA, ticket=ticket))
+    sealed.unsent.append(seal.encode_opening(ticket_handle(ticket), nonce))
+    sealed.chan.seal(M.encode(M.Data(ticket=ticket)))
     return sealed
 
 
@@ -177,24 +191,25 @@ async def open_sealed(sock: socket.socket, data_key: bytes, ticket: str) -> Seal
 
 
 async def accept_sealed(
-    sock: socket.socket, key_for: Callable[[str], bytes | None]
-) -> tuple[SealedSocket, str]:
-    """The relay's side: read the opening, find the session secret behind its ticket
-    (``key_for``), and check the sealed DATA frame. The caller bounds the time."""
+    sock: socket.socket, key_for: Callable[[str], tuple[str, bytes] | None]
+) -> SealedSocket:
+    """The relay's side: read the opening, find the ticket and session secret behind its
+    handle (``key_for``), and check the sealed DATA frame. The caller bounds the time."""
     head = await recv_exact(sock, 2)
     opening = head + await recv_exact(sock, seal.opening_size(head) - 2)
-    ticket, nonce = seal.decode_opening(opening)
-    data_key = key_for(ticket)
-    if data_key is None:
+    handle, nonce = seal.decode_opening(opening)
+    found = key_for(handle)
+    if found is None:
         raise UnknownTicketError("a sealed data connection with an unknown or used ticket")
+    ticket, data_key = found
     up, down = seal.derive_keys(data_key, ticket, nonce)
     sealed = SealedSocket(sock, seal.SealedChannel(send_key=down, recv_key=up))
     sealed.chan.limit = FIRST_RECORD_MAX  # not authenticated yet: no large buffer for it
     msg = await read_frame(sealed)
-    if msg.type != P.DATA or msg["ticket"] != ticket:
+    if not isinstance(msg, M.Data) or msg.ticket != ticket:
         raise ProtocolError("a sealed data connection must open with its DATA frame")
     sealed.chan.limit = seal.RECORD_MAX
-    return sealed, ticket
+    return sealed
 
 
 async def send_all(sealed: SealedSocket, data: bytes) -> None:
@@ -213,10 +228,10 @@ async def _recv_exact(sealed: SealedSocket, n: int) -> bytes:
     return bytes(buf)
 
 
-async def read_frame(sealed: SealedSocket) -> P.Message:
+async def read_frame(sealed: SealedSocket) -> M.Message:
     """Read exactly one relay frame, no byte more (what follows belongs to the bridge)."""
-    msg_type, length = P.decode_header(await _recv_exact(sealed, P.HEADER.size))
-    return P.decode_body(msg_type, await _recv_exact(sealed, length))
+    msg_type, length = M.decode_header(await _recv_exact(sealed, M.HEADER.size))
+    return M.decode_body(msg_type, await _recv_exact(sealed, length))
 
 
 class Bridge:
@@ -226,12 +241,16 @@ class Bridge:
     ``done`` receives ``(bytes plain→sealed, bytes sealed→plain)``. With ``keep``, a sealed
     connection whose both directions ended cleanly stays open for the next visitor (what
     followed the end mark waits in ``sealed.pushback``); otherwise it is closed.
+
+    Per message the work is one ``recv``, one record sealed and one ``sendmsg`` one way;
+    one ``recv``, the records it brought opened and their chunks passed on in one
+    ``sendmsg`` the other way. Readers stay registered while a direction flows: the event
+    loop's registrations change only when a socket is full or a direction ends.
     """
 
     __slots__ = (
         "done", "down", "finished", "header", "keep", "loop", "need", "out_p", "pfd", "plain",
-        "plain_eof",
-        "registered", "sealed", "sealed_eof", "sfd", "shutdown_pending", "up",
+        "plain_eof", "registered", "sealed", "sealed_eof", "sfd", "shutdown_pending", "up",
     )  # fmt: skip
 
     def __init__(
@@ -300,10 +319,16 @@ class Bridge:
         if self.finished:
             return
         busy = bool(self.sealed.unsent)
-        self._want(_READ_P, not self.plain_eof and not busy)
-        self._want(_WRITE_S, busy)
-        self._want(_READ_S, not self.sealed.eof and not self.out_p and not self.sealed_eof)
-        self._want(_WRITE_P, bool(self.out_p))
+        want = _WRITE_S if busy else (0 if self.plain_eof else _READ_P)
+        if self.out_p:
+            want |= _WRITE_P
+        elif not self.sealed.eof and not self.sealed_eof:
+            want |= _READ_S
+        changed = want ^ self.registered
+        if changed:
+            for bit in (_READ_P, _WRITE_P, _READ_S, _WRITE_S):
+                if changed & bit:
+                    self._want(bit, bool(want & bit))
         if self.plain_eof and not busy and self.sealed_eof and not self.out_p:
             self._finish(None)
 
@@ -315,7 +340,8 @@ class Bridge:
 
     # -- plain -> sealed -----------------------------------------------------------------
     def _on_plain_readable(self) -> None:
-        if self.finished or self.sealed.unsent:
+        sealed = self.sealed
+        if self.finished or sealed.unsent:
             return
         buf = _shared_buffer()
         try:
@@ -325,15 +351,20 @@ class Bridge:
         except OSError as exc:
             self._finish(exc)
             return
-        if n == 0:
-            self.plain_eof = True
-            self.sealed.chan.seal(_EOF_CHUNK)
-        else:
+        if n:
             self.up += n
             _LEN.pack_into(buf, 0, n)
-            self.sealed.chan.seal(buf[: _LEN.size + n])
-        self._flush_sealed()
-        self._update()
+            sealed.chan.seal(buf[: _LEN.size + n])
+        else:
+            self.plain_eof = True
+            sealed.chan.seal(_EOF_CHUNK)
+        try:
+            sent = sealed.flush()
+        except OSError as exc:
+            self._finish(exc)
+            return
+        if not sent or not n:  # the registrations change only when sealed is full or at EOF
+            self._update()
 
     def _on_sealed_writable(self) -> None:
         if not self.finished:
@@ -354,37 +385,35 @@ class Bridge:
         self._drain()
 
     def _drain(self) -> None:
-        """Open what the channel holds and pass it on, until it holds nothing whole or
-        plain is full: one ``send`` per record."""
+        """Open what the channel holds and pass it on, until it holds nothing whole: the
+        chunks of all the records one ``recv`` brought leave in one ``sendmsg``."""
         if self.finished:
             return
-        chan = self.sealed.chan
-        if self.sealed.pushback:  # what followed the last visitor's end mark in its record
-            rest, self.sealed.pushback = self.sealed.pushback, b""
-            try:
-                self._deframe(memoryview(rest))
-            except ProtocolError as exc:
-                self._finish(exc)
-                return
-        while not self.out_p and not self.sealed_eof:
-            try:
-                view = chan.read(seal.RECORD_MAX)
-            except seal.NeedData:
-                break
-            except ProtocolError as exc:
-                self._finish(exc)
-                return
-            if not view:  # cut off without the end mark: an abrupt end
-                self._finish(ConnectionResetError("the data connection ended early"))
-                return
-            try:
-                self._deframe(view)
-            except (ProtocolError, OSError) as exc:
-                self._finish(exc)
-                return
+        sealed = self.sealed
+        chan = sealed.chan
+        parts: list[memoryview] = []
+        try:
+            if sealed.pushback:  # what followed the last visitor's end mark in its record
+                rest, sealed.pushback = sealed.pushback, b""
+                self._deframe(memoryview(rest), parts)
+            while not self.sealed_eof and not self.out_p:
+                try:
+                    view = chan.read(seal.RECORD_MAX)
+                except seal.NeedData:
+                    break
+                if not view:  # cut off without the end mark: an abrupt end
+                    raise ConnectionResetError("the data connection ended early")
+                self._deframe(view, parts)
+            if parts:
+                self._send_plain(parts)
+        except (ProtocolError, OSError) as exc:
+            self._finish(exc)
+            return
+        if self.shutdown_pending:
+            self._flush_shutdown()
         self._update()
 
-    def _deframe(self, view: memoryview) -> None:
+    def _deframe(self, view: memoryview, parts: list[memoryview]) -> None:
         pos, end = 0, len(view)
         while pos < end:
             if self.sealed_eof:  # the next visitor's START: kept for read_frame
@@ -392,37 +421,49 @@ class Bridge:
                 return
             if self.need:
                 take = min(self.need, end - pos)
-                self._send_plain(view[pos : pos + take])
+                parts.append(view[pos : pos + take])
                 self.need -= take
                 pos += take
                 continue
-            want = _LEN.size - len(self.header)
-            self.header += view[pos : pos + want]
-            pos += min(want, end - pos)
-            if len(self.header) < _LEN.size:
-                return
-            n = _LEN.unpack(self.header)[0]
-            self.header = b""
+            if not self.header and end - pos >= _LEN.size:  # a whole length prefix
+                n = _LEN.unpack_from(view, pos)[0]
+                pos += _LEN.size
+            else:
+                want = _LEN.size - len(self.header)
+                self.header += view[pos : pos + want]
+                pos += min(want, end - pos)
+                if len(self.header) < _LEN.size:
+                    return
+                n = _LEN.unpack(self.header)[0]
+                self.header = b""
             if n == 0:
                 self.sealed_eof = True
-                self.shutdown_pending = True
-                self._flush_shutdown()
+                self.shutdown_pending = True  # once what came before it has gone
             elif n > MAX_CHUNK:
                 raise ProtocolError(f"a data chunk of {n} bytes is not natkit framing")
             else:
                 self.need = n
 
-    def _send_plain(self, data: memoryview) -> None:
-        self.down += len(data)
-        if self.out_p:
-            self.out_p += data
-            return
+    def _send_plain(self, parts: list[memoryview]) -> None:
+        """Send ``parts`` on plain in one call; what it does not take waits in ``out_p``
+        (which is empty here: nothing is read while it holds bytes)."""
+        total = sum(map(len, parts)) if len(parts) > 1 else len(parts[0])
+        self.down += total
         try:
-            sent = self.plain.send(data)
+            if len(parts) == 1:
+                sent = self.plain.send(parts[0])
+            else:
+                sent = self.plain.sendmsg(parts[:_IOV_MAX])
         except (BlockingIOError, InterruptedError):
             sent = 0
-        if sent < len(data):
-            self.out_p += data[sent:]
+        if sent < total:
+            out = self.out_p
+            for part in parts:
+                if sent >= len(part):
+                    sent -= len(part)
+                else:
+                    out += part[sent:]
+                    sent = 0
 
     def _flush_shutdown(self) -> None:
         if self.shutdown_pending and not self.out_p:

@@ -7,12 +7,12 @@ import asyncio
 import socket
 
 from natkit.errors import ProtocolError
-from natkit.relay import protocol as P
+from natkit.relay import messages as M
 
 
-async def read_frame(conn: socket.socket) -> P.Message:
-    msg_type, length = P.decode_header(await recv_exact(conn, P.HEADER.size))
-    return P.decode_body(msg_type, await recv_exact(conn, length))
+async def read_frame(conn: socket.socket) -> M.Message:
+    msg_type, length = M.decode_header(await recv_exact(conn, M.HEADER.size))
+    return M.decode_body(msg_type, await recv_exact(conn, length))
 
 
 async def recv_exact(conn: socket.socket, n: int) -> bytes:

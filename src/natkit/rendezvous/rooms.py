@@ -27,14 +27,21 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from natkit.errors import ProtocolError
-from natkit.relay import protocol as P
+from natkit.relay import messages as M
 from natkit.relay.pump import join_sockets
 
-if TYPE_CHECKING:
-    from natkit.relay.server import Session
+
+class Session(Protocol):
+    """An agent's authenticated control connection, as a room sees it."""
+
+    token_id: str | None
+
+    def send(self, msg: M.Message) -> None: ...
+    def backlog(self) -> int: ...
+
 
 log = logging.getLogger("natkit.relay")
 
@@ -97,7 +104,7 @@ class _Parked:
         """Tell the waiting peer why (one small frame into an empty buffer) and close."""
         sock = self.detach()
         with contextlib.suppress(OSError):
-            sock.send(P.encode(P.ERROR, code=code, message=message))
+            sock.send(M.encode(M.Error(code=code, message=message)))
         sock.close()
 
 
@@ -137,18 +144,18 @@ class Rendezvous:
 
     # ---- control messages ----------------------------------------------------------------
 
-    def on_message(self, s: Session, msg: P.Message) -> None:
-        if msg.type == P.P2P_JOIN:
-            self._join(s, msg["name"], msg["role"], msg["instance"])
-        elif msg.type == P.P2P_SIGNAL:
-            self._signal(s, msg["name"], msg["data"])
-        elif msg.type == P.P2P_LEAVE:
-            role = self.joined.get(s, {}).get(msg["name"])
-            room = self.rooms.get(self._key(s, msg["name"]))
+    def on_message(self, s: Session, msg: M.Message) -> None:
+        if isinstance(msg, M.P2PJoin):
+            self._join(s, msg.name, msg.role, msg.instance)
+        elif isinstance(msg, M.P2PSignal):
+            self._signal(s, msg.name, msg.data)
+        elif isinstance(msg, M.P2PLeave):
+            role = self.joined.get(s, {}).get(msg.name)
+            room = self.rooms.get(self._key(s, msg.name))
             if role is not None and room is not None:
                 self._remove(room, role)
         else:
-            raise ProtocolError(f"unexpected {msg.name} from an agent")
+            raise ProtocolError(f"unexpected {type(msg).__name__} from an agent")
 
     def _key(self, s: Session, name: str) -> Key:
         assert s.token_id is not None
@@ -163,7 +170,7 @@ class Rendezvous:
 
     @staticmethod
     def _refuse(s: Session, name: str, about: str, code: str, message: str) -> None:
-        s.send(P.ERROR, code=code, message=message, room=name, about=about)
+        s.send(M.P2PError(name=name, about=about, code=code, message=message))
 
     def _join(self, s: Session, name: str, role: str, instance: str) -> None:
         if not self._afford(s, SIGNAL_COST):
@@ -215,13 +222,13 @@ class Rendezvous:
             del room.members[role]
             self.tickets.pop(current.ticket, None)
             self._forget(current.session, name)
-            current.session.send(P.P2P_LEAVE, name=name)
+            current.session.send(M.P2PLeave(name=name))
         room.members[role] = _Member(s, instance)
         self.joined.setdefault(s, {})[name] = role
         if other_role(role) in room.members:
             self._pair(room)
         else:
-            s.send(P.P2P_PEER, name=name, present=False, ticket="")
+            s.send(M.P2PPeer(name=name, present=False, ticket=""))
 
     def _issue(self, room: Room, role: str) -> str:
         member = room.members[role]
@@ -238,17 +245,17 @@ class Rendezvous:
         )
         for role, member in room.members.items():
             member.session.send(
-                P.P2P_PEER, name=room.name, present=True, ticket=self._issue(room, role)
+                M.P2PPeer(name=room.name, present=True, ticket=self._issue(room, role))
             )
 
     def _answer(self, room: Room, role: str) -> None:
         member = room.members[role]
         if other_role(role) in room.members:
             member.session.send(
-                P.P2P_PEER, name=room.name, present=True, ticket=self._issue(room, role)
+                M.P2PPeer(name=room.name, present=True, ticket=self._issue(room, role))
             )
         else:
-            member.session.send(P.P2P_PEER, name=room.name, present=False, ticket="")
+            member.session.send(M.P2PPeer(name=room.name, present=False, ticket=""))
 
     def _remove(self, room: Room, role: str) -> None:
         member = room.members.pop(role)
@@ -259,7 +266,7 @@ class Rendezvous:
         if other is not None:
             self.tickets.pop(other.ticket, None)
             other.ticket = ""
-            other.session.send(P.P2P_PEER, name=room.name, present=False, ticket="")
+            other.session.send(M.P2PPeer(name=room.name, present=False, ticket=""))
         elif self.rooms.get(room.key) is room:
             del self.rooms[room.key]
             self.rooms_per_token[room.key[0]] -= 1
@@ -291,7 +298,7 @@ class Rendezvous:
                 f"signal to room {name!r} dropped: over {SIGNAL_RATE // 1024} KiB/s",
             )
             return
-        if _backlog(peer.session) > MAX_PEER_BACKLOG:
+        if peer.session.backlog() > MAX_PEER_BACKLOG:
             self.stats["p2p_signals_dropped"] += 1
             self._refuse(
                 s,
@@ -301,7 +308,7 @@ class Rendezvous:
                 f"signal to room {name!r} dropped: the peer is not reading",
             )
             return
-        peer.session.send(P.P2P_SIGNAL, name=name, data=data)
+        peer.session.send(M.P2PSignal(name=name, data=data))
         self.stats["p2p_signals"] += 1
 
     def session_ended(self, s: Session) -> None:
@@ -338,7 +345,7 @@ class Rendezvous:
             message = f"this token has {self.max_paths_per_token} relay paths open already"
             for sock in (first, conn):
                 with contextlib.suppress(OSError):
-                    sock.send(P.encode(P.ERROR, code="limit", message=message))
+                    sock.send(M.encode(M.Error(code="limit", message=message)))
                 sock.close()
             return
         self.spawn(self._bridge(token, first, conn))
@@ -375,7 +382,7 @@ class Rendezvous:
         self.paths[token] += 1
         self.stats["p2p_bridged"] += 1
         try:
-            marker = P.encode(P.P2P_JOINED)
+            marker = M.encode(M.P2PJoined())
             try:
                 # Both markers go out before any byte is spliced: each side reads exactly
                 # one frame, and what follows is the other peer's.
@@ -396,10 +403,3 @@ class Rendezvous:
             self._end_paths(room, "gone", "the relay is shutting down")
         self.rooms.clear()
         self.tickets.clear()
-
-
-def _backlog(s: Session) -> int:
-    try:
-        return int(s.transport.get_write_buffer_size())
-    except NotImplementedError:  # a transport that does not buffer
-        return 0

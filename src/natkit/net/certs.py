@@ -1,4 +1,5 @@
-"""The relay's TLS identity and the agent's memory of it (trust on first use, like ssh).
+"""TLS identities: the relay's, peers' (P2P), and an agent's memory of relays (trust on
+first use, like ssh).
 
 A relay without ``--cert/--key`` makes a self-signed ECDSA certificate once and keeps it.
 An agent that is given no CA and no ``--fingerprint`` pins the fingerprint it sees first in
@@ -82,9 +83,9 @@ def client_context(cafile: Path | None) -> ssl.SSLContext:
     """With a CA: full verification. Without: no chain check here; the caller pins the
     certificate's fingerprint instead (see :class:`KnownRelays`)."""
     if cafile is not None:
-        ctx = ssl.create_default_context(cafile=str(cafile))
-        ctx.check_hostname = False  # relays are often addressed by IP; the CA vouches
-        return ctx
+        # The name (or IP address) the agent connects to must be in the certificate: a CA
+        # vouches for names, not for whoever holds some certificate it signed.
+        return ssl.create_default_context(cafile=str(cafile))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False
@@ -99,11 +100,28 @@ class KnownRelays:
         self.path = path
 
     def _load(self) -> dict[str, str]:
+        """The pins; none when the file does not exist. A file that cannot be read or is
+        not ours is an error: forgetting every pin silently would trust anyone next."""
         try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            text = self.path.read_text()
+        except FileNotFoundError:
             return {}
-        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+        except OSError as exc:
+            raise RelayTrustError(
+                f"cannot read the pinned relays in {self.path}: {exc.strerror}"
+            ) from None
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+        ):
+            raise RelayTrustError(
+                f"{self.path} (the pinned relay certificates) is damaged: fix it, or remove it "
+                "to pin every relay afresh on its next use"
+            )
+        return dict(data)
 
     def check(self, relay: str, seen: str, expected: str | None = None) -> bool:
         """Verify ``seen`` for ``relay``; True if it was pinned just now (first use)."""
@@ -118,7 +136,9 @@ class KnownRelays:
         if pinned is None:
             known[relay] = seen
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.path.write_text(json.dumps(known, indent=1))
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            tmp.replace(self.path)  # a crash mid-write must not leave a damaged file
             return True
         if pinned != seen:
             raise RelayTrustError(

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from natkit.errors import NatkitError, ProtocolError
-from natkit.relay import protocol as P
+from natkit.relay import messages as M
 from natkit.relay.sockframes import read_frame
 
 log = logging.getLogger("natkit.relay")
@@ -85,10 +85,10 @@ class P2PRoom:
         """Send ``data`` to the other peer (relayed verbatim, in order; at most 16 KiB once
         JSON-escaped: send ASCII, e.g. JSON or base64). Raises if it cannot go now."""
         self._check_open()
-        size = P.signal_size(data)
-        if size > P.MAX_SIGNAL:
+        size = M.signal_size(data)
+        if size > M.MAX_SIGNAL:
             raise RendezvousError(
-                f"signal of {size} bytes (JSON-escaped) is over the relay's {P.MAX_SIGNAL}: "
+                f"signal of {size} bytes (JSON-escaped) is over the relay's {M.MAX_SIGNAL}: "
                 "send less, or ASCII (non-ASCII characters take 6 bytes each)",
                 "too-large",
             )
@@ -96,7 +96,7 @@ class P2PRoom:
             raise RendezvousError(
                 f"no peer in room {self.name!r} to signal: await wait_peer() first", "absent"
             )
-        if not self._owner.send(P.encode(P.P2P_SIGNAL, name=self.name, data=data)):
+        if not self._owner.send(M.P2PSignal(name=self.name, data=data)):
             raise RendezvousError(
                 f"not connected to relay {self._owner.relay_text}: the room re-joins when the "
                 "agent reconnects; wait_peer() again, then send",
@@ -140,7 +140,7 @@ class P2PRoom:
         """Leave the room (the peer is told); idempotent."""
         if self.closed:
             return
-        self._owner.send(P.encode(P.P2P_LEAVE, name=self.name))
+        self._owner.send(M.P2PLeave(name=self.name))
         self._owner.forget(self)
         self._close("left")
 
@@ -225,18 +225,18 @@ class Rendezvous:
     """The rooms of one agent; the agent feeds it frames and its connection's ups and downs."""
 
     def __init__(
-        self, send: Callable[[bytes], bool], relay_addr: tuple[str, int], relay_text: str
+        self, send: Callable[[M.Message], bool], relay_addr: tuple[str, int], relay_text: str
     ) -> None:
-        self.send = send  # writes a frame if connected; False when not
+        self.send = send  # sends a message if connected; False when not
         self.relay_addr, self.relay_text = relay_addr, relay_text
         self.rooms: dict[str, P2PRoom] = {}
 
     async def join(self, name: str, role: str, timeout: float) -> P2PRoom:
-        problem = P.room_name_problem(name)
+        problem = M.room_name_problem(name)
         if problem:
             raise RendezvousError(f"bad room name {name!r}: {problem}", "name")
-        if role not in P.ROLES:
-            raise RendezvousError(f"role must be one of {', '.join(P.ROLES)}, not {role!r}", "role")
+        if role not in M.ROLES:
+            raise RendezvousError(f"role must be one of {', '.join(M.ROLES)}, not {role!r}", "role")
         if name in self.rooms:
             raise RendezvousError(f"this agent is in room {name!r} already: leave it first", "busy")
         room = self.rooms[name] = P2PRoom(self, name, role)
@@ -265,7 +265,7 @@ class Rendezvous:
             ) from None
 
     def _send_join(self, room: P2PRoom) -> None:
-        self.send(P.encode(P.P2P_JOIN, name=room.name, role=room.role, instance=room.instance))
+        self.send(M.P2PJoin(name=room.name, role=room.role, instance=room.instance))
 
     def forget(self, room: P2PRoom) -> None:
         if self.rooms.get(room.name) is room:
@@ -286,37 +286,29 @@ class Rendezvous:
         for room in list(self.rooms.values()):
             room.leave()
 
-    def handle(self, msg: P.Message) -> bool:
-        """Take a frame about rooms (True), or leave it to the agent (False)."""
-        if msg.type == P.ERROR:
-            name = msg.fields.get("room")
-            if not isinstance(name, str):
-                return False
-            room = self.rooms.get(name)
-            if room is not None:
-                self._error(room, msg)
-            return True
-        if msg.type not in P.P2P_NAMED:
+    def handle(self, msg: M.Message) -> bool:
+        """Take a message about rooms (True), or leave it to the agent (False)."""
+        if not isinstance(msg, (M.P2PError, M.P2PPeer, M.P2PSignal, M.P2PLeave)):
             return False
-        room = self.rooms.get(msg["name"])
+        room = self.rooms.get(msg.name)
         if room is None:
-            return True  # a room we left: its last frames may still come
-        if msg.type == P.P2P_PEER:
-            room._peer(msg["present"], msg["ticket"])
+            return True  # a room we left: its last messages may still come
+        if isinstance(msg, M.P2PError):
+            self._error(room, msg)
+        elif isinstance(msg, M.P2PPeer):
+            room._peer(msg.present, msg.ticket)
             if room._answer is not None and not room._answer.done():
                 room._answer.set_result(None)
-        elif msg.type == P.P2P_SIGNAL:
-            room._signal(msg["data"])
-        elif msg.type == P.P2P_LEAVE:
+        elif isinstance(msg, M.P2PSignal):
+            room._signal(msg.data)
+        else:
             self.forget(room)
             room._close("another connection of this agent took the room over")
-        else:
-            raise ProtocolError(f"unexpected {msg.name} from the relay")
         return True
 
-    def _error(self, room: P2PRoom, msg: P.Message) -> None:
-        code, text = msg["code"], msg["message"]
-        if msg.fields.get("about") == "signal":
+    def _error(self, room: P2PRoom, msg: M.P2PError) -> None:
+        code, text = msg.code, msg.message
+        if msg.about == "signal":
             room._dropped(f"relay: {text}")
             return
         error = RendezvousError(f"relay {self.relay_text} refused room {room.name!r}: {text}", code)
@@ -338,7 +330,7 @@ async def open_relay_path(
     try:
         try:
             await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT)
-            await loop.sock_sendall(sock, P.encode(P.DATA, ticket=ticket))
+            await loop.sock_sendall(sock, M.encode(M.Data(ticket=ticket)))
             msg = await asyncio.wait_for(read_frame(sock), timeout)
         except asyncio.TimeoutError:
             raise RendezvousTimeoutError(
@@ -354,10 +346,10 @@ async def open_relay_path(
             raise RendezvousError(
                 f"relay path via {host}:{port} failed: {exc}", "network"
             ) from None
-        if msg.type == P.ERROR:
-            raise RendezvousError(f"relay path not joined: {msg['message']}", msg["code"])
-        if msg.type != P.P2P_JOINED:
-            raise ProtocolError(f"expected P2P_JOINED on the relay path, got {msg.name}")
+        if isinstance(msg, M.Error):
+            raise RendezvousError(f"relay path not joined: {msg.message}", msg.code)
+        if not isinstance(msg, M.P2PJoined):
+            raise ProtocolError(f"expected P2PJoined on the relay path, got {type(msg).__name__}")
     except BaseException:
         sock.close()
         raise
