@@ -73,12 +73,16 @@ def relay() -> None:
               help="Data connections each tunnel keeps ready for visitors.")  # fmt: skip
 @click.option("--state-dir", "relay_state", type=click.Path(file_okay=False, path_type=Path),
               help="Where the self-signed certificate lives.")  # fmt: skip
+@click.option("--max-unauthenticated-per-ip", "per_ip", type=click.IntRange(1), default=64,
+              show_default=True,
+              help="Connections one address (an IPv6 /64) may hold before it authenticates.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON ready line.")
 def serve(
     listen: str, tokens: tuple[str, ...], tokens_file: Path | None, ports: str,
     http_port: int | None, https_port: int | None, domain: str | None, public_host: str | None,
     cert: Path | None, key: Path | None, metrics: str | None, no_plaintext_data: bool,
-    no_stun: bool, grace: float, pool_size: int, relay_state: Path | None, as_json: bool,
+    no_stun: bool, grace: float, pool_size: int, relay_state: Path | None, per_ip: int,
+    as_json: bool,
 ) -> None:  # fmt: skip
     """Run the relay: agents connect to --listen, visitors to the tunnels' public ports.
 
@@ -99,7 +103,7 @@ def serve(
         state_dir=relay_state or state_dir() / "relay",
         metrics=parse_hostport(metrics) if metrics else None,
         allow_plaintext_data=not no_plaintext_data, grace=grace, pool_size=pool_size,
-        stun=not no_stun,
+        stun=not no_stun, max_unauthenticated_per_ip=per_ip,
     )  # fmt: skip
     run_loop(_serve(cfg, as_json))
 

@@ -155,7 +155,9 @@ class ListenPort:
         def key_for(handle: str) -> tuple[str, bytes] | None:
             try:
                 ticket, tunnel = self.hub.tickets.take_sealed(handle)
-            except TicketRefused:
+            except TicketRefused as exc:
+                if exc.owner is not None:  # a replayed opening
+                    self.hub.interference(exc.owner, f"{exc} (from {ip})")
                 return None
             found.append(tunnel)
             if not tunnel.serving or tunnel.plaintext:

@@ -277,7 +277,7 @@ class P2PJoin(_RoomMessage):
     instance: str
 
     def check(self) -> None:
-        super().check()
+        _RoomMessage.check(self)  # (no zero-argument super() in a slots dataclass)
         if self.role not in ROLES:
             raise ProtocolError(f"relay P2PJoin: role must be one of {', '.join(ROLES)}")
 
@@ -290,7 +290,7 @@ class P2PPeer(_RoomMessage):
     ticket: str
 
     def check(self) -> None:
-        super().check()
+        _RoomMessage.check(self)  # (no zero-argument super() in a slots dataclass)
         if len(self.ticket) > MAX_TICKET:
             raise ProtocolError("relay P2PPeer: ticket too long")
 
@@ -303,7 +303,7 @@ class P2PSignal(_RoomMessage):
     data: str
 
     def check(self) -> None:
-        super().check()
+        _RoomMessage.check(self)  # (no zero-argument super() in a slots dataclass)
         if signal_size(self.data) > MAX_SIGNAL:
             raise ProtocolError(f"relay P2PSignal: data over {MAX_SIGNAL} bytes once JSON-escaped")
 
@@ -331,7 +331,7 @@ class P2PError(_RoomMessage):
     message: str
 
     def check(self) -> None:
-        super().check()
+        _RoomMessage.check(self)  # (no zero-argument super() in a slots dataclass)
         if self.about not in ("join", "signal"):
             raise ProtocolError("relay P2PError: about must be join or signal")
 

@@ -7,7 +7,8 @@ encrypting under keys derived from it; a *plaintext* one (only for tunnels whose
 asked for plaintext and a relay that allows it) sends the ticket itself. A ticket is
 taken once, in the mode it was issued for: a sealed tunnel's ticket, or its handle, shown
 on a plaintext connection is refused and reported as interference (someone on the path
-lifted it), and the ticket is revoked.
+lifted it), and the ticket is revoked. A ticket (or handle) shown again after it was
+taken is reported the same way for a while (``ttl``): a replay is interference too.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class TicketBook(Generic[Owner]):
         self._by_ticket: dict[str, _Ticket[Owner]] = {}
         self._by_handle: dict[str, _Ticket[Owner]] = {}
         self._by_owner: dict[Owner, set[str]] = {}
+        self._used: dict[str, tuple[Owner, float]] = {}  # taken tickets and handles -> owner
 
     def __len__(self) -> int:
         return len(self._by_ticket)
@@ -70,7 +72,7 @@ class TicketBook(Generic[Owner]):
         """The tunnel a plaintext data connection's ticket was issued for."""
         entry = self._by_ticket.get(ticket) or self._by_handle.get(ticket)
         if entry is None:
-            raise TicketRefused("an unknown or used ticket")
+            raise self._unknown(ticket)
         self._remove(entry)
         if entry.sealed:
             raise TicketRefused(
@@ -82,9 +84,15 @@ class TicketBook(Generic[Owner]):
         """The ticket behind a sealed opening's handle, and its tunnel."""
         entry = self._by_handle.get(handle)
         if entry is None:
-            raise TicketRefused("an unknown or used ticket")
+            raise self._unknown(handle)
         self._remove(entry)
         return entry.ticket, entry.owner
+
+    def _unknown(self, shown: str) -> TicketRefused[Owner]:
+        used = self._used.get(shown)
+        if used is not None:
+            return TicketRefused("a used ticket shown again", used[0])
+        return TicketRefused("an unknown or used ticket")
 
     def drop(self, owner: Owner) -> None:
         for ticket in self._by_owner.pop(owner, set()):
@@ -96,12 +104,16 @@ class TicketBook(Generic[Owner]):
         descriptors, a network hiccup), so they stop counting against a tunnel's pool;
         returns the tunnels that lost some."""
         cutoff = self.clock() - self.ttl
+        for key in [k for k, (_, at) in self._used.items() if at <= cutoff]:
+            del self._used[key]
         old = [e for e in self._by_ticket.values() if e.issued <= cutoff]
         for entry in old:
             self._remove(entry)
         return {e.owner for e in old}
 
     def _remove(self, entry: _Ticket[Owner]) -> None:
+        now = self.clock()
+        self._used[entry.ticket] = self._used[entry.handle] = (entry.owner, now)
         self._by_ticket.pop(entry.ticket, None)
         self._by_handle.pop(entry.handle, None)
         mine = self._by_owner.get(entry.owner)
