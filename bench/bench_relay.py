@@ -82,6 +82,18 @@ GOAL_P50_MS = 0.8
 GOAL_P99_MS = 1.5
 GOAL_RSS_MB = 100.0
 
+# Small requests: real HTTP clients against nginx's tiny answer, through each path.
+SMALL_BODY = "hello, world\n"  # 13 bytes: nginx `return 200`
+NGINX_WORKERS = 1  # one nginx worker: the tunnels, the clients and nginx share 2 CPUs
+WRK_CONNS = 50  # kept-alive connections
+WRK_THREADS = 1
+WRK_SECONDS = 4
+AB_CONC = 20  # ab: a new connection per request (no -k)
+AB_REQUESTS = 10_000
+SMALL_ROUNDS = 3  # interleaved rounds per client and path
+GOAL_SMALL_SEALED_VS_SOCAT = 0.8
+GOAL_SMALL_NEW_PER_S = 5000.0
+
 DIRECTIONS = {
     "down": "download: service → visitor (service sendfile, visitor discards)",
     "up": "upload: visitor → service (visitor sendfile, service discards, replies the count)",
@@ -708,7 +720,7 @@ class Env:
     def direct(self) -> Route:
         return Route("direct", "direct (no tunnel)", self.svc_port, {})
 
-    def socat(self) -> Route:
+    def socat(self, target: int | None = None) -> Route:
         port = free_port()
         proc = self.start(
             "socat",
@@ -717,7 +729,7 @@ class Env:
                 "-b",
                 str(SOCAT_BUFFER),
                 f"TCP-LISTEN:{port},bind={LOOPBACK},reuseaddr,fork",
-                f"TCP:{LOOPBACK}:{self.svc_port}",
+                f"TCP:{LOOPBACK}:{target or self.svc_port}",
             ],
         )
         wait_port(port)
@@ -732,6 +744,31 @@ class Env:
         port = int(json.loads(near.wait_for(r"\{.*\}").group(0))["port"])
         return Route("splice2", "two-hop splice floor (2 minimal forwarders)", port,
                      {"hop1": near, "hop2": far})  # fmt: skip
+
+    def nginx(self) -> Route:
+        """Our own nginx on 127.0.0.1 (own config, pid file, error log and temp paths in the
+        temp dir; no daemon; never the system service): ``return 200`` of SMALL_BODY."""
+        d = self.tmp / "nginx"
+        d.mkdir(exist_ok=True)
+        port = free_port()
+        temps = "".join(
+            f"    {kind}_temp_path {d}/{kind};\n"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        conf = d / "nginx.conf"
+        conf.write_text(
+            f"daemon off;\nmaster_process on;\nworker_processes {NGINX_WORKERS};\n"
+            f"pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n"
+            "events { worker_connections 4096; }\n"
+            "http {\n    access_log off;\n    keepalive_requests 1000000;\n"
+            f"{temps}"
+            f"    server {{\n        listen {LOOPBACK}:{port} backlog=4096;\n"
+            "        default_type text/plain;\n"
+            f"        location / {{ return 200 {json.dumps(SMALL_BODY)}; }}\n    }}\n}}\n"
+        )
+        self.start("nginx", ["nginx", "-p", str(d), "-e", str(d / "error.log"), "-c", str(conf)])
+        wait_port(port)
+        return Route("nginx", f"nginx direct ({NGINX_WORKERS} worker, no tunnel)", port, {})
 
     def ssh(self, interactive: bool = False) -> Route:
         d = self.tmp / "ssh"
@@ -788,7 +825,9 @@ class Env:
                          {"sshd": sshd, "ssh": ssh})  # fmt: skip
         return Route("ssh", f"ssh -N -R ({SSH_CIPHER})", public, {"sshd": sshd, "ssh": ssh})
 
-    def natkit(self, plaintext: bool, *, asyncio_loop: bool = False) -> Route:
+    def natkit(
+        self, plaintext: bool, *, asyncio_loop: bool = False, target: int | None = None
+    ) -> Route:
         mode = "plain" if plaintext else "sealed"
         state = self.tmp / f"natkit-{mode}-{len(self.procs)}"
         state.mkdir()
@@ -817,7 +856,7 @@ class Env:
         argv = [
             venv_script("natkit"),
             "expose",
-            str(self.svc_port),
+            str(target or self.svc_port),
             "--via",
             "relay",
             "--relay",
@@ -1104,12 +1143,26 @@ def run(lab: Any, opts: Options) -> Report:
                 for make in (lambda: env.natkit(True), lambda: env.natkit(False), env.ssh)
             ]
             path_info |= {p.key: {"label": p.label, "port": p.port, **p.info} for p in paths}
+            small_paths = _small_paths(env)  # fresh: nginx, and socat and natkit in front of it
+            small = _small(env, small_paths, SMALL_ROUNDS)
+            env.stop(*(proc for p in small_paths for proc in p.procs.values()))
+            small_labels = {p.key: p.label for p in small_paths}
         finally:
             env.close()
     machine["steal_s"] = round(_steal_s() - steal0, 1)
-    return _report(
+    report = _report(
         started, time.monotonic() - t_start, machine, opts, runs, path_info, tput, lat, hold
     )
+    tables, ratios, goals, data = _small_report(small, small_labels, SMALL_ROUNDS)
+    report.tables += tables
+    report.ratios += ratios
+    report.goals += goals
+    report.notes.append(_small_note())
+    report.data |= data
+    report.config |= {"small_wrk_connections": WRK_CONNS, "small_wrk_seconds": WRK_SECONDS,
+                      "small_ab_concurrency": AB_CONC, "small_ab_requests": AB_REQUESTS,
+                      "small_rounds": SMALL_ROUNDS, "nginx_workers": NGINX_WORKERS}  # fmt: skip
+    return report
 
 
 def _throughput(
@@ -1302,6 +1355,203 @@ def _hold(env: Env, make: Callable[[], Route]) -> dict[str, Any]:
                 res.setdefault("emfile_log_lines", {})[role] = emfile
                 res.setdefault("log_bytes", {})[role] = proc.err_path.stat().st_size
     return res
+
+
+# ---- small requests: wrk (kept-alive) and ab (a new connection each) ----------------------
+
+
+def _wrk(port: int, seconds: float) -> dict[str, Any]:
+    argv = ["wrk", "-t", str(WRK_THREADS), "-c", str(WRK_CONNS), "-d", f"{seconds:g}s",
+            f"http://{LOOPBACK}:{port}/"]  # fmt: skip
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    out = p.stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    socket_err = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    )
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if p.returncode != 0 or rps is None:
+        raise BenchError(f"wrk exited {p.returncode}: {(out + p.stderr).strip()[-300:]}")
+    errors = sum(int(x) for x in socket_err.groups()) if socket_err else 0
+    return {"rps": float(rps.group(1)), "requests": int(total.group(1)) if total else 0,
+            "errors": errors + (int(non2xx.group(1)) if non2xx else 0)}  # fmt: skip
+
+
+def _ab(port: int, n: int) -> dict[str, Any]:
+    argv = ["ab", "-q", "-r", "-c", str(AB_CONC), "-n", str(n), f"http://{LOOPBACK}:{port}/"]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    out = p.stdout
+    rps = re.search(r"Requests per second:\s+([\d.]+)", out)
+    done = re.search(r"Complete requests:\s+(\d+)", out)
+    failed = re.search(r"Failed requests:\s+(\d+)", out)
+    non2xx = re.search(r"Non-2xx responses:\s+(\d+)", out)
+    if p.returncode != 0 or rps is None:
+        raise BenchError(f"ab exited {p.returncode}: {(out + p.stderr).strip()[-300:]}")
+    return {"rps": float(rps.group(1)), "requests": int(done.group(1)) if done else 0,
+            "errors": (int(failed.group(1)) if failed else 0)
+            + (int(non2xx.group(1)) if non2xx else 0)}  # fmt: skip
+
+
+SMALL_CLIENTS = {
+    "wrk": f"wrk: {WRK_CONNS} kept-alive connections, {WRK_THREADS} thread, {WRK_SECONDS} s",
+    "ab": f"ab: a new connection per request (no keep-alive), -c {AB_CONC}, -n {AB_REQUESTS:,}",
+}
+
+
+def _small(env: Env, paths: list[Route], rounds: int) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Requests/s of each path with wrk and with ab, in interleaved rotating rounds (after one
+    short untimed warm-up of each); per run also the tunnel's CPU and the hypervisor's steal."""
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {
+        c: {p.key: [] for p in paths} for c in SMALL_CLIENTS
+    }
+    print("  small requests warm-up", flush=True)
+    for p in paths:
+        _wrk(p.port, 1)
+        _ab(p.port, AB_REQUESTS // 10)
+    combos = [(c, p) for c in SMALL_CLIENTS for p in paths]
+    for rnd in range(rounds):
+        k = (rnd * 3) % len(combos)
+        order = combos[k:] + combos[:k]
+        print(f"  small requests {rnd + 1}/{rounds} (req/s):", end="", flush=True)
+        for client, p in order:
+            cpu0, steal0, t0 = p.cpu(), _steal_s(), time.monotonic()
+            r = _wrk(p.port, WRK_SECONDS) if client == "wrk" else _ab(p.port, AB_REQUESTS)
+            time.sleep(0.2)  # socat reaps its children (their CPU moves to its cutime)
+            cpu1, stolen = p.cpu(), _steal_s() - steal0
+            r["cpu_s"] = {role: round(cpu1[role] - cpu0[role], 3) for role in cpu1}
+            r["steal_s"] = round(stolen, 3)
+            r["wall_s"] = round(time.monotonic() - t0, 3)
+            out[client][p.key].append(r)
+            note = f"(steal {stolen * 1000:.0f} ms)" if stolen >= 0.02 else ""
+            print(f" {client}/{p.key}={r['rps']:,.0f}{note}", end="", flush=True)
+        print(flush=True)
+    return out
+
+
+def _small_report(
+    small: dict[str, dict[str, list[dict[str, Any]]]], labels: dict[str, str], rounds: int
+) -> tuple[list[Table], list[Ratio], list[tuple[str, bool]], dict[str, Any]]:
+    tables, ratios, goals = [], [], []
+    medians: dict[str, dict[str, float]] = {}
+    for client, by_path in small.items():
+        med = {k: statistics.median(r["rps"] for r in rs) for k, rs in by_path.items() if rs}
+        medians[client] = med
+        socat = med.get("socat")
+        rows = []
+        for key, rs in by_path.items():
+            if not rs:
+                rows.append([labels[key], "failed", "", "", "", "", "", ""])
+                continue
+            rps = [r["rps"] for r in rs]
+            # the same round's socat: a ratio per round, then their median
+            same = [r["rps"] / s["rps"] for r, s in zip(rs, by_path.get("socat", []), strict=False)]
+            n_req = sum(r["requests"] for r in rs)
+            cpu = {role: sum(r["cpu_s"][role] for r in rs) for role in rs[0]["cpu_s"]}
+            cpu_txt = " + ".join(f"{k} {v / n_req * 1e6:.0f}" for k, v in cpu.items()) or "–"
+            rows.append([
+                labels[key],
+                _f(med[key]),
+                f"{_f(min(rps))} – {_f(max(rps))}",
+                f"{med[key] / socat:.2f}" if socat else "",
+                f"{statistics.median(same):.2f}" if same else "",
+                cpu_txt,
+                str(sum(r["errors"] for r in rs)),
+                f"{sum(r['steal_s'] for r in rs) * 1000:.0f}",
+            ])  # fmt: skip
+        tables.append(Table(
+            f"small_{client}", f"Small requests, {SMALL_CLIENTS[client]}",
+            ["path", "median req/s", "min – max req/s", "vs socat (medians)",
+             "vs socat (per round, median)", "tunnel CPU µs/request", "errors",
+             "hypervisor steal ms"],
+            rows,
+            intro=f"nginx ({NGINX_WORKERS} worker, its own config on {LOOPBACK}) answers every "
+            f"GET with a {len(SMALL_BODY)}-byte body (`return 200`). {rounds} runs per path, "
+            "interleaved in rotating order with the other client, after an untimed warm-up. "
+            "vs socat: this path's requests/s over socat's in the same run. CPU: utime+stime "
+            "of the tunnel's processes over the run, per request.",
+        ))  # fmt: skip
+        for key in ("natkit_sealed", "natkit_plain"):
+            if key in med and socat:
+                ratios.append(Ratio(f"small requests ({client}) {labels[key]} / socat", key,
+                                    "socat", med[key] / socat))  # fmt: skip
+    wrk_sealed = next(
+        (r for r in ratios if r.slower == "natkit_sealed" and "(wrk)" in r.label), None
+    )
+    goals.append((f"small requests (wrk): natkit sealed ≥ {GOAL_SMALL_SEALED_VS_SOCAT:g}x socat",
+                  wrk_sealed is not None and (wrk_sealed.value or 0) >= GOAL_SMALL_SEALED_VS_SOCAT))  # fmt: skip
+    ab_sealed = medians.get("ab", {}).get("natkit_sealed", 0.0)
+    goals.append((f"new visitors (ab): natkit sealed ≥ {GOAL_SMALL_NEW_PER_S:,.0f}/s",
+                  ab_sealed >= GOAL_SMALL_NEW_PER_S))  # fmt: skip
+    data = {
+        "small_requests": small,
+        "small_requests_median_rps": {
+            c: {k: round(v, 1) for k, v in m.items()} for c, m in medians.items()
+        },
+    }
+    return tables, ratios, goals, data
+
+
+SMALL_NOTE = (
+    f"Small requests: wrk (Debian `wrk` {{wrk}}) and ab (Debian `apache2-utils` {{ab}}) against "
+    f"nginx (Debian `nginx-light` {{nginx}}, {NGINX_WORKERS} worker process, started with its "
+    "own config, pid file and error log in a temp dir; not the system service). Each tunnel "
+    "exposes that nginx; socat here is the same one-hop forking socat as above."
+)
+
+
+def _small_paths(env: Env) -> list[Route]:
+    for tool in ("wrk", "ab", "nginx"):
+        if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}"):
+            raise BenchError(f"{tool} is missing: apt-get install wrk apache2-utils nginx-light")
+    web = env.nginx()
+    return [web, env.socat(web.port), env.natkit(True, target=web.port),
+            env.natkit(False, target=web.port)]  # fmt: skip
+
+
+def _small_note() -> str:
+    def deb(pkg: str) -> str:
+        try:
+            p = subprocess.run(["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True,
+                               text=True, timeout=10, check=False)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+        return p.stdout.strip() or "?"
+
+    return SMALL_NOTE.format(wrk=deb("wrk"), ab=deb("apache2-utils"), nginx=deb("nginx-light"))
+
+
+def run_small(lab: Any, opts: Options) -> Report:
+    """Only the small-requests part (``run.py relay_small``): results/relay_small.md/json."""
+    _raise_nofile()
+    started, t_start = now(), time.monotonic()
+    machine = {**machine_info(), **_versions()}
+    for key in ("miniupnpd", "miniupnpd_deb", "upnpc_deb", "miniupnpc_binding"):
+        machine.pop(key, None)
+    rounds = max(1, opts.iterations)
+    steal0 = _steal_s()
+    with tempfile.TemporaryDirectory(prefix="nkb-relay-") as tmpdir:
+        env = Env(Path(tmpdir))
+        try:
+            paths = _small_paths(env)
+            small = _small(env, paths, rounds)
+        finally:
+            env.close()
+    machine["steal_s"] = round(_steal_s() - steal0, 1)
+    labels = {p.key: p.label for p in paths}
+    tables, ratios, goals, data = _small_report(small, labels, rounds)
+    return RelayReport(
+        name="relay_small",
+        title="Relay tunnels on loopback, small HTTP requests: natkit relay + agent vs socat",
+        started=started, machine=machine,
+        config={"wrk_connections": WRK_CONNS, "wrk_threads": WRK_THREADS,
+                "wrk_seconds": WRK_SECONDS, "ab_concurrency": AB_CONC,
+                "ab_requests": AB_REQUESTS, "rounds": rounds, "nginx_workers": NGINX_WORKERS,
+                "body_bytes": len(SMALL_BODY), "socat_buffer": SOCAT_BUFFER, "host": LOOPBACK},
+        cases=[], ratios=ratios, goals=goals, notes=[_small_note()],
+        elapsed=time.monotonic() - t_start, tables=tables,
+        data={"paths": {p.key: {"label": p.label, "port": p.port, **p.info} for p in paths}, **data},
+    )  # fmt: skip
 
 
 # ==== the report =========================================================================
@@ -1649,11 +1899,22 @@ def _report(
 BENCHMARK = Benchmark(
     name=NAME,
     description="relay tunnels on 127.0.0.1: natkit relay+agent vs ssh -R and socat "
-    "(throughput, new-connection latency, 10,000 held connections)",
+    "(throughput, new-connection latency, 10,000 held connections, small HTTP requests)",
     lab_config=None,
     run=run,
     iterations=5,
 )
+
+BENCHMARK_SMALL = Benchmark(
+    name="relay_small",
+    description="relay tunnels on 127.0.0.1, only the small-requests part: wrk and ab against "
+    "nginx, direct / socat / natkit plaintext / natkit sealed (-n: rounds, default 3)",
+    lab_config=None,
+    run=run_small,
+    iterations=SMALL_ROUNDS,
+    default=False,
+)
+BENCHMARKS = (BENCHMARK, BENCHMARK_SMALL)
 
 
 if __name__ == "__main__":

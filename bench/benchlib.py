@@ -396,6 +396,7 @@ class Benchmark:
     lab_config: Callable[[str], LabConfig] | None  # None: no lab (the relay runs on loopback)
     run: Callable[[Lab | None, Options], Report]
     iterations: int = 15  # timed runs per case unless run.py -n says otherwise
+    default: bool = True  # run when run.py is given no names (False: a part of another one)
 
 
 # ---- the machine ------------------------------------------------------------------------

@@ -4,6 +4,7 @@
     .venv/bin/python bench/run.py upnp -n 30      # one benchmark, 30 iterations per case
     .venv/bin/python bench/run.py portmap         # PCP/NAT-PMP/UPnP and router reboots
     .venv/bin/python bench/run.py relay           # relay tunnels vs ssh -R and socat
+    .venv/bin/python bench/run.py relay_small     # only its small HTTP requests (wrk, ab)
 
 Each benchmark module (``bench_<name>.py``) exports ``BENCHMARK``; add new ones to
 ``MODULES``. Results go to ``bench/results/<name>.md`` and ``.json``.
@@ -33,9 +34,10 @@ MODULES = ("bench_upnp", "bench_portmap", "bench_relay", "bench_check", "bench_p
 def load_benchmarks() -> dict[str, Benchmark]:
     found: dict[str, Benchmark] = {}
     for module_name in MODULES:
-        bench = importlib.import_module(module_name).BENCHMARK
-        assert isinstance(bench, Benchmark), module_name
-        found[bench.name] = bench
+        module = importlib.import_module(module_name)
+        for bench in getattr(module, "BENCHMARKS", (module.BENCHMARK,)):
+            assert isinstance(bench, Benchmark), module_name
+            found[bench.name] = bench
     return found
 
 
@@ -88,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"bench: {problem}", file=sys.stderr)
         return 2
-    selected = [benchmarks[n] for n in (args.names or benchmarks)]
+    selected = (
+        [benchmarks[n] for n in args.names]
+        if args.names
+        else [b for b in benchmarks.values() if b.default]
+    )
     try:
         if any(b.lab_config is not None for b in selected):
             import miniupnpc  # noqa: F401 - the reference the UPnP benchmark compares against

@@ -38,8 +38,8 @@ import pytest
 import natkit
 from natkit.lab import Lab
 from natkit.lab import config as C
-from natkit.relay import protocol as P
-from natkit.relay import seal
+from natkit.relay import control, seal
+from natkit.relay import messages as M
 from natkit.relay.agent import RelayAuthError
 from tests.conftest import call_in_node
 from tests.lab.helpers import http_server, wait_for, wait_router_uptime
@@ -540,6 +540,7 @@ def _garbage_conn(lab: Lab, payload: bytes, *, tls: bool = False, hold: float = 
 
 def test_garbage_on_the_control_port_is_dropped(lab: Lab, procs: Procs) -> None:
     rng = random.Random(1)
+    who = {"instance": "0" * 32, "resume": "1" * 64}  # an agent process's identity
     noise = bytes([0x00]) + rng.randbytes(999)  # type 0: not a relay frame
     frames = {
         "random bytes": (noise, False),
@@ -548,15 +549,15 @@ def test_garbage_on_the_control_port_is_dropped(lab: Lab, procs: Procs) -> None:
         "a truncated TLS hello": (client_hello("relay.lab.test")[:120], False),
         "a TLS record of garbage": (b"\x16\x03\x01\x00\x20" + b"\xee" * 32, False),
         "an unknown frame type": (bytes([99, 0, 0, 2]) + b"{}", False),
-        "an oversize frame": (bytes([P.DATA, 0xFF, 0xFF, 0xFF]) + b"{" * 100, False),
-        "a DATA frame with a bogus ticket": (P.encode(P.DATA, ticket="bogus"), False),
-        "a HELLO without TLS": (P.encode(P.HELLO, version=1, agent="x"), False),
-        "a frame that is not JSON": (bytes([P.DATA, 0, 0, 4]) + b"\xff\xfe\xfd\xfc", False),
+        "an oversize frame": (bytes([M.Data.TYPE, 0xFF, 0xFF, 0xFF]) + b"{" * 100, False),
+        "a DATA frame with a bogus ticket": (M.encode(M.Data(ticket="bogus")), False),
+        "a HELLO without TLS": (M.encode(M.Hello(version=M.VERSION, agent="x")), False),
+        "a frame that is not JSON": (bytes([M.Data.TYPE, 0, 0, 4]) + b"\xff\xfe\xfd\xfc", False),
         "garbage inside TLS": (b"\x00\x00\x00\x05hello" + noise, True),
-        "AUTH before HELLO inside TLS": (P.encode(P.AUTH, token_id="x", mac="y"), True),
+        "AUTH before HELLO inside TLS": (M.encode(M.Auth(token_id="x", mac="y", **who)), True),
         "a forged AUTH inside TLS": (
-            P.encode(P.HELLO, version=1, agent="x")
-            + P.encode(P.AUTH, token_id=P.token_id(TOKEN_A), mac="0" * 64),
+            M.encode(M.Hello(version=M.VERSION, agent="x"))
+            + M.encode(M.Auth(token_id=control.token_id(TOKEN_A), mac="0" * 64, **who)),
             True,
         ),
         "nothing at all inside TLS": (b"", True),
@@ -585,11 +586,12 @@ def test_garbage_on_the_control_port_is_dropped(lab: Lab, procs: Procs) -> None:
                 received, took = fut.result(timeout=30)
                 assert took < 16, f"{name}: the relay kept it {took:.1f} s"
                 if name == "a forged AUTH inside TLS":
-                    msgs = P.Decoder().feed(received)
-                    assert [m.name for m in msgs] == ["CHALLENGE", "ERROR"], msgs
-                    assert msgs[1]["code"] == "auth", msgs
+                    msgs = M.FrameDecoder().messages(received)
+                    assert [type(m) for m in msgs] == [M.Challenge, M.Error], msgs
+                    assert isinstance(msgs[1], M.Error) and msgs[1].code == "auth", msgs
                 elif name.endswith("inside TLS"):
-                    assert all(m.type != P.WELCOME for m in P.Decoder().feed(received)), name
+                    msgs = M.FrameDecoder().messages(received)
+                    assert not any(isinstance(m, M.Welcome) for m in msgs), name
                 elif data.startswith(b"\x16"):  # a TLS handshake: at most a TLS alert back
                     assert received in (b"",) or received[0] == 0x15, (name, received[:80])
                 else:

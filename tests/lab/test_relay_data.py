@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from natkit.lab import Lab, netns
-from natkit.relay.certs import ensure_self_signed, fingerprint_der, fingerprint_file
+from natkit.net.certs import ensure_self_signed, fingerprint_der, fingerprint_file
 from tests.lab.relay_helpers import (
     DOMAIN,
     RELAY_IP,

@@ -24,7 +24,7 @@ from natkit.errors import NatkitError
 from natkit.lab import Lab
 from natkit.lab import config as C
 from natkit.relay.agent import Agent
-from natkit.relay.rendezvous import P2PRoom
+from natkit.rendezvous.client import P2PRoom
 from natkit.stun import binding_udp
 from tests.lab.relay_helpers import (
     RELAY_IP,

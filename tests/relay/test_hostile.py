@@ -278,7 +278,7 @@ async def test_plaintext_is_refused_when_the_relay_does_not_allow_it(tmp_path: P
         service = await Service(b"x").start()
         try:
             async with agent(relay_address(server), TOKEN_A, TunnelSpec(service.port), tmp_path,
-                             plaintext_data=True) as (a, task, _):  # fmt: skip
+                             plaintext_data=True) as (_a, task, _):  # fmt: skip
                 with pytest.raises(TunnelRefusedError, match="refuses plaintext"):
                     await asyncio.wait_for(task, 10)
         finally:
@@ -439,7 +439,7 @@ async def test_a_name_under_another_tenants_name_is_refused(
             for name in ("x.shop", "shop"):
                 spec = TunnelSpec(service.port, kind="http", name=name)
                 async with agent(addr, TOKEN_B, spec, tmp_path) as (_, tb, _):
-                    with pytest.raises(TunnelRefusedError, match="another token|nests"):
+                    with pytest.raises(TunnelRefusedError, match=r"another token|nests"):
                         await asyncio.wait_for(tb, 10)
             # The same tenant may nest its own names.
             spec = TunnelSpec(service.port, kind="http", name="x.shop")

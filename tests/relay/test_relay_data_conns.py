@@ -28,9 +28,11 @@ from typing import Any
 
 import pytest
 
-from natkit.relay import protocol as P
+from natkit.relay import messages as M
 from natkit.relay.agent import Agent, TunnelSpec, _Watchdog
+from natkit.relay.control import ticket_handle
 from natkit.relay.dataconn import DataConn, Opening
+from natkit.relay.listeners import listen
 from natkit.relay.server import RelayConfig, RelayServer
 
 NATKIT = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "natkit")
@@ -167,9 +169,10 @@ async def test_an_opening_sends_its_ticket_and_parks(key: bytes | None) -> None:
         assert ended == [opening] and [s for _, s in conns] == ["parked"]
         head = await asyncio.wait_for(loop.sock_recv(peer, 4096), 5)
         if key is None:
-            assert head == P.encode(P.DATA, ticket="t1cket")
-        else:
-            assert head[:1] == b"S" and b"t1cket" in head  # the clear opening names it
+            assert head == M.encode(M.Data(ticket="t1cket"))
+        else:  # the clear opening names it by its handle, never the ticket itself
+            assert head[:1] == b"S" and ticket_handle("t1cket").encode() in head
+            assert b"t1cket" not in head
         opening.abort()  # handed over: the DataConn owns the socket now
         assert conns[0][0].sock.fileno() >= 0
         conns[0][0].abort()
@@ -201,9 +204,9 @@ async def test_plain_data_frames_are_judged_alike_whole_or_in_parts(
     relay: RelayServer, split: bool
 ) -> None:
     cases: dict[str, tuple[bytes, str]] = {
-        "a bogus ticket": (P.encode(P.DATA, ticket="bogus"), "bad_tickets"),
-        "not JSON": (bytes([P.DATA, 0, 0, 4]) + b"\xff\xfe\xfd\xfc", "garbage"),
-        "not DATA": (P.encode(P.PING, t=1.0), "bad_tickets"),
+        "a bogus ticket": (M.encode(M.Data(ticket="bogus")), "bad_tickets"),
+        "not JSON": (bytes([M.Data.TYPE, 0, 0, 4]) + b"\xff\xfe\xfd\xfc", "garbage"),
+        "not DATA": (M.encode(M.Ping(t=1.0)), "garbage"),
     }
     for name, (frame, counter) in cases.items():
         before = dict(relay.stats)
@@ -284,7 +287,7 @@ def test_accepted_sockets_are_tuned_without_a_call_each() -> None:
     """The relay sets TCP_NODELAY and keepalive on its listening sockets only: what it
     accepts must have them (Linux copies them), or visitors would wait on Nagle and
     half-open connections would never expire."""
-    listener = RelayServer._listen(LOOPBACK, 0)
+    listener = listen(LOOPBACK, 0)
     try:
         with socket.create_connection(listener.getsockname()[:2]):
             listener.setblocking(True)

@@ -26,10 +26,10 @@ from typing import Any
 import pytest
 
 from natkit.errors import NatkitError
-from natkit.relay import rooms
 from natkit.relay.agent import Agent, RelayAuthError
-from natkit.relay.rendezvous import P2PRoom, RendezvousError, RendezvousTimeoutError
 from natkit.relay.server import RelayConfig, RelayServer
+from natkit.rendezvous import rooms
+from natkit.rendezvous.client import P2PRoom, RendezvousError, RendezvousTimeoutError
 from natkit.stun import StunTimeoutError, binding_udp
 
 NATKIT = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "natkit")

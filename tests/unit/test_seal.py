@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from natkit.errors import ProtocolError
 from natkit.relay import seal
+from natkit.relay.control import ticket_handle
 from natkit.relay.seal import NeedData, SealedChannel
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -117,6 +118,18 @@ def test_encode_opening_is_prefix_length_ticket_nonce() -> None:
     assert data[2:20] == TICKET.encode()
     assert data[20:] == NONCE
     assert len(data) == 2 + 18 + 16
+
+
+def test_the_agent_opens_with_the_ticket_handle_not_the_ticket() -> None:
+    """What goes in clear is ``ticket_handle(ticket)`` (32 hex digits); the ticket itself
+    only keys the connection, so the opening bytes never contain it."""
+    handle = ticket_handle(TICKET)
+    data = seal.encode_opening(handle, NONCE)
+    assert data == b"S\x20" + handle.encode() + NONCE
+    assert TICKET.encode() not in data
+    assert seal.decode_opening(data) == (handle, NONCE)
+    # The keys come from the ticket, not from what the opening shows.
+    assert seal.derive_keys(DATA_KEY, TICKET, NONCE) != seal.derive_keys(DATA_KEY, handle, NONCE)
 
 
 @pytest.mark.parametrize("ticket", ["a", TICKET, "x" * 64, "Z-_.~0" * 10])

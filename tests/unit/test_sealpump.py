@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 from natkit.errors import ProtocolError
-from natkit.relay import protocol as P
+from natkit.relay import messages as M
 from natkit.relay import seal, sealpump
+from natkit.relay.control import ticket_handle
 from natkit.relay.pump import reset_on_close
 
-START = P.encode(P.START, tunnel="t0", visitor="100.200.0.3:40000")
+START = M.encode(M.Start(tunnel="t0", visitor="100.200.0.3:40000"))
 
 
 def _chunk(data: bytes) -> bytes:
@@ -38,11 +39,10 @@ async def _sealed_pair() -> tuple[sealpump.SealedSocket, sealpump.SealedSocket]:
     """(agent side, relay side) of one sealed data connection, opened as the agent does."""
     key, ticket = os.urandom(seal.KEY_SIZE), "t-0123456789abcdef"
     a, b = _pair()
-    agent, (relay, got) = await asyncio.gather(
+    agent, relay = await asyncio.gather(
         sealpump.open_sealed(a, key, ticket),
-        sealpump.accept_sealed(b, {ticket: key}.get),
+        sealpump.accept_sealed(b, {ticket_handle(ticket): (ticket, key)}.get),
     )
-    assert got == ticket
     return agent, relay
 
 
@@ -76,7 +76,7 @@ def test_start_then_visitor_bytes_in_one_record_reach_the_service(tmp_path: Path
     async def body(agent: sealpump.SealedSocket, relay: sealpump.SealedSocket) -> None:
         await sealpump.send_all(relay, START + _chunk(b"GET / HTTP/1.0\r\n\r\n") + _chunk(b""))
         msg = await sealpump.read_frame(agent)
-        assert msg.type == P.START and msg["visitor"] == "100.200.0.3:40000"
+        assert msg == M.Start(tunnel="t0", visitor="100.200.0.3:40000")
         service, service_far = _pair()
         bridge = asyncio.ensure_future(sealpump.bridge(agent, service))
         assert await _recv_all(service_far) == b"GET / HTTP/1.0\r\n\r\n"
@@ -90,10 +90,10 @@ def test_start_then_visitor_bytes_in_one_record_reach_the_service(tmp_path: Path
 @pytest.mark.parametrize(
     "data",
     [
-        P.encode(P.PING, t=1),
-        bytes([P.START, 0xFF, 0xFF, 0xFF]),  # larger than any frame
+        M.encode(M.Ping(t=1)),
+        bytes([M.Start.TYPE, 0xFF, 0xFF, 0xFF]),  # larger than any frame
         bytes([0, 0, 0, 1]) + b"x",  # not a relay frame at all
-        bytes([P.START, 0, 0, 2]) + b"[]",  # not an object
+        bytes([M.Start.TYPE, 0, 0, 2]) + b"[]",  # not an object
         START[:-2] + b"!}",  # not JSON
     ],
 )
@@ -102,7 +102,7 @@ def test_read_frame_refuses_what_is_not_a_frame(tmp_path: Path, data: bytes) -> 
         await sealpump.send_all(relay, data)
         with pytest.raises(ProtocolError):
             msg = await sealpump.read_frame(agent)
-            if msg.type != P.START:
+            if not isinstance(msg, M.Start):
                 raise ProtocolError("not START")
 
     run(tmp_path, body)
@@ -128,7 +128,7 @@ def test_both_bridges_move_a_big_stream_with_back_pressure_and_half_close(tmp_pa
         visitor_far, visitor = _pair()
         service, service_far = _pair()
         relay_bridge = asyncio.ensure_future(sealpump.bridge(relay, visitor, prefix=START))
-        assert (await sealpump.read_frame(agent)).type == P.START
+        assert isinstance(await sealpump.read_frame(agent), M.Start)
         agent_bridge = asyncio.ensure_future(sealpump.bridge(agent, service))
 
         async def visitor_side() -> bytes:
@@ -216,13 +216,13 @@ def test_a_cleanly_ended_connection_carries_the_next_visitor(tmp_path: Path) -> 
     async def body(agent: sealpump.SealedSocket, relay: sealpump.SealedSocket) -> None:
         loop = asyncio.get_running_loop()
         for visitor in ("100.200.0.3:1", "100.200.0.3:2"):
-            start = P.encode(P.START, tunnel="t0", visitor=visitor)
+            start = M.encode(M.Start(tunnel="t0", visitor=visitor))
             if visitor.endswith("1"):
                 await sealpump.send_all(relay, start)
-            assert (await sealpump.read_frame(agent))["visitor"] == visitor
+            assert (await sealpump.read_frame(agent)) == M.Start(tunnel="t0", visitor=visitor)
             service, service_far = _pair()
             bridge = asyncio.ensure_future(sealpump.bridge(agent, service, keep=True))
-            nxt = P.encode(P.START, tunnel="t0", visitor="100.200.0.3:2")
+            nxt = M.encode(M.Start(tunnel="t0", visitor="100.200.0.3:2"))
             tail = nxt if visitor.endswith("1") else b""
             await sealpump.send_all(relay, _chunk(b"ping") + _chunk(b"") + tail)
             assert await _recv_all(service_far) == b"ping"
@@ -258,14 +258,14 @@ def test_start_and_a_chunk_behind_an_end_mark_in_one_record_reach_the_next_visit
 
     async def body(agent: sealpump.SealedSocket, relay: sealpump.SealedSocket) -> None:
         await sealpump.send_all(relay, START)
-        assert (await sealpump.read_frame(agent)).type == P.START
+        assert isinstance(await sealpump.read_frame(agent), M.Start)
         first, first_far = _pair()
         bridge = asyncio.ensure_future(sealpump.bridge(agent, first, keep=True))
-        nxt = P.encode(P.START, tunnel="t0", visitor="100.200.0.3:2")
+        nxt = M.encode(M.Start(tunnel="t0", visitor="100.200.0.3:2"))
         await sealpump.send_all(relay, _chunk(b"") + nxt + _chunk(b"second") + _chunk(b""))
         first_far.close()
         assert await bridge == (0, 0)
-        assert (await sealpump.read_frame(agent))["visitor"] == "100.200.0.3:2"
+        assert (await sealpump.read_frame(agent)) == M.Start(tunnel="t0", visitor="100.200.0.3:2")
         second, second_far = _pair()
         bridge = asyncio.ensure_future(sealpump.bridge(agent, second, keep=True))
         assert await _recv_all(second_far) == b"second"
@@ -295,3 +295,68 @@ def test_a_cancelled_bridge_resets_both_sides_and_lets_go_of_the_loop(tmp_path: 
         service_far.close()
 
     run(tmp_path, body)
+
+
+# ---- the opening: a handle in clear, the ticket only under the seal ----------------------
+
+TICKET = "t-0123456789abcdef"
+
+
+def test_the_opening_names_the_ticket_by_its_handle_only() -> None:
+    async def main() -> bytes:
+        a, b = _pair()
+        agent = await sealpump.open_sealed(a, os.urandom(seal.KEY_SIZE), TICKET)
+        agent.close()
+        return await _recv_all(b)
+
+    wire = asyncio.run(main())
+    handle = ticket_handle(TICKET)
+    assert wire[:2] == b"S" + bytes([len(handle)])
+    assert wire[2 : 2 + len(handle)] == handle.encode()
+    assert seal.decode_opening(wire[: seal.opening_size(wire[:2])])[0] == handle
+    assert TICKET.encode() not in wire  # neither the opening nor the sealed DATA shows it
+
+
+def test_accept_sealed_asks_for_the_handle_and_refuses_an_unknown_one() -> None:
+    asked: list[str] = []
+
+    def key_for(handle: str) -> tuple[str, bytes] | None:
+        asked.append(handle)
+        return None
+
+    async def main() -> None:
+        a, b = _pair()
+        try:
+            await sealpump.open_sealed(a, os.urandom(seal.KEY_SIZE), TICKET)
+            with pytest.raises(sealpump.UnknownTicketError):
+                await asyncio.wait_for(sealpump.accept_sealed(b, key_for), 10)
+        finally:
+            a.close()
+            b.close()
+
+    asyncio.run(main())
+    assert asked == [ticket_handle(TICKET)]
+    assert issubclass(sealpump.UnknownTicketError, ProtocolError)
+
+
+@pytest.mark.parametrize("wrong", ["ticket", "key"])
+def test_accept_sealed_refuses_an_opening_that_does_not_open_under_the_ticket(
+    wrong: str,
+) -> None:
+    """A handle lifted from the wire, replayed by someone without the ticket (or under
+    another session's key): the DATA record does not open."""
+    key = os.urandom(seal.KEY_SIZE)
+    found = ("t-another-ticket-000", key) if wrong == "ticket" else (TICKET, os.urandom(32))
+
+    async def main() -> None:
+        a, b = _pair()
+        try:
+            await sealpump.open_sealed(a, key, TICKET)
+            with pytest.raises(ProtocolError) as info:
+                await asyncio.wait_for(sealpump.accept_sealed(b, lambda handle: found), 10)
+            assert not isinstance(info.value, sealpump.UnknownTicketError)
+        finally:
+            a.close()
+            b.close()
+
+    asyncio.run(main())
