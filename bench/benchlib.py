@@ -241,7 +241,7 @@ def _rows(cases: Sequence[CaseResult], unit: str, compare: bool, sep: str) -> li
 
 
 def _text_table(title: str, headers: Sequence[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     right = set(range(1, len(headers) - 1))
 
     def fmt(cells: Sequence[str]) -> str:

@@ -639,3 +639,60 @@ def test_the_auth_mac_binds_the_instance() -> None:
     mac = control.auth_mac(TOKEN_A, "n", "fp", "i" * 16, "r" * 32)
     assert control.check_mac(TOKEN_A, "n", "fp", "i" * 16, "r" * 32, mac)
     assert not control.check_mac(TOKEN_A, "n", "fp", "j" * 16, "r" * 32, mac)
+
+
+def _ca_signed(tmp_path: Path, san: Any) -> tuple[Path, Path, Path]:
+    """A CA, and a relay certificate it signed for ``san``: (ca, cert, key) files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def build(subject: str, issuer: str, key: Any, sign: Any, ca: bool) -> Any:
+        b = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(days=1))
+             .not_valid_after(now + datetime.timedelta(days=2))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))  # fmt: skip
+        if not ca:
+            b = b.add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        return b.sign(sign, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = build("test CA", "test CA", ca_key, ca_key, True)
+    cert = build("relay", "test CA", key, ca_key, False)
+    paths = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                         serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))  # fmt: skip
+    return paths
+
+
+@pytest.mark.parametrize("right_name", [True, False])
+async def test_with_a_ca_the_relays_name_is_checked(tmp_path: Path, right_name: bool) -> None:
+    import ipaddress
+
+    from cryptography import x509
+
+    san = (x509.IPAddress(ipaddress.ip_address(LOOPBACK)) if right_name
+           else x509.DNSName("someone-else.example"))  # fmt: skip
+    ca, cert, key = _ca_signed(tmp_path, san)
+    async with running_relay(_config(tmp_path, cert=cert, key=key)) as server:
+        service = await Service(b"ca").start()
+        try:
+            async with agent(relay_address(server), TOKEN_A, TunnelSpec(service.port), tmp_path,
+                             cafile=ca) as (a, task, _):  # fmt: skip
+                if right_name:
+                    assert (await visit(await a.wait_open("t0", 10))).endswith(b"ca")
+                else:
+                    with pytest.raises(RelayTrustError, match=r"not trusted for 127\.0\.0\.1"):
+                        await asyncio.wait_for(task, 10)
+        finally:
+            service.close()

@@ -37,7 +37,6 @@ import dataclasses
 import logging
 import time
 from types import TracebackType
-from typing import Literal
 
 from aioice import Connection, stun
 from aioice.ice import CandidatePair
@@ -54,58 +53,23 @@ from natkit.p2p.candidates import (
 from natkit.p2p.errors import P2PError
 from natkit.p2p.ice_conn import DownReason, IceConnection, mapped_address
 from natkit.p2p.ice_gather import Gatherer
+from natkit.p2p.ice_options import (
+    CONSENT_INTERVAL,
+    CONSENT_LIFETIME,
+    GATHER_TIMEOUT,
+    RELAY_GRACE,
+    IceOptions,
+    TurnServer,
+)
 from natkit.portmap.mapping import PortMapping
 
 __all__ = ["DownReason", "IceAgent", "IceOptions", "PathDown", "TurnServer"]
 
 log = logging.getLogger("natkit.p2p.ice")
 
-GATHER_TIMEOUT = 2.0
 CONNECT_TIMEOUT = 10.0
-RELAY_GRACE = 1.0
-CONSENT_INTERVAL = 5.0  # RFC 7675 section 5.1; randomised to 0.8-1.2 times this
-CONSENT_LIFETIME = 30.0  # RFC 7675 section 5.1: consent expires 30 s after the last answer
 SEEN_AS_TIMEOUT = 2.0
 CLOSE_TIMEOUT = 3.0  # deleting a TURN allocation on a dead server would take aioice 63 s
-
-
-@dataclasses.dataclass(frozen=True)
-class TurnServer:
-    """A TURN server (RFC 8656) and the long-term credentials to allocate on it."""
-
-    host: str
-    port: int
-    username: str
-    password: str = dataclasses.field(repr=False)
-    transport: Literal["udp", "tcp"] = "udp"
-
-
-@dataclasses.dataclass(frozen=True)
-class IceOptions:
-    """How an :class:`IceAgent` gathers and keeps its path (shared by its restarts)."""
-
-    stun_server: Addr | None = None  # e.g. the natkit relay's listen port, or coturn
-    turn: TurnServer | None = None
-    port_mapping: bool = True  # ask the router (PCP, NAT-PMP, UPnP) for a port-mapped candidate
-    gateway_ip: str | None = None  # the router to ask (default: the default gateway)
-    gather_timeout: float = GATHER_TIMEOUT
-    relay_grace: float = RELAY_GRACE
-    consent_interval: float = CONSENT_INTERVAL
-    consent_lifetime: float = CONSENT_LIFETIME
-    use_ipv6: bool = True  # IPv6 host candidates
-    host_addresses: tuple[str, ...] | None = None  # only these local addresses (default: all)
-
-    def __post_init__(self) -> None:
-        if not 0 < self.gather_timeout <= 30:
-            raise ValueError("gather_timeout must be more than 0 and at most 30 seconds")
-        if self.relay_grace < 0:
-            raise ValueError("relay_grace must not be negative")
-        # The consent checks are the keepalives: even the randomised longest gap (1.2 times
-        # the interval) must stay well under the 30 s a NAT keeps an idle UDP flow.
-        if not 0.5 <= self.consent_interval <= 20:
-            raise ValueError("consent_interval must be from 0.5 to 20 seconds")
-        if self.consent_lifetime < 2 * self.consent_interval:
-            raise ValueError("consent_lifetime must be at least twice consent_interval")
 
 
 @dataclasses.dataclass(frozen=True)

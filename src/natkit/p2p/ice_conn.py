@@ -16,15 +16,13 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from aioice import Candidate, Connection, stun
 from aioice.ice import CandidatePair, StunProtocol
 
 from natkit.p2p.candidates import COMPONENT, Addr
-
-if TYPE_CHECKING:
-    from natkit.p2p.ice import IceOptions
+from natkit.p2p.ice_options import IceOptions
 
 log = logging.getLogger("natkit.p2p.ice")
 

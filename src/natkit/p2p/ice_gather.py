@@ -16,7 +16,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from aioice import Candidate, stun
 from aioice.ice import StunProtocol
@@ -36,11 +36,9 @@ from natkit.p2p.candidates import (
 )
 from natkit.p2p.errors import P2PError
 from natkit.p2p.ice_conn import IceConnection, PeerProtocol, mapped_address
+from natkit.p2p.ice_options import IceOptions
 from natkit.portmap.manager import KeptMapping
 from natkit.portmap.mapping import PortMapping
-
-if TYPE_CHECKING:
-    from natkit.p2p.ice import IceOptions
 
 log = logging.getLogger("natkit.p2p.ice")
 T = TypeVar("T")

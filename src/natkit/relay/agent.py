@@ -119,7 +119,6 @@ class Agent:
         self._dials: dict[int, asyncio.Future[tuple[bool, str]]] = {}
         self._dial_seq = 0
         self._opened: dict[str, asyncio.Future[str]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
         self.fingerprint = ""
         self._data_key = b""  # the session's secret for sealed data connections (WELCOME)
         self.connections = 0
@@ -150,10 +149,10 @@ class Agent:
             except Exception:
                 log.exception("agent event listener failed")
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _resolved(self, task: asyncio.Task[None]) -> None:
+        self._resolving.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("agent task failed: %r", exc, exc_info=exc)
 
     # ---- the control connection -------------------------------------------------------------
 
@@ -182,9 +181,15 @@ class Agent:
             delay = min(delay * 2, self.max_backoff)
 
     async def _session(self) -> None:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self.relay_host, self.relay_port, ssl=self.ssl), 10.0
-        )
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.relay_host, self.relay_port, ssl=self.ssl), 10.0
+            )
+        except ssl.SSLCertVerificationError as exc:  # --cafile given: final, not retried
+            raise RelayTrustError(
+                f"relay {self.relay}'s certificate is not trusted for {self.relay_host}: "
+                f"{exc.verify_message}"
+            ) from None
         conn = control.ControlConnection(control.Side.AGENT)
         try:
             self._check_peer(writer.get_extra_info("ssl_object"))
@@ -313,7 +318,7 @@ class Agent:
                     self._resolve_then_open(t, msg.tickets)
                 )
                 self._resolving.add(task)
-                task.add_done_callback(self._resolving.discard)
+                task.add_done_callback(self._resolved)
         elif isinstance(msg, M.Ping):
             self._send(M.Pong(t=msg.t))
         elif isinstance(msg, M.Dialed):
@@ -426,7 +431,7 @@ class Agent:
 
     async def close(self) -> None:
         self._rendezvous.close()
-        for task in list(self._tasks) + list(self._resolving):
+        for task in list(self._resolving):
             task.cancel()
         for opening in list(self._openings):
             opening.abort()
