@@ -41,6 +41,7 @@ class Hub(Protocol):
 
     def spawn(self, coro: Any) -> object: ...
     def new_session(self, peer_ip: str, deadline: float) -> AgentSession: ...
+    def session_ended(self, s: AgentSession) -> None: ...
     def p2p_data_conn(self, conn: socket.socket, ticket: str) -> bool: ...
     def interference(self, tunnel: Tunnel, what: str) -> None: ...
 
@@ -112,7 +113,7 @@ class ListenPort:
             self.hub.stats["garbage"] += 1
             conn.close()
             if session.transport is None:  # never made: no connection_lost will come
-                self.hub.limits.done(ip)
+                self.hub.session_ended(session)
 
     async def _plain(self, conn: socket.socket, ip: str) -> None:
         try:

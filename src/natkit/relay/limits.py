@@ -5,7 +5,9 @@ control connection's Auth, a data connection's ticket) it costs a descriptor, a 
 and, for TLS, a handshake. So each source address (an IPv6 one by its /64, what one user
 usually has) may hold only so many unauthenticated connections at once, the relay as a
 whole only so many, and an address whose logins keep failing is refused for a while. A
-failing address is logged once per burst, not once per attempt.
+failing address is logged once per burst, not once per attempt. An address with agents
+logged in gets more room (``vouched``): their data connections open in bursts (a pool, a
+burst of visitors), and each is unauthenticated until its ticket checks out.
 """
 
 from __future__ import annotations
@@ -46,11 +48,14 @@ class AddressLimits:
         failures: int = 10,
         window: float = 60.0,
         block: float = 60.0,
+        per_agent: int = 512,
     ) -> None:
         self.clock = clock
         self.per_address, self.total = per_address, total
         self.failures, self.window, self.block = failures, window, block
+        self.per_agent = per_agent
         self.pending: Counter[str] = Counter()  # unauthenticated connections per address
+        self.agents: Counter[str] = Counter()  # logged-in agents per address
         self._failed: dict[str, _Failures] = {}
 
     @property
@@ -63,12 +68,24 @@ class AddressLimits:
         key = address_key(ip)
         if self.blocked(key):
             return "too many failed logins"
-        if self.pending[key] >= self.per_address:
-            return f"over {self.per_address} unauthenticated connections from one address"
+        allowed = self.per_address + self.per_agent * self.agents[key]
+        if self.pending[key] >= allowed:
+            return f"over {allowed} unauthenticated connections from one address"
         if self.unauthenticated >= self.total:
             return f"over {self.total} unauthenticated connections in all"
         self.pending[key] += 1
         return ""
+
+    def vouch(self, ip: str) -> None:
+        """An agent from ``ip`` logged in (until :meth:`unvouch`)."""
+        self.agents[address_key(ip)] += 1
+
+    def unvouch(self, ip: str) -> None:
+        key = address_key(ip)
+        if self.agents[key] <= 1:
+            self.agents.pop(key, None)
+        else:
+            self.agents[key] -= 1
 
     def done(self, ip: str) -> None:
         key = address_key(ip)

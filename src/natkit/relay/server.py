@@ -256,6 +256,7 @@ class RelayServer:
         s.plaintext_ok = self.cfg.allow_plaintext_data
         self.sessions.add(s)
         self.instances[(tenant.label, msg.instance)] = s
+        self.limits.vouch(s.peer_ip)
         return ""
 
     def session_ended(self, s: AgentSession) -> None:
@@ -266,6 +267,7 @@ class RelayServer:
         if s not in self.sessions:
             return
         self.sessions.discard(s)
+        self.limits.unvouch(s.peer_ip)
         if s.holder is not None and self.instances.get((s.holder.tenant, s.holder.instance)) is s:
             del self.instances[(s.holder.tenant, s.holder.instance)]
         self.rendezvous.session_ended(s)
@@ -345,6 +347,8 @@ class RelayServer:
         if claim is None or claim.tunnel is None:
             return
         old = claim.tunnel
+        if old.session is s:
+            raise NameRefused(f"{old.public} is open on this connection already (tunnel {old.id})")
         old.session.tunnels.pop(old.id, None)
         self.close_tunnel(old, keep=False)
         if claim.holder != s.holder:  # taken over, not the same agent back
@@ -373,6 +377,11 @@ class RelayServer:
             if why:
                 if msg.exact:
                     raise NameRefused(why)
+                continue
+            claim = self.names.get(key)
+            if claim is not None and claim.tunnel is not None and claim.tunnel.session is s:
+                if msg.exact:
+                    raise NameRefused(f"port {p} is open on this connection already")
                 continue
             self._room_for(s, key, "tcp", s.tenant.quota.ports)
             self._displace(key, s, msg.takeover)
