@@ -20,7 +20,9 @@ def test_allowed_addresses() -> None:
         assert not guard.allowed(ip, in_host_netns=False), ip
 
 
-def test_guard_blocks_and_records_udp_and_tcp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_guard_blocks_and_records_udp_and_tcp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     log = tmp_path / "guard.log"
     monkeypatch.setattr(guard, "LOG", str(log))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, pytest.raises(PermissionError):
@@ -34,9 +36,10 @@ def test_guard_blocks_and_records_udp_and_tcp(tmp_path: Path, monkeypatch: pytes
 
 
 def test_loopback_is_fine() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx, socket.socket(
-        socket.AF_INET, socket.SOCK_DGRAM
-    ) as tx:
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+    ):
         rx.bind(("127.0.0.1", 0))
         tx.sendto(b"hi", rx.getsockname())
         assert rx.recv(10) == b"hi"
@@ -62,7 +65,9 @@ def test_guard_covers_uvloop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         with pytest.raises(socket.gaierror):
             await loop.getaddrinfo("example.com", 80)
         with pytest.raises(PermissionError):
-            await loop.create_datagram_endpoint(asyncio.DatagramProtocol, remote_addr=("192.0.2.1", 9))
+            await loop.create_datagram_endpoint(
+                asyncio.DatagramProtocol, remote_addr=("192.0.2.1", 9)
+            )
         got: asyncio.Future[bytes] = loop.create_future()
 
         class Rx(asyncio.DatagramProtocol):
@@ -70,7 +75,9 @@ def test_guard_covers_uvloop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
                 got.set_result(data)
 
         rx, _ = await loop.create_datagram_endpoint(Rx, local_addr=("127.0.0.1", 0))
-        tx, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0))
+        tx, _ = await loop.create_datagram_endpoint(
+            asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0)
+        )
         with pytest.raises(PermissionError):
             tx.sendto(b"x", ("192.0.2.1", 9))
         tx.sendto(b"hi", rx.get_extra_info("sockname"))  # loopback is fine

@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from natkit.errors import ProtocolError
+from natkit.net.certs import ensure_self_signed, fingerprint_file
 from natkit.p2p import auth
 from natkit.p2p.errors import P2PAuthError
-from natkit.net.certs import ensure_self_signed, fingerprint_file
 
 SECRET = "correct horse battery staple"
 OFFER = {"ufrag": "abcd", "pwd": "x" * 22, "fingerprint": "sha256:" + "ab" * 32, "n": [1, 2]}

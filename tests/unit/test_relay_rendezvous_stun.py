@@ -12,8 +12,8 @@ from aioice import stun as aioice_stun
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from natkit.stun import server as stunserver
 from natkit.stun import codec
+from natkit.stun import server as stunserver
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

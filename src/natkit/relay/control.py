@@ -65,7 +65,7 @@ _NEXT: dict[type[M.Message], Phase] = {
     M.Auth: Phase.WELCOME,
     M.Welcome: Phase.READY,
 }
-MAX_PENDING = 4 * M.MAX_FRAME  # received and not yet taken by next_event
+MAX_PENDING = 4 * 1024 * 1024  # received and not yet taken by next_event (reads included)
 
 
 class ControlConnection:

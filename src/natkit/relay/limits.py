@@ -103,12 +103,14 @@ class AddressLimits:
         of a burst already logged)."""
         key, now = address_key(ip), self.clock()
         f = self._failed.get(key)
-        if f is None or now - f.first > self.window:
+        if f is None or (now - f.first > self.window and f.blocked_until <= now):
             f = self._failed[key] = _Failures(first=now)
+        elif 0 < f.blocked_until <= now:  # a block ended: count afresh from here
+            f.count, f.first, f.blocked_until = 0, now, 0.0
         f.count += 1
         if f.count == 1:
             return f"agent {ip} failed authentication"
-        if f.count == self.failures:
+        if f.count >= self.failures and f.blocked_until <= now:
             f.blocked_until = now + self.block
             return (
                 f"{f.count} failed logins from {key} within {self.window:g} s: refusing its "

@@ -350,10 +350,14 @@ def encode(msg: Message) -> bytes:
     fields = {name: getattr(msg, name) for name, _ in _FIELDS[cls]}
     _check_fields(cls, fields)
     msg.check()
-    body = json.dumps(
-        {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
-        separators=(",", ":"),
-    ).encode()
+    try:
+        body = json.dumps(
+            {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
+            separators=(",", ":"),
+            allow_nan=False,
+        ).encode()
+    except ValueError:  # NaN or infinity: not JSON
+        raise ProtocolError(f"relay {cls.__name__}: a number that is not finite") from None
     if len(body) > MAX_FRAME:
         raise ProtocolError(f"relay {cls.__name__} frame too large ({len(body)} bytes)")
     return HEADER.pack(cls.TYPE << 24 | len(body)) + body
@@ -389,6 +393,10 @@ def _check_fields(cls: type[Message], fields: dict[str, Any]) -> None:
             raise ProtocolError(f"relay {what}: field {name!r} is not {kind}")
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def decode_header(head: bytes | bytearray | memoryview) -> tuple[int, int]:
     """Type and body length from the start of ``head``; ProtocolError if not our framing."""
     word = HEADER.unpack_from(head)[0]
@@ -403,7 +411,7 @@ def decode_header(head: bytes | bytearray | memoryview) -> tuple[int, int]:
 def decode_body(msg_type: int, body: bytes | bytearray | memoryview) -> Message:
     cls = BY_TYPE[msg_type]
     try:
-        fields = json.loads(bytes(body).decode("utf-8"))
+        fields = json.loads(bytes(body).decode("utf-8"), parse_constant=_not_json)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ProtocolError(f"relay {cls.__name__} frame is not JSON") from None
     if not isinstance(fields, dict):

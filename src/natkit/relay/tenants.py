@@ -44,6 +44,10 @@ def parse_tenant(line: str, default_label: str, default: Quota | None = None) ->
     label, sep, token = words[0].partition(":")
     if not sep:
         label, token = default_label, words[0]
+    if not label:
+        raise TenantError(
+            f"line {default_label.removeprefix('token')}: the label before ':' is empty"
+        )
     if len(token) < MIN_TOKEN:
         raise TenantError(
             f"token {label!r} is too short: use at least {MIN_TOKEN} random characters"
@@ -57,7 +61,7 @@ def parse_tenant(line: str, default_label: str, default: Quota | None = None) ->
         if key == "reserve":
             reserve = tuple(n.strip().lower().rstrip(".") for n in value.split(",") if n.strip())
         elif key in quota:
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):
                 raise TenantError(f"token {label!r}: {key} must be a whole number, not {value!r}")
             quota[key] = int(value)
         else:
@@ -76,5 +80,7 @@ def parse_tenants(lines: list[str], default: Quota | None = None) -> list[Tenant
         tenant = parse_tenant(line, f"token{i + 1}", default)
         if tenant.label in found:
             raise TenantError(f"token label {tenant.label!r} appears twice")
+        if any(t.token == tenant.token for t in found.values()):
+            raise TenantError(f"token {tenant.label!r} is the same token as another label's")
         found[tenant.label] = tenant
     return list(found.values())

@@ -68,6 +68,10 @@ class TicketBook(Generic[Owner]):
     def outstanding(self, owner: Owner) -> int:
         return len(self._by_owner.get(owner, ()))
 
+    def has_sealed(self, handle: str) -> bool:
+        """Whether ``handle`` names a sealed ticket not yet taken (nothing is taken)."""
+        return handle in self._by_handle
+
     def take_plain(self, ticket: str) -> Owner:
         """The tunnel a plaintext data connection's ticket was issued for."""
         entry = self._by_ticket.get(ticket) or self._by_handle.get(ticket)
@@ -108,12 +112,12 @@ class TicketBook(Generic[Owner]):
             del self._used[key]
         old = [e for e in self._by_ticket.values() if e.issued <= cutoff]
         for entry in old:
-            self._remove(entry)
+            self._remove(entry, used=False)  # late, not replayed: no alarm if it comes
         return {e.owner for e in old}
 
-    def _remove(self, entry: _Ticket[Owner]) -> None:
-        now = self.clock()
-        self._used[entry.ticket] = self._used[entry.handle] = (entry.owner, now)
+    def _remove(self, entry: _Ticket[Owner], *, used: bool = True) -> None:
+        if used:
+            self._used[entry.ticket] = self._used[entry.handle] = (entry.owner, self.clock())
         self._by_ticket.pop(entry.ticket, None)
         self._by_handle.pop(entry.handle, None)
         mine = self._by_owner.get(entry.owner)
