@@ -23,8 +23,8 @@ OFFER = {"ufrag": "abcd", "pwd": "x" * 22, "fingerprint": "sha256:" + "ab" * 32,
 def test_seal_round_trip() -> None:
     sid = auth.new_session_nonce()
     text = auth.seal(SECRET, OFFER, session=sid)
-    assert auth.open_sealed(SECRET, text, session=sid) == OFFER
-    assert auth.open_sealed(SECRET.encode(), text, session=sid) == OFFER  # str or bytes
+    assert auth.unseal(SECRET, text, session=sid) == OFFER
+    assert auth.unseal(SECRET.encode(), text, session=sid) == OFFER  # str or bytes
 
 
 def test_two_seals_of_one_message_differ() -> None:
@@ -35,7 +35,7 @@ def test_two_seals_of_one_message_differ() -> None:
 def test_wrong_secret_is_refused() -> None:
     text = auth.seal(SECRET, OFFER, session="s")
     with pytest.raises(ProtocolError, match="same secret"):
-        auth.open_sealed("another secret", text, session="s")
+        auth.unseal("another secret", text, session="s")
 
 
 def _tamper_payload(text: str) -> str:
@@ -49,7 +49,7 @@ def _tamper_payload(text: str) -> str:
 def test_tampered_payload_is_refused() -> None:
     text = auth.seal(SECRET, OFFER, session="s")
     with pytest.raises(ProtocolError, match="HMAC"):
-        auth.open_sealed(SECRET, _tamper_payload(text), session="s")
+        auth.unseal(SECRET, _tamper_payload(text), session="s")
 
 
 @pytest.mark.parametrize("part", [1, 2])
@@ -59,24 +59,24 @@ def test_flipped_character_is_refused(part: int) -> None:
     c = pieces[part][5]
     pieces[part] = pieces[part][:5] + ("A" if c != "A" else "B") + pieces[part][6:]
     with pytest.raises(ProtocolError):
-        auth.open_sealed(SECRET, ".".join(pieces), session="s")
+        auth.unseal(SECRET, ".".join(pieces), session="s")
 
 
 def test_replay_into_another_session_is_refused() -> None:
     old, new = auth.new_session_nonce(), auth.new_session_nonce()
     text = auth.seal(SECRET, OFFER, session=old)
     with pytest.raises(ProtocolError, match="another session"):
-        auth.open_sealed(SECRET, text, session=new)
+        auth.unseal(SECRET, text, session=new)
 
 
 def test_replay_within_a_session_is_refused_by_the_guard() -> None:
     guard = auth.ReplayGuard()
     first = auth.seal(SECRET, OFFER, session="s")
     second = auth.seal(SECRET, OFFER, session="s")
-    auth.open_sealed(SECRET, first, session="s", guard=guard)
-    auth.open_sealed(SECRET, second, session="s", guard=guard)
+    auth.unseal(SECRET, first, session="s", guard=guard)
+    auth.unseal(SECRET, second, session="s", guard=guard)
     with pytest.raises(ProtocolError, match="replayed"):
-        auth.open_sealed(SECRET, first, session="s", guard=guard)
+        auth.unseal(SECRET, first, session="s", guard=guard)
 
 
 def test_replay_guard_is_bounded() -> None:
@@ -94,13 +94,13 @@ def test_replay_guard_is_bounded() -> None:
 )
 def test_malformed_texts_raise_protocol_error(text: str) -> None:
     with pytest.raises(ProtocolError):
-        auth.open_sealed(SECRET, text, session="s")
+        auth.unseal(SECRET, text, session="s")
 
 
 @given(st.text(max_size=300))
 def test_open_sealed_raises_only_protocol_error(text: str) -> None:
     with pytest.raises(ProtocolError):
-        auth.open_sealed(SECRET, text, session="s")
+        auth.unseal(SECRET, text, session="s")
 
 
 def test_empty_secret_is_refused() -> None:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from natkit.errors import ProtocolError
 from natkit.relay import messages as M
 from natkit.rendezvous import rooms
-from natkit.rendezvous.client import Rendezvous as ClientRendezvous
+from natkit.rendezvous.client import RoomClient
 from natkit.rendezvous.client import RendezvousError
 
 TOKEN_A = "a" * 32  # token ids
@@ -66,7 +66,7 @@ class Relay:
     def __init__(self, max_rooms: int = 3) -> None:
         self.stats: collections.Counter[str] = collections.Counter()
         self.spawned: list[Coroutine[Any, Any, None]] = []
-        self.rz = rooms.Rendezvous(self.stats, self.spawned.append, max_rooms_per_token=max_rooms)
+        self.rz = rooms.Rooms(self.stats, self.spawned.append, max_rooms_per_token=max_rooms)
 
     def join(self, s: Session, name: str, role: str, instance: str | None = None) -> list[Any]:
         instance = f"i{id(s)}" if instance is None else instance
@@ -100,7 +100,7 @@ def error(msgs: list[M.Message]) -> M.P2PError:
     return msg
 
 
-def consistent(rz: rooms.Rendezvous) -> None:
+def consistent(rz: rooms.Rooms) -> None:
     """The rendezvous' indexes agree with each other."""
     for key, room in rz.rooms.items():
         assert room.key == key and 1 <= len(room.members) <= 2
@@ -412,9 +412,9 @@ class Wire:
         return self.connected
 
 
-def client() -> tuple[ClientRendezvous, Wire]:
+def client() -> tuple[RoomClient, Wire]:
     wire = Wire()
-    return ClientRendezvous(wire, ("192.0.2.1", 7835), "192.0.2.1:7835"), wire
+    return RoomClient(wire, ("192.0.2.1", 7835), "192.0.2.1:7835"), wire
 
 
 def test_client_join_sends_a_typed_join_and_waits_for_the_answer() -> None:

@@ -78,7 +78,7 @@ def seal(secret: bytes | str, obj: Mapping[str, Any], *, session: str) -> str:
     """Seal a JSON-able signalling message for ``session`` under ``secret``.
 
     The text is ``nk1.<payload>.<mac>``; the payload carries the session nonce and a
-    message nonce, so :func:`open_sealed` can refuse other sessions and (with a
+    message nonce, so :func:`unseal` can refuse other sessions and (with a
     :class:`ReplayGuard`) repeats within one.
     """
     envelope = {"sid": session, "mid": secrets.token_urlsafe(12), "body": dict(obj)}
@@ -88,7 +88,7 @@ def seal(secret: bytes | str, obj: Mapping[str, Any], *, session: str) -> str:
     return f"{signed}.{_b64(mac)}"
 
 
-def open_sealed(
+def unseal(
     secret: bytes | str, text: str, *, session: str, guard: ReplayGuard | None = None
 ) -> dict[str, Any]:
     """Check and open a message made by :func:`seal`; raise :class:`ProtocolError` if it is

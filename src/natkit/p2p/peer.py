@@ -115,7 +115,7 @@ class _Signals:
             if not text.startswith(SEALED):
                 continue  # a late hello of this session, or noise
             try:
-                body = auth.open_sealed(
+                body = auth.unseal(
                     self.secret, text[len(SEALED) :], session=self.session, guard=self.guard
                 )
             except auth.WrongSecretError:

@@ -38,7 +38,7 @@ from natkit.net.certs import KnownRelays, RelayTrustError, client_context, finge
 from natkit.relay import control, seal
 from natkit.relay import messages as M
 from natkit.relay.dataconn import DataConn, Opening
-from natkit.rendezvous.client import P2PRoom, Rendezvous
+from natkit.rendezvous.client import P2PRoom, RoomClient
 from natkit.state import state_dir
 
 log = logging.getLogger("natkit.relay")
@@ -129,7 +129,7 @@ class Agent:
         self._active_conns: set[DataConn] = set()  # carrying a visitor
         self._pings: dict[float, asyncio.Future[None]] = {}
         self._lost_all: TunnelRefusedError | None = None  # every tunnel taken over
-        self._rendezvous = Rendezvous(self._send, (self.relay_host, self.relay_port), self.relay)
+        self._rendezvous = RoomClient(self._send, (self.relay_host, self.relay_port), self.relay)
         for spec in tunnels:
             self._add(spec)
 

@@ -12,8 +12,8 @@ def render(server: Any) -> bytes:
         f"natkit_relay_agents {len(server.sessions)}",
         f"natkit_relay_tunnels {server.names.live()}",
         f"natkit_relay_unauthenticated {server.limits.unauthenticated}",
-        f"natkit_relay_p2p_rooms {len(server.rendezvous.rooms)}",
-        f"natkit_relay_p2p_paths {sum(server.rendezvous.paths.values())}",
+        f"natkit_relay_p2p_rooms {len(server.rooms.rooms)}",
+        f"natkit_relay_p2p_paths {sum(server.rooms.paths.values())}",
     ] + [f'natkit_relay_events_total{{event="{k}"}} {v}' for k, v in sorted(server.stats.items())]
     return ("\n".join(lines) + "\n").encode()
 

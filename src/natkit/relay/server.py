@@ -44,7 +44,7 @@ from natkit.relay.sessions import AgentSession
 from natkit.relay.tenants import Quota, Tenant
 from natkit.relay.tickets import TicketBook
 from natkit.relay.tunnels import Tunnel, reset
-from natkit.rendezvous.rooms import Rendezvous
+from natkit.rendezvous.rooms import Rooms
 from natkit.stun import server as stunserver
 
 log = logging.getLogger("natkit.relay")
@@ -116,7 +116,7 @@ class RelayServer:
         self.http_port = cfg.http_port
         self.https_port = cfg.https_port
         self.stun: stunserver.StunResponder | None = None
-        self.rendezvous = Rendezvous(
+        self.rooms = Rooms(
             self.stats, self.spawn,
             max_rooms_per_token=cfg.max_rooms_per_token,
             max_paths_per_token=cfg.max_p2p_paths_per_token,
@@ -185,7 +185,7 @@ class RelayServer:
             join.abort()
         if self.stun is not None:
             self.stun.close()
-        self.rendezvous.close()
+        self.rooms.close()
         for acceptor in self._acceptors:
             acceptor.close()
         for srv in self._servers:
@@ -270,19 +270,19 @@ class RelayServer:
         self.limits.unvouch(s.peer_ip)
         if s.holder is not None and self.instances.get((s.holder.tenant, s.holder.instance)) is s:
             del self.instances[(s.holder.tenant, s.holder.instance)]
-        self.rendezvous.session_ended(s)
+        self.rooms.session_ended(s)
         for t in list(s.tunnels.values()):
             self.close_tunnel(t, keep=True)  # the address waits for the agent's return
         s.tunnels.clear()
         s.ended = True
 
     def rendezvous_message(self, s: AgentSession, msg: M.Message) -> None:
-        self.rendezvous.on_message(s, msg)
+        self.rooms.on_message(s, msg)
 
     def p2p_data_conn(self, conn: socket.socket, ticket: str) -> bool:
-        if not self.rendezvous.has_ticket(ticket):
+        if not self.rooms.has_ticket(ticket):
             return False
-        self.rendezvous.data_conn(conn, ticket)
+        self.rooms.data_conn(conn, ticket)
         return True
 
     def interference(self, tunnel: Tunnel, what: str) -> None:

@@ -120,7 +120,7 @@ class Room:
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
 
 
-class Rendezvous:
+class Rooms:
     """Every room of one relay, driven by its control sessions and data connections."""
 
     def __init__(
