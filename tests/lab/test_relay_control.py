@@ -600,9 +600,9 @@ def test_garbage_on_the_control_port_is_dropped(lab: Lab, procs: Procs) -> None:
         assert visit(lab, new_public) == "steady"
         counts = metrics(lab)
         assert counts["natkit_relay_agents"] == 2, counts
-        assert counts.get("garbage", 0) >= 8, counts
+        assert counts.get("garbage", 0) >= 9, counts  # a frame other than DATA is garbage
         assert counts.get("auth_failures", 0) == 1, counts
-        assert counts.get("bad_tickets", 0) >= 3, counts
+        assert counts.get("bad_tickets", 0) >= 2, counts  # bogus tickets, plain and sealed
         stopped_cleanly(agent, public)
         stopped_cleanly(newcomer, new_public)
         assert relay.stop() == 0, relay.why()

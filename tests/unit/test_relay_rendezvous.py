@@ -19,8 +19,7 @@ from hypothesis import strategies as st
 from natkit.errors import ProtocolError
 from natkit.relay import messages as M
 from natkit.rendezvous import rooms
-from natkit.rendezvous.client import RoomClient
-from natkit.rendezvous.client import RendezvousError
+from natkit.rendezvous.client import RendezvousError, RoomClient
 
 TOKEN_A = "a" * 32  # token ids
 TOKEN_B = "b" * 32

@@ -396,14 +396,20 @@ class Bridge:
             if sealed.pushback:  # what followed the last visitor's end mark in its record
                 rest, sealed.pushback = sealed.pushback, b""
                 self._deframe(memoryview(rest), parts)
-            while not self.sealed_eof and not self.out_p:
-                try:
-                    view = chan.read(seal.RECORD_MAX)
-                except seal.NeedData:
-                    break
-                if not view:  # cut off without the end mark: an abrupt end
-                    raise ConnectionResetError("the data connection ended early")
-                self._deframe(view, parts)
+            while not self.sealed_eof:
+                views = chan.take_ready()
+                if not views:  # why not: more is needed, the stream failed, or it ended
+                    if not chan.eof and not chan.has_input():
+                        break  # more is needed (known without raising NeedData)
+                    try:
+                        view = chan.read(seal.RECORD_MAX)
+                    except seal.NeedData:
+                        break
+                    if not view:  # cut off without the end mark: an abrupt end
+                        raise ConnectionResetError("the data connection ended early")
+                    views = [view]
+                for view in views:  # (after an end mark: kept for the next visitor)
+                    self._deframe(view, parts)
             if parts:
                 self._send_plain(parts)
         except (ProtocolError, OSError) as exc:
@@ -415,6 +421,15 @@ class Bridge:
 
     def _deframe(self, view: memoryview, parts: list[memoryview]) -> None:
         pos, end = 0, len(view)
+        if (  # one whole chunk, the usual case
+            not self.need
+            and not self.header
+            and not self.sealed_eof
+            and end > _LEN.size
+            and _LEN.unpack_from(view)[0] == end - _LEN.size
+        ):
+            parts.append(view[_LEN.size :])
+            return
         while pos < end:
             if self.sealed_eof:  # the next visitor's START: kept for read_frame
                 self.sealed.pushback += view[pos:]

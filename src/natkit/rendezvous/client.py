@@ -8,7 +8,7 @@
 A room lives until :meth:`P2PRoom.leave` (or the agent closes). After the agent reconnects
 it joins its rooms again by itself, as the same *instance*, so it takes its own place over
 even if the relay has not yet noticed its old connection die. While disconnected the peer
-counts as absent. The relay's room semantics are in :mod:`natkit.relay.rooms`.
+counts as absent. The relay's room semantics are in :mod:`natkit.rendezvous.rooms`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class P2PRoom:
     relay connection lost), ``signal_dropped`` (``reason``), ``closed`` (``reason``).
     """
 
-    def __init__(self, owner: Rendezvous, name: str, role: str) -> None:
+    def __init__(self, owner: RoomClient, name: str, role: str) -> None:
         self._owner = owner
         self.name, self.role = name, role
         self.instance = secrets.token_hex(8)  # stays the same across reconnections
@@ -221,7 +221,7 @@ class P2PRoom:
         self._changed()
 
 
-class Rendezvous:
+class RoomClient:
     """The rooms of one agent; the agent feeds it frames and its connection's ups and downs."""
 
     def __init__(
