@@ -32,10 +32,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import (  # noqa: E402
+from benchlib import (
     REPO_DIR,
-    Benchmark,
     BenchError,
+    Benchmark,
     Options,
     Report,
     machine_info,

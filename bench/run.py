@@ -28,7 +28,9 @@ from types import FrameType
 
 from benchlib import LAB_PREFIX, RESULTS_DIR, BenchError, Benchmark, Options
 
-MODULES = ("bench_upnp", "bench_portmap", "bench_relay", "bench_check", "bench_p2p")
+MODULES = (
+    "bench_upnp", "bench_portmap", "bench_relay", "bench_hostile", "bench_check", "bench_p2p",
+)  # fmt: skip
 
 
 def load_benchmarks() -> dict[str, Benchmark]:

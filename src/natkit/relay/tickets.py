@@ -68,10 +68,6 @@ class TicketBook(Generic[Owner]):
     def outstanding(self, owner: Owner) -> int:
         return len(self._by_owner.get(owner, ()))
 
-    def has_sealed(self, handle: str) -> bool:
-        """Whether ``handle`` names a sealed ticket not yet taken (nothing is taken)."""
-        return handle in self._by_handle
-
     def take_plain(self, ticket: str) -> Owner:
         """The tunnel a plaintext data connection's ticket was issued for."""
         entry = self._by_ticket.get(ticket) or self._by_handle.get(ticket)
