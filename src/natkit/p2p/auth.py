@@ -175,7 +175,7 @@ class PeerIdentity:
 
     @classmethod
     def load(cls, cert_path: Path, key_path: Path) -> PeerIdentity:
-        """Load a PEM pair such as :func:`natkit.relay.certs.ensure_self_signed` makes."""
+        """Load a PEM pair such as :func:`natkit.net.certs.ensure_self_signed` makes."""
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
