@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEBS := iproute2 nftables conntrack miniupnpd-nftables miniupnpc natpmpc coturn stun-client python3-venv curl
-BENCH_DEBS := openssh-server openssh-client socat
+BENCH_DEBS := openssh-server openssh-client socat wrk apache2-utils nginx-light
 STAMP_DEBS := $(VENV)/.debs-installed
 STAMP_PY := $(VENV)/.py-installed
 
