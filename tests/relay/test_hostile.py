@@ -696,3 +696,89 @@ async def test_with_a_ca_the_relays_name_is_checked(tmp_path: Path, right_name: 
                         await asyncio.wait_for(task, 10)
         finally:
             service.close()
+
+
+# ---- review fixes: a refused tunnel on reconnect, random names, a closed tunnel's conns ----------
+
+
+async def _events_until(events: list[tuple[str, dict[str, Any]]], name: str, after: int = 0,
+                        timeout: float = 15) -> dict[str, Any]:  # fmt: skip
+    for _ in range(int(timeout / 0.05)):
+        found = [i for e, i in events[after:] if e == name]
+        if found:
+            return found[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {name} event in {events}")
+
+
+async def test_a_tunnel_refused_on_reconnect_asks_again_alone(
+    relay: RelayServer, tmp_path: Path
+) -> None:
+    """A's name is taken by B (same token) while A is away: A's tunnel is refused when it
+    comes back. Only that tunnel is lost for a while (A's session and other tunnel go on);
+    once B lets go, A gets its name back."""
+    one, two = await Service(b"A").start(), await Service(b"B").start()
+    addr = relay_address(relay)
+    web = TunnelSpec(one.port, kind="http", name="web")
+    try:
+        async with agent(addr, TOKEN_A, web, tmp_path) as (a, task_a, events):
+            public = await a.wait_open("t0", 10)
+            a.open(TunnelSpec(one.port, id="t1"))
+            tcp_public = await a.wait_open("t1", 10)
+            (session,) = relay.sessions
+            session.abort()  # A is cut off; its names wait for it (same tenant)
+            await asyncio.sleep(0.05)
+            spec_b = TunnelSpec(two.port, kind="http", name="web")
+            async with agent(addr, TOKEN_A, spec_b, tmp_path) as (b, _, _):
+                assert await b.wait_open("t0", 10) == public
+                lost = await _events_until(events, "lost")
+                assert lost["tunnel"] == "t0" and lost.get("retry_in"), lost
+                assert not task_a.done()
+                assert (await visit(tcp_public)).endswith(b"A")  # the other tunnel serves
+            n = len(events)
+            restored = await _events_until(events, "restored", after=n, timeout=20)
+            assert restored["public"] == public, restored
+            host = f"web.lab.test:{relay.http_port}"
+            assert (await visit(f"{LOOPBACK}:{relay.http_port}", host)).endswith(b"A")
+    finally:
+        one.close()
+        two.close()
+
+
+async def test_a_random_host_name_is_kept_across_reconnects(
+    relay: RelayServer, tmp_path: Path
+) -> None:
+    service = await Service(b"r").start()
+    try:
+        spec = TunnelSpec(service.port, kind="http")
+        async with agent(relay_address(relay), TOKEN_A, spec, tmp_path) as (a, _, events):
+            public = await a.wait_open("t0", 10)
+            (session,) = relay.sessions
+            session.abort()
+            restored = await _events_until(events, "restored")
+            assert restored["public"] == public and not restored["changed"], restored
+    finally:
+        service.close()
+
+
+async def test_a_data_connection_for_a_closed_tunnel_is_not_parked(
+    relay: RelayServer, tmp_path: Path
+) -> None:
+    from natkit.relay.tunnels import ParkedConn
+
+    service = await Service(b"c").start()
+    try:
+        async with agent(relay_address(relay), TOKEN_A, TunnelSpec(service.port), tmp_path) as (
+            a, _, _,
+        ):  # fmt: skip
+            await a.wait_open("t0", 10)
+            (session,) = relay.sessions
+            tunnel = session.tunnels.pop("t0")
+            relay.close_tunnel(tunnel, keep=False)
+            mine, theirs = socket.socketpair()
+            mine.setblocking(False)
+            tunnel.park(ParkedConn(mine))  # arrived just after the close
+            assert mine.fileno() == -1 and not tunnel.pool
+            theirs.close()
+    finally:
+        service.close()

@@ -566,3 +566,14 @@ def test_tokens_file_mistakes_are_tenant_errors(line: str, why: str) -> None:
 def test_one_token_under_two_labels_is_refused() -> None:
     with pytest.raises(TenantError, match="same token"):
         parse_tenants(["a:0123456789abcdef", "b:0123456789abcdef"])
+
+
+def test_logged_in_agents_widen_their_address_once_and_skip_the_shared_bound(clock: Clock) -> None:
+    limits = AddressLimits(clock, per_address=2, total=3, per_agent=5)
+    for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+        assert limits.admit(ip) == ""
+    assert "in all" in limits.admit("198.51.100.1")  # strangers filled the shared bound
+    limits.vouch("198.51.100.1")
+    limits.vouch("198.51.100.1")  # a second agent there adds nothing more
+    admitted = sum(limits.admit("198.51.100.1") == "" for _ in range(20))
+    assert admitted == 2 + 5

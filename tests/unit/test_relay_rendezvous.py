@@ -29,8 +29,9 @@ class Session:
     """A control session as a room sees it: what it was sent, and how much it has not
     written out yet."""
 
-    def __init__(self, token_id: str = TOKEN_A) -> None:
+    def __init__(self, token_id: str = TOKEN_A, instance: str = "agent-1") -> None:
         self.token_id: str | None = token_id
+        self.instance = instance
         self.sent: list[M.Message] = []
         self.unsent = 0
 

@@ -229,7 +229,8 @@ async def _run_relay(
     small_tls_buffers()  # this process is natkit's own agent (see pump.small_tls_buffers)
     raise_fd_limit()
     spec = TunnelSpec(opts.port, kind=opts.kind, name=opts.hostname, local_host=opts.local_host,
-                      port=opts.external_port or 0, exact=bool(opts.external_port),
+                      port=opts.external_port or 0,
+                      exact=bool(opts.external_port) and opts.via == "relay",
                       takeover=opts.takeover)  # fmt: skip
     if agent is None or task is None:
         agent = _agent(opts, [spec])
@@ -255,9 +256,10 @@ async def _run_relay(
         elif event == "pinned":
             err.print(f"pinned relay {info['relay']} certificate {info['fingerprint']}")
         elif event == "lost":  # taken over by another agent of the token
+            final = bool(info.get("final"))
             _say(opts, {"event": "lost", **base, "public_address": info["public"],
-                        "reason": info["reason"], "final": True},
-                 f"tunnel lost: {info['reason']}")  # fmt: skip
+                        "reason": info["reason"], "final": final},
+                 f"tunnel lost: {info['reason']}" + ("" if final else f"; asking again in {info.get('retry_in', 0):g} s"))  # fmt: skip
         elif event == "interference":
             _say(opts, {"event": "interference", **base, "message": info["message"]},
                  f"warning: {info['message']}")  # fmt: skip

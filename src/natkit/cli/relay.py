@@ -111,7 +111,10 @@ def serve(
 async def _serve(cfg: RelayConfig, as_json: bool) -> None:
     small_tls_buffers()
     raise_fd_limit()
-    server = RelayServer(cfg)
+    try:
+        server = RelayServer(cfg)
+    except ValueError as exc:  # tenants that contradict each other, a bad reserved name
+        fail(str(exc), 2)
     try:
         await server.start()
     except OSError as exc:  # a port in use, an address not on this host…

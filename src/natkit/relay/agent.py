@@ -105,6 +105,7 @@ class Agent:
         self.plaintext_data = plaintext_data
         self.tunnels: dict[str, TunnelSpec] = {}
         self.expected_fingerprint = fingerprint
+        self.cafile = cafile  # with a CA, it vouches for the relay: no pinning on first use
         self.ssl = client_context(cafile)
         self.known = KnownRelays(known_relays or state_dir() / "known_relays.json")
         self.remembered = _RememberedPorts(remember_ports, relay) if remember_ports else None
@@ -129,6 +130,7 @@ class Agent:
         self._active_conns: set[DataConn] = set()  # carrying a visitor
         self._pings: dict[float, asyncio.Future[None]] = {}
         self._lost_all: TunnelRefusedError | None = None  # every tunnel taken over
+        self._refusals: dict[str, int] = {}  # tunnel -> refusals in a row since it was open
         self._rendezvous = RoomClient(self._send, (self.relay_host, self.relay_port), self.relay)
         for spec in tunnels:
             self._add(spec)
@@ -260,6 +262,8 @@ class Agent:
         if not der:
             raise RelayTrustError(f"relay {self.relay} presented no certificate")
         self.fingerprint = fingerprint_der(der)
+        if self.cafile is not None and self.expected_fingerprint is None:
+            return
         if self.known.check(self.relay, self.fingerprint, self.expected_fingerprint):
             self._emit("pinned", relay=self.relay, fingerprint=self.fingerprint)
 
@@ -329,7 +333,9 @@ class Agent:
             self._closed_tunnel(msg)
         elif isinstance(msg, M.Notice):
             log.warning("relay %s: %s", self.relay, msg.message)
-            self._emit(msg.code, message=msg.message)
+            # The event name is ours, not the relay's: "interference", else "notice".
+            event = "interference" if msg.code == "interference" else "notice"
+            self._emit(event, code=msg.code, message=msg.message)
         elif isinstance(msg, M.Error):
             log.warning("relay error %s: %s", msg.code, msg.message)
 
@@ -338,10 +344,13 @@ class Agent:
         if t is None:
             return
         previous, t.public = t.public, msg.public
+        if t.kind != "tcp" and not t.name:  # a random name: ask for the same one next time
+            t.name = msg.public.split("://", 1)[-1].rsplit(":", 1)[0]
         if t.kind == "tcp":
             t.port = int(t.public.rsplit(":", 1)[1])  # ask for the same port next time
             if self.remembered is not None:
                 self.remembered.put(t)
+        self._refusals.pop(t.id, None)
         event = "ready" if not previous else "restored"
         self._emit(
             event, tunnel=t.id, public=t.public, changed=bool(previous) and previous != t.public
@@ -358,21 +367,35 @@ class Agent:
             # Another agent of this token took the name over, on purpose: ours is gone.
             del self.tunnels[t.id]
             self._emit("lost", tunnel=t.id, public=t.public, reason=msg.message, final=True)
+            self._fail_waiters(t.id, TunnelRefusedError(f"relay {self.relay}: {msg.message}"))
             if not self.tunnels:
                 self._lost_all = TunnelRefusedError(f"relay {self.relay}: {msg.message}")
                 if self._writer is not None:
                     self._writer.close()
             return
         text = f"relay {self.relay} refused the tunnel: {msg.message}"
-        if t.public:
-            # A reconnection that lost its name (another agent of the token holds it now,
-            # or a limit): not final, the agent retries with backoff.
-            raise NatkitError(text)
-        err = TunnelRefusedError(text)
-        for fut in self._opened.values():
-            if not fut.done():
-                fut.set_exception(err)
-        raise err
+        if not t.public:  # never opened: the user's request is refused, say so and stop
+            err = TunnelRefusedError(text)
+            self._fail_waiters(t.id, err)
+            raise err
+        # A reconnection that lost its name (another agent of the token holds it now, or a
+        # quota is full): this tunnel alone asks again later; the session and the other
+        # tunnels go on.
+        delay = min(self.max_backoff, 2.0 * 2 ** self._refusals.get(t.id, 0))
+        self._refusals[t.id] = self._refusals.get(t.id, 0) + 1
+        self._emit("lost", tunnel=t.id, public=t.public, reason=text, retry_in=delay)
+        log.info("%s; asking again in %.0f s", text, delay)
+        asyncio.get_running_loop().call_later(delay, self._reopen, t.id)
+
+    def _reopen(self, tunnel_id: str) -> None:
+        t = self.tunnels.get(tunnel_id)
+        if t is not None and self.connected.is_set():
+            self._send(_open_message(t))
+
+    def _fail_waiters(self, tunnel_id: str, err: BaseException) -> None:
+        fut = self._opened.get(tunnel_id)
+        if fut is not None and not fut.done():
+            fut.set_exception(err)
 
     def open(self, spec: TunnelSpec) -> None:
         """Add a tunnel; it is opened now if connected, else at the next connection."""

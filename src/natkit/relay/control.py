@@ -107,6 +107,14 @@ class ControlConnection:
             raise
         return msg
 
+    def end(self, error: M.Error) -> bytes:
+        """The relay's last word, in any phase (the agent spoke out of turn, failed to
+        log in, or is dropped): the bytes of ``error``, and the conversation is over."""
+        if self.side is not Side.RELAY:
+            raise ProtocolError("relay control: only the relay ends a conversation with an Error")
+        self.phase = Phase.CLOSED
+        return M.encode(error)
+
     def close(self) -> None:
         self.phase = Phase.CLOSED
 

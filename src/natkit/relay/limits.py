@@ -56,6 +56,7 @@ class AddressLimits:
         self.per_agent = per_agent
         self.pending: Counter[str] = Counter()  # unauthenticated connections per address
         self.agents: Counter[str] = Counter()  # logged-in agents per address
+        self.peak = 0  # the most unauthenticated connections at once since reset_peak()
         self._failed: dict[str, _Failures] = {}
 
     @property
@@ -68,13 +69,26 @@ class AddressLimits:
         key = address_key(ip)
         if self.blocked(key):
             return "too many failed logins"
-        allowed = self.per_address + self.per_agent * self.agents[key]
+        vouched = bool(self.agents[key])
+        allowed = self.per_address + (self.per_agent if vouched else 0)
         if self.pending[key] >= allowed:
             return f"over {allowed} unauthenticated connections from one address"
-        if self.unauthenticated >= self.total:
+        # The shared bound is for strangers: an address with agents logged in draws on its
+        # own allowance, so a flood from elsewhere cannot starve its data connections.
+        if not vouched and self.strangers >= self.total:
             return f"over {self.total} unauthenticated connections in all"
         self.pending[key] += 1
+        self.peak = max(self.peak, self.unauthenticated)
         return ""
+
+    @property
+    def strangers(self) -> int:
+        """Unauthenticated connections from addresses with no agent logged in."""
+        return sum(n for key, n in self.pending.items() if not self.agents[key])
+
+    def reset_peak(self) -> int:
+        peak, self.peak = self.peak, self.unauthenticated
+        return peak
 
     def vouch(self, ip: str) -> None:
         """An agent from ``ip`` logged in (until :meth:`unvouch`)."""

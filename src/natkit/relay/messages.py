@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import struct
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -383,6 +384,8 @@ def _check_fields(cls: type[Message], fields: dict[str, Any]) -> None:
                 raise ProtocolError(f"relay {what}: field {name!r} out of range")
         elif kind == "float":
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if ok and not math.isfinite(value):
+                raise ProtocolError(f"relay {what}: field {name!r} is not a finite number")
         elif kind == "bool":
             ok = isinstance(value, bool)
         elif kind == "tuple[str, ...]":

@@ -51,6 +51,7 @@ log = logging.getLogger("natkit.relay")
 
 TICKET_TTL = 10.0  # an agent answers a ticket within milliseconds; older ones are lost
 IDLE_TIMEOUT = 35.0
+NOTICE_INTERVAL = 10.0  # interference is told to an agent at most this often per tunnel
 _HEAD_PEEK_ERRORS = (OSError, ProtocolError)
 
 
@@ -92,6 +93,11 @@ class RelayServer:
         self.ssl = server_context(cfg.cert, cfg.key)
         tenants = [Tenant(label, tok, cfg.default_quota) for label, tok in cfg.tokens.items()]
         tenants += cfg.tenants
+        labels = [t.label for t in tenants]
+        if len(set(labels)) != len(labels) or len({t.token for t in tenants}) != len(tenants):
+            raise ValueError("every tenant needs its own label and its own token")
+        if cfg.domain:
+            cfg.domain = sniff.normalize_hostname(cfg.domain)
         self.tenants = {control.token_id(t.token): t for t in tenants}
         self.pool_size, self.max_pending_visitors = cfg.pool_size, cfg.max_pending_visitors
         self.stats: collections.Counter[str] = collections.Counter()
@@ -111,7 +117,6 @@ class RelayServer:
         self._acceptors: list[Acceptor] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._entry = ListenPort(self)
-        self._unauth_peak = 0
         self.listen_port = cfg.listen_port
         self.http_port = cfg.http_port
         self.https_port = cfg.https_port
@@ -126,7 +131,13 @@ class RelayServer:
         out: dict[str, str] = {}
         for tenant in tenants:
             for name in tenant.reserve:
-                out[self._full_host(name)] = tenant.label
+                try:
+                    host = self._full_host(name)
+                except ProtocolError as exc:
+                    raise ValueError(f"token {tenant.label!r}: reserve={name}: {exc}") from None
+                if out.get(host, tenant.label) != tenant.label:
+                    raise ValueError(f"host name {host} is reserved for two tokens")
+                out[host] = tenant.label
         return out
 
     def _full_host(self, name: str) -> str:
@@ -225,7 +236,8 @@ class RelayServer:
     def authenticate(self, s: AgentSession, msg: M.Auth) -> str:
         """'' when ``msg`` proves a token we accept, else ``code: why``."""
         if self.limits.blocked(s.peer_ip):
-            return "auth: too many failed logins from this address: try again later"
+            # Not "auth": the agent would give up, and its address may be shared (CGNAT).
+            return "busy: too many failed logins from this address: try again later"
         tenant = self.tenants.get(msg.token_id)
         if tenant is None or not control.check_mac(
             tenant.token, s.nonce, self.fingerprint, msg.instance, msg.resume, msg.mac
@@ -289,6 +301,13 @@ class RelayServer:
         """Someone on the path between an agent and the relay meddles with its data
         connections: tell the agent (over its TLS control connection)."""
         self.stats["interference"] += 1
+        now = time.monotonic()
+        if now - tunnel.last_notice < NOTICE_INTERVAL:  # one notice per interval is enough
+            tunnel.notices_held += 1
+            return
+        if tunnel.notices_held:
+            what += f" (and {tunnel.notices_held} more since the last notice)"
+        tunnel.last_notice, tunnel.notices_held = now, 0
         log.warning("tunnel %s of %s: %s", tunnel.id, tunnel.session, what)
         tunnel.session.send(M.Notice(code="interference", message=(
             f"tunnel {tunnel.id}: {what}. Something on the path between this agent and the "
@@ -365,6 +384,8 @@ class RelayServer:
             preferred: list[int] = []
         else:
             preferred = [msg.port] if msg.port else []
+        # A takeover is of the port asked for, never of whichever port a search reaches.
+        takeover = msg.takeover and msg.exact
         if msg.exact:
             candidates = preferred
         else:  # the preference, then free ports, then the tenant's own reservations
@@ -373,7 +394,7 @@ class RelayServer:
             candidates += [p for p in rest if self.names.get(port_key(p)) is not None]
         for p in candidates:
             key = port_key(p)
-            why = self.names.problem(key, s.holder, takeover=msg.takeover)
+            why = self.names.problem(key, s.holder, takeover=takeover)
             if why:
                 if msg.exact:
                     raise NameRefused(why)
@@ -383,18 +404,22 @@ class RelayServer:
                 if msg.exact:
                     raise NameRefused(f"port {p} is open on this connection already")
                 continue
-            self._room_for(s, key, "tcp", s.tenant.quota.ports)
-            self._displace(key, s, msg.takeover)
+            self._displace(key, s, takeover)  # its listener must go before ours can bind
             try:
                 sock = listen(self.cfg.listen_host, p)
             except OSError:
                 if msg.exact:
                     raise NameRefused(f"port {p} is in use on the relay") from None
                 continue
+            try:
+                self._room_for(s, key, "tcp", s.tenant.quota.ports)
+            except NameRefused:
+                sock.close()
+                raise
             host = self.cfg.public_host or self.cfg.listen_host
             tunnel = Tunnel(self, s, msg.tunnel, "tcp", key, f"{host}:{p}", plaintext=msg.plaintext)
             tunnel.acceptor = Acceptor(sock, tunnel.visitor, self.stats)
-            self.names.claim(key, s.holder, tunnel, takeover=msg.takeover)
+            self.names.claim(key, s.holder, tunnel, takeover=takeover)
             return tunnel
         raise NameRefused("no free public port on the relay")
 
@@ -492,26 +517,32 @@ class RelayServer:
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(5)
-            now = time.monotonic()
-            self.names.expire()
-            self.limits.expire()
-            for tunnel in self.tickets.expire():
-                self.stats["tickets_expired"] += 1
-                tunnel.refill()
-            for s in list(self.sessions):
-                if now - s.last_seen > IDLE_TIMEOUT:
-                    log.info("agent %s silent for %.0f s: dropping", s, now - s.last_seen)
-                    s.abort()
-            self._give_back_memory()
+            try:
+                self._tidy()
+            except Exception:  # a bug here must not stop expiry for good
+                log.exception("relay housekeeping failed")
+
+    def _tidy(self) -> None:
+        now = time.monotonic()
+        self.names.expire()
+        self.limits.expire()
+        for tunnel in self.tickets.expire():
+            self.stats["tickets_expired"] += 1
+            tunnel.refill()
+        for s in list(self.sessions):
+            if now - s.last_seen > IDLE_TIMEOUT:
+                log.info("agent %s silent for %.0f s: dropping", s, now - s.last_seen)
+                s.abort()
+        self._give_back_memory()
 
     def _give_back_memory(self) -> None:
         """After a flood of unauthenticated connections (TLS handshakes cost ~50 KB each
         in OpenSSL and Python), hand the freed heap back to the system: glibc keeps it."""
-        now_unauth = self.limits.unauthenticated
-        self._unauth_peak = max(self._unauth_peak, now_unauth)
-        if self._unauth_peak >= 64 and now_unauth == 0:
-            self._unauth_peak = 0
+        peak = self.limits.reset_peak()
+        if peak >= 64 and self.limits.unauthenticated <= peak // 8:
             trim_heap()
+        elif peak >= 64:
+            self.limits.peak = peak  # still high: look again next time
 
 
 @functools.lru_cache(maxsize=1)

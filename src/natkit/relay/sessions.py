@@ -68,6 +68,10 @@ class AgentSession(asyncio.Protocol):
         return not self.ended and self.token_id is not None
 
     @property
+    def instance(self) -> str:
+        return self.holder.instance if self.holder is not None else ""
+
+    @property
     def label(self) -> str:
         return self.tenant.label if self.tenant is not None else "?"
 
@@ -119,7 +123,7 @@ class AgentSession(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return
         try:
-            self.transport.write(M.encode(M.Error(code=code, message=message[:400])))
+            self.transport.write(self.conn.end(M.Error(code=code, message=message[:400])))
         finally:
             self.conn.close()
             self.transport.close()

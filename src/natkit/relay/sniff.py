@@ -21,7 +21,7 @@ _HOSTNAME = re.compile(
 
 def normalize_hostname(name: str) -> str:
     name = name.strip().lower().rstrip(".")
-    if len(name) > 253 or not _HOSTNAME.match(name):
+    if len(name) > 253 or not _HOSTNAME.fullmatch(name):  # not match: $ allows a "\n"
         raise ProtocolError(f"invalid host name {name[:80]!r}")
     return name
 

@@ -91,6 +91,8 @@ class Tunnel:
         self.open = True
         self.refill_scheduled = False
         self.visitors = 0
+        self.last_notice = -1e9  # when the agent was last told of interference
+        self.notices_held = 0
 
     def __repr__(self) -> str:
         return f"<Tunnel {self.id} {self.public}>"
@@ -176,6 +178,9 @@ class Tunnel:
     def park(self, entry: ParkedConn) -> None:
         """A data connection ready for a visitor: to the first one waiting, or the pool.
         While parked, readable means the agent went away (or misbehaves): it is dropped."""
+        if not self.serving:  # closed while the connection was on its way (or its wait)
+            entry.close()
+            return
         loop = asyncio.get_running_loop()
         loop.add_reader(entry.sock.fileno(), self._drop_parked, entry)
         while self.waiting:

@@ -39,6 +39,11 @@ class Session(Protocol):
 
     token_id: str | None
 
+    @property
+    def instance(self) -> str:
+        """The agent process, as it proved at login."""
+        ...
+
     def send(self, msg: M.Message) -> None: ...
     def backlog(self) -> int: ...
 
@@ -146,7 +151,10 @@ class Rooms:
 
     def on_message(self, s: Session, msg: M.Message) -> None:
         if isinstance(msg, M.P2PJoin):
-            self._join(s, msg.name, msg.role, msg.instance)
+            # The room's member is the authenticated agent instance (and its own name for
+            # the room): a JOIN cannot claim another agent's place by naming its instance.
+            member = f"{s.instance}/{msg.instance}" if msg.instance else ""
+            self._join(s, msg.name, msg.role, member)
         elif isinstance(msg, M.P2PSignal):
             self._signal(s, msg.name, msg.data)
         elif isinstance(msg, M.P2PLeave):
@@ -348,6 +356,7 @@ class Rooms:
                     sock.send(M.encode(M.Error(code="limit", message=message)))
                 sock.close()
             return
+        self.paths[token] += 1  # counted now: several pairs may come in one loop iteration
         self.spawn(self._bridge(token, first, conn))
 
     def _park(self, room: Room, role: str, conn: socket.socket) -> None:
@@ -379,7 +388,6 @@ class Rooms:
 
     async def _bridge(self, token: str, a: socket.socket, b: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        self.paths[token] += 1
         self.stats["p2p_bridged"] += 1
         try:
             marker = M.encode(M.P2PJoined())
