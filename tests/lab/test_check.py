@@ -135,7 +135,16 @@ def test_the_relay_round_trip_is_reported(lab: Lab, tmp_path: Path) -> None:
         assert report["relay"]["address"] == relay.address
         assert report["relay"]["error"] is None
         assert 0 < report["relay"]["rtt_ms"] < 1000
-        bad = check(lab, "--stun", STUN, "--relay", relay.address, "--token", "wrong-token-0123456789abcdef", env=env)
+        bad = check(
+            lab,
+            "--stun",
+            STUN,
+            "--relay",
+            relay.address,
+            "--token",
+            "wrong-token-0123456789abcdef",
+            env=env,
+        )
         assert bad["relay"]["rtt_ms"] is None and "rejected the token" in bad["relay"]["error"]
 
 

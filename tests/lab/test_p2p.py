@@ -39,7 +39,9 @@ NONE: frozenset[str] = frozenset()
 
 # A router: (NAT behaviour, port mapping on).
 Router = tuple[str, bool]
-ROUTERS: list[Router] = [(nat, pm) for nat in ("eim", "random", "full-cone") for pm in (True, False)]
+ROUTERS: list[Router] = [
+    (nat, pm) for nat in ("eim", "random", "full-cone") for pm in (True, False)
+]
 
 
 def expected(a: Router, b: Router) -> set[str]:
@@ -148,7 +150,9 @@ def test_success_matrix(p2p_lab: Lab, peers_factory: Callable[..., Peers]) -> No
 
 
 @pytest.mark.parametrize("p2p_lab", [(("random", False), ("random", False))], indirect=True)
-def test_without_turn_the_relay_carries_it(p2p_lab: Lab, peers_factory: Callable[..., Peers]) -> None:
+def test_without_turn_the_relay_carries_it(
+    p2p_lab: Lab, peers_factory: Callable[..., Peers]
+) -> None:
     peers = peers_factory(p2p_lab, extra=[])
     ready_c, ready_l = peers.ready(60)
     assert ready_c["path"] == ready_l["path"] == "relay", peers.why()
@@ -180,7 +184,9 @@ def test_a_path_that_dies_mid_transfer_loses_nothing(
         moved = conn.wait_event("path", 30)
         assert moved["path"] == "relay", (moved, conn.why())
         assert reader.wait(120) == 0, conn.why()
-        assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(blob.read_bytes()).digest()
+        assert (
+            hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(blob.read_bytes()).digest()
+        )
         back = conn.wait_event("path", 40)  # ICE is retried every 10 s while on the relay
         assert back["path"] == "direct", (back, conn.why())
         print("events:", json.dumps(conn.events))

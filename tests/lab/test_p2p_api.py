@@ -97,7 +97,10 @@ def test_streams_and_datagrams_between_two_lans(two_lans: Lab, tmp_path: Path) -
     assert server["got"] == len(blob)
     assert client["digest"] == hashlib.sha256(blob).digest()
     assert client["echo"] == b"PING"
-    assert client["path"] in ("direct", "port-mapped") and server["path"] in ("direct", "port-mapped")
+    assert client["path"] in ("direct", "port-mapped") and server["path"] in (
+        "direct",
+        "port-mapped",
+    )
 
 
 def test_a_wrong_secret_is_refused_on_both_sides(two_lans: Lab, tmp_path: Path) -> None:

@@ -35,7 +35,12 @@ def test_map_reach_list_delete(lab: Lab) -> None:
             return await mapper.add(port, lease=300, description="natkit test")
 
         m = run_in_node(lab, "lan", add)
-        assert (m.method, m.protocol, m.internal_ip, m.internal_port) == ("upnp", "tcp", C.LAN_IP, port)
+        assert (m.method, m.protocol, m.internal_ip, m.internal_port) == (
+            "upnp",
+            "tcp",
+            C.LAN_IP,
+            port,
+        )
         assert m.external_ip == C.RTR_WAN_IP and m.external_port == port and m.lease == 300
         assert m.publicly_reachable
         assert http_get(lab, "wan", m.external_ip, m.external_port) == "behind the NAT"
@@ -134,6 +139,7 @@ def test_conflict_with_another_host(lab: Lab) -> None:
 
         run_in_node(lab, "dev", dev_takes_it)
         try:
+
             async def lan_explicit() -> None:
                 await (await UPnPMapper.discover()).add(port, external_port=port, lease=300)
 

@@ -88,7 +88,8 @@ def _handle(conn: socket.socket, igd: ScriptedIGD) -> None:
     reason = "OK" if status == 200 else "Internal Server Error"
     conn.sendall(
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/xml\r\nContent-Length: {len(payload)}\r\n"
-        "Connection: close\r\n\r\n".encode() + payload
+        "Connection: close\r\n\r\n".encode()
+        + payload
     )
 
 
@@ -130,7 +131,9 @@ def test_requests_suit_picky_routers(lab: Lab) -> None:
         assert call.headers["host"] == f"{C.DEV_IP}:{igd.port}"  # with port
         assert call.args["NewProtocol"] == "UDP"  # upper case
         assert call.args["NewPortMappingDescription"] == "a&lt;b&amp;c"  # escaped
-        assert call.args["NewInternalClient"] == C.LAN_IP and call.args["NewLeaseDuration"] == "3600"
+        assert (
+            call.args["NewInternalClient"] == C.LAN_IP and call.args["NewLeaseDuration"] == "3600"
+        )
 
 
 def test_725_only_permanent_leases_then_deleted_on_close(lab: Lab) -> None:
@@ -199,7 +202,9 @@ def test_724_same_port_values_required(lab: Lab) -> None:
         igd.script["AddPortMapping"] = [724]
         with pytest.raises(UPnPError) as info:
             run_in_node(lab, "lan", lambda: mapper.add(8080, external_port=9000))
-        assert info.value.code == 724 and "internal and external ports to be equal" in str(info.value)
+        assert info.value.code == 724 and "internal and external ports to be equal" in str(
+            info.value
+        )
 
 
 def test_606_explains_the_router_setting(lab: Lab) -> None:

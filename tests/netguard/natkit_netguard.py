@@ -27,9 +27,9 @@ LAB_MULTICAST = [ipaddress.ip_network("239.255.255.250/32"), ipaddress.ip_networ
 LOOPBACK = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
 ANY = [ipaddress.ip_network("0.0.0.0/32"), ipaddress.ip_network("::/128")]
 
-_host_netns = int(os.environ.get("NATKIT_NETGUARD_HOST_NETNS", "0")) or os.stat(
-    "/proc/self/ns/net"
-).st_ino
+_host_netns = (
+    int(os.environ.get("NATKIT_NETGUARD_HOST_NETNS", "0")) or os.stat("/proc/self/ns/net").st_ino
+)
 LOG = os.environ.get("NATKIT_NETGUARD_LOG", "")
 violations: list[str] = []
 

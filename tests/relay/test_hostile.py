@@ -173,21 +173,21 @@ class Forwarder:
         ur, uw = await asyncio.open_connection(*self.relay)
         first = await r.read(1)
         self.seen += first
-        if first == b"S":
+        if first in (b"S", b"G"):  # a sealed opening (ChaCha20 or AES-GCM)
             size = (await r.readexactly(1))[0]
             rest = await r.readexactly(size + 16)
             self.seen += bytes([size]) + rest
             handle = rest[:size].decode()
             if self.mode == "downgrade":
                 await self._steal(handle)  # first, while the real opening is held back
-                first = b"S" + bytes([size]) + rest
+                first = first + bytes([size]) + rest
             elif self.mode == "observe":
-                first = b"S" + bytes([size]) + rest
+                first = first + bytes([size]) + rest
             else:  # tamper: flip a bit in the first sealed record
                 record = bytearray(await r.read(65536))
                 self.seen += record
                 record[-1] ^= 1
-                first = b"S" + bytes([size]) + rest + bytes(record)
+                first = first + bytes([size]) + rest + bytes(record)
         uw.write(first)
         await asyncio.gather(self._pipe(r, uw), self._pipe(ur, w))
 

@@ -299,3 +299,34 @@ def test_accepted_sockets_are_tuned_without_a_call_each() -> None:
                 assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 4
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize(
+    ("relay_cipher", "agent_cipher", "used"),
+    [
+        ("aes-256-gcm", "aes-256-gcm", "aes-256-gcm"),
+        ("chacha20-poly1305", "aes-256-gcm", "chacha20-poly1305"),
+        ("aes-256-gcm", "chacha20-poly1305", "chacha20-poly1305"),
+    ],
+)
+async def test_sealed_data_connections_use_aes_gcm_only_when_both_ends_prefer_it(
+    relay: RelayServer,
+    echo: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    relay_cipher: str,
+    agent_cipher: str,
+    used: str,
+) -> None:
+    from natkit.relay import seal
+
+    relay.cipher = relay_cipher  # what the relay offers (chosen once, at its start)
+    monkeypatch.setenv("NATKIT_SEAL_CIPHER", agent_cipher)  # what the agent prefers
+    seen: list[str] = []
+    real = seal.opening_cipher
+    monkeypatch.setattr(seal, "opening_cipher", lambda head: seen.append(real(head)) or real(head))
+    async with _running_agent(relay, echo, tmp_path, plaintext=False) as (_agent, port):
+        for i in range(5):
+            payload = b"cipher %d " % i * 5000
+            assert await _visit(port, payload) == payload
+    assert seen and set(seen) == {used}, seen

@@ -93,7 +93,10 @@ HANDSHAKE: list[tuple[Side, M.Message]] = [
     (Side.AGENT, M.Hello(version=M.VERSION, agent="fuzz")),
     (Side.RELAY, M.Challenge(nonce="n" * 32)),
     (Side.AGENT, M.Auth(token_id="a" * 32, mac="b" * 64, instance=INSTANCE, resume=RESUME)),
-    (Side.RELAY, M.Welcome(session="s", data_key="00" * 32, plaintext=False)),
+    (
+        Side.RELAY,
+        M.Welcome(session="s", data_key="00" * 32, plaintext=False, cipher="chacha20-poly1305"),
+    ),
 ]
 
 

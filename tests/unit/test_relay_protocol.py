@@ -25,7 +25,9 @@ SAMPLES: list[M.Message] = [
     M.Hello(version=M.VERSION, agent="natkit"),
     M.Challenge(nonce="00ff" * 8),
     M.Auth(token_id="a" * 32, mac="b" * 64, instance=INSTANCE, resume=RESUME),
-    M.Welcome(session="0123456789abcdef", data_key="00" * 32, plaintext=False),
+    M.Welcome(
+        session="0123456789abcdef", data_key="00" * 32, plaintext=False, cipher="aes-256-gcm"
+    ),
     M.Error(code="auth", message="the relay does not accept this token"),
     M.Open(
         tunnel="t0", kind="tcp", name="", port=20000, exact=True, plaintext=False, takeover=False
@@ -109,8 +111,9 @@ def test_every_type_has_a_sample_and_the_documented_code() -> None:
             b'\x09\x00\x00\x25{"tunnel":"t0","tickets":["ab","cd"]}',
         ),
         (
-            M.Welcome(session="s1", data_key="00ff", plaintext=False),
-            b'\x04\x00\x00\x34{"session":"s1","data_key":"00ff","plaintext":false}',
+            M.Welcome(session="s1", data_key="00ff", plaintext=False, cipher="aes-256-gcm"),
+            b'\x04\x00\x00\x4b{"session":"s1","data_key":"00ff","plaintext":false,'
+            b'"cipher":"aes-256-gcm"}',
         ),
         (M.Ping(t=1.5), b'\x0c\x00\x00\x09{"t":1.5}'),
         (M.Dialed(id=7, ok=True, error=""), b'\x0b\x00\x00\x1d{"id":7,"ok":true,"error":""}'),

@@ -731,3 +731,47 @@ def test_hostile_bytes_give_only_need_data_or_protocol_error(
     except ProtocolError:
         pass
     assert bytes(got) == sealed[: len(got)]
+
+
+# ---- the two AEADs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cipher", [seal.CHACHA, seal.AES_GCM])
+def test_both_ciphers_round_trip_and_name_themselves_in_the_opening(cipher: str) -> None:
+    nonce = bytes(range(16))
+    up, down = seal.derive_keys(b"k" * 32, "ticket", nonce, cipher)
+    a = seal.SealedChannel(send_key=up, recv_key=down, cipher=cipher)
+    b = seal.SealedChannel(send_key=down, recv_key=up, cipher=cipher)
+    a.seal(b"hello " * 1000)
+    b.receive(b"".join(bytes(x) for x in a.take_output()))
+    assert bytes(b.read(1 << 20)) == b"hello " * 1000
+    opening = seal.encode_opening("handle", nonce, cipher)
+    assert seal.opening_cipher(opening) == cipher
+    assert seal.decode_opening(opening) == ("handle", nonce)
+
+
+def test_the_ciphers_derive_different_keys_and_do_not_open_each_other() -> None:
+    nonce = bytes(16)
+    chacha = seal.derive_keys(b"k" * 32, "t", nonce, seal.CHACHA)
+    aes = seal.derive_keys(b"k" * 32, "t", nonce, seal.AES_GCM)
+    assert chacha != aes
+    a = seal.SealedChannel(send_key=aes[0], recv_key=aes[1], cipher=seal.AES_GCM)
+    b = seal.SealedChannel(send_key=aes[1], recv_key=aes[0], cipher=seal.CHACHA)
+    a.seal(b"x")
+    b.receive(b"".join(bytes(x) for x in a.take_output()))
+    with pytest.raises(ProtocolError):
+        b.read(10)
+
+
+def test_an_unknown_opening_byte_is_not_ours() -> None:
+    with pytest.raises(ProtocolError):
+        seal.opening_cipher(b"X")
+    with pytest.raises(ProtocolError):
+        seal.opening_size(b"X\x05")
+
+
+def test_the_preferred_cipher_can_be_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NATKIT_SEAL_CIPHER", seal.AES_GCM)
+    assert seal.preferred_cipher() == seal.AES_GCM
+    monkeypatch.setenv("NATKIT_SEAL_CIPHER", seal.CHACHA)
+    assert seal.preferred_cipher() == seal.CHACHA

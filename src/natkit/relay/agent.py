@@ -122,6 +122,7 @@ class Agent:
         self._opened: dict[str, asyncio.Future[str]] = {}
         self.fingerprint = ""
         self._data_key = b""  # the session's secret for sealed data connections (WELCOME)
+        self._cipher = seal.CHACHA  # their AEAD, agreed at WELCOME
         self.connections = 0
         self._resolving: set[asyncio.Task[None]] = set()  # tickets waiting for a name lookup
         self._openings: set[Opening] = set()  # data connections being opened
@@ -215,6 +216,9 @@ class Agent:
                     "--plaintext-data (data connections are sealed by default)"
                 )
             self._data_key = _data_key(msg.data_key)
+            # AES-GCM only when both ends have AES instructions; ChaCha20 is fast anywhere.
+            mine = seal.preferred_cipher()
+            self._cipher = mine if msg.cipher == mine else seal.CHACHA
             # Data connections go to the address the control connection reached (no lookup).
             self._relay_addr = tuple(writer.get_extra_info("peername")[:2])
             self._writer, self._conn = writer, conn
@@ -436,7 +440,7 @@ class Agent:
             try:
                 opening = Opening(
                     self._relay_addr, ticket, key, local, self._data_conn_state,
-                    self._openings.discard,
+                    self._openings.discard, self._cipher,
                 )  # fmt: skip
             except OSError as exc:  # out of file descriptors: the relay's ticket expires
                 log.debug("data connection failed: %s", exc)

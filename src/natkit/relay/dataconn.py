@@ -24,6 +24,7 @@ from typing import Any
 
 from natkit.errors import ProtocolError
 from natkit.relay import messages as M
+from natkit.relay import seal
 from natkit.relay.pump import reset_on_close, start_join
 from natkit.relay.sealpump import Bridge, SealedSocket, begin_sealed
 
@@ -62,6 +63,7 @@ class Opening:
         local_addr: tuple[str, int],
         owner: Owner,
         ended: Callable[[Opening], None],
+        cipher: str = seal.CHACHA,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.local_addr, self.owner, self.ended = local_addr, owner, ended
@@ -69,7 +71,7 @@ class Opening:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
-        self.sealed = None if data_key is None else begin_sealed(sock, data_key, ticket)
+        self.sealed = None if data_key is None else begin_sealed(sock, data_key, ticket, cipher)
         self.out = M.encode(M.Data(ticket=ticket)) if data_key is None else b""
         self.timer: asyncio.TimerHandle | None = None
         self.finished = False  # parked (the DataConn owns the socket now) or failed

@@ -89,7 +89,7 @@ class ListenPort:
             if not first:
                 conn.close()
                 return
-            if first == seal.PREFIX:
+            if first in seal.PREFIXES:
                 await self._sealed(conn, ip)
             elif first[0] == 0x16:  # a TLS handshake: a control connection
                 released = True  # the session gives its admission back (see RelayServer)

@@ -103,11 +103,13 @@ class Auth(Message):
 @dataclasses.dataclass(frozen=True, slots=True)
 class Welcome(Message):
     """``data_key``: the session's secret for sealed data connections (hex); ``plaintext``:
-    whether this relay allows plaintext data connections."""
+    whether this relay allows plaintext data connections; ``cipher``: the AEAD the relay
+    seals fastest with (the agent uses it when it is fast for the agent too)."""
 
     session: str
     data_key: str
     plaintext: bool
+    cipher: str
 
 
 @_message(5)

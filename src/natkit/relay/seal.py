@@ -29,16 +29,32 @@ the connection is dropped. An idle channel holds no buffer.
 
 from __future__ import annotations
 
+import functools
+import os
 import struct
+from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from natkit.errors import ProtocolError
 
+# Two AEADs with the same record format (32-byte keys, 12-byte nonces, 16-byte tags): the
+# agent picks one per data connection and says which by the opening's first byte.
+# AES-256-GCM is ~3x faster than ChaCha20-Poly1305 where the CPU has AES instructions
+# (measured here: 11.9 vs 3.6 GB/s, 256 KiB records, Xeon with VAES); ChaCha20 is the
+# safe choice everywhere else (it needs no hardware support to be fast and constant-time).
+CHACHA = "chacha20-poly1305"
+AES_GCM = "aes-256-gcm"
+AEADS: dict[str, type[ChaCha20Poly1305] | type[AESGCM]] = {
+    CHACHA: ChaCha20Poly1305,
+    AES_GCM: AESGCM,
+}
 PREFIX = b"S"  # the first byte of a sealed data connection (control connections start TLS)
+PREFIXES = {b"S": CHACHA, b"G": AES_GCM}
+_PREFIX_OF = {name: prefix for prefix, name in PREFIXES.items()}
 NONCE_SIZE = 16
 KEY_SIZE = 32
 TAG_SIZE = 16
@@ -52,26 +68,65 @@ class NeedData(Exception):
     """No whole record is buffered: feed more ciphertext first."""
 
 
-def derive_keys(data_key: bytes, ticket: str, nonce: bytes) -> tuple[bytes, bytes]:
-    """(agent -> relay key, relay -> agent key) for one data connection."""
+def derive_keys(
+    data_key: bytes, ticket: str, nonce: bytes, cipher: str = CHACHA
+) -> tuple[bytes, bytes]:
+    """(agent -> relay key, relay -> agent key) for one data connection (and its cipher:
+    keys are never shared between the two)."""
     if len(data_key) != KEY_SIZE or len(nonce) != NONCE_SIZE:
         raise ProtocolError("sealed data connection: bad key or nonce size")
+    label = b"" if cipher == CHACHA else cipher.encode() + b" "
     okm = HKDF(
-        algorithm=hashes.SHA256(), length=2 * KEY_SIZE, salt=nonce, info=_INFO + ticket.encode()
+        algorithm=hashes.SHA256(),
+        length=2 * KEY_SIZE,
+        salt=nonce,
+        info=_INFO + label + ticket.encode(),
     ).derive(data_key)
     return okm[:KEY_SIZE], okm[KEY_SIZE:]
 
 
-def encode_opening(handle: str, nonce: bytes) -> bytes:
+def encode_opening(handle: str, nonce: bytes, cipher: str = CHACHA) -> bytes:
     raw = handle.encode("ascii", "replace")
     if not handle.isascii() or not 0 < len(raw) <= MAX_TICKET or len(nonce) != NONCE_SIZE:
         raise ProtocolError("sealed data connection: bad ticket or nonce")
-    return PREFIX + bytes([len(raw)]) + raw + nonce
+    return _PREFIX_OF[cipher] + bytes([len(raw)]) + raw + nonce
+
+
+def opening_cipher(head: bytes) -> str:
+    """The cipher an opening names by its first byte."""
+    cipher = PREFIXES.get(bytes(head[:1]))
+    if cipher is None:
+        raise ProtocolError("not a natkit sealed data connection")
+    return cipher
+
+
+def preferred_cipher() -> str:
+    """AES-256-GCM where this machine has AES instructions, else ChaCha20-Poly1305;
+    ``NATKIT_SEAL_CIPHER`` overrides (either name)."""
+    forced = os.environ.get("NATKIT_SEAL_CIPHER", "")
+    if forced in AEADS:
+        return forced
+    return AES_GCM if _has_aes_instructions() else CHACHA
+
+
+@functools.lru_cache(maxsize=1)
+def _has_aes_instructions() -> bool:
+    """Linux: the CPU's flags (x86 ``aes``, arm64 ``aes`` in Features). Elsewhere: unknown,
+    so no (ChaCha20 is never slow)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return "aes" in value.split()
+    return False
 
 
 def opening_size(head: bytes) -> int:
     """Total size of the clear opening, from its first two bytes."""
-    if len(head) < 2 or head[:1] != PREFIX or not 0 < head[1] <= MAX_TICKET:
+    if len(head) < 2 or bytes(head[:1]) not in PREFIXES or not 0 < head[1] <= MAX_TICKET:
         raise ProtocolError("not a natkit sealed data connection")
     return 2 + head[1] + NONCE_SIZE
 
@@ -98,9 +153,9 @@ def _nonce(counter: int) -> bytes:
     return _NONCE.pack(counter)
 
 
-class _CipherCache(dict[bytes, ChaCha20Poly1305]):
-    """ChaCha20Poly1305 objects of the keys in use lately, at most ``keep`` (oldest out):
-    ``_CIPHERS[key]``.
+class _CipherCache(dict[bytes, "ChaCha20Poly1305 | AESGCM"]):
+    """AEAD objects of the keys in use lately, at most ``keep`` (oldest out):
+    ``_CIPHERS.of(aead, key)``.
 
     An object holds ~2.3 KB of OpenSSL contexts (46 MB for 10,000 held visitors), so no
     channel holds its own; making one costs about as much as sealing a small record, so
@@ -110,10 +165,14 @@ class _CipherCache(dict[bytes, ChaCha20Poly1305]):
 
     keep = 256
 
-    def __missing__(self, key: bytes) -> ChaCha20Poly1305:
-        if len(self) >= self.keep:
-            del self[next(iter(self))]
-        cipher = self[key] = ChaCha20Poly1305(key)
+    def of(
+        self, aead: type[ChaCha20Poly1305] | type[AESGCM], key: bytes
+    ) -> ChaCha20Poly1305 | AESGCM:
+        cipher = self.get(key)
+        if cipher is None or type(cipher) is not aead:
+            if len(self) >= self.keep:
+                del self[next(iter(self))]
+            cipher = self[key] = aead(key)
         return cipher
 
 
@@ -151,14 +210,15 @@ class SealedChannel:
     """
 
     __slots__ = (
-        "_error", "_got", "_hdr", "_opened", "_out", "_ready", "_rec", "_rec_buf", "_recv_key",
-        "_send_key", "_sent", "eof", "limit",
+        "_aead", "_error", "_got", "_hdr", "_opened", "_out", "_ready", "_rec", "_rec_buf",
+        "_recv_key", "_send_key", "_sent", "eof", "limit",
     )  # fmt: skip
 
-    def __init__(self, send_key: bytes, recv_key: bytes) -> None:
+    def __init__(self, send_key: bytes, recv_key: bytes, cipher: str = CHACHA) -> None:
         # Keys, not cipher objects: a ChaCha20Poly1305 object holds ~2.3 KB of OpenSSL
         # contexts, 46 MB for 10,000 held visitors; busy channels share a few (_CIPHERS).
         self._send_key, self._recv_key = send_key, recv_key
+        self._aead = AEADS[cipher]
         self._sent = self._opened = 0  # record counters (the nonces)
         self._out: list[bytes | memoryview] = []
         self._ready: list[memoryview] = []  # opened plaintext not read yet
@@ -175,7 +235,7 @@ class SealedChannel:
         size = len(data) if not isinstance(data, memoryview) else data.nbytes
         if not size:
             return
-        sealer = _CIPHERS[self._send_key]
+        sealer = _CIPHERS.of(self._aead, self._send_key)
         if size <= RECORD_MAX and self._sent < _COUNTER_END:  # one record, the common case
             header = _HEADER.pack(size)
             self._out += (header, sealer.encrypt(_NONCE.pack(self._sent), data, header))
@@ -293,7 +353,7 @@ class SealedChannel:
             nonce = (
                 _NONCE.pack(self._opened) if self._opened < _COUNTER_END else _nonce(self._opened)
             )
-            plain = _CIPHERS[self._recv_key].decrypt(nonce, body, header)
+            plain = _CIPHERS.of(self._aead, self._recv_key).decrypt(nonce, body, header)
         except InvalidTag:
             self._fail("a record failed to open")
             return

@@ -171,14 +171,16 @@ class UnknownTicketError(ProtocolError):
     """A sealed data connection named a ticket the relay did not issue (or saw used)."""
 
 
-def begin_sealed(sock: socket.socket, data_key: bytes, ticket: str) -> SealedSocket:
+def begin_sealed(
+    sock: socket.socket, data_key: bytes, ticket: str, cipher: str = seal.CHACHA
+) -> SealedSocket:
     """The agent's side, before any I/O: the clear opening (which names the ticket only by
     its handle), then DATA {ticket} sealed under keys derived from the ticket (which proves
     it), queued for :meth:`SealedSocket.flush`."""
     nonce = os.urandom(seal.NONCE_SIZE)
-    up, down = seal.derive_keys(data_key, ticket, nonce)
-    sealed = SealedSocket(sock, seal.SealedChannel(send_key=up, recv_key=down))
-    sealed.unsent.append(seal.encode_opening(ticket_handle(ticket), nonce))
+    up, down = seal.derive_keys(data_key, ticket, nonce, cipher)
+    sealed = SealedSocket(sock, seal.SealedChannel(send_key=up, recv_key=down, cipher=cipher))
+    sealed.unsent.append(seal.encode_opening(ticket_handle(ticket), nonce, cipher))
     sealed.chan.seal(M.encode(M.Data(ticket=ticket)))
     return sealed
 
@@ -198,12 +200,13 @@ async def accept_sealed(
     head = await recv_exact(sock, 2)
     opening = head + await recv_exact(sock, seal.opening_size(head) - 2)
     handle, nonce = seal.decode_opening(opening)
+    cipher = seal.opening_cipher(opening)
     found = key_for(handle)
     if found is None:
         raise UnknownTicketError("a sealed data connection with an unknown or used ticket")
     ticket, data_key = found
-    up, down = seal.derive_keys(data_key, ticket, nonce)
-    sealed = SealedSocket(sock, seal.SealedChannel(send_key=down, recv_key=up))
+    up, down = seal.derive_keys(data_key, ticket, nonce, cipher)
+    sealed = SealedSocket(sock, seal.SealedChannel(send_key=down, recv_key=up, cipher=cipher))
     sealed.chan.limit = FIRST_RECORD_MAX  # not authenticated yet: no large buffer for it
     msg = await read_frame(sealed)
     if not isinstance(msg, M.Data) or msg.ticket != ticket:

@@ -34,7 +34,7 @@ from typing import Any
 
 from natkit.errors import ProtocolError
 from natkit.net.certs import ensure_self_signed, fingerprint_file, server_context
-from natkit.relay import control, metrics, routing, sniff
+from natkit.relay import control, metrics, routing, seal, sniff
 from natkit.relay import messages as M
 from natkit.relay.entry import ListenPort
 from natkit.relay.limits import AddressLimits
@@ -90,6 +90,7 @@ class RelayServer:
         if cfg.cert is None or cfg.key is None:
             cfg.cert, cfg.key = ensure_self_signed(cfg.state_dir)
         self.fingerprint = fingerprint_file(cfg.cert)
+        self.cipher = seal.preferred_cipher()  # offered to agents in WELCOME
         self.ssl = server_context(cfg.cert, cfg.key)
         tenants = [Tenant(label, tok, cfg.default_quota) for label, tok in cfg.tokens.items()]
         tenants += cfg.tenants

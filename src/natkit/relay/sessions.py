@@ -28,6 +28,7 @@ class Hub(Protocol):
     """What a session needs of the relay."""
 
     fingerprint: str
+    cipher: str  # the AEAD this relay seals fastest with
 
     def authenticate(self, s: AgentSession, msg: M.Auth) -> str: ...
     def open_tunnel(self, s: AgentSession, msg: M.Open) -> None: ...
@@ -158,7 +159,7 @@ class AgentSession(asyncio.Protocol):
                 self._timer = None
             self.hub.handshake_done(self)
             self.send(M.Welcome(session=self.id, data_key=self.data_key.hex(),
-                                plaintext=self.plaintext_ok))  # fmt: skip
+                                plaintext=self.plaintext_ok, cipher=self.hub.cipher))  # fmt: skip
         elif isinstance(msg, M.Open):
             self.hub.open_tunnel(self, msg)
         elif isinstance(msg, M.Close):
