@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from natkit.errors import ProtocolError
+from natkit.net.sockets import reset_on_close
 from natkit.relay import messages as M
 from natkit.relay import seal, sealpump
 from natkit.relay.control import ticket_handle
-from natkit.relay.pump import reset_on_close
 
 START = M.encode(M.Start(tunnel="t0", visitor="100.200.0.3:40000"))
 

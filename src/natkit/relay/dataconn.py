@@ -23,9 +23,10 @@ from collections.abc import Callable
 from typing import Any
 
 from natkit.errors import ProtocolError
+from natkit.net.sockets import reset_on_close
 from natkit.relay import messages as M
 from natkit.relay import seal
-from natkit.relay.pump import reset_on_close, start_join
+from natkit.relay.pump import start_join
 from natkit.relay.sealpump import Bridge, SealedSocket, begin_sealed
 
 log = logging.getLogger("natkit.relay")

@@ -17,23 +17,16 @@ import contextlib
 import fcntl
 import os
 import socket
-import struct
 from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
+
+from natkit.net.sockets import reset_on_close
 
 CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20
 HAVE_SPLICE = hasattr(os, "splice")
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _F_SETPIPE_SZ = 1031
-_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
-
-
-def reset_on_close(sock: Any) -> None:
-    """Make closing ``sock`` send a RST: an abrupt end must reach the far side as one (a
-    plain close() sends a FIN, and a cut-off stream would look complete)."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
 def _abort(transport: asyncio.Transport) -> None:

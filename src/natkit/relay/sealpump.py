@@ -24,10 +24,10 @@ import threading
 from collections.abc import Callable
 
 from natkit.errors import ProtocolError
+from natkit.net.sockets import reset_on_close
 from natkit.relay import messages as M
 from natkit.relay import seal
 from natkit.relay.control import ticket_handle
-from natkit.relay.pump import reset_on_close
 from natkit.relay.sockframes import recv_exact
 
 CHUNK = seal.RECORD_MAX - 4  # a chunk and its length prefix fill one record

@@ -19,10 +19,11 @@ import socket
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
+from natkit.net.sockets import reset_on_close
 from natkit.relay import messages as M
 from natkit.relay import sealpump
 from natkit.relay.listeners import Acceptor
-from natkit.relay.pump import reset_on_close, start_join
+from natkit.relay.pump import start_join
 from natkit.relay.tickets import TicketBook
 
 log = logging.getLogger("natkit.relay")
