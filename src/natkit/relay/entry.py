@@ -25,7 +25,7 @@ from natkit.relay.limits import AddressLimits
 from natkit.relay.sessions import AgentSession
 from natkit.relay.sockframes import read_frame
 from natkit.relay.tickets import TicketBook, TicketRefused
-from natkit.relay.tunnels import ParkedConn, Tunnel
+from natkit.relay.tunnels import ParkedConn, ServedTunnel
 
 log = logging.getLogger("natkit.relay")
 
@@ -36,14 +36,14 @@ _PLAIN_DATA_PEEK = 256  # a plain DATA frame (its ticket is at most M.MAX_TICKET
 class Hub(Protocol):
     stats: Any
     limits: AddressLimits
-    tickets: TicketBook[Tunnel]
+    tickets: TicketBook[ServedTunnel]
     ssl: ssl.SSLContext
 
     def spawn(self, coro: Any) -> object: ...
     def new_session(self, peer_ip: str, deadline: float) -> AgentSession: ...
     def session_ended(self, s: AgentSession) -> None: ...
     def p2p_data_conn(self, conn: socket.socket, ticket: str) -> bool: ...
-    def interference(self, tunnel: Tunnel, what: str) -> None: ...
+    def interference(self, tunnel: ServedTunnel, what: str) -> None: ...
 
 
 class ListenPort:
@@ -151,7 +151,7 @@ class ListenPort:
         tunnel.park(ParkedConn(conn))
 
     async def _sealed(self, conn: socket.socket, ip: str) -> None:
-        found: list[Tunnel] = []
+        found: list[ServedTunnel] = []
 
         def key_for(handle: str) -> tuple[str, bytes] | None:
             try:

@@ -43,7 +43,7 @@ from natkit.relay.names import Holder, NameRefused, TunnelNames, host_key, port_
 from natkit.relay.sessions import AgentSession
 from natkit.relay.tenants import Quota, Tenant
 from natkit.relay.tickets import TicketBook
-from natkit.relay.tunnels import Tunnel, reset
+from natkit.relay.tunnels import ServedTunnel, reset
 from natkit.rendezvous.rooms import Rooms
 from natkit.stun import server as stunserver
 
@@ -102,10 +102,10 @@ class RelayServer:
         self.tenants = {control.token_id(t.token): t for t in tenants}
         self.pool_size, self.max_pending_visitors = cfg.pool_size, cfg.max_pending_visitors
         self.stats: collections.Counter[str] = collections.Counter()
-        self.names: TunnelNames[Tunnel] = TunnelNames(
+        self.names: TunnelNames[ServedTunnel] = TunnelNames(
             time.monotonic, cfg.grace, self._reserved_hosts(tenants)
         )
-        self.tickets: TicketBook[Tunnel] = TicketBook(time.monotonic, TICKET_TTL)
+        self.tickets: TicketBook[ServedTunnel] = TicketBook(time.monotonic, TICKET_TTL)
         self.limits = AddressLimits(
             time.monotonic, per_address=cfg.max_unauthenticated_per_ip,
             total=cfg.max_unauthenticated, failures=cfg.failed_logins,
@@ -298,7 +298,7 @@ class RelayServer:
         self.rooms.data_conn(conn, ticket)
         return True
 
-    def interference(self, tunnel: Tunnel, what: str) -> None:
+    def interference(self, tunnel: ServedTunnel, what: str) -> None:
         """Someone on the path between an agent and the relay meddles with its data
         connections: tell the agent (over its TLS control connection)."""
         self.stats["interference"] += 1
@@ -376,7 +376,7 @@ class RelayServer:
             old.session.send(M.Closed(tunnel=old.id, code="taken-over", message=(
                 f"{old.public} was taken over by another agent of this token (--takeover)")))  # fmt: skip
 
-    def _open_tcp(self, s: AgentSession, msg: M.Open) -> Tunnel:
+    def _open_tcp(self, s: AgentSession, msg: M.Open) -> ServedTunnel:
         assert s.tenant is not None and s.holder is not None
         low, high = self.cfg.ports
         if msg.port and not low <= msg.port <= high:
@@ -418,13 +418,15 @@ class RelayServer:
                 sock.close()
                 raise
             host = self.cfg.public_host or self.cfg.listen_host
-            tunnel = Tunnel(self, s, msg.tunnel, "tcp", key, f"{host}:{p}", plaintext=msg.plaintext)
+            tunnel = ServedTunnel(
+                self, s, msg.tunnel, "tcp", key, f"{host}:{p}", plaintext=msg.plaintext
+            )
             tunnel.acceptor = Acceptor(sock, tunnel.visitor, self.stats)
             self.names.claim(key, s.holder, tunnel, takeover=takeover)
             return tunnel
         raise NameRefused("no free public port on the relay")
 
-    def _open_named(self, s: AgentSession, msg: M.Open) -> Tunnel:
+    def _open_named(self, s: AgentSession, msg: M.Open) -> ServedTunnel:
         assert s.tenant is not None and s.holder is not None
         port = self.http_port if msg.kind == "http" else self.https_port
         if port is None or not self.cfg.domain:
@@ -444,11 +446,11 @@ class RelayServer:
         self._displace(key, s, msg.takeover)
         scheme, default = ("http", 80) if msg.kind == "http" else ("https", 443)
         public = f"{scheme}://{host}" + ("" if port == default else f":{port}")
-        tunnel = Tunnel(self, s, msg.tunnel, msg.kind, key, public, plaintext=msg.plaintext)
+        tunnel = ServedTunnel(self, s, msg.tunnel, msg.kind, key, public, plaintext=msg.plaintext)
         self.names.claim(key, s.holder, tunnel, takeover=msg.takeover)
         return tunnel
 
-    def close_tunnel(self, t: Tunnel, *, keep: bool) -> None:
+    def close_tunnel(self, t: ServedTunnel, *, keep: bool) -> None:
         self.names.release(t.key, t, keep=keep)
         t.close()
 

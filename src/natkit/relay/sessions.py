@@ -17,7 +17,7 @@ from natkit.relay import control, seal
 from natkit.relay import messages as M
 from natkit.relay.names import Holder
 from natkit.relay.tenants import Tenant
-from natkit.relay.tunnels import Tunnel
+from natkit.relay.tunnels import ServedTunnel
 
 log = logging.getLogger("natkit.relay")
 
@@ -32,7 +32,7 @@ class Hub(Protocol):
 
     def authenticate(self, s: AgentSession, msg: M.Auth) -> str: ...
     def open_tunnel(self, s: AgentSession, msg: M.Open) -> None: ...
-    def close_tunnel(self, t: Tunnel, *, keep: bool) -> None: ...
+    def close_tunnel(self, t: ServedTunnel, *, keep: bool) -> None: ...
     def dial(self, s: AgentSession, msg: M.Dial) -> Coroutine[Any, Any, None]: ...
     def spawn(self, coro: Coroutine[Any, Any, None]) -> object: ...
     def rendezvous_message(self, s: AgentSession, msg: M.Message) -> None: ...
@@ -53,7 +53,7 @@ class AgentSession(asyncio.Protocol):
         self.token_id: str | None = None  # set once authenticated
         self.holder: Holder | None = None
         self.resume_digest = ""
-        self.tunnels: dict[str, Tunnel] = {}
+        self.tunnels: dict[str, ServedTunnel] = {}
         self.last_seen = time.monotonic()
         self.dials = 0
         self.ended = False

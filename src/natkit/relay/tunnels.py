@@ -34,7 +34,7 @@ VISITOR_WAIT = 10.0  # how long a visitor waits for a data connection
 class ControlSession(Protocol):
     """What a tunnel needs of its agent's control connection."""
 
-    tunnels: dict[str, Tunnel]
+    tunnels: dict[str, ServedTunnel]
     data_key: bytes
 
     @property
@@ -49,7 +49,7 @@ class Hub(Protocol):
     pool_size: int
     max_pending_visitors: int
     stats: collections.Counter[str]
-    tickets: TicketBook[Tunnel]
+    tickets: TicketBook[ServedTunnel]
     joins: set[Any]
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> object: ...
@@ -71,7 +71,10 @@ class ParkedConn:
         self.sock.close()
 
 
-class Tunnel:
+class ServedTunnel:
+    """A tunnel as the relay serves it (the agent's side is a
+    :class:`~natkit.relay.agent.TunnelSpec`, the Python API's a :class:`natkit.Tunnel`)."""
+
     def __init__(
         self,
         hub: Hub,
@@ -96,7 +99,7 @@ class Tunnel:
         self.notices_held = 0
 
     def __repr__(self) -> str:
-        return f"<Tunnel {self.id} {self.public}>"
+        return f"<ServedTunnel {self.id} {self.public}>"
 
     @property
     def serving(self) -> bool:
