@@ -1105,6 +1105,14 @@ def _mb(x: float) -> str:
     return f"{x:.1f}"
 
 
+def _relay_machine() -> dict[str, Any]:
+    """The machine and the tools' versions, without the UPnP benchmark's entries."""
+    machine = {**machine_info(), **_versions()}
+    for key in ("miniupnpd", "miniupnpd_deb", "upnpc_deb", "miniupnpc_binding"):
+        machine.pop(key, None)
+    return machine
+
+
 def run(lab: Any, opts: Options) -> Report:
     """``lab`` is unused: this benchmark runs on loopback."""
     for tool in ("socat", "ssh", "ssh-keygen"):
@@ -1117,9 +1125,7 @@ def run(lab: Any, opts: Options) -> Report:
     _raise_nofile()
     started = now()
     t_start = time.monotonic()
-    machine = {**machine_info(), **_versions()}
-    for key in ("miniupnpd", "miniupnpd_deb", "upnpc_deb", "miniupnpc_binding"):
-        machine.pop(key, None)
+    machine = _relay_machine()
     runs = max(1, opts.iterations)
     steal0 = _steal_s()
     with tempfile.TemporaryDirectory(prefix="nkb-relay-") as tmpdir:
@@ -1525,9 +1531,7 @@ def run_small(lab: Any, opts: Options) -> Report:
     """Only the small-requests part (``run.py relay_small``): results/relay_small.md/json."""
     _raise_nofile()
     started, t_start = now(), time.monotonic()
-    machine = {**machine_info(), **_versions()}
-    for key in ("miniupnpd", "miniupnpd_deb", "upnpc_deb", "miniupnpc_binding"):
-        machine.pop(key, None)
+    machine = _relay_machine()
     rounds = max(1, opts.iterations)
     steal0 = _steal_s()
     with tempfile.TemporaryDirectory(prefix="nkb-relay-") as tmpdir:

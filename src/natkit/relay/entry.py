@@ -23,7 +23,7 @@ from natkit.relay import messages as M
 from natkit.relay import seal, sealpump
 from natkit.relay.limits import AddressLimits
 from natkit.relay.sessions import AgentSession
-from natkit.relay.sockframes import read_frame
+from natkit.relay.sockframes import peek, read_frame
 from natkit.relay.tickets import TicketBook, TicketRefused
 from natkit.relay.tunnels import ParkedConn, ServedTunnel
 
@@ -83,7 +83,7 @@ class ListenPort:
         released = False
         try:
             try:
-                first = await asyncio.wait_for(_peek(conn, 1), HANDSHAKE_TIMEOUT)
+                first = await asyncio.wait_for(peek(conn, 1), HANDSHAKE_TIMEOUT)
             except (asyncio.TimeoutError, OSError):
                 first = b""
             if not first:
@@ -187,22 +187,3 @@ class ListenPort:
             sealed.close()
             return
         tunnel.park(ParkedConn(sealed.sock, sealed))
-
-
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-async def _peek(conn: socket.socket, n: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    while True:
-        try:
-            return conn.recv(n, socket.MSG_PEEK)
-        except BlockingIOError:
-            fut: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(conn.fileno(), _wake, fut)
-            try:
-                await fut
-            finally:
-                loop.remove_reader(conn.fileno())

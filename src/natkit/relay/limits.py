@@ -56,12 +56,16 @@ class AddressLimits:
         self.per_agent = per_agent
         self.pending: Counter[str] = Counter()  # unauthenticated connections per address
         self.agents: Counter[str] = Counter()  # logged-in agents per address
+        # Kept as counts, not summed on each connection (a flood makes the sums long):
+        self.unauthenticated = 0  # all pending connections
+        self._vouched = 0  # pending connections from addresses with agents logged in
         self.peak = 0  # the most unauthenticated connections at once since reset_peak()
         self._failed: dict[str, _Failures] = {}
 
     @property
-    def unauthenticated(self) -> int:
-        return sum(self.pending.values())
+    def strangers(self) -> int:
+        """Unauthenticated connections from addresses with no agent logged in."""
+        return self.unauthenticated - self._vouched
 
     def admit(self, ip: str) -> str:
         """Take a new unauthenticated connection from ``ip``: '' if admitted (then call
@@ -78,35 +82,31 @@ class AddressLimits:
         if not vouched and self.strangers >= self.total:
             return f"over {self.total} unauthenticated connections in all"
         self.pending[key] += 1
+        self.unauthenticated += 1
+        self._vouched += vouched
         self.peak = max(self.peak, self.unauthenticated)
         return ""
 
-    @property
-    def strangers(self) -> int:
-        """Unauthenticated connections from addresses with no agent logged in."""
-        return sum(n for key, n in self.pending.items() if not self.agents[key])
+    def done(self, ip: str) -> None:
+        key = address_key(ip)
+        if _decrement(self.pending, key):
+            self.unauthenticated -= 1
+            self._vouched -= bool(self.agents[key])
 
-    def reset_peak(self) -> int:
-        peak, self.peak = self.peak, self.unauthenticated
-        return peak
+    def reset_peak(self) -> None:
+        self.peak = self.unauthenticated
 
     def vouch(self, ip: str) -> None:
         """An agent from ``ip`` logged in (until :meth:`unvouch`)."""
-        self.agents[address_key(ip)] += 1
+        key = address_key(ip)
+        if not self.agents[key]:
+            self._vouched += self.pending[key]
+        self.agents[key] += 1
 
     def unvouch(self, ip: str) -> None:
         key = address_key(ip)
-        if self.agents[key] <= 1:
-            self.agents.pop(key, None)
-        else:
-            self.agents[key] -= 1
-
-    def done(self, ip: str) -> None:
-        key = address_key(ip)
-        if self.pending[key] <= 1:
-            self.pending.pop(key, None)
-        else:
-            self.pending[key] -= 1
+        if _decrement(self.agents, key) and not self.agents[key]:
+            self._vouched -= self.pending[key]
 
     def blocked(self, ip: str) -> bool:
         f = self._failed.get(address_key(ip))
@@ -137,3 +137,15 @@ class AddressLimits:
         for key in [k for k, f in self._failed.items()
                     if now - f.first > self.window and f.blocked_until <= now]:  # fmt: skip
             del self._failed[key]
+
+
+def _decrement(counter: Counter[str], key: str) -> bool:
+    """One less of ``key`` (gone at zero); False when there was none."""
+    n = counter[key]
+    if n <= 0:
+        return False
+    if n == 1:
+        del counter[key]
+    else:
+        counter[key] = n - 1
+    return True

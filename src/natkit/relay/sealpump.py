@@ -28,7 +28,7 @@ from natkit.net.sockets import reset_on_close
 from natkit.relay import messages as M
 from natkit.relay import seal
 from natkit.relay.control import ticket_handle
-from natkit.relay.sockframes import recv_exact
+from natkit.relay.sockframes import recv_exact, wait_ready
 
 CHUNK = seal.RECORD_MAX - 4  # a chunk and its length prefix fill one record
 MAX_CHUNK = 4 * 1024 * 1024  # a larger length is not our framing
@@ -44,25 +44,6 @@ def _shared_buffer() -> memoryview:
     if view is None:
         view = _local.buffer = memoryview(bytearray(seal.RECORD_MAX))
     return view
-
-
-async def _ready(sock: socket.socket, *, write: bool) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-
-    def wake() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    if write:
-        loop.add_writer(fd, wake)
-    else:
-        loop.add_reader(fd, wake)
-    try:
-        await fut
-    finally:
-        (loop.remove_writer if write else loop.remove_reader)(fd)
 
 
 class SealedSocket:
@@ -164,7 +145,7 @@ _IOV_MAX = 512
 
 async def _flush_all(sealed: SealedSocket) -> None:
     while not sealed.flush():
-        await _ready(sealed.sock, write=True)
+        await wait_ready(sealed.sock, write=True)
 
 
 class UnknownTicketError(ProtocolError):
@@ -225,7 +206,7 @@ async def _recv_exact(sealed: SealedSocket, n: int) -> bytes:
     while len(buf) < n:
         chunk = sealed.take(n - len(buf))
         if chunk is None:
-            await _ready(sealed.sock, write=False)
+            await wait_ready(sealed.sock)
         else:
             buf += chunk
     return bytes(buf)

@@ -43,7 +43,7 @@ from natkit.relay.names import Holder, NameRefused, TunnelNames, host_key, port_
 from natkit.relay.sessions import AgentSession
 from natkit.relay.tenants import Quota, Tenant
 from natkit.relay.tickets import TicketBook
-from natkit.relay.tunnels import ServedTunnel, reset
+from natkit.relay.tunnels import ServedTunnel
 from natkit.rendezvous.rooms import Rooms
 from natkit.stun import server as stunserver
 
@@ -52,7 +52,6 @@ log = logging.getLogger("natkit.relay")
 TICKET_TTL = 10.0  # an agent answers a ticket within milliseconds; older ones are lost
 IDLE_TIMEOUT = 35.0
 NOTICE_INTERVAL = 10.0  # interference is told to an agent at most this often per tunnel
-_HEAD_PEEK_ERRORS = (OSError, ProtocolError)
 
 
 @dataclasses.dataclass
@@ -390,9 +389,12 @@ class RelayServer:
         if msg.exact:
             candidates = preferred
         else:  # the preference, then free ports, then the tenant's own reservations
-            rest = [p for p in range(low, high + 1) if p not in preferred]
-            candidates = preferred + [p for p in rest if self.names.get(port_key(p)) is None]
-            candidates += [p for p in rest if self.names.get(port_key(p)) is not None]
+            free: list[int] = []
+            claimed: list[int] = []
+            for p in range(low, high + 1):
+                if p not in preferred:
+                    (free if self.names.get(port_key(p)) is None else claimed).append(p)
+            candidates = preferred + free + claimed
         for p in candidates:
             key = port_key(p)
             why = self.names.problem(key, s.holder, takeover=takeover)
@@ -487,7 +489,7 @@ class RelayServer:
             host, seen = routing.peek_host(conn, kind)
         except BlockingIOError:
             host, seen = None, 0
-        except _HEAD_PEEK_ERRORS as exc:
+        except (OSError, ProtocolError) as exc:
             self._unroutable(conn, kind, str(exc))
             return
         if host is None:
@@ -541,11 +543,10 @@ class RelayServer:
     def _give_back_memory(self) -> None:
         """After a flood of unauthenticated connections (TLS handshakes cost ~50 KB each
         in OpenSSL and Python), hand the freed heap back to the system: glibc keeps it."""
-        peak = self.limits.reset_peak()
-        if peak >= 64 and self.limits.unauthenticated <= peak // 8:
+        peak = self.limits.peak
+        if peak >= 64 and self.limits.unauthenticated <= peak // 8:  # the flood is over
             trim_heap()
-        elif peak >= 64:
-            self.limits.peak = peak  # still high: look again next time
+            self.limits.reset_peak()
 
 
 @functools.lru_cache(maxsize=1)
@@ -576,4 +577,4 @@ def _answer(conn: socket.socket, status: bytes, body: bytes) -> None:
                   % (status, len(body), body))  # fmt: skip
 
 
-__all__ = ["RelayConfig", "RelayServer", "reset"]
+__all__ = ["RelayConfig", "RelayServer"]

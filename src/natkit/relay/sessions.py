@@ -52,6 +52,7 @@ class AgentSession(asyncio.Protocol):
         self.tenant: Tenant | None = None
         self.token_id: str | None = None  # set once authenticated
         self.holder: Holder | None = None
+        self.plaintext_ok = False  # set by the relay at authentication
         self.resume_digest = ""
         self.tunnels: dict[str, ServedTunnel] = {}
         self.last_seen = time.monotonic()
@@ -179,8 +180,6 @@ class AgentSession(asyncio.Protocol):
             self.hub.spawn(self._dial(msg))
         else:  # P2PJoin, P2PSignal, P2PLeave: the state machine lets nothing else through
             self.hub.rendezvous_message(self, msg)
-
-    plaintext_ok = False  # set by the relay at authentication
 
     async def _dial(self, msg: M.Dial) -> None:
         try:

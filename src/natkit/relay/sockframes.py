@@ -1,5 +1,6 @@
-"""One relay frame from a plain non-blocking socket, read exactly (no byte more: what
-follows belongs to whatever the frame starts, e.g. a spliced visitor stream)."""
+"""Waiting on plain non-blocking sockets: one relay frame read exactly (no byte more: what
+follows belongs to whatever the frame starts, e.g. a spliced visitor stream), a peek, and
+readiness itself."""
 
 from __future__ import annotations
 
@@ -25,3 +26,29 @@ async def recv_exact(conn: socket.socket, n: int) -> bytes:
             raise ProtocolError("connection closed mid-frame")
         buf += chunk
     return bytes(buf)
+
+
+async def wait_ready(sock: socket.socket, *, write: bool = False) -> None:
+    """Until ``sock`` is readable (or writable)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def wake() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    (loop.add_writer if write else loop.add_reader)(fd, wake)
+    try:
+        await fut
+    finally:
+        (loop.remove_writer if write else loop.remove_reader)(fd)
+
+
+async def peek(conn: socket.socket, n: int) -> bytes:
+    """Up to ``n`` bytes that wait on ``conn``, left there (b"" at its end)."""
+    while True:
+        try:
+            return conn.recv(n, socket.MSG_PEEK)
+        except BlockingIOError:
+            await wait_ready(conn)
