@@ -459,7 +459,9 @@ class HostileDevice:
         """Wait until every connection made so far has been accepted and has ended."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self.server.pending() and all(c.done.is_set() for c in self.conns):
+            # Accepted is not yet recorded: the handler's thread may not have started.
+            recorded = len(self.conns) >= self.server.accepted
+            if recorded and not self.server.pending() and all(c.done.is_set() for c in self.conns):
                 return
             time.sleep(0.02)
 
