@@ -248,6 +248,18 @@ class SealedChannel:
             self._out += (header, sealer.encrypt(nonce, part, header))
             self._sent += 1
 
+    def seal_record(self, data: memoryview) -> tuple[bytes, bytes]:
+        """``data`` (1 to RECORD_MAX bytes) as one record, handed back to be sent at once
+        rather than queued: the small-message path, when no output is waiting
+        (:meth:`has_output`), so the order of records is kept."""
+        header = _HEADER.pack(len(data))
+        body = _CIPHERS.of(self._aead, self._send_key).encrypt(_nonce(self._sent), data, header)
+        self._sent += 1
+        return header, body
+
+    def has_output(self) -> bool:
+        return bool(self._out)
+
     def take_output(self) -> list[bytes | memoryview]:
         """The records sealed since the last call (header and ciphertext buffers)."""
         out, self._out = self._out, []
@@ -296,6 +308,30 @@ class SealedChannel:
                 self._rec = memoryview(self._rec_buf)[: _HEADER.size + size]
                 self._rec[: _HEADER.size] = header
                 self._got = _HEADER.size
+
+    def open_record(self, data: memoryview) -> bytes | None:
+        """The plaintext of ``data`` when it is exactly one whole record and nothing else is
+        buffered (the small-message path: no buffering, no list); None when that is not
+        the case, and the caller gives ``data`` to :meth:`receive` instead. A record that
+        fails to open fails the stream, as in ``receive``, and raises ProtocolError."""
+        if self._rec is not None or self._hdr or self._ready or self._error or self.eof:
+            return None
+        size = len(data)
+        if size < _HEADER.size + TAG_SIZE:
+            return None
+        (length,) = _HEADER.unpack_from(data)
+        if length + _HEADER.size + TAG_SIZE != size or length > self.limit:
+            return None
+        header = data[: _HEADER.size]
+        try:
+            plain = _CIPHERS.of(self._aead, self._recv_key).decrypt(
+                _nonce(self._opened), data[_HEADER.size :], header
+            )
+        except InvalidTag:
+            self._fail("a record failed to open")
+            raise ProtocolError(self._error) from None
+        self._opened += 1
+        return plain
 
     def recv_buffer(self) -> memoryview | None:
         """The rest of a record that arrives in parts, to receive into directly (then call

@@ -233,8 +233,9 @@ class Bridge:
     """
 
     __slots__ = (
-        "done", "down", "finished", "header", "keep", "loop", "need", "out_p", "pfd", "plain",
-        "plain_eof", "registered", "sealed", "sealed_eof", "sfd", "shutdown_pending", "up",
+        "buf", "done", "down", "finished", "header", "keep", "loop", "need", "out_p", "pfd",
+        "plain", "plain_eof", "plain_in", "registered", "sealed", "sealed_eof", "sfd",
+        "shutdown_pending", "up",
     )  # fmt: skip
 
     def __init__(
@@ -245,6 +246,8 @@ class Bridge:
         self.done: asyncio.Future[tuple[int, int]] = self.loop.create_future()
         self.finished = False  # not done.done(): a cancelled ``done`` must not stop the cleanup
         self.sfd, self.pfd = sealed.fileno(), plain.fileno()
+        self.buf = _shared_buffer()  # this loop's thread's: callbacks run on it
+        self.plain_in = self.buf[_LEN.size : _LEN.size + CHUNK]  # after the length prefix
         self.up = self.down = 0
         # plain -> sealed
         self.plain_eof = False  # plain's remote finished; the end chunk is queued or sent
@@ -327,9 +330,9 @@ class Bridge:
         sealed = self.sealed
         if self.finished or sealed.unsent:
             return
-        buf = _shared_buffer()
+        buf = self.buf
         try:
-            n = self.plain.recv_into(buf[_LEN.size : _LEN.size + CHUNK])
+            n = self.plain.recv_into(self.plain_in)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -338,7 +341,11 @@ class Bridge:
         if n:
             self.up += n
             _LEN.pack_into(buf, 0, n)
-            sealed.chan.seal(buf[: _LEN.size + n])
+            chan = sealed.chan
+            if not chan.has_output():  # the usual case: one record, sent now
+                self._send_record(*chan.seal_record(buf[: _LEN.size + n]))
+                return
+            chan.seal(buf[: _LEN.size + n])
         else:
             self.plain_eof = True
             sealed.chan.seal(_EOF_CHUNK)
@@ -350,6 +357,23 @@ class Bridge:
         if not sent or not n:  # the registrations change only when sealed is full or at EOF
             self._update()
 
+    def _send_record(self, header: bytes, body: bytes) -> None:
+        """Send one sealed record; what the socket does not take waits in ``unsent``."""
+        try:
+            sent = self.sealed.sock.sendmsg((header, body))
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._finish(exc)
+            return
+        if sent == len(header) + len(body):
+            return
+        if sent < len(header):
+            self.sealed.unsent = [header[sent:], body]
+        else:
+            self.sealed.unsent = [memoryview(body)[sent - len(header) :]]
+        self._update()  # sealed is full: stop reading plain, wait to write
+
     def _on_sealed_writable(self) -> None:
         if not self.finished:
             self._flush_sealed()
@@ -359,24 +383,68 @@ class Bridge:
     def _on_sealed_readable(self) -> None:
         if self.finished or self.out_p or self.sealed_eof:
             return
+        sealed = self.sealed
+        if self.need or self.header or sealed.pushback or sealed.chan.recv_buffer() is not None:
+            try:  # in the middle of a chunk or a record: the general path
+                sealed.feed()
+            except (BlockingIOError, InterruptedError):
+                return
+            except (OSError, ProtocolError) as exc:
+                self._finish(exc)
+                return
+            self._drain()
+            return
+        buf = self.buf
         try:
-            self.sealed.feed()
+            n = sealed.sock.recv_into(buf)
         except (BlockingIOError, InterruptedError):
             return
-        except (OSError, ProtocolError) as exc:
+        except OSError as exc:
             self._finish(exc)
             return
-        self._drain()
+        if not n:
+            sealed.eof = True
+            sealed.chan.receive_eof()
+            self._drain()
+            return
+        view = buf[:n]
+        try:
+            plain = sealed.chan.open_record(view)
+            if plain is None:  # several records, or part of one
+                sealed.chan.receive(view)
+                self._drain()
+                return
+        except ProtocolError as exc:
+            self._finish(exc)
+            return
+        size = len(plain) - _LEN.size
+        if size <= 0 or _LEN.unpack_from(plain)[0] != size:  # not one whole chunk
+            self._drain([memoryview(plain)])
+            return
+        self.down += size  # the usual case: one record, one chunk, passed on now
+        try:
+            sent = self.plain.send(memoryview(plain)[_LEN.size :])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._finish(exc)
+            return
+        if sent < size:
+            self.out_p += memoryview(plain)[_LEN.size + sent :]
+            self._update()  # plain is full: stop reading sealed, wait to write
 
-    def _drain(self) -> None:
+    def _drain(self, opened: list[memoryview] | None = None) -> None:
         """Open what the channel holds and pass it on, until it holds nothing whole: the
-        chunks of all the records one ``recv`` brought leave in one ``sendmsg``."""
+        chunks of all the records one ``recv`` brought leave in one ``sendmsg``.
+        ``opened``: plaintext already taken out of the channel, which comes first."""
         if self.finished:
             return
         sealed = self.sealed
         chan = sealed.chan
         parts: list[memoryview] = []
         try:
+            for view in opened or ():
+                self._deframe(view, parts)
             if sealed.pushback:  # what followed the last visitor's end mark in its record
                 rest, sealed.pushback = sealed.pushback, b""
                 self._deframe(memoryview(rest), parts)
