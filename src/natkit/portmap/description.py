@@ -154,7 +154,9 @@ def _parse_xml(body: bytes, location: str) -> Element:
     except defusedxml.DefusedXmlException as exc:
         raise ProtocolError(f"device description from {location} was refused: {exc}") from None
     except Exception as exc:  # ParseError, and whatever else a hostile document provokes
-        raise _NotWellFormed(f"device description from {location} is not valid XML: {exc}") from None
+        raise _NotWellFormed(
+            f"device description from {location} is not valid XML: {exc}"
+        ) from None
     if not isinstance(root, Element):
         raise _NotWellFormed(f"device description from {location} is not valid XML")
     return root
@@ -230,17 +232,15 @@ def _parse_fragment(fragment: bytes) -> Element | None:
 
 
 def _field(body: bytes, name: bytes) -> str:
-    """The text of the first <name>…</name> in a broken document ("" if none parses)."""
-    pattern = rb"<(?:[A-Za-z_][\w.-]*:)?%s>[^<]{0,%d}</(?:[A-Za-z_][\w.-]*:)?%s\s*>" % (
-        name,
-        _MAX_FIELD,
-        name,
-    )
-    match = re.search(pattern, body)
-    if match is None:
+    """The text of the first <name>…</name> in a broken document: "" if that one is the
+    broken part (a later one would belong to another device)."""
+    prefix = rb"(?:[A-Za-z_][\w.-]*:)?"
+    opening = re.search(rb"<%s%s>" % (prefix, name), body)
+    if opening is None:
         return ""
-    element = _parse_fragment(match.group(0))
-    return _text(element)
+    whole = re.compile(rb"<%s%s>[^<]{0,%d}</%s%s\s*>" % (prefix, name, _MAX_FIELD, prefix, name))
+    match = whole.match(body, opening.start())
+    return _text(_parse_fragment(match.group(0))) if match else ""
 
 
 def _collect(device: Element, base: str, out: list[Service], *, depth: int, location: str) -> None:

@@ -78,7 +78,10 @@ def _service_score(gw: Gateway) -> tuple[int, int]:
 
 
 def _answered(exc: NatkitError) -> bool:
-    """Did the router answer (refusing), rather than stay silent or talk nonsense?"""
+    """Did the router answer (refusing), rather than stay silent, talk nonsense or say
+    that nothing is there (HTTP 404 and kin: a control URL that does not exist)?"""
+    if isinstance(exc, soap.HTTPStatusError):
+        return exc.status not in (404, 405, 410)
     return isinstance(exc, (UPnPError, soap.RouterRefusal))
 
 
@@ -132,7 +135,9 @@ async def _probe(
         raise ProtocolError(f"{location}: HTTP {resp.status}")
     desc = parse_description(resp.body, location)
     # A recovered document is named in every refusal: it may be why nothing usable was found.
-    repaired = f" ({desc.repaired}; its <service> parts were read one by one)" if desc.repaired else ""
+    repaired = (
+        f" ({desc.repaired}; its <service> parts were read one by one)" if desc.repaired else ""
+    )
     services = [
         s for s in desc.wan_services() if _on_lan(ssdp.parse_http_url(s.control_url)[0], lan)
     ]
@@ -172,7 +177,7 @@ def _search_plan(
 
     Normally one copy goes unicast to the default gateway (some routers answer only
     that; it also skips the MX delay) and one to the multicast group (some answer only
-    that: Eero, tailscale issue #3197). With an explicit ``ssdp_target`` both copies go
+    that: Eero, per issue 13 and lab-facts). With an explicit ``ssdp_target`` both copies go
     there, unicast, byte for byte as they would have gone out; nothing is multicast.
     """
     group_host = f"{ssdp.SSDP_GROUP}:{ssdp.SSDP_PORT}"
@@ -271,9 +276,9 @@ async def discover_igd(
                 break
             if best is not None and not probes and now >= best_at + OTHER_DEVICE_GRACE:
                 break  # a usable (if imperfect) gateway and nothing left to hear from
-            if best is None and gateway_refused and not probes:
-                if now >= refused_at + OTHER_DEVICE_GRACE:
-                    break  # the router itself answered and refused: no use waiting on
+            router_done = best is None and gateway_refused and not probes
+            if router_done and now >= refused_at + OTHER_DEVICE_GRACE:
+                break  # the router itself answered and refused: no use waiting on
             if best is not None:
                 limit = min(deadline, best_at + OTHER_DEVICE_GRACE)
             elif gateway_refused:
