@@ -197,6 +197,12 @@ class FakeIGD:
         return (self.gateway_address, self.ssdp_port)
 
     @property
+    def answer_port(self) -> int:
+        """The UDP port SSDP answers come from."""
+        sock = self._answer_sock
+        return sock.getsockname()[1] if sock is not None else self.ssdp_port
+
+    @property
     def base(self) -> str:
         return f"http://{self.lan_address}:{self.http_port}"
 

@@ -299,3 +299,10 @@ async def test_unknown_action_fault_is_a_upnp_error() -> None:
         with pytest.raises(UPnPError) as info:
             await mapper.client.call("ForceTermination")
         assert info.value.code == 401 and "HG531 V1" in str(info.value)
+
+
+async def test_ssdp_answer_from_another_port_than_searched_is_taken() -> None:
+    async with FakeIGD("tplink_er605") as igd:
+        assert igd.answer_port not in (igd.ssdp_port, 1900)
+        gw = await discover_igd(timeout=TIMEOUT, ssdp_target=igd.ssdp_target)
+        assert gw.location == igd.location

@@ -4,9 +4,15 @@ M-SEARCH goes both to the SSDP multicast group and, unicast, to the default gate
 routers answer only that; unicast answers also skip the MX delay). Replies are taken from
 any source port (TP-Link ER605 answers from a random one, tailscale issue #7377) and from
 any host on the LAN (pfSense/OPNsense with CARP answer from their own LAN address, not the
-virtual gateway address; such an answer wins once the gateway's own has had its grace). Each LOCATION on the LAN's subnet is fetched and parsed concurrently under
-its own size and time caps, so one hostile or broken device cannot hide the real router.
-Discovery returns as soon as a connected gateway with a public address has answered.
+virtual gateway address; such an answer wins once the gateway's own has had its grace).
+Each LOCATION on the LAN's subnet is fetched and parsed concurrently under its own size and
+time caps, so one hostile or broken device cannot hide the real router. Every WAN
+connection service is ranked (connected, public address, then newest version); a ranking
+call the router refuses lowers a service's rank and never drops it.
+
+Discovery returns as soon as the default gateway, connected with a public address, has
+answered; when the default gateway itself answered and cannot be used, it ends a short
+grace later with an error that says what the router answered, not at the timeout.
 """
 
 from __future__ import annotations
