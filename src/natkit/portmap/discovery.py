@@ -215,7 +215,8 @@ async def discover_igd(
     """Discover the best IGD on this machine's LAN (see the module docstring).
 
     ``ssdp_target`` (host, port) sends every M-SEARCH there only, unicast, and takes that
-    host's network as the LAN (127.0.0.0/8 for loopback): for a known IGD, and for tests.
+    host's network as the LAN (127.0.0.0/8 for loopback) and that host as the gateway
+    (``gateway_ip`` is then ignored): for a known IGD, and for tests on loopback.
 
     Raises :class:`DiscoveryError` naming every answer that was refused and why.
     """
