@@ -281,12 +281,14 @@ def router_ruleset(cfg: LabConfig, node: RouterNode = "rtr") -> str:
     # unsolicited inbound IPv6 meets the forward chain's drop, which sits after the jump to
     # miniupnpd in the same base chain so that a pinhole's accept wins (an accept in another
     # base chain would not stop this drop).
-    nd_accept = ""
+    # The table is inet: IPv6 leaves before the masquerade, routed without NAT.
+    nd_accept = no_nat66 = ""
     if node == "rtr" and cfg.ipv6:
         nd_accept = (
             f'iifname "{wan}" icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept'
         )
-    # IPv4 only: the table is inet, and IPv6 is routed without NAT.
+        no_nat66 = f'oifname "{wan}" meta nfproto ipv6 accept'
+
     masquerade = "masquerade random" if router.nat == "random" else "masquerade"
     full_cone = ""
     if router.nat == "full-cone":
@@ -325,7 +327,8 @@ table inet filter {{
     chain postrouting {{
         type nat hook postrouting priority 100; policy accept;
         jump postrouting_miniupnpd
-        oifname "{wan}" meta nfproto ipv4 {masquerade}
+        {no_nat66}
+        oifname "{wan}" {masquerade}
     }}
     chain prerouting_miniupnpd {{
     }}

@@ -406,6 +406,15 @@ class Lab:
             "lan_ip": C.LAN_IP,
             "lan2_ip": C.LAN2_IP if cfg.second_lan else None,
             "wan_ips": list(C.WAN_IPS),
+            "ipv6": {
+                "lan_ip": C.LAN_IP6,
+                "lan_prefix": f"{C.LAN6_NET}/{C.LAN6_PREFIX}",
+                "router_lan_ip": C.RTR_LAN_IP6,
+                "router_wan_ip": C.RTR_WAN_IP6,
+                "wan_ips": list(C.WAN_IPS6),
+            }
+            if cfg.ipv6
+            else None,
         }
 
     def _router_status(self, router: RouterNode) -> dict[str, Any]:

@@ -258,10 +258,11 @@ class PcpPinholer:
         """Delete the pinhole (lifetime 0, same nonce); returns 0, or the seconds it stays
         open when the router will not delete it.
 
-        miniupnpd 2.3.1 (nftables) refuses to delete its own PCP pinholes with NOT_AUTHORIZED:
-        its DeletePCPMap compares the pinhole's stored description with "PCP MAP <nonce>", and
-        its nftables rules keep no description (docs/miniupnpd-ipv6.md). The pinhole is then
-        cut down to the shortest lifetime the router grants, which is the best left to do.
+        miniupnpd 2.3.1 (nftables) deletes a PCP pinhole that was never renewed, but answers
+        NOT_AUTHORIZED once the same nonce has renewed it (it logs "updating pinhole", and its
+        DeletePCPMap, which compares the pinhole's description with "PCP MAP <nonce>", then
+        refuses: seen in the lab, docs/miniupnpd-ipv6.md). The pinhole is then cut down to
+        the shortest lifetime the router grants (120 s there), the best left to do.
         """
         nonce = bytes.fromhex(pinhole.nonce)
         try:

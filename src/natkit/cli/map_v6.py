@@ -1,0 +1,46 @@
+"""``natkit map add PORT --ipv6``: an IPv6 pinhole instead of an IPv4 port mapping.
+
+A host with a global IPv6 address is reached at that address; the router only has to let
+the traffic in. The pinhole stays open for its lease (``natkit expose`` keeps one open and
+removes it on exit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import click
+from rich.table import Table
+
+from natkit.cli.common import emit_json, err, out
+from natkit.portmap.pinhole import MAX_LEASE
+from natkit.portmap.pinhole_keeper import Pinhole, open_pinholer
+
+
+def add(
+    port: int, *, protocol: str, lease: int, via: str, gateway: str | None, timeout: float,
+    as_json: bool,
+) -> None:  # fmt: skip
+    if via == "natpmp":
+        raise click.UsageError("NAT-PMP has no IPv6: use --via pcp, upnp or auto with --ipv6")
+    if lease == 0 or lease > MAX_LEASE:
+        err.print(f"[yellow]note:[/] a pinhole's lease is at most {MAX_LEASE} s; asking that")
+        lease = MAX_LEASE
+
+    async def run() -> Pinhole:
+        pinholer = await open_pinholer(via=via, gateway_ip=gateway, timeout=timeout)
+        try:
+            return await pinholer.add(port, protocol, lease)
+        finally:
+            pinholer.close()
+
+    pinhole = asyncio.run(run())
+    if as_json:
+        emit_json(pinhole.to_json())
+        return
+    t = Table(title="IPv6 pinhole opened", title_justify="left")
+    for col in ("protocol", "reachable at", "lease", "via", "router"):
+        t.add_column(col, no_wrap=True)
+    t.add_row(pinhole.protocol, pinhole.public_address, f"{pinhole.lease} s", pinhole.method,
+              pinhole.gateway)  # fmt: skip
+    out.print(t)
