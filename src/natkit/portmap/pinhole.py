@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 from collections.abc import Sequence
 
 from natkit.errors import ProtocolError
@@ -25,6 +26,7 @@ SERVICE_TYPE = "urn:schemas-upnp-org:service:WANIPv6FirewallControl:1"
 PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17}
 MAX_LEASE = 86400  # the service's LeaseTime range is 1..86400 s
 MAX_UNIQUE_ID = 0xFFFF
+_DIGITS = re.compile(r"[0-9]{1,5}")  # ASCII only: str.isdigit() accepts other scripts' digits
 
 Args = tuple[tuple[str, str | int], ...]
 
@@ -149,7 +151,7 @@ def parse_firewall_status(status: int, body: bytes) -> FirewallStatus:
 def parse_add_pinhole(status: int, body: bytes) -> int:
     """The pinhole's UniqueID, by which it is renewed and deleted."""
     (text,) = _out(status, body, "AddPinhole", ("UniqueID",))
-    if not text.isdigit() or len(text) > 5 or int(text) > MAX_UNIQUE_ID:
+    if not _DIGITS.fullmatch(text) or int(text) > MAX_UNIQUE_ID:
         raise ProtocolError(f"AddPinhole: router sent UniqueID={text[:40]!r}, not 0..65535")
     return int(text)
 
