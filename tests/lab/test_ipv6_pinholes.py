@@ -191,8 +191,10 @@ def test_expose_reports_and_removes_the_ipv6_pinhole(
         assert ready["public_address_v6"] == f"[{C.LAN_IP6}]:{port}"
         assert connect_from_wan(lab, C.LAN_IP6, port) == "open"
         assert run.stop(signal.SIGINT) == 0
-        names = [json.loads(line)["event"] for line in run.rest()]
-        assert "pinhole_closed" in names and "closed" in names, names
+        closing = [json.loads(line) for line in run.rest()]
+        assert [e["event"] for e in closing] == ["closed"], closing
+        assert closing[0]["public_address_v6"] == f"[{C.LAN_IP6}]:{port}"
+        assert closing[0]["pinhole_removed"] is True and closing[0]["removed"] is True
     finally:
         run.kill()
     assert pinhole_rules(lab, port) == []

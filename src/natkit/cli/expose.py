@@ -316,7 +316,7 @@ async def _run_mapping(
 
     def on_event(event: str, m: PortMapping, info: dict[str, Any]) -> None:
         if as_json:
-            emit_json({**_event_json(event, m, info), **(v6.fields() if event == "ready" else {})})
+            emit_json({**_event_json(event, m, info), **v6.fields(event)})
             return
         status.mapping = m
         stamp = time.strftime("%H:%M:%S")

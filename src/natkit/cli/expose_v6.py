@@ -21,6 +21,7 @@ class ExposeV6:
         self.gateway, self.check_interval = gateway, check_interval
         self.keeper: KeptPinhole | None = None
         self.error = ""  # why there is no pinhole, when this host has global IPv6
+        self.closed: dict[str, Any] = {}  # how closing it went
 
     async def start(self) -> None:
         try:
@@ -46,24 +47,38 @@ class ExposeV6:
     def pinhole(self) -> Pinhole | None:
         return self.keeper.pinhole if self.keeper is not None else None
 
-    def fields(self) -> dict[str, Any]:
-        """What the JSON ``ready`` event adds: the IPv6 address, or why there is none."""
-        if self.pinhole is not None:
-            return {
-                "public_address_v6": self.pinhole.public_address,
-                "pinhole": self.pinhole.to_json(),
-            }
-        return {"ipv6_error": self.error} if self.error else {}
+    def fields(self, event: str) -> dict[str, Any]:
+        """What the mapping's JSON ``ready`` and ``closed`` events add: the IPv6 address (or
+        why there is none), and at the end whether the pinhole was removed."""
+        if event not in ("ready", "closed"):
+            return {}
+        if self.pinhole is None:
+            return {"ipv6_error": self.error} if self.error and event == "ready" else {}
+        extra: dict[str, Any] = {"public_address_v6": self.pinhole.public_address}
+        if event == "ready":
+            extra["pinhole"] = self.pinhole.to_json()
+        else:
+            extra.update(self.closed)
+        return extra
 
     async def close(self) -> None:
         if self.keeper is not None:
+            self.keeper.on_event(self._on_closed)
             await self.keeper.close()
 
+    def _on_closed(self, event: str, pinhole: Pinhole, info: dict[str, Any]) -> None:
+        if event == "closed":
+            self.closed = {"pinhole_removed": info["removed"]}
+            if info.get("closes_in"):
+                self.closed["pinhole_closes_in"] = info["closes_in"]
+
     def on_event(self, say: Callable[[str, dict[str, Any]], None]) -> None:
-        """Tell ``say(event, json_line)`` when the pinhole is renewed, lost, restored, closed."""
+        """Tell ``say(event, json_line)`` when the pinhole is renewed, lost or restored (its
+        opening and closing ride on the mapping's ready and closed events)."""
+
+        def relay(event: str, pinhole: Pinhole, info: dict[str, Any]) -> None:
+            if event in ("renewed", "lost", "restored"):
+                say(event, {"event": f"pinhole_{event}", **pinhole.to_json(), **info})
+
         if self.keeper is not None:
-            self.keeper.on_event(
-                lambda event, pinhole, info: say(
-                    event, {"event": f"pinhole_{event}", **pinhole.to_json(), **info}
-                )
-            )
+            self.keeper.on_event(relay)
