@@ -18,6 +18,10 @@ With ``second_lan`` a peer host sits behind a second router on the same Internet
     [rtr2] wan0 100.200.0.4 ────────┘
       br-lan 192.168.78.1 ── lan2 192.168.78.10
 
+The first LAN is dual stack (not with ``upstream_nat``): 2001:db8:77::/64, routed without NAT
+to 2001:db8:201::/64 where rtr's wan0 is ::1 and wan ::2/::3; rtr drops unsolicited inbound
+IPv6, so a LAN host is reached only through a pinhole (UPnP IGD2 or PCP, from miniupnpd).
+
 ``rtr`` is a real kernel NAT (nftables) running Debian's miniupnpd; ``wan`` stands for the
 Internet and runs coturn (STUN/TURN); ``dev`` is a second LAN device (tests use it for
 hostile SSDP answers). Nothing is linked to the host's own network.
