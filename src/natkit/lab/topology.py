@@ -20,6 +20,12 @@ def _veth(ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
 def _add_netns(name: str) -> None:
     run(["ip", "netns", "add", name])
     ip(name, "link", "set", "lo", "up")
+    # No duplicate address detection on the links made next: while a link-local address is
+    # tentative (a second or two), the kernel sends no neighbour solicitation for a forwarded
+    # packet, so rtr could not reach wan over IPv6 at first (seen: the first connection of a
+    # fresh lab timed out). Every address in a lab is unique by construction.
+    dad_off = (f"net.ipv6.conf.{scope}.accept_dad=0" for scope in ("all", "default"))
+    in_netns(name, "sysctl", "-qw", *dad_off)
 
 
 def _lan(rtr: str, rtr_ip: str, hosts: dict[str, tuple[str, str]]) -> None:
