@@ -27,8 +27,15 @@ def add(
         err.print(f"[yellow]note:[/] a pinhole's lease is at most {MAX_LEASE} s; asking that")
         lease = MAX_LEASE
 
+    # --gateway names the IPv6 router when it is an IPv6 address (else the IPv4 one, where
+    # UPnP is discovered; the IPv6 router is then the IPv6 default route's).
+    gateway6 = gateway if gateway and ":" in gateway else None
+    gateway4 = None if gateway6 else gateway
+
     async def run() -> Pinhole:
-        pinholer = await open_pinholer(via=via, gateway_ip=gateway, timeout=timeout)
+        pinholer = await open_pinholer(
+            via=via, gateway_ip=gateway4, gateway6=gateway6, timeout=timeout
+        )
         try:
             return await pinholer.add(port, protocol, lease)
         finally:

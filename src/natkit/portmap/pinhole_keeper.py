@@ -99,11 +99,12 @@ def _lease(lease: int) -> int:
 
 
 def _where(gateway6: str | None, local6: str | None) -> tuple[str, str]:
-    """The IPv6 router and our global address facing it (the default route's, unless given)."""
-    if gateway6 is not None and local6 is not None:
-        return gateway6, local6
-    gw, iface = ipv6_gateway()
-    return gateway6 or gw, local6 or global_ipv6(iface)
+    """The IPv6 router (the default route's unless given) and our global address (on the
+    default route's interface; on any interface when the router was given)."""
+    iface: str | None = None
+    if gateway6 is None:
+        gateway6, iface = ipv6_gateway()
+    return gateway6, local6 or global_ipv6(iface)
 
 
 class UPnPPinholer:
@@ -305,6 +306,7 @@ async def open_pinholer(
     ``pcp_budget`` (``timeout`` when forced), else UPnP IGD2."""
     if via not in ("auto", *PINHOLE_METHODS):
         raise ValueError(f"pinholes are made with pcp or upnp, not {via!r}")
+    gateway6, local6 = _where(gateway6, local6)  # no IPv6 here: say so once
     refused: list[str] = []
     if via in ("auto", "pcp"):
         try:
@@ -323,7 +325,7 @@ async def open_pinholer(
         if via == "upnp":
             raise
         refused.append(f"upnp: {exc}")
-    raise DiscoveryError(f"the router offers no IPv6 pinholes ({'; '.join(refused)})")
+    raise DiscoveryError(f"the IPv6 router {gateway6} offers no pinholes ({'; '.join(refused)})")
 
 
 Listener = Callable[[str, Pinhole, dict[str, Any]], None]
