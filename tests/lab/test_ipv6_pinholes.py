@@ -17,7 +17,6 @@ import pytest
 
 from natkit.lab import Lab, netns
 from natkit.lab import config as C
-from natkit.portmap.pinhole import PinholeClient
 from natkit.portmap.pinhole_keeper import KeptPinhole, Pinhole
 from tests.lab import test_expose
 from tests.lab.helpers import http_server, wait_router_uptime
@@ -156,25 +155,31 @@ def test_kept_pinhole_is_restored_after_a_router_reboot(lab: Lab, v6_server: int
     assert reached == "open"
 
 
-def test_cli_map_add_ipv6_prints_the_reachable_address(lab: Lab, v6_server: int) -> None:
-    port = v6_server
-    proc = lab.run("lan", [NATKIT, "map", "add", str(port), "--ipv6", "--via", "upnp",
+@pytest.mark.parametrize("via", ["upnp", "pcp"])
+def test_cli_map_add_ipv6_prints_the_reachable_address_and_delete_closes_it(
+    lab: Lab, v6_server: int, via: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NATKIT_STATE_DIR", str(tmp_path))  # natkit's records: a scratch dir
+    port = str(v6_server)
+    proc = lab.run("lan", [NATKIT, "map", "add", port, "--ipv6", "--via", via,
                            "--lease", "300", "--json"])  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     made = json.loads(proc.stdout.strip().splitlines()[-1])
     try:
         assert made["public_address_v6"] == f"[{C.LAN_IP6}]:{port}"
-        assert made["method"] == "upnp" and made["lease"] == 300
-        assert connect_from_wan(lab, C.LAN_IP6, port) == "open"
+        assert made["method"] == via and made["lease"] == 300
+        assert connect_from_wan(lab, C.LAN_IP6, v6_server) == "open"
     finally:
+        gone = lab.run("lan", [NATKIT, "map", "delete", port, "--ipv6", "--json"])
+    assert gone.returncode == 0, gone.stderr
+    assert json.loads(gone.stdout)["deleted"] is True
+    assert connect_from_wan(lab, C.LAN_IP6, v6_server) == "timeout"
+    again = lab.run("lan", [NATKIT, "map", "delete", port, "--ipv6"])
+    assert again.returncode != 0 and "no record of an open IPv6 pinhole" in again.stderr
 
-        async def delete() -> None:
-            client = PinholeClient(ROUTER, C.UPNP_HTTP_PORT, "/ctl/IP6FCtl", local_ip=C.LAN_IP6)
-            await client.delete(made["unique_id"])
 
-        netns.run_in(lab.netns("lan"), delete)
-    assert connect_from_wan(lab, C.LAN_IP6, port) == "timeout"
-    human = lab.run("lan", [NATKIT, "map", "add", str(port), "--ipv6", "--via", "natpmp"])
+def test_cli_map_add_ipv6_refuses_natpmp(lab: Lab) -> None:
+    human = lab.run("lan", [NATKIT, "map", "add", "8080", "--ipv6", "--via", "natpmp"])
     assert human.returncode != 0 and "NAT-PMP has no IPv6" in human.stderr
 
 

@@ -181,17 +181,25 @@ def map_list(via: str, gateway: str | None, timeout: float, as_json: bool) -> No
     type=click.IntRange(1, 65535),
     help="NAT-PMP deletes by internal port: give it if natkit did not make the mapping.",
 )
+@click.option("--ipv6", is_flag=True, help="Close the IPv6 pinhole 'map add --ipv6' opened.")
 @_common("auto")
 def map_delete(
     external_port: int,
     protocol: str,
     internal_port: int | None,
+    ipv6: bool,
     via: str,
     gateway: str | None,
     timeout: float,
     as_json: bool,
 ) -> None:
-    """Delete the mapping of EXTERNAL_PORT from the router."""
+    """Delete the mapping of EXTERNAL_PORT from the router (with --ipv6: the pinhole of
+    this machine's PORT)."""
+    if ipv6:
+        from natkit.cli import map_v6
+
+        map_v6.delete(external_port, protocol=protocol, timeout=timeout, as_json=as_json)
+        return
     proto = protocol.lower()
 
     async def run() -> str:

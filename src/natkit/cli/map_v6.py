@@ -13,6 +13,8 @@ import click
 from rich.table import Table
 
 from natkit.cli.common import emit_json, err, out
+from natkit.errors import NatkitError
+from natkit.portmap import pinhole_state
 from natkit.portmap.pinhole import MAX_LEASE
 from natkit.portmap.pinhole_keeper import Pinhole, open_pinholer
 
@@ -42,6 +44,7 @@ def add(
             pinholer.close()
 
     pinhole = asyncio.run(run())
+    pinhole_state.record(pinhole)  # for 'natkit map delete PORT --ipv6'
     if as_json:
         emit_json(pinhole.to_json())
         return
@@ -51,3 +54,31 @@ def add(
     t.add_row(pinhole.protocol, pinhole.public_address, f"{pinhole.lease} s", pinhole.method,
               pinhole.gateway)  # fmt: skip
     out.print(t)
+
+
+def delete(port: int, *, protocol: str, timeout: float, as_json: bool) -> None:
+    """Remove the pinhole 'natkit map add PORT --ipv6' opened (natkit's record says how)."""
+    pinhole = pinhole_state.take(port, protocol)
+    if pinhole is None:
+        raise NatkitError(
+            f"natkit has no record of an open IPv6 pinhole for port {port}/{protocol.lower()} "
+            "(made elsewhere, or its lease ran out)"
+        )
+
+    async def run() -> int:
+        pinholer = await open_pinholer(
+            via=pinhole.method, gateway6=pinhole.gateway, local6=pinhole.address, timeout=timeout
+        )
+        try:
+            return await pinholer.remove(pinhole)
+        finally:
+            pinholer.close()
+
+    closes_in = asyncio.run(run())
+    if as_json:
+        emit_json({"deleted": closes_in == 0, "closes_in": closes_in, **pinhole.to_json()})
+    elif closes_in:
+        out.print(f"the router would not delete pinhole {pinhole.public_address} "
+                  f"({pinhole.method}); it closes in {closes_in} s")  # fmt: skip
+    else:
+        out.print(f"deleted pinhole {pinhole.public_address} ({pinhole.method})")
