@@ -241,13 +241,20 @@ class PcpPinholer:
         res = await self.client.map(
             proto, port, lease, nonce, suggested_port=port, suggested_ip=self.address
         )
-        if (res.external_ip, res.external_port) != (self.address, port):
-            # A router doing NAT66 or NPTv6 maps instead: report what it granted.
-            log.info("PCP router translated [%s]:%d to [%s]:%d", self.address, port,
-                     res.external_ip, res.external_port)  # fmt: skip
+        if res.external_port != port:
+            # A router doing NAT66 maps rather than opening a pinhole: not what was asked for,
+            # and a Pinhole renews and deletes by the one port it has. Undo, and say so.
+            with contextlib.suppress(NatkitError):
+                await self.client.map(proto, port, 0, nonce)
+            raise NatkitError(
+                f"the router translated [{self.address}]:{port} to [{res.external_ip}]:"
+                f"{res.external_port} (NAT66) instead of opening a pinhole: map the port "
+                "over IPv4, or without --ipv6"
+            )
+        # NPTv6 (prefix translation) may change the address, never the port: report its own.
         return Pinhole(
-            "pcp", proto, res.external_ip, res.external_port, res.lifetime,
-            self.udp.gateway_ip, nonce=nonce.hex(),
+            "pcp", proto, res.external_ip, port, res.lifetime, self.udp.gateway_ip,
+            nonce=nonce.hex(),
         )  # fmt: skip
 
     async def renew(self, pinhole: Pinhole) -> Pinhole:
