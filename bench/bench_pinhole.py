@@ -18,7 +18,7 @@ from benchlib import BenchError, Benchmark, CaseResult, Options, Report, Sample,
 
 from natkit.lab import Lab, LabConfig, netns
 from natkit.lab import config as C
-from natkit.portmap.pinhole_keeper import open_pinholer
+from natkit.portmap.pinhole_mappers import open_pinholer
 
 NAME = "pinhole"
 TRY_TIMEOUT = 0.01  # per connection attempt from wan; the tries follow each other at once

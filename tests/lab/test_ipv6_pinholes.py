@@ -17,7 +17,8 @@ import pytest
 
 from natkit.lab import Lab, netns
 from natkit.lab import config as C
-from natkit.portmap.pinhole_keeper import KeptPinhole, Pinhole
+from natkit.portmap.pinhole_keeper import KeptPinhole
+from natkit.portmap.pinhole_mappers import Pinhole
 from tests.lab import test_expose
 from tests.lab.helpers import http_server, wait_router_uptime
 

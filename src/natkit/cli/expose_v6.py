@@ -10,7 +10,8 @@ from typing import Any
 from natkit.errors import DiscoveryError, NatkitError
 from natkit.portmap.pinhole import MAX_LEASE
 from natkit.portmap.pinhole_addr import global_ipv6, ipv6_gateway
-from natkit.portmap.pinhole_keeper import KeptPinhole, Pinhole
+from natkit.portmap.pinhole_keeper import KeptPinhole
+from natkit.portmap.pinhole_mappers import Pinhole
 
 
 class ExposeV6:

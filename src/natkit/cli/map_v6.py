@@ -16,7 +16,7 @@ from natkit.cli.common import emit_json, err, out
 from natkit.errors import NatkitError
 from natkit.portmap import pinhole_state
 from natkit.portmap.pinhole import MAX_LEASE
-from natkit.portmap.pinhole_keeper import Pinhole, open_pinholer
+from natkit.portmap.pinhole_mappers import Pinhole, open_pinholer
 
 
 def add(

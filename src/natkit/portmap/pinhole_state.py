@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from natkit.portmap.mapping import normalize_protocol
-from natkit.portmap.pinhole_keeper import Pinhole, PinholeMethod
+from natkit.portmap.pinhole_mappers import Pinhole, PinholeMethod
 from natkit.state import load_records, locked, save_records
 
 STEM = "pinholes"  # STATE_DIR/pinholes.json
