@@ -285,7 +285,9 @@ class KeptMapping:
             m = await self.mapper.add(self.internal_port, **args)
         m = await self._choose_loss_check(m)
         self._schedule_renewal(m)
-        self._refresh_at = time.monotonic() + self.refresh_interval
+        # Not yet known how a loss shows: learn it at the next check, not a refresh later.
+        wait = self.refresh_interval if self.loss_check != "pending" else 0.0
+        self._refresh_at = time.monotonic() + wait
         return m
 
     async def _choose_loss_check(self, m: PortMapping) -> PortMapping:
