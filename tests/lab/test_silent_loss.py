@@ -75,8 +75,9 @@ def keep_through_restart(
             try:
                 before = await asyncio.to_thread(reach, lab, port)
                 await asyncio.sleep(1.0)  # a few checks pass: the epoch is known
-                while keeper.loss_check == "pending":  # NAT-PMP: a table is looked for
-                    await asyncio.sleep(0.1)
+                async with asyncio.timeout(10):  # NAT-PMP: a UPnP table is looked for
+                    while keeper.loss_check == "pending":  # noqa: ASYNC110 (no event for it)
+                        await asyncio.sleep(0.1)
                 epoch_before = _epoch(keeper)
                 lab.restart_router_daemon()  # blocks this loop on purpose (see above)
                 assert not has_rule(lab, port), "the restart kept the mapping"
