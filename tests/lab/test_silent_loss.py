@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,8 +22,9 @@ import pytest
 from natkit.lab import Lab, LabConfig
 from natkit.lab import config as C
 from natkit.lab.config import PortmapProtocol
+from natkit.portmap import pcp
 from natkit.portmap.manager import KeptMapping
-from tests.conftest import LAB_PREFIX, _build, run_in_node
+from tests.conftest import LAB_PREFIX, _build, call_in_node, run_in_node
 from tests.lab.helpers import http_get, http_server
 from tests.lab.test_expose import Expose, has_rule
 
@@ -132,7 +135,7 @@ def test_natpmp_only_router_repairs_the_loss_unseen(
     uptime_labs: Callable[[frozenset[PortmapProtocol]], Lab],
 ) -> None:
     """No nonce and no table: the idempotent refresh re-makes the mapping; nothing is
-    reported lost, because nothing could tell (docs/miniupnpd-notes.md)."""
+    reported lost, because nothing could tell (docs/miniupnpd-silent-loss.md)."""
     lab = uptime_labs(frozenset({"natpmp"}))
     events, chosen, before, after = keep_through_restart(lab, "natpmp", refresh=1.0)
     assert before == after == "silent natpmp"
@@ -165,3 +168,55 @@ def test_expose_restores_a_silent_loss_within_a_minute_by_default(
             ex.kill()
     assert took < RESTORE_LIMIT
     assert not has_rule(lab, port), lab.router_rules()
+
+
+def test_what_miniupnpd_answers_kept_and_lost(
+    uptime_labs: Callable[[frozenset[PortmapProtocol]], Lab],
+) -> None:
+    """The table of docs/miniupnpd-silent-loss.md, asserted: a MAP with our nonce is answered
+    alike whether the mapping was kept or lost; a delete under a foreign nonce is not."""
+    lab = uptime_labs(frozenset({"pcp"}))
+    ours, foreign, iport = pcp.new_nonce(), pcp.new_nonce(), 4000
+
+    def ask(nonce: bytes, lifetime: int) -> tuple[int, int, int, int]:
+        """(result, lifetime, epoch, external port) of one MAP from lan."""
+        req = pcp.build_map(
+            client_ip=C.LAN_IP,
+            nonce=nonce,
+            protocol="tcp",
+            internal_port=iport,
+            lifetime=lifetime,
+            suggested_port=iport,
+        )
+
+        def once() -> bytes:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(2.0)
+                s.bind((C.LAN_IP, 0))
+                s.sendto(req, (C.RTR_LAN_IP, pcp.SERVER_PORT))
+                return s.recv(2048)
+
+        data = call_in_node(lab, "lan", once)
+        _, _, _, result, life, epoch = struct.unpack_from("!BBBBII", data)
+        return result, life, epoch, struct.unpack_from("!H", data, 42)[0]
+
+    created = ask(ours, 600)
+    assert created[0] == 0 and created[3] == iport, created
+    kept_refresh = ask(ours, 600)
+    kept_probe = ask(foreign, 0)
+    assert has_rule(lab, iport), "the foreign-nonce delete deleted the mapping"
+    lab.restart_router_daemon()
+    assert not has_rule(lab, iport)
+    lost_probe = ask(foreign, 0)
+    lost_refresh = ask(ours, 600)  # re-creates it
+    try:
+        assert lost_refresh[2] >= kept_refresh[2], "the epoch went back"
+        # The refresh: the same answer (result, lifetime, port) kept or lost.
+        assert (kept_refresh[0], kept_refresh[1], kept_refresh[3]) == (0, 600, iport)
+        assert (lost_refresh[0], lost_refresh[1], lost_refresh[3]) == (0, 600, iport)
+        # The foreign-nonce delete: NOT_AUTHORIZED while held, NO_RESOURCES once lost.
+        assert kept_probe[0] == pcp.NOT_AUTHORIZED, kept_probe
+        assert lost_probe[0] == pcp.NO_RESOURCES, lost_probe
+    finally:
+        ask(ours, 0)
+    assert not has_rule(lab, iport)

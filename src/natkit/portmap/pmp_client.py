@@ -86,6 +86,7 @@ class GatewayUDP:
         a reply. ProtocolError from ``decode`` means "not our answer": ignored. Other natkit
         errors (a result code) are raised."""
         assert self._transport is not None and self._endpoint is not None
+        server = f"{self.gateway_ip}:{self.port}"
         async with self._lock:  # one outstanding request at a time on this socket
             queue = self._endpoint.queue
             while not queue.empty():
@@ -102,7 +103,7 @@ class GatewayUDP:
                     if isinstance(item, Exception):
                         if isinstance(item, ConnectionRefusedError):
                             raise NotOfferedError(
-                                f"{what}: nothing listens on {self.gateway_ip}:{self.port} (port unreachable)"
+                                f"{what}: nothing listens on {server} (port unreachable)"
                             )
                         continue
                     try:
@@ -112,7 +113,7 @@ class GatewayUDP:
                         log.info("%s: ignored a reply: %s", what, exc)
             note = f" ({ignored} invalid replies ignored)" if ignored else ""
             raise NotOfferedError(
-                f"{what}: no answer from {self.gateway_ip}:{self.port} within {sum(schedule):g} s{note}"
+                f"{what}: no answer from {server} within {sum(schedule):g} s{note}"
             )
 
 

@@ -172,11 +172,12 @@ class PcpMapper:
         A delete (lifetime 0) under a nonce of no mapping: a server that checks nonces
         (RFC 6887 11.3) refuses with NOT_AUTHORIZED while the mapping exists and deletes
         nothing; without one there is nothing to refuse. Seen on miniupnpd 2.3.1 in the lab
-        (docs/miniupnpd-notes.md): NOT_AUTHORIZED while held, NO_RESOURCES once lost (RFC 6887
-        would say SUCCESS). A MAP with our own nonce cannot tell: it is answered the same
-        whether it renews the mapping or creates it anew. A server that does not check nonces
-        (draft-cheshire-pcp-unsupp-family drops the check) would delete the mapping: so the manager asks
-        once right after making it, and makes it again unless the answer was NOT_AUTHORIZED.
+        (docs/miniupnpd-silent-loss.md, tests/lab/test_silent_loss.py): NOT_AUTHORIZED while
+        held, NO_RESOURCES once lost (RFC 6887 would say SUCCESS). A MAP with our own nonce
+        cannot tell: it is answered the same whether it renews the mapping or re-creates it.
+        A server that does not check nonces (draft-cheshire-pcp-unsupp-family drops the
+        check) would delete the mapping: so the manager asks once right after making it, and
+        makes it again unless the answer was NOT_AUTHORIZED.
         """
         try:
             await self.client.map(mapping.protocol, mapping.internal_port, 0, pcp.new_nonce())
