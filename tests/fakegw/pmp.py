@@ -14,7 +14,7 @@ client's mappings), an epoch, lifetimes that expire, and switchable behaviours:
 - ``checks_nonce``: a PCP request naming another mapping's nonce is refused (RFC 6887 11.3);
   off, it replaces or deletes that mapping (draft-cheshire-pcp-unsupp-family);
 - ``missing_delete``: what a delete of no mapping gets: ``success`` (RFC 6887) or
-  ``no_resources`` (miniupnpd 2.3.1, measured in the lab; docs/miniupnpd-notes.md).
+  ``no_resources`` (miniupnpd 2.3.1, measured in the lab; docs/miniupnpd-silent-loss.md).
 
 The server runs in a thread with a blocking socket, independent of the client's event loop.
 Replies are built here by hand (struct), not with natkit's codecs, so the two check each other.
@@ -137,9 +137,11 @@ class FakePmpGateway:
             return self._natpmp(req) if self.natpmp else None
         if self.pcp == "silent":
             return None
-        if self.pcp == "unsupported" or req[0] != 2:
+        if self.pcp == "unsupported":
             # RFC 6887 9: a server that knows only NAT-PMP answers in version 0.
             return struct.pack("!BBHI", 0, 128 + req[1], UNSUPP_VERSION, self.epoch)
+        if req[0] != 2:  # a PCP version it does not know: answered in its own, 2
+            return self._pcp_reply(req[1] & 0x7F, UNSUPP_VERSION, ERROR_LIFETIME)
         return self._pcp(req)
 
     def _grant(self, lifetime: int) -> int:

@@ -7,6 +7,7 @@ intervals stand in for a fast clock; waits are bounded (a failure, never a timin
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -262,6 +263,25 @@ async def test_short_leases_are_renewed(gw: FakePmpGateway) -> None:
     assert all(not info["changed"] for e, info in events if e == "renewed")
 
 
+@pytest.mark.parametrize("pcp_mode", ["serve", "unsupported"])
+async def test_a_loss_is_looked_for_before_a_renewal(pcp_mode: str) -> None:
+    """A renewal re-makes a lost mapping unseen, so where a loss can be seen (PCP's probe, a
+    UPnP table: not here for NAT-PMP) it is looked for first."""
+    with fake_pmp_gateway(pcp=pcp_mode, max_lifetime=2) as fake:
+        k, events = keeper(fake, refresh_interval=3600)  # only the renewal comes round
+        await k.start()
+        try:
+            fake.lose_mappings()
+            await until_true(lambda: any(e in ("renewed", "restored") for e, _ in events))
+        finally:
+            await k.close()
+    names = [e for e, _ in events]
+    if pcp_mode == "serve":
+        assert names[:3] == ["ready", "lost", "restored"], events
+    else:  # NAT-PMP, no table: repaired by the renewal, and not reported
+        assert names[:2] == ["ready", "renewed"] and "lost" not in names, events
+
+
 async def test_a_restore_onto_another_port_is_reported_as_changed(gw: FakePmpGateway) -> None:
     other: list[PortMapping] = []
     k, events = keeper(gw)
@@ -278,3 +298,25 @@ async def test_a_restore_onto_another_port_is_reported_as_changed(gw: FakePmpGat
     restored = next(info for e, info in events if e == "restored")
     assert restored["changed"] is True and restored["previous"] == first.public_address
     assert other[0].external_port == first.external_port + 1
+
+
+async def test_the_fake_answers_an_unknown_pcp_version_in_its_own() -> None:
+    """RFC 6887 9 version negotiation, as the fake plays it (version 2, UNSUPP_VERSION)."""
+    with fake_pmp_gateway() as fake:
+        loop = asyncio.get_running_loop()
+        got: asyncio.Future[bytes] = loop.create_future()
+
+        class Once(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                if not got.done():
+                    got.set_result(data)
+
+        transport, _ = await loop.create_datagram_endpoint(
+            Once, remote_addr=(GW, fake.port), family=socket.AF_INET
+        )
+        try:
+            transport.sendto(bytes([3, 0]) + bytes(22))  # a PCP version 3 ANNOUNCE
+            reply = await asyncio.wait_for(got, 5)
+        finally:
+            transport.close()
+    assert (reply[0], reply[1], reply[3]) == (2, 0x80, 1)

@@ -191,7 +191,8 @@ Listener = Callable[[str, PortMapping, dict[str, Any]], None]
 #   pcp-nonce   a PCP delete under another nonce is refused while the mapping exists
 #   refresh     nothing can tell: the mapping is re-made every REFRESH_INTERVAL (the request
 #               is idempotent), so a loss is repaired within it, but never seen or reported
-#   pending     not yet known (NAT-PMP or PCP before the first refresh looked for a table)
+#   pending     not yet known (NAT-PMP, or PCP without nonce checks, until the first check
+#               has looked for a UPnP table)
 LossCheck = Literal["upnp-table", "pcp-nonce", "refresh", "pending"]
 SILENT_LOSS = (
     "the router lost the mapping while its epoch ran on (its daemon restarted or its "
@@ -200,7 +201,11 @@ SILENT_LOSS = (
 
 
 class KeptMapping:
-    """A mapping kept alive until :meth:`close`. Events: ready, renewed, lost, restored, closed."""
+    """A mapping kept alive until :meth:`close`. Events: ready, renewed, lost, restored, closed.
+
+    Every ``check_interval`` the router is asked something cheap (PCP/NAT-PMP epoch, the UPnP
+    entry); every ``refresh_interval`` a PCP/NAT-PMP mapping is looked for (``loss_check``).
+    """
 
     def __init__(
         self,
@@ -335,10 +340,12 @@ class KeptMapping:
         if not reason:
             try:
                 if time.monotonic() >= self._renew_at:
-                    fresh = await self.mapper.renew(self.mapping)
-                    self._renewed(fresh)
-                    return
-                if not await self.mapper.check(self.mapping):
+                    # A renewal would re-make a lost mapping unseen: look first where we can.
+                    reason = await self._look_before_renewal()
+                    if not reason:
+                        self._renewed(await self.mapper.renew(self.mapping))
+                        return
+                elif not await self.mapper.check(self.mapping):
                     reason = "the router lost the mapping (rebooted or purged it)"
                 elif time.monotonic() >= self._refresh_at:
                     self._refresh_at = time.monotonic() + self.refresh_interval
@@ -347,6 +354,13 @@ class KeptMapping:
                 reason = f"the router stopped answering: {exc}"
         if reason:
             await self._restore(reason)
+
+    async def _look_before_renewal(self) -> str:
+        assert self.mapping is not None
+        if self.mapping.method == "upnp" or self.loss_check not in ("pcp-nonce", "upnp-table"):
+            return ""
+        self._refresh_at = time.monotonic() + self.refresh_interval
+        return await self._look_for_silent_loss()
 
     def _renewed(self, fresh: PortMapping) -> None:
         assert self.mapping is not None
