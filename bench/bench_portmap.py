@@ -13,6 +13,12 @@ Part 2: a ``KeptMapping`` (lease 120 s) per protocol on the LAN host; the router
 from the start of the reboot until a TCP connection from wan to the public address reaches
 the LAN listener again, polling every 20 ms, and note when the keeper said "lost" and
 "restored".
+
+Part 3: a silent loss. The lab's miniupnpd is switched to ``system_uptime=yes`` (OpenWrt's
+default: the NAT-PMP/PCP epoch is the machine's uptime) and restarted as a service
+(``Lab.restart_router_daemon``: every mapping gone, the epoch runs on). A ``KeptMapping``
+with natkit's default settings per protocol; timed from the restart until a TCP connection
+from wan reaches the LAN listener again.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ from benchlib import (
 from natkit.lab import Lab, LabConfig, netns
 from natkit.lab import config as C
 from natkit.portmap import pcp, ssdp
-from natkit.portmap.manager import KeptMapping, probe
+from natkit.portmap.manager import REFRESH_INTERVAL, KeptMapping, probe
 from natkit.portmap.mapping import PortMapping
 from natkit.portmap.pmp_mappers import NatPmpMapper
 from natkit.portmap.upnp import UPnPMapper
@@ -85,6 +91,9 @@ ROUTER_MIN_UPTIME = 4.0
 POLL_INTERVAL = 0.02  # a new SYN from wan every 20 ms
 POLL_STALE = 0.5  # a SYN unanswered this long was dropped (no mapping yet): forget it
 POLL_GIVE_UP = RENEWAL_INTERVAL + 10  # long enough to see "within one renewal interval"
+SILENT_ITERATIONS = 3  # part 3: each waits up to one refresh interval (30 s by default)
+SILENT_METHODS = ("pcp", "natpmp", "upnp")
+SILENT_GOAL_S = 60.0  # issue 13: noticed and restored within 60 s by default
 
 NATPMPC_PUBLIC = re.compile(r"Public IP address : (\S+)")
 NATPMPC_MAPPED = re.compile(
@@ -452,6 +461,7 @@ class RebootCase:
     label: str
     via: str
     check_interval: float
+    silent: bool = False  # a service restart under system_uptime=yes, not a reboot
 
 
 def reboot_cases() -> list[RebootCase]:
@@ -468,6 +478,19 @@ def reboot_cases() -> list[RebootCase]:
                 )
             )
     return found
+
+
+def silent_cases() -> list[RebootCase]:
+    return [
+        RebootCase(
+            f"silent_{via}",
+            f"KeptMapping via {via}, natkit's defaults",
+            via,
+            DEFAULT_CHECK_INTERVAL,
+            silent=True,
+        )
+        for via in SILENT_METHODS
+    ]
 
 
 def wait_router_uptime(lab: Lab, seconds: float) -> None:
@@ -540,7 +563,10 @@ def reboot_once(ctx: Ctx, case: RebootCase, port: int) -> Sample:
 
     def reboot_and_wait(m: PortMapping) -> tuple[float, float, float, int]:
         t0 = time.perf_counter()
-        ctx.lab.reboot_router()
+        if case.silent:
+            ctx.lab.restart_router_daemon()
+        else:
+            ctx.lab.reboot_router()
         t1 = time.perf_counter()
         t_reach, attempts = netns.call_in(
             ctx.lab.netns("wan"),
@@ -563,8 +589,14 @@ def reboot_once(ctx: Ctx, case: RebootCase, port: int) -> Sample:
         try:
             await asyncio.to_thread(ctx.verify, before.external_ip, before.external_port, port)
             await asyncio.to_thread(wait_router_uptime, ctx.lab, ROUTER_MIN_UPTIME)
-            # Let the reboot fall at a random point of the keeper's check cycle.
-            await asyncio.sleep(random.uniform(0, case.check_interval))
+            cycle = case.check_interval
+            if case.silent:
+                cycle = keeper.refresh_interval  # a loss is looked for once per refresh
+                async with asyncio.timeout(30):  # NAT-PMP: is there a UPnP table?
+                    while keeper.loss_check == "pending":  # noqa: ASYNC110 (no event for it)
+                        await asyncio.sleep(0.05)
+            # Let the reboot fall at a random point of the keeper's cycle.
+            await asyncio.sleep(random.uniform(0, cycle))
             try:
                 t0, t_rebooted, t_reach, attempts = await asyncio.to_thread(reboot_and_wait, before)
             except BenchError as exc:
@@ -581,7 +613,7 @@ def reboot_once(ctx: Ctx, case: RebootCase, port: int) -> Sample:
         after_events = [(t - t0, e, info) for t, e, info in events if t > t0]
         if after is None or after.public_address != before.public_address:
             raise BenchError(f"restored elsewhere: {before} → {after}")
-        phases = {"reboot": t_rebooted - t0}
+        phases = {"restart" if case.silent else "reboot": t_rebooted - t0}
         lost = next(((t, info) for t, e, info in after_events if e == "lost"), None)
         restored = next((t for t, e, _ in after_events if e == "restored"), None)
         if lost is not None:
@@ -595,6 +627,7 @@ def reboot_once(ctx: Ctx, case: RebootCase, port: int) -> Sample:
                 "method": before.method,
                 "public": before.public_address,
                 "check_interval_s": case.check_interval,
+                "loss_check": keeper.loss_check,
                 "lost_reason": lost[1].get("reason", "") if lost else "",
                 "events": [(e, round(t, 3)) for t, e, _ in after_events],
                 "poll_attempts": attempts,
@@ -644,11 +677,12 @@ def _run_part2(
     results: dict[str, CaseResult],
     all_cases: list[RebootCase],
     ports: Iterator[int],
+    what: str = "reboots",
 ) -> None:
     for rnd in range(rounds):
         k = rnd % len(all_cases)
         order = all_cases[k:] + all_cases[:k]
-        print(f"  reboots {rnd + 1}/{rounds}:", end="", flush=True)
+        print(f"  {what} {rnd + 1}/{rounds}:", end="", flush=True)
         for case in order:
             res = results[case.key]
             port = next(ports)
@@ -678,6 +712,9 @@ def run(lab: Lab | None, opts: Options) -> Report:
     results = {c.key: CaseResult(c.key, c.label, c.kind, c.note) for c in all_cases}
     all_reboots = reboot_cases()
     reboots = {c.key: CaseResult(c.key, c.label, "subject", detail=True) for c in all_reboots}
+    all_silent = silent_cases()
+    silent = {c.key: CaseResult(c.key, c.label, "subject", detail=True) for c in all_silent}
+    silent_rounds = min(SILENT_ITERATIONS, opts.iterations)
 
     admin = netns.run_in(lab.netns("lan"), UPnPMapper.discover)
     with (
@@ -691,6 +728,10 @@ def run(lab: Lab | None, opts: Options) -> Report:
         ports = itertools.count(FIRST_PORT)  # a new port for every mapping of both parts
         _run_part1(ctx, opts, results, all_cases, ports)
         _run_part2(ctx, reboot_rounds, reboots, all_reboots, ports)
+        # Part 3: OpenWrt's setting; a restart is then a silent loss (the epoch runs on).
+        lab.cfg = dataclasses.replace(lab.cfg, system_uptime=True)
+        lab.restart_router_daemon()
+        _run_part2(ctx, silent_rounds, silent, all_silent, ports, "silent losses")
 
     ordered = [results[c.key] for c in all_cases]
     for res in ordered:  # say which protocol "auto" chose
@@ -698,6 +739,7 @@ def run(lab: Lab | None, opts: Options) -> Report:
         if res.key in ("natkit_auto", "natkit_probe_add") and methods:
             res.label += f" → {'/'.join(methods)}"
     reboot_ordered = [reboots[c.key] for c in all_reboots]
+    silent_ordered = [silent[c.key] for c in all_silent]
 
     ratios = [
         ratio(
@@ -748,6 +790,12 @@ def run(lab: Lab | None, opts: Options) -> Report:
             f"({RENEWAL_INTERVAL:.0f} s) with UPnP, every run",
             all_within(("upnp",), RENEWAL_INTERVAL),
         ),
+        (
+            f"silent loss (service restart, system_uptime=yes) → reachable again within "
+            f"{SILENT_GOAL_S:.0f} s with natkit's defaults, every protocol, every run",
+            all(r.samples and not r.failures for r in silent_ordered)
+            and all(s.total < SILENT_GOAL_S for r in silent_ordered for s in r.samples),
+        ),
     ]
     notes = [
         "Part 1 timed: from nothing to a mapping the router has confirmed. In-process cases: "
@@ -786,6 +834,17 @@ def run(lab: Lab | None, opts: Options) -> Report:
         f"{RENEWAL_INTERVAL:.0f} s), which is when a client that only renews would notice.",
         f"{reboot_rounds} reboots per case, cases interleaved (rotating order); natkit's "
         f"default check interval is {DEFAULT_CHECK_INTERVAL:g} s.",
+        "Part 3: the lab's miniupnpd is switched to `system_uptime=yes` (OpenWrt's default; "
+        "its NAT-PMP/PCP epoch is the machine's uptime) and `Lab.restart_router_daemon()` "
+        "restarts it as a service with a firewall reload: every mapping is gone, conntrack "
+        "kept, the epoch runs on. `KeptMapping(port, via=V, lease="
+        f"{KEEP_LEASE})` with natkit's defaults (checks every {DEFAULT_CHECK_INTERVAL:g} s, a "
+        f"silent loss looked for every {REFRESH_INTERVAL:g} s). The restart lands at a random "
+        "point of the refresh cycle (uniform 0..30 s), so on average natkit notices 15 s "
+        "after it. How it notices (`loss_check` in the JSON): PCP by a delete under a foreign "
+        "nonce, which miniupnpd refuses while the mapping exists; NAT-PMP by the router's "
+        "UPnP table; UPnP by the table read of every check. A restart that falls on a check "
+        "is seen as 'stopped answering' instead (the lost_reason in the JSON says which).",
     ]
     if minissdpd:
         notes.append(
@@ -807,6 +866,8 @@ def run(lab: Lab | None, opts: Options) -> Report:
             "reboot_iterations": reboot_rounds,
             "keep_lease_s": KEEP_LEASE,
             "check_intervals_s": list(CHECK_INTERVALS),
+            "silent_iterations": silent_rounds,
+            "refresh_interval_s": REFRESH_INTERVAL,
             "router_min_uptime_s": ROUTER_MIN_UPTIME,
             "poll_interval_ms": POLL_INTERVAL * 1000,
             "settle_between_cases_ms": SETTLE * 1000,
@@ -832,7 +893,19 @@ def run(lab: Lab | None, opts: Options) -> Report:
                 f"wan through the restored mapping (polled every {POLL_INTERVAL * 1000:.0f} ms). "
                 "Each timeline point is its own median over the runs, so the points need not "
                 "come from one run; every run's events are in the JSON (`samples_detail`).",
-            )
+            ),
+            Section(
+                "silent",
+                "Silent loss (service restart, system_uptime=yes) → reachable again from wan "
+                f"(KeptMapping, lease {KEEP_LEASE} s, natkit's defaults)",
+                silent_ordered,
+                unit="s",
+                compare=False,
+                phase_sep=" → ",
+                phases_header="timeline from the restart's start (median s)",
+                intro=f"{silent_rounds} restarts per protocol; total = first TCP connection "
+                "from wan through the restored mapping.",
+            ),
         ],
         clients=f"natkit {m.get('natkit')} (git {m.get('git')}), Debian `natpmpc` "
         f"{m.get('natpmpc_deb')}, PyPI `miniupnpc` {m.get('miniupnpc_binding')}, "
@@ -844,7 +917,8 @@ def run(lab: Lab | None, opts: Options) -> Report:
 
 BENCHMARK = Benchmark(
     name=NAME,
-    description="PCP/NAT-PMP/UPnP: nothing → mapping (vs natpmpc, miniupnpc), reboot → reachable",
+    description="PCP/NAT-PMP/UPnP: nothing → mapping (vs natpmpc, miniupnpc), reboot and "
+    "silent loss → reachable",
     lab_config=lab_config,
     run=run,
 )

@@ -139,6 +139,9 @@ class LabConfig:
     nat2: NatBehaviour = "eim"
     portmap2: frozenset[PortmapProtocol] = frozenset(PORTMAP_PROTOCOLS)
     upnp_port2: int = UPNP_HTTP_PORT
+    # miniupnpd's epoch is the machine's uptime (OpenWrt's default): a daemon restart then
+    # loses every mapping while the NAT-PMP/PCP epoch runs on (a "silent loss").
+    system_uptime: bool = False
 
     def netns(self, node: str) -> str:
         return f"{self.name}-{node}"
@@ -212,6 +215,7 @@ class LabConfig:
             "nat2": self.nat2,
             "portmap2": sorted(self.portmap2),
             "upnp_port2": self.upnp_port2,
+            "system_uptime": self.system_uptime,
         }
 
     @classmethod
@@ -231,6 +235,7 @@ class LabConfig:
             nat2=parse_nat(str(data.get("nat2", "eim"))),
             portmap2=frozenset(p for p in PORTMAP_PROTOCOLS if p in portmap2),
             upnp_port2=int(str(data.get("upnp_port2", UPNP_HTTP_PORT))),
+            system_uptime=data.get("system_uptime", False) is True,
         )
 
 
@@ -372,6 +377,7 @@ def miniupnpd_conf(cfg: LabConfig, node: RouterNode = "rtr") -> str:
     pmp = "yes" if ("natpmp" in router.portmap or "pcp" in router.portmap) else "no"
     upnp = "yes" if "upnp" in router.portmap else "no"
     which = "" if node == "rtr" else f" {node}"
+    uptime = "yes" if cfg.system_uptime else "no"
     return f"""\
 ext_ifname={RTR_WAN_IF}
 listening_ip={RTR_LAN_BRIDGE}
@@ -379,7 +385,7 @@ port={router.upnp_port}
 enable_upnp={upnp}
 enable_natpmp={pmp}
 secure_mode=yes
-system_uptime=no
+system_uptime={uptime}
 uuid={router.uuid}
 friendly_name=natkit lab router{which} ({cfg.name})
 notify_interval=30

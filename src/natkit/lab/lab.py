@@ -273,6 +273,16 @@ class Lab:
             log.write("---- natkit lab reboot ----\n")
         self.start_router_daemon(router)
 
+    def restart_router_daemon(self, router: RouterNode = "rtr") -> None:
+        """A service restart with a firewall reload, not a reboot: miniupnpd restarts and its
+        chains are flushed (every mapping is gone), conntrack is kept. With ``system_uptime``
+        the NAT-PMP/PCP epoch runs on, so clients watching only the epoch see nothing."""
+        self.stop_router_daemon(router)
+        self._load_ruleset(router)
+        with open(self.miniupnpd_log(router), "a") as log:
+            log.write("---- natkit lab service restart ----\n")
+        self.start_router_daemon(router)
+
     def flush_nat(
         self, router: RouterNode = "rtr", *, protocol: str | None = None, check: bool = True
     ) -> None:

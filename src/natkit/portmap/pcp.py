@@ -25,6 +25,8 @@ MAX_MESSAGE = 1100  # RFC 6887 section 7
 PROTOCOLS = {"tcp": 6, "udp": 17}
 # Result codes whose replies may come from a NAT-PMP-only server (version negotiation).
 UNSUPP_VERSION = 1
+NOT_AUTHORIZED = 2  # also: a delete under another mapping's nonce (RFC 6887 11.3)
+NO_RESOURCES = 8
 # RFC 6887 8.1.1: IRT 3 s, doubling, MRT 1024 s, each scaled by a random factor in ±10 %.
 IRT, MRT = 3.0, 1024.0
 

@@ -47,21 +47,26 @@ class _Endpoint(asyncio.DatagramProtocol):
 
 
 class GatewayUDP:
-    """One connected UDP socket to ``gateway:5351`` and a request/response exchange on it."""
+    """One connected UDP socket to ``gateway:5351`` and a request/response exchange on it.
 
-    def __init__(self, gateway_ip: str, local_ip: str) -> None:
+    ``port`` is for tests only: a fake gateway on loopback listens on a free port."""
+
+    def __init__(self, gateway_ip: str, local_ip: str, port: int = natpmp.SERVER_PORT) -> None:
         self.gateway_ip = gateway_ip
         self.local_ip = local_ip
+        self.port = port
         self._transport: asyncio.DatagramTransport | None = None
         self._endpoint: _Endpoint | None = None
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, gateway_ip: str | None = None) -> GatewayUDP:
+    async def open(
+        cls, gateway_ip: str | None = None, *, port: int = natpmp.SERVER_PORT
+    ) -> GatewayUDP:
         gw = gateway_ip or default_gateway()
-        self = cls(gw, local_address_for(gw))
+        self = cls(gw, local_address_for(gw), port)
         loop = asyncio.get_running_loop()
-        peer = (gw, natpmp.SERVER_PORT)
+        peer = (gw, port)
         self._transport, self._endpoint = await loop.create_datagram_endpoint(
             lambda: _Endpoint(peer),
             local_addr=(self.local_ip, 0),
@@ -81,6 +86,7 @@ class GatewayUDP:
         a reply. ProtocolError from ``decode`` means "not our answer": ignored. Other natkit
         errors (a result code) are raised."""
         assert self._transport is not None and self._endpoint is not None
+        server = f"{self.gateway_ip}:{self.port}"
         async with self._lock:  # one outstanding request at a time on this socket
             queue = self._endpoint.queue
             while not queue.empty():
@@ -97,7 +103,7 @@ class GatewayUDP:
                     if isinstance(item, Exception):
                         if isinstance(item, ConnectionRefusedError):
                             raise NotOfferedError(
-                                f"{what}: nothing listens on {self.gateway_ip}:5351 (port unreachable)"
+                                f"{what}: nothing listens on {server} (port unreachable)"
                             )
                         continue
                     try:
@@ -107,7 +113,7 @@ class GatewayUDP:
                         log.info("%s: ignored a reply: %s", what, exc)
             note = f" ({ignored} invalid replies ignored)" if ignored else ""
             raise NotOfferedError(
-                f"{what}: no answer from {self.gateway_ip}:5351 within {sum(schedule):g} s{note}"
+                f"{what}: no answer from {server} within {sum(schedule):g} s{note}"
             )
 
 

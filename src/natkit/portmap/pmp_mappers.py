@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from natkit.errors import PcpError
 from natkit.portmap import natpmp, pcp
 from natkit.portmap.mapping import Method, PortMapping, normalize_protocol
 from natkit.portmap.pmp_client import GatewayUDP, NatPmpClient, PcpClient
@@ -30,8 +31,10 @@ class NatPmpMapper:
         self.external_ip_at = 0.0
 
     @classmethod
-    async def open(cls, gateway_ip: str | None = None, *, timeout: float = 2.0) -> NatPmpMapper:
-        return cls(await GatewayUDP.open(gateway_ip), timeout=timeout)
+    async def open(
+        cls, gateway_ip: str | None = None, *, timeout: float = 2.0, port: int = natpmp.SERVER_PORT
+    ) -> NatPmpMapper:
+        return cls(await GatewayUDP.open(gateway_ip, port=port), timeout=timeout)
 
     @property
     def internal_ip(self) -> str:
@@ -103,8 +106,10 @@ class PcpMapper:
         self.client = PcpClient(udp, timeout=timeout)
 
     @classmethod
-    async def open(cls, gateway_ip: str | None = None, *, timeout: float = 2.0) -> PcpMapper:
-        return cls(await GatewayUDP.open(gateway_ip), timeout=timeout)
+    async def open(
+        cls, gateway_ip: str | None = None, *, timeout: float = 2.0, port: int = pcp.SERVER_PORT
+    ) -> PcpMapper:
+        return cls(await GatewayUDP.open(gateway_ip, port=port), timeout=timeout)
 
     @property
     def internal_ip(self) -> str:
@@ -160,6 +165,29 @@ class PcpMapper:
     async def remove(self, mapping: PortMapping) -> None:
         nonce = bytes.fromhex(mapping.nonce) if mapping.nonce else pcp.new_nonce()
         await self.client.map(mapping.protocol, mapping.internal_port, 0, nonce)
+
+    async def held(self, mapping: PortMapping) -> bool:
+        """Does the router still hold a mapping of our internal port? Asked without touching it.
+
+        A delete (lifetime 0) under a nonce of no mapping: a server that checks nonces
+        (RFC 6887 11.3) refuses with NOT_AUTHORIZED while the mapping exists and deletes
+        nothing; without one there is nothing to refuse. Seen on miniupnpd 2.3.1 in the lab
+        (docs/miniupnpd-silent-loss.md, tests/lab/test_silent_loss.py): NOT_AUTHORIZED while
+        held, NO_RESOURCES once lost (RFC 6887 would say SUCCESS). A MAP with our own nonce
+        cannot tell: it is answered the same whether it renews the mapping or re-creates it.
+        A server that does not check nonces (draft-cheshire-pcp-unsupp-family drops the
+        check) would delete the mapping: so the manager asks once right after making it, and
+        makes it again unless the answer was NOT_AUTHORIZED.
+        """
+        try:
+            await self.client.map(mapping.protocol, mapping.internal_port, 0, pcp.new_nonce())
+        except PcpError as exc:
+            if exc.code == pcp.NOT_AUTHORIZED:
+                return True
+            if exc.code == pcp.NO_RESOURCES:
+                return False
+            raise
+        return False
 
     async def check(self, mapping: PortMapping) -> bool:
         await self.client.announce(timeout=1.0)
