@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import socket
 from collections.abc import Callable
@@ -24,7 +23,8 @@ from natkit.net.sockets import reset_on_close
 
 CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20
-HAVE_SPLICE = hasattr(os, "splice")
+# Capabilities, not a platform: os.splice and os.pipe2 are Linux's (macOS has neither).
+HAVE_SPLICE = hasattr(os, "splice") and hasattr(os, "pipe2")
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _F_SETPIPE_SZ = 1031
 
@@ -49,6 +49,8 @@ class _PipePool:
     def get(self) -> tuple[int, int]:
         if self.free:
             return self.free.pop()
+        import fcntl  # (here: splice, hence fcntl, is Linux's; Windows has no fcntl)
+
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         with contextlib.suppress(OSError):
             fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
