@@ -37,6 +37,15 @@ def _abort(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
+def _grow_pipe(fd: int) -> None:
+    try:
+        import fcntl  # (only where splice is: Windows has no fcntl)
+    except ImportError:
+        return  # the pipe keeps the system's size
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+
+
 class _PipePool:
     """Idle connections hold no pipe: a direction borrows one only while bytes are in
     flight and returns it empty. A visitor then costs 2 file descriptors instead of 6, and
@@ -49,11 +58,8 @@ class _PipePool:
     def get(self) -> tuple[int, int]:
         if self.free:
             return self.free.pop()
-        import fcntl  # (here: splice, hence fcntl, is Linux's; Windows has no fcntl)
-
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
+        _grow_pipe(w)
         return r, w
 
     def put(self, pipe: tuple[int, int]) -> None:
@@ -237,6 +243,7 @@ class _Half(asyncio.Protocol):
         self.closed = closed
         self.pending: list[bytes] = []
         self.pending_eof = False
+        self.linked = False  # until link(): kept in order in ``pending``
         self.eof_in = False  # our remote finished sending
         self.eof_out = False  # we told our remote we finished
         self.bytes = 0
@@ -268,7 +275,7 @@ class _Half(asyncio.Protocol):
     def deliver(self, data: bytes) -> None:
         self.bytes += len(data)
         peer = self.peer
-        if peer is None or peer.transport is None:
+        if peer is None or not self.linked:
             self.pending.append(data)
             return
         peer.send(data)
@@ -276,7 +283,7 @@ class _Half(asyncio.Protocol):
     def deliver_eof(self) -> None:
         self.eof_in = True
         peer = self.peer
-        if peer is None or peer.transport is None:
+        if peer is None or not self.linked:
             self.pending_eof = True
             return
         peer.send_eof()
@@ -319,7 +326,12 @@ def bridge_protocols(
 
 
 def link(a: _Half, b: _Half) -> None:
-    """Start forwarding once both transports exist; flush what arrived before."""
+    """Start forwarding once both transports exist; flush what arrived before.
+
+    Until then both sides only queue: a side whose peer's transport exists already must
+    not send past what it queued earlier (asyncio delivers bytes and EOF to the first
+    side while the second connects; a write after the EOF it passed on would fail)."""
+    a.linked = b.linked = True
     for side in (a, b):
         peer = side.peer
         assert peer is not None and peer.transport is not None
