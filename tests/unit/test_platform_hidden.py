@@ -9,21 +9,21 @@ Linux's do here (see docs/platforms.md)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from natkit.relay.server import RelayConfig, RelayServer
+from natkit.relay.server import RelayServer
+from tests.relay.test_relay_data_conns import TOKEN, _visit, echo, relay
+
+__all__ = ["echo", "relay"]  # fixtures shared with the in-process data connection tests
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-TOKEN = "platform-token-0123456789abcdef0"
 LOOPBACK = "127.0.0.1"
 
 # Run before natkit is imported (the network guard's sitecustomize has run already).
@@ -75,40 +75,6 @@ main()
 EVERYTHING = "splice,fcntl,resource,uvloop,sendmsg,proc"
 
 
-@pytest.fixture
-async def relay(tmp_path: Path) -> AsyncIterator[RelayServer]:
-    server = RelayServer(
-        RelayConfig(
-            listen_host=LOOPBACK,
-            listen_port=0,
-            tokens={"a": TOKEN},
-            ports=(41100, 41149),
-            state_dir=tmp_path / "relay",
-            stun=False,
-            pool_size=4,
-        )
-    )
-    await server.start()
-    yield server
-    await server.close()
-
-
-@pytest.fixture
-async def echo() -> AsyncIterator[int]:
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-            writer.write_eof()
-        writer.close()
-
-    server = await asyncio.start_server(serve, LOOPBACK, 0)
-    yield int(server.sockets[0].getsockname()[1])
-    server.close()
-    await server.wait_closed()
-
-
 async def _events(proc: asyncio.subprocess.Process, until: str) -> dict[str, Any]:
     assert proc.stdout is not None
     while True:
@@ -118,15 +84,6 @@ async def _events(proc: asyncio.subprocess.Process, until: str) -> dict[str, Any
         event: dict[str, Any] = json.loads(line)
         if event["event"] == until:
             return event
-
-
-async def _visit(port: int, payload: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection(LOOPBACK, port)
-    writer.write(payload)
-    writer.write_eof()
-    got = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    return got
 
 
 @pytest.mark.parametrize(
