@@ -216,3 +216,45 @@ def test_global_ipv6_of_interfaces_leaves_out_local_scopes(
     ]
     monkeypatch.setattr(ifaddr, "get_adapters", lambda: adapters)
     assert run._global_ipv6_of_interfaces() == ["2001:db8:1:2::37", "fd12:3456::37"]
+
+
+async def test_the_blocking_relay_api_runs_its_agent_on_a_loop_that_watches_sockets(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``natkit.connect`` (its own thread and loop) where asyncio's default loop cannot
+    watch sockets: the agent runs on the selector loop instead, and carries a visitor.
+    The relay and the service run in this test's loop, on 127.0.0.1."""
+    import natkit
+    from natkit.relay.server import RelayConfig, RelayServer
+
+    token = "platform-api-token-0123456789abc"
+    server = RelayServer(RelayConfig(listen_host="127.0.0.1", listen_port=0,
+                                     tokens={"a": token}, ports=(41150, 41159),
+                                     state_dir=tmp_path / "relay", stun=False))  # fmt: skip
+    await server.start()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"served: " + await reader.read())
+        writer.close()
+
+    service = await asyncio.start_server(serve, "127.0.0.1", 0)
+    windows_like(monkeypatch)  # (this test's own loop exists already)
+    try:
+        tunnel = await asyncio.to_thread(
+            natkit.connect, service.sockets[0].getsockname()[1],
+            relay=f"127.0.0.1:{server.listen_port}", token=token,
+            known_relays=tmp_path / "known.json", timeout=10,
+        )  # fmt: skip
+        try:
+            assert type(tunnel._runner.loop) is asyncio.selector_events.BaseSelectorEventLoop
+            host, port = tunnel.public_url.rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"hello")
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), 10) == b"served: hello"
+            writer.close()
+        finally:
+            await asyncio.to_thread(tunnel.close)
+    finally:
+        service.close()
+        await server.close()
