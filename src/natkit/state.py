@@ -27,12 +27,13 @@ def state_dir() -> Path:
 
 
 @contextlib.contextmanager
-def _locked() -> Iterator[Path]:
+def locked(stem: str = "mappings") -> Iterator[Path]:
+    """``STATE_DIR/STEM.json``, held under an exclusive lock (other natkit processes wait)."""
     d = state_dir()
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(d / "mappings.lock", "w") as lock:
+    with open(d / f"{stem}.lock", "w") as lock:
         _lock(lock)
-        yield d / "mappings.json"
+        yield d / f"{stem}.json"
 
 
 def _lock(file: IO[str]) -> None:
@@ -48,7 +49,8 @@ def _lock(file: IO[str]) -> None:
     fcntl.flock(file, fcntl.LOCK_EX)
 
 
-def _load(path: Path) -> list[dict[str, Any]]:
+def load_records(path: Path) -> list[dict[str, Any]]:
+    """The records in ``path`` that have not expired (``expires`` 0: never)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -57,7 +59,7 @@ def _load(path: Path) -> list[dict[str, Any]]:
     return [r for r in data if isinstance(r, dict) and (not r.get("expires") or r["expires"] > now)]
 
 
-def _save(path: Path, records: list[dict[str, Any]]) -> None:
+def save_records(path: Path, records: list[dict[str, Any]]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(records, indent=1))
     os.replace(tmp, path)
@@ -75,15 +77,15 @@ def _key(r: dict[str, Any]) -> tuple[str, str, int, str]:
 def record(mapping: PortMapping, gateway: str) -> None:
     rec = mapping.to_json() | {"nonce": mapping.nonce, "gateway": gateway}
     rec["expires"] = time.time() + mapping.lease if mapping.lease else 0
-    with _locked() as path:
-        records = [r for r in _load(path) if _key(r) != _key(rec)]
+    with locked() as path:
+        records = [r for r in load_records(path) if _key(r) != _key(rec)]
         records.append(rec)
-        _save(path, records)
+        save_records(path, records)
 
 
 def find(gateway: str, method: str, external_port: int, protocol: str) -> PortMapping | None:
-    with _locked() as path:
-        for r in _load(path):
+    with locked() as path:
+        for r in load_records(path):
             if _key(r) == (gateway, method, external_port, normalize_protocol(protocol)):
                 return _to_mapping(r)
     return None
@@ -91,15 +93,15 @@ def find(gateway: str, method: str, external_port: int, protocol: str) -> PortMa
 
 def forget(gateway: str, method: str, external_port: int, protocol: str) -> None:
     key = (gateway, method, external_port, normalize_protocol(protocol))
-    with _locked() as path:
-        _save(path, [r for r in _load(path) if _key(r) != key])
+    with locked() as path:
+        save_records(path, [r for r in load_records(path) if _key(r) != key])
 
 
 def listed(gateway: str, method: str | None = None) -> list[PortMapping]:
-    with _locked() as path:
+    with locked() as path:
         return [
             _to_mapping(r)
-            for r in _load(path)
+            for r in load_records(path)
             if r.get("gateway") == gateway and (method is None or r.get("method") == method)
         ]
 

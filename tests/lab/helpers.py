@@ -13,7 +13,10 @@ from natkit.lab import Lab, netns
 
 
 def tcp_server_in(lab: Lab, node: str, ip: str, port: int = 0) -> socket.socket:
-    return netns.call_in(lab.netns(node), lambda: socket.create_server((ip, port), backlog=64))
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    return netns.call_in(
+        lab.netns(node), lambda: socket.create_server((ip, port), family=family, backlog=64)
+    )
 
 
 @contextlib.contextmanager

@@ -534,13 +534,21 @@ def test_hostile_device_alone_is_refused_in_bounded_time(quiet_lab: Lab, variant
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
 def test_real_igd_found_beside_hostile_device(lab: Lab, variant: Variant) -> None:
+    # Discovery ends once the router's own answer is probed (three HTTP requests), and the
+    # hostile LOCATION's fetch starts at the same moment: on a loaded machine the router can
+    # win before the hostile connection is even made (seen about once in four runs). So up
+    # to three rounds, each of which must find the router; at least one must have fetched
+    # from the hostile device, or its payload was never tested.
     with hostile_device(lab, variant) as dev:
-        t0 = time.monotonic()
-        gw = run_in_node(lab, "lan", lambda: discover_igd(timeout=BOTH_TIMEOUT))
-        elapsed = time.monotonic() - t0
-        dev.settle()
-    assert elapsed < BOTH_TIMEOUT + 1.0, f"discovery took {elapsed:.2f} s"
-    assert gw.location == ROUTER_LOCATION
-    assert gw.external_ip == C.RTR_WAN_IP and gw.connected
-    assert "MiniUPnPd" in gw.server
+        for _ in range(3):
+            t0 = time.monotonic()
+            gw = run_in_node(lab, "lan", lambda: discover_igd(timeout=BOTH_TIMEOUT))
+            elapsed = time.monotonic() - t0
+            dev.settle()
+            assert elapsed < BOTH_TIMEOUT + 1.0, f"discovery took {elapsed:.2f} s"
+            assert gw.location == ROUTER_LOCATION
+            assert gw.external_ip == C.RTR_WAN_IP and gw.connected
+            assert "MiniUPnPd" in gw.server
+            if dev.conns or not variant.fetched:
+                break
     dev.check()

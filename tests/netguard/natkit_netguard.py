@@ -21,7 +21,14 @@ from typing import Any
 # Keep in step with natkit.lab.config.LAB_SUBNETS (tests/lab/test_lab_nat.py checks it).
 LAB_NETS = [
     ipaddress.ip_network(n)
-    for n in ("192.168.77.0/24", "100.200.0.0/16", "100.201.0.0/24", "192.168.78.0/24")
+    for n in (
+        "192.168.77.0/24",
+        "100.200.0.0/16",
+        "100.201.0.0/24",
+        "192.168.78.0/24",
+        "2001:db8:77::/64",
+        "2001:db8:201::/64",
+    )
 ]
 LAB_MULTICAST = [ipaddress.ip_network("239.255.255.250/32"), ipaddress.ip_network("224.0.0.0/24")]
 LOOPBACK = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]

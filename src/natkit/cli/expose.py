@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import signal
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -34,6 +35,7 @@ class _Status:
         self.mapping: PortMapping | None = None
         self.history: list[str] = []
         self.renewals = 0
+        self.v6_address = ""  # the IPv6 pinhole's address, when there is one
 
     def render(self) -> Table:
         t = Table.grid(padding=(0, 2))
@@ -49,6 +51,8 @@ class _Status:
                 else f"[b yellow]{m.public_address}[/] ({m.protocol})",
             )
             t.add_row("reachability", m.reachability_note)
+            if self.v6_address:
+                t.add_row("IPv6 address", f"[b green]{self.v6_address}[/] (pinhole)")
             t.add_row("forwards to", f"{m.internal_ip}:{m.internal_port}")
             t.add_row(
                 "via", f"{m.method}, lease {m.lease or 'permanent'} s, renewed {self.renewals}×"
@@ -105,6 +109,8 @@ def _event_json(event: str, m: PortMapping, info: dict[str, Any]) -> dict[str, A
 )
 @click.option("--takeover", is_flag=True,
               help="Take the relay port or host name over from another live agent of this token.")  # fmt: skip
+@click.option("--no-ipv6", is_flag=True,
+              help="No IPv6 pinhole (one is opened when this host has a global IPv6 address).")  # fmt: skip
 @click.option(
     "--json", "as_json", is_flag=True, help="JSON lines: ready, renewed, lost, restored, closed."
 )
@@ -143,6 +149,7 @@ class ExposeOptions:
     plaintext_data: bool
     fingerprint: str | None
     takeover: bool
+    no_ipv6: bool
     as_json: bool
 
     @property
@@ -282,6 +289,17 @@ async def _run_relay(
         _say(opts, {"event": "closed", **base, "public_address": spec.public}, "tunnel closed")
 
 
+async def _both(mapped: Awaitable[PortMapping], pinhole: Awaitable[None]) -> PortMapping:
+    """Both at once; a failure is raised only once both are over, so that the caller's
+    cleanup also sees a pinhole made meanwhile."""
+    m, p = await asyncio.gather(mapped, pinhole, return_exceptions=True)
+    for result in (m, p):
+        if isinstance(result, BaseException):
+            raise result
+    assert not isinstance(m, BaseException)
+    return m
+
+
 async def _run_mapping(
     opts: ExposeOptions, stop: asyncio.Event, keeper: KeptMapping | None, *, verified: bool = False
 ) -> None:
@@ -294,9 +312,14 @@ async def _run_mapping(
     # print the block once mapped and a line per event instead.
     plain = not as_json and not out.is_terminal
 
+    from natkit.cli.expose_v6 import ExposeV6  # only when router mapping is tried
+
+    v6 = ExposeV6(opts.port, protocol=opts.protocol, lease=opts.lease, gateway=opts.gateway,
+                  check_interval=opts.check_interval)  # fmt: skip
+
     def on_event(event: str, m: PortMapping, info: dict[str, Any]) -> None:
         if as_json:
-            emit_json(_event_json(event, m, info))
+            emit_json({**_event_json(event, m, info), **v6.fields(event)})
             return
         status.mapping = m
         stamp = time.strftime("%H:%M:%S")
@@ -328,14 +351,21 @@ async def _run_mapping(
                 line = status.state
             out.print(line, markup=False, soft_wrap=True)
 
-    keeper.on_event(on_event)
     try:
+        # The IPv6 pinhole is made beside the mapping; "ready" then reports both.
+        pinhole_made = v6.start() if not opts.no_ipv6 else asyncio.sleep(0)
         if started:
             assert keeper.mapping is not None
+            await pinhole_made
             mapping = keeper.mapping
-            on_event("ready", mapping, {"probe": keeper.probe_result, "verified": verified})
+            ready_info = {"probe": keeper.probe_result, "verified": verified}
         else:
-            mapping = await keeper.start()
+            mapping = await _both(keeper.start(), pinhole_made)
+            ready_info = {"probe": keeper.probe_result}
+        status.v6_address = v6.pinhole.public_address if v6.pinhole else ""
+        keeper.on_event(on_event)
+        on_event("ready", mapping, ready_info)
+        v6.on_event(lambda event, line: _say(opts, line, f"IPv6 pinhole {event}"))
         if plain:
             out.print(status.render())
         elif not as_json:
@@ -344,8 +374,11 @@ async def _run_mapping(
             live.update(status.render(), refresh=True)
             if not mapping.publicly_reachable:
                 err.print(f"[yellow]warning:[/] {mapping.reachability_note}")
+            if v6.error:
+                err.print(f"[yellow]no IPv6 pinhole:[/] {v6.error}")
         await stop.wait()
     finally:
+        await v6.close()
         await keeper.close()
         if live is not None:
             live.update(status.render(), refresh=True)

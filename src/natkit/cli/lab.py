@@ -201,6 +201,10 @@ def _print_status(status: dict[str, Any]) -> None:
         portmap2 = ",".join(router2["portmap"]) or "none"
         out.print(f"router2 (rtr2, for lan2): nat={router2['nat']}  portmap={portmap2}")
         _print_router("router2", router2)
+    v6 = status.get("ipv6")
+    if v6:
+        out.print(f"IPv6: LAN {v6['lan_prefix']} (router {v6['router_lan_ip']}), routed without "
+                  f"NAT to WAN {v6['router_wan_ip']}; inbound dropped unless a pinhole opens it")  # fmt: skip
     isp = status.get("isp")
     if isp:
         out.print(f"isp (carrier NAT): {isp['cpe_ip']} → public {isp['wan_ip']}")

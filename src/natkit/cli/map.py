@@ -84,6 +84,7 @@ def map_group() -> None:
     help="Seconds the router keeps the mapping (0 = permanent; UPnP only; avoid).",
 )
 @click.option("--description", default="natkit", show_default=True)
+@click.option("--ipv6", is_flag=True, help="Open an IPv6 pinhole to this host's global address.")
 @_common("auto")
 def map_add(
     internal_port: int,
@@ -91,12 +92,24 @@ def map_add(
     protocol: str,
     lease: int,
     description: str,
+    ipv6: bool,
     via: str,
     gateway: str | None,
     timeout: float,
     as_json: bool,
 ) -> None:
-    """Map INTERNAL_PORT on this machine to a public port on the router, then exit."""
+    """Map INTERNAL_PORT on this machine to a public port on the router, then exit.
+
+    With --ipv6: open INTERNAL_PORT of this machine's global IPv6 address in the router's
+    firewall instead (a pinhole: no translation, the address is this machine's own)."""
+    if ipv6:
+        if external_port is not None:
+            raise click.UsageError("a pinhole keeps the port: --external-port is IPv4 only")
+        from natkit.cli import map_v6
+
+        map_v6.add(internal_port, protocol=protocol, lease=lease, via=via, gateway=gateway,
+                   timeout=timeout, as_json=as_json)  # fmt: skip
+        return
 
     async def run() -> tuple[PortMapping, str]:
         result = await probe(via=via, gateway_ip=gateway, timeout=timeout)
@@ -168,17 +181,25 @@ def map_list(via: str, gateway: str | None, timeout: float, as_json: bool) -> No
     type=click.IntRange(1, 65535),
     help="NAT-PMP deletes by internal port: give it if natkit did not make the mapping.",
 )
+@click.option("--ipv6", is_flag=True, help="Close the IPv6 pinhole 'map add --ipv6' opened.")
 @_common("auto")
 def map_delete(
     external_port: int,
     protocol: str,
     internal_port: int | None,
+    ipv6: bool,
     via: str,
     gateway: str | None,
     timeout: float,
     as_json: bool,
 ) -> None:
-    """Delete the mapping of EXTERNAL_PORT from the router."""
+    """Delete the mapping of EXTERNAL_PORT from the router (with --ipv6: the pinhole of
+    this machine's PORT)."""
+    if ipv6:
+        from natkit.cli import map_v6
+
+        map_v6.delete(external_port, protocol=protocol, timeout=timeout, as_json=as_json)
+        return
     proto = protocol.lower()
 
     async def run() -> str:

@@ -47,6 +47,21 @@ RTR2_LAN_IP = "192.168.78.1"
 LAN2_IP = "192.168.78.10"
 RTR2_WAN_IP = "100.200.0.4"  # .1 is rtr (or isp), .2 and .3 are wan
 
+# IPv6 (dual stack), from the documentation prefix 2001:db8::/32: the LAN is a global /64 with
+# no IPv6 NAT, so a LAN host is reachable from the Internet only through a pinhole in rtr's
+# firewall. miniupnpd 2.3.1 makes pinholes for these addresses (shared/lab-facts.md,
+# docs/miniupnpd-ipv6.md). Only rtr and its side (lan, dev, wan) get IPv6; isp and rtr2 do
+# not, so a lab with --upstream-nat is IPv4 only.
+LAN6_PREFIX = 64
+LAN6_NET = "2001:db8:77::"
+RTR_LAN_IP6 = "2001:db8:77::1"
+LAN_IP6 = "2001:db8:77::10"
+DEV_IP6 = "2001:db8:77::20"
+WAN6_PREFIX = 64
+WAN6_NET = "2001:db8:201::"
+RTR_WAN_IP6 = "2001:db8:201::1"
+WAN_IPS6 = ("2001:db8:201::2", "2001:db8:201::3")
+
 # Interface names inside the namespaces (each namespace has its own name space for them).
 RTR_WAN_IF = "wan0"
 RTR_LAN_BRIDGE = "br-lan"
@@ -84,6 +99,8 @@ LAB_SUBNETS = (
     f"{WAN_NET}/{WAN_PREFIX}",
     f"{ISP_NET}/{ISP_PREFIX}",
     f"{LAN2_NET}/{LAN_PREFIX}",
+    f"{LAN6_NET}/{LAN6_PREFIX}",
+    f"{WAN6_NET}/{WAN6_PREFIX}",
 )
 
 
@@ -167,6 +184,11 @@ class LabConfig:
                 uuid=str(uuid.uuid5(uuid.NAMESPACE_URL, f"natkit-lab:{self.router_uuid}:rtr2")),
             )
         raise ValueError(f"lab {self.name!r} has no router {node!r} (rtr2 needs --second-lan)")
+
+    @property
+    def ipv6(self) -> bool:
+        """Dual stack on rtr's side: every lab but one with a carrier NAT (isp has no IPv6)."""
+        return not self.upstream_nat
 
     @property
     def rtr_wan_ip(self) -> str:
@@ -255,6 +277,18 @@ def router_ruleset(cfg: LabConfig, node: RouterNode = "rtr") -> str:
     """
     router = cfg.router(node)
     wan = RTR_WAN_IF
+    # IPv6 (rtr only): neighbour discovery from the WAN must reach the router itself; any other
+    # unsolicited inbound IPv6 meets the forward chain's drop, which sits after the jump to
+    # miniupnpd in the same base chain so that a pinhole's accept wins (an accept in another
+    # base chain would not stop this drop).
+    # The table is inet: IPv6 leaves before the masquerade, routed without NAT.
+    nd_accept = no_nat66 = ""
+    if node == "rtr" and cfg.ipv6:
+        nd_accept = (
+            f'iifname "{wan}" icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept'
+        )
+        no_nat66 = f'oifname "{wan}" meta nfproto ipv6 accept'
+
     masquerade = "masquerade random" if router.nat == "random" else "masquerade"
     full_cone = ""
     if router.nat == "full-cone":
@@ -272,6 +306,7 @@ table inet filter {{
     chain input {{
         type filter hook input priority 0; policy accept;
         {pmp_filter}
+        {nd_accept}
         iifname "{wan}" ct state established,related accept
         iifname "{wan}" drop
     }}
@@ -292,6 +327,7 @@ table inet filter {{
     chain postrouting {{
         type nat hook postrouting priority 100; policy accept;
         jump postrouting_miniupnpd
+        {no_nat66}
         oifname "{wan}" {masquerade}
     }}
     chain prerouting_miniupnpd {{

@@ -18,6 +18,10 @@ With ``second_lan`` a peer host sits behind a second router on the same Internet
     [rtr2] wan0 100.200.0.4 ────────┘
       br-lan 192.168.78.1 ── lan2 192.168.78.10
 
+The first LAN is dual stack (not with ``upstream_nat``): 2001:db8:77::/64, routed without NAT
+to 2001:db8:201::/64 where rtr's wan0 is ::1 and wan ::2/::3; rtr drops unsolicited inbound
+IPv6, so a LAN host is reached only through a pinhole (UPnP IGD2 or PCP, from miniupnpd).
+
 ``rtr`` is a real kernel NAT (nftables) running Debian's miniupnpd; ``wan`` stands for the
 Internet and runs coturn (STUN/TURN); ``dev`` is a second LAN device (tests use it for
 hostile SSDP answers). Nothing is linked to the host's own network.
@@ -406,6 +410,15 @@ class Lab:
             "lan_ip": C.LAN_IP,
             "lan2_ip": C.LAN2_IP if cfg.second_lan else None,
             "wan_ips": list(C.WAN_IPS),
+            "ipv6": {
+                "lan_ip": C.LAN_IP6,
+                "lan_prefix": f"{C.LAN6_NET}/{C.LAN6_PREFIX}",
+                "router_lan_ip": C.RTR_LAN_IP6,
+                "router_wan_ip": C.RTR_WAN_IP6,
+                "wan_ips": list(C.WAN_IPS6),
+            }
+            if cfg.ipv6
+            else None,
         }
 
     def _router_status(self, router: RouterNode) -> dict[str, Any]:

@@ -20,6 +20,12 @@ def _veth(ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
 def _add_netns(name: str) -> None:
     run(["ip", "netns", "add", name])
     ip(name, "link", "set", "lo", "up")
+    # No duplicate address detection on the links made next: while a link-local address is
+    # tentative (a second or two), the kernel sends no neighbour solicitation for a forwarded
+    # packet, so rtr could not reach wan over IPv6 at first (seen: the first connection of a
+    # fresh lab timed out). Every address in a lab is unique by construction.
+    dad_off = (f"net.ipv6.conf.{scope}.accept_dad=0" for scope in ("all", "default"))
+    in_netns(name, "sysctl", "-qw", *dad_off)
 
 
 def _lan(rtr: str, rtr_ip: str, hosts: dict[str, tuple[str, str]]) -> None:
@@ -56,6 +62,28 @@ def _router(ns: str, wan_ip: str, prefix: int, gateway: str) -> None:
     in_netns(ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
 
 
+def _addr6(ns: str, addr: str, prefix: int, dev: str) -> None:
+    # nodad: usable at once (miniupnpd must see the LAN's address when it starts, or it
+    # disables IPv6), and nothing else in an isolated lab could hold the same address.
+    ip(ns, "-6", "addr", "add", f"{addr}/{prefix}", "dev", dev, "nodad")
+
+
+def _dual_stack(ns: dict[str, str]) -> None:
+    """IPv6 on rtr's side of a lab: a global /64 on the LAN routed (no NAT) to the Internet
+    segment; rtr forwards it, and its firewall (config.router_ruleset) drops what is
+    unsolicited. wan reaches the LAN through rtr, as the Internet reaches a home's prefix."""
+    rtr, wan = ns["rtr"], ns["wan"]
+    _addr6(rtr, C.RTR_LAN_IP6, C.LAN6_PREFIX, C.RTR_LAN_BRIDGE)
+    _addr6(rtr, C.RTR_WAN_IP6, C.WAN6_PREFIX, C.RTR_WAN_IF)
+    in_netns(rtr, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+    for node, addr in (("lan", C.LAN_IP6), ("dev", C.DEV_IP6)):
+        _addr6(ns[node], addr, C.LAN6_PREFIX, C.HOST_IF)
+        ip(ns[node], "-6", "route", "add", "default", "via", C.RTR_LAN_IP6)
+    for addr in C.WAN_IPS6:
+        _addr6(wan, addr, C.WAN6_PREFIX, C.HOST_IF)
+    ip(wan, "-6", "route", "add", f"{C.LAN6_NET}/{C.LAN6_PREFIX}", "via", C.RTR_WAN_IP6)
+
+
 def build(cfg: LabConfig) -> None:
     """Create every namespace of ``cfg`` and wire them (no daemons, no router rulesets)."""
     ns = {node: cfg.netns(node) for node in cfg.nodes}
@@ -90,3 +118,6 @@ def build(cfg: LabConfig) -> None:
         rtr2 = ns["rtr2"]
         _lan(rtr2, C.RTR2_LAN_IP, {"lan2": (ns["lan2"], C.LAN2_IP)})
         _router(rtr2, C.RTR2_WAN_IP, C.WAN_PREFIX, cfg.router("rtr2").gateway)
+
+    if cfg.ipv6:
+        _dual_stack(ns)

@@ -20,11 +20,16 @@ from natkit.portmap.ssdp import parse_http_url
 
 MAX_DESCRIPTION_BYTES = 256 * 1024
 MAX_DEVICE_DEPTH = 16
+# Recovery from a broken document (see _recover): how many <service> fragments, how big each.
+MAX_RECOVERED_SERVICES = 64
+MAX_FRAGMENT_BYTES = 16 * 1024
 
-WAN_SERVICE_TYPES: tuple[str, ...] = (
-    "urn:schemas-upnp-org:service:WANIPConnection:2",
-    "urn:schemas-upnp-org:service:WANIPConnection:1",
-    "urn:schemas-upnp-org:service:WANPPPConnection:1",
+# Every WAN connection service a router may offer for port mapping, any version:
+# WANIPConnection:1/2 (the standard ones), WANPPPConnection:1 and, on the Orange Livebox
+# (Sagemcom), WANPPPConnection:2; TR-064 style routers (Huawei HG531, seen in miniupnp
+# issue #273 and lab-facts) name them urn:dslforum-org:service:WANPPPConnection:1.
+_WAN_TYPE = re.compile(
+    r"urn:(schemas-upnp-org|dslforum-org):service:(WANIPConnection|WANPPPConnection):([1-9][0-9]{0,2})"
 )
 
 # Names end up on a terminal; C0/C1 controls could smuggle escape sequences there.
@@ -54,20 +59,64 @@ class DeviceDescription:
     udn: str
     services: tuple[Service, ...]
 
+    # The parse error, when the document was not well-formed and its services were read
+    # from its <service> fragments one by one (see _recover); "" for a sound document.
+    repaired: str = ""
+
     def wan_services(self) -> list[Service]:
-        """The WAN*Connection services, most capable first (stable within a type)."""
-        wan = [s for s in self.services if s.service_type in WAN_SERVICE_TYPES]
-        return sorted(wan, key=lambda s: WAN_SERVICE_TYPES.index(s.service_type))
+        """The WAN*Connection services, newest version first, then IP before PPP, then the
+        UPnP forum's before dslforum's; document order within one type."""
+        wan = [s for s in self.services if wan_service_type(s.service_type) is not None]
+        return sorted(wan, key=wan_preference)
+
+
+@dataclass(frozen=True)
+class WanServiceType:
+    """What a WAN connection service type says: who defined it, which kind, which version."""
+
+    domain: str  # "schemas-upnp-org" | "dslforum-org"
+    kind: str  # "WANIPConnection" | "WANPPPConnection"
+    version: int
+
+
+def wan_service_type(service_type: str) -> WanServiceType | None:
+    """The parts of a WAN connection service type, or None for any other service."""
+    match = _WAN_TYPE.fullmatch(service_type)
+    if match is None:
+        return None
+    return WanServiceType(match.group(1), match.group(2), int(match.group(3)))
+
+
+def wan_preference(service: Service) -> tuple[int, int, int]:
+    """Sort key among WAN services (smaller is better); other services sort last."""
+    parsed = wan_service_type(service.service_type)
+    if parsed is None:
+        return (1, 0, 0)
+    return (
+        -parsed.version,
+        0 if parsed.kind == "WANIPConnection" else 1,
+        0 if parsed.domain == "schemas-upnp-org" else 1,
+    )
 
 
 def parse_description(body: bytes, location: str) -> DeviceDescription:
-    """Parse a device description fetched from ``location``; :class:`ProtocolError` if unusable."""
+    """Parse a device description fetched from ``location``; :class:`ProtocolError` if unusable.
+
+    A document that is not well-formed (one broken tag, as some firmware serves) is not
+    refused outright: its ``<service>`` fragments are parsed one by one (see _recover).
+    """
     if len(body) > MAX_DESCRIPTION_BYTES:
         raise ProtocolError(
             f"device description from {location} is {len(body)} bytes, "
             f"more than the {MAX_DESCRIPTION_BYTES} allowed"
         )
-    root = _parse_xml(body, location)
+    try:
+        root = _parse_xml(body, location)
+    except _NotWellFormed as broken:
+        recovered = _recover(body, location, str(broken))
+        if recovered is None:
+            raise ProtocolError(str(broken)) from None
+        return recovered
     device = root if _local(root) == "device" else _child(root, "device")
     if device is None:
         raise ProtocolError(f"device description from {location} has no root <device>")
@@ -91,6 +140,10 @@ def parse_description(body: bytes, location: str) -> DeviceDescription:
     )
 
 
+class _NotWellFormed(Exception):
+    """The document is not well-formed XML (but not hostile: no DTD, no entity games)."""
+
+
 def _parse_xml(body: bytes, location: str) -> Element:
     try:
         root = defusedxml.ElementTree.fromstring(
@@ -101,10 +154,93 @@ def _parse_xml(body: bytes, location: str) -> Element:
     except defusedxml.DefusedXmlException as exc:
         raise ProtocolError(f"device description from {location} was refused: {exc}") from None
     except Exception as exc:  # ParseError, and whatever else a hostile document provokes
-        raise ProtocolError(f"device description from {location} is not valid XML: {exc}") from None
+        raise _NotWellFormed(
+            f"device description from {location} is not valid XML: {exc}"
+        ) from None
     if not isinstance(root, Element):
-        raise ProtocolError(f"device description from {location} is not valid XML")
+        raise _NotWellFormed(f"device description from {location} is not valid XML")
     return root
+
+
+# Tolerant recovery, in the spirit of miniupnpc's parser (which maps through such documents),
+# but never by parsing the broken document leniently: each <service>…</service> fragment is
+# cut out and parsed on its own by defusedxml, with a cap on count and size. A document that
+# mentions a DTD or an entity declaration anywhere is not recovered at all.
+_OPEN_SERVICE = re.compile(rb"<(?:[A-Za-z_][\w.-]*:)?service[\s>]")
+_CLOSE_SERVICE = re.compile(rb"</(?:[A-Za-z_][\w.-]*:)?service\s*>")
+_TAG_PREFIX = re.compile(rb"<(/?)[A-Za-z_][\w.-]*:(?=[A-Za-z_])")
+_DECLARATION = re.compile(rb"<!(?:DOCTYPE|ENTITY)", re.IGNORECASE)
+_MAX_FIELD = 512
+
+
+def _recover(body: bytes, location: str, error: str) -> DeviceDescription | None:
+    if _DECLARATION.search(body):
+        return None
+    base = location
+    url_base = _field(body, b"URLBase")
+    if _valid_http(url_base):
+        base = url_base
+    services: list[Service] = []
+    for fragment in _service_fragments(body):
+        element = _parse_fragment(fragment)
+        if element is None:
+            continue
+        control_url = _resolve(base, _text(_child(element, "controlURL")))
+        if control_url:
+            services.append(_service(element, base, control_url, device_type=""))
+    if not services:
+        return None
+    return DeviceDescription(
+        device_type=_field(body, b"deviceType"),  # the first one is the root device's
+        friendly_name=_field(body, b"friendlyName"),
+        manufacturer=_field(body, b"manufacturer"),
+        model_name=_field(body, b"modelName"),
+        udn=_field(body, b"UDN"),
+        services=tuple(services),
+        repaired=error,
+    )
+
+
+def _service_fragments(body: bytes) -> list[bytes]:
+    """Each <service>…</service>, pairing every opening with the next closing (linear time)."""
+    closes = [m.end() for m in _CLOSE_SERVICE.finditer(body)]
+    fragments: list[bytes] = []
+    i = 0
+    for opening in _OPEN_SERVICE.finditer(body):
+        start = opening.start()
+        while i < len(closes) and closes[i] <= start:
+            i += 1
+        if i == len(closes) or len(fragments) >= MAX_RECOVERED_SERVICES:
+            break
+        if closes[i] - start <= MAX_FRAGMENT_BYTES:
+            fragments.append(body[start : closes[i]])
+    return fragments
+
+
+def _parse_fragment(fragment: bytes) -> Element | None:
+    # Prefixes are dropped: their xmlns declarations were on an ancestor left behind.
+    try:
+        element = defusedxml.ElementTree.fromstring(
+            _TAG_PREFIX.sub(rb"<\1", fragment),
+            forbid_dtd=True,
+            forbid_entities=True,
+            forbid_external=True,
+        )
+    except Exception:  # this fragment is broken too; the others may not be
+        return None
+    return element if isinstance(element, Element) else None
+
+
+def _field(body: bytes, name: bytes) -> str:
+    """The text of the first <name>…</name> in a broken document: "" if that one is the
+    broken part (a later one would belong to another device)."""
+    prefix = rb"(?:[A-Za-z_][\w.-]*:)?"
+    opening = re.search(rb"<%s%s>" % (prefix, name), body)
+    if opening is None:
+        return ""
+    whole = re.compile(rb"<%s%s>[^<]{0,%d}</%s%s\s*>" % (prefix, name, _MAX_FIELD, prefix, name))
+    match = whole.match(body, opening.start())
+    return _text(_parse_fragment(match.group(0))) if match else ""
 
 
 def _collect(device: Element, base: str, out: list[Service], *, depth: int, location: str) -> None:
@@ -118,19 +254,21 @@ def _collect(device: Element, base: str, out: list[Service], *, depth: int, loca
             control_url = _resolve(base, _text(_child(service, "controlURL")))
             if not control_url:
                 continue  # nothing we could ever call; keep the rest of the document
-            out.append(
-                Service(
-                    service_type=_text(_child(service, "serviceType")),
-                    service_id=_text(_child(service, "serviceId")),
-                    control_url=control_url,
-                    event_sub_url=_resolve(base, _text(_child(service, "eventSubURL"))),
-                    scpd_url=_resolve(base, _text(_child(service, "SCPDURL"))),
-                    device_type=device_type,
-                )
-            )
+            out.append(_service(service, base, control_url, device_type))
     for device_list in _children(device, "deviceList"):
         for child in _children(device_list, "device"):
             _collect(child, base, out, depth=depth + 1, location=location)
+
+
+def _service(element: Element, base: str, control_url: str, device_type: str) -> Service:
+    return Service(
+        service_type=_text(_child(element, "serviceType")),
+        service_id=_text(_child(element, "serviceId")),
+        control_url=control_url,
+        event_sub_url=_resolve(base, _text(_child(element, "eventSubURL"))),
+        scpd_url=_resolve(base, _text(_child(element, "SCPDURL"))),
+        device_type=device_type,
+    )
 
 
 def _resolve(base: str, ref: str) -> str:

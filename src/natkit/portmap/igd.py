@@ -8,10 +8,10 @@ import ipaddress
 from natkit.errors import ProtocolError, UPnPError
 from natkit.net import http
 from natkit.portmap import soap
-from natkit.portmap.description import DeviceDescription, Service
+from natkit.portmap.description import DeviceDescription, Service, wan_service_type
 from natkit.portmap.ssdp import parse_http_url
 
-IGD2_WANIP = "urn:schemas-upnp-org:service:WANIPConnection:2"
+MAX_NAME_IN_MESSAGES = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +44,24 @@ class Gateway:
     service: Service
     local_ip: str
     server: str = ""
-    external_ip: str = ""
-    connected: bool = True
+    external_ip: str = ""  # "" when unknown (not asked, refused, or 0.0.0.0)
+    connected: bool | None = True  # None: the router did not say (GetStatusInfo refused)
+    # What the router answered to a ranking call it refused (GetStatusInfo/GetExternalIPAddress).
+    notes: tuple[str, ...] = ()
+
+    @property
+    def router(self) -> str:
+        """How messages name this router: its address and, if it gave one, its name."""
+        return router_label(parse_http_url(self.service.control_url)[0], self.description)
+
+
+def router_label(host: str, description: DeviceDescription | None) -> str:
+    """E.g. "the router at 192.168.1.1 (FRITZ!Box 7590)"."""
+    name = ""
+    if description is not None:
+        name = description.friendly_name or description.model_name
+    name = name[:MAX_NAME_IN_MESSAGES]
+    return f"the router at {host} ({name})" if name else f"the router at {host}"
 
 
 def _int(values: dict[str, str], key: str, action: str, default: int | None = None) -> int:
@@ -78,19 +94,30 @@ def _protocol(protocol: str) -> str:
 class IGDClient:
     """SOAP actions on one WAN*Connection service. Each call is one bounded HTTP request."""
 
-    def __init__(self, service: Service, *, local_ip: str | None = None, timeout: float = 2.0):
+    def __init__(
+        self,
+        service: Service,
+        *,
+        local_ip: str | None = None,
+        timeout: float = 2.0,
+        router: str = "",
+    ):
         self.service = service
         self.local_ip = local_ip
         self.timeout = timeout
+        # When set ("the router at … (name)"), a refusal's message starts with it.
+        self.router = router
         self.host, self.port, self.path = parse_http_url(service.control_url)
 
     @classmethod
     def for_gateway(cls, gw: Gateway, *, timeout: float = 2.0) -> IGDClient:
-        return cls(gw.service, local_ip=gw.local_ip, timeout=timeout)
+        return cls(gw.service, local_ip=gw.local_ip, timeout=timeout, router=gw.router)
 
     @property
     def is_igd2(self) -> bool:
-        return self.service.service_type == IGD2_WANIP
+        """Version 2 of a WAN service: it may offer AddAnyPortMapping (tried, never relied on)."""
+        parsed = wan_service_type(self.service.service_type)
+        return parsed is not None and parsed.version >= 2
 
     async def call(
         self, action: str, args: list[tuple[str, str | int]] | None = None
@@ -110,16 +137,30 @@ class IGDClient:
             timeout=self.timeout,
             local_addr=self.local_ip,
         )
-        return soap.parse_response(resp.status, resp.body, action)
+        try:
+            return soap.parse_response(resp.status, resp.body, action)
+        except UPnPError as exc:
+            if self.router:  # "the router at … (name) refused AddPortMapping: UPnP error …"
+                exc.args = (f"{self.router} refused {exc}",)
+            raise
+        except soap.HTTPStatusError as exc:
+            if self.router:
+                raise soap.HTTPStatusError(exc.status, action, self.router) from None
+            raise
 
     async def get_external_ip(self) -> str:
+        """The router's external address; "" when it has none to tell."""
         values = await self.call("GetExternalIPAddress")
         ip = values.get("NewExternalIPAddress", "").strip()
         if ip:
             try:
-                ipaddress.ip_address(ip)
+                parsed = ipaddress.ip_address(ip)
             except ValueError:
                 raise ProtocolError(f"router sent external address {ip!r}, not an IP") from None
+            if parsed.is_unspecified:
+                # 0.0.0.0: routers say this while the WAN link is down or for the WAN
+                # service not in use (e.g. the idle WANIPConnection beside a PPP one).
+                return ""
         return ip
 
     async def get_status_info(self) -> StatusInfo:

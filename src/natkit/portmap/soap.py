@@ -32,6 +32,21 @@ _TEXT_ENTITIES = {"\r": "&#13;"}
 _ATTR_ENTITIES = {'"': "&quot;", "'": "&apos;", "\r": "&#13;", "\n": "&#10;", "\t": "&#9;"}
 
 
+class RouterRefusal(ProtocolError):
+    """The router answered, but with a refusal that carries no UPnP error code.
+
+    It did answer, so this is a refusal, not silence: discovery keeps such a service."""
+
+
+class HTTPStatusError(RouterRefusal):
+    """The router answered with an HTTP error status and no UPnP fault (e.g. 401, 500)."""
+
+    def __init__(self, status: int, action: str, router: str = "router") -> None:
+        self.status = status
+        self.action = action
+        super().__init__(f"{router} answered HTTP {status} to {action}")
+
+
 def build_request(
     service_type: str,
     action: str,
@@ -97,14 +112,14 @@ def parse_response(status: int, body: bytes, action: str) -> dict[str, str]:
     root = _parse_xml(body, action)
     if root is None:
         if status != 200:  # an HTML error page, or nothing at all
-            raise ProtocolError(f"router answered HTTP {status} to {action}")
+            raise HTTPStatusError(status, action)
         raise ProtocolError(f"router's answer to {action} is not valid XML")
 
     fault = _find(root, "Fault")
     if fault is not None:
         _raise_fault(fault, action)
     if status != 200:
-        raise ProtocolError(f"router answered HTTP {status} to {action}")
+        raise HTTPStatusError(status, action)
 
     response = _find(root, f"{action}Response", ignore_case=True)
     if response is None:
@@ -124,7 +139,7 @@ def _raise_fault(fault: Element, action: str) -> None:
     if _CODE.fullmatch(code):
         raise upnp_error(int(code), description, action)
     reason = _text(_find(fault, "faultstring")) or description or "no reason given"
-    raise ProtocolError(f"router refused {action} with a SOAP fault: {reason[:200]}")
+    raise RouterRefusal(f"router refused {action} with a SOAP fault: {reason[:200]}")
 
 
 def _parse_xml(body: bytes, action: str) -> Element | None:

@@ -253,12 +253,19 @@ class SealedChannel:
         rather than queued: the small-message path, when no output is waiting
         (:meth:`has_output`), so the order of records is kept."""
         header = _HEADER.pack(len(data))
-        body = _CIPHERS.of(self._aead, self._send_key).encrypt(_nonce(self._sent), data, header)
+        sealer = _CIPHERS.get(self._send_key)  # a hit without a method call: this is per message
+        if sealer is None or type(sealer) is not self._aead:
+            sealer = _CIPHERS.of(self._aead, self._send_key)
+        body = sealer.encrypt(_nonce(self._sent), data, header)
         self._sent += 1
         return header, body
 
     def has_output(self) -> bool:
         return bool(self._out)
+
+    def in_record(self) -> bool:
+        """True while a record is arriving in parts (receive the rest into ``recv_buffer``)."""
+        return self._rec is not None
 
     def take_output(self) -> list[bytes | memoryview]:
         """The records sealed since the last call (header and ciphertext buffers)."""
@@ -323,10 +330,11 @@ class SealedChannel:
         if length + _HEADER.size + TAG_SIZE != size or length > self.limit:
             return None
         header = data[: _HEADER.size]
+        opener = _CIPHERS.get(self._recv_key)
+        if opener is None or type(opener) is not self._aead:
+            opener = _CIPHERS.of(self._aead, self._recv_key)
         try:
-            plain = _CIPHERS.of(self._aead, self._recv_key).decrypt(
-                _nonce(self._opened), data[_HEADER.size :], header
-            )
+            plain = opener.decrypt(_nonce(self._opened), data[_HEADER.size :], header)
         except InvalidTag:
             self._fail("a record failed to open")
             raise ProtocolError(self._error) from None

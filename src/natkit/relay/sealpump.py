@@ -354,7 +354,21 @@ class Bridge:
             _LEN.pack_into(buf, 0, n)
             chan = sealed.chan
             if not chan.has_output():  # the usual case: one record, sent now
-                self._send_record(*chan.seal_record(buf[: _LEN.size + n]))
+                header, body = chan.seal_record(buf[: _LEN.size + n])
+                try:
+                    sent = _sendmsg(sealed.sock, (header, body))
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError as exc:
+                    self._finish(exc)
+                    return
+                if sent != len(header) + len(body):  # sealed is full: keep the rest, wait
+                    sealed.unsent = (
+                        [header[sent:], body]
+                        if sent < len(header)
+                        else [memoryview(body)[sent - len(header) :]]
+                    )
+                    self._update()
                 return
             chan.seal(buf[: _LEN.size + n])
         else:
@@ -368,23 +382,6 @@ class Bridge:
         if not sent or not n:  # the registrations change only when sealed is full or at EOF
             self._update()
 
-    def _send_record(self, header: bytes, body: bytes) -> None:
-        """Send one sealed record; what the socket does not take waits in ``unsent``."""
-        try:
-            sent = _sendmsg(self.sealed.sock, (header, body))
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            self._finish(exc)
-            return
-        if sent == len(header) + len(body):
-            return
-        if sent < len(header):
-            self.sealed.unsent = [header[sent:], body]
-        else:
-            self.sealed.unsent = [memoryview(body)[sent - len(header) :]]
-        self._update()  # sealed is full: stop reading plain, wait to write
-
     def _on_sealed_writable(self) -> None:
         if not self.finished:
             self._flush_sealed()
@@ -395,7 +392,7 @@ class Bridge:
         if self.finished or self.out_p or self.sealed_eof:
             return
         sealed = self.sealed
-        if self.need or self.header or sealed.pushback or sealed.chan.recv_buffer() is not None:
+        if self.need or self.header or sealed.pushback or sealed.chan.in_record():
             try:  # in the middle of a chunk or a record: the general path
                 sealed.feed()
             except (BlockingIOError, InterruptedError):

@@ -1,0 +1,1 @@
+"""Rootless fake gateways on loopback for tests (UPnP IGD, NAT-PMP, PCP)."""
