@@ -140,3 +140,41 @@ async def test_the_agent_carries_visitors_without_the_linux_only_parts(
     assert "caps False _send_joined -1 chacha20-poly1305" in stderr, stderr
     if "windows-loop" in hide:
         assert "loop BaseSelectorEventLoop" in stderr, stderr  # the fallback was taken
+
+
+async def test_check_reports_without_the_linux_only_parts(
+    relay: RelayServer, tmp_path: Path
+) -> None:
+    """``natkit check`` (STUN on loopback, the relay's round trip) in a child without /proc,
+    fcntl, resource, uvloop and splice: no routing table to read (so no gateway),
+    the rest is measured."""
+    import collections
+
+    from natkit.stun.server import serve
+
+    stun = await serve(LOOPBACK, 0, collections.Counter())
+    assert stun.transport is not None
+    stun_port = stun.transport.get_extra_info("sockname")[1]
+    env = {
+        **os.environ,
+        "NATKIT_STATE_DIR": str(tmp_path / "state"),
+        "NATKIT_TEST_HIDE": EVERYTHING,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", HIDE, "check", "--json", "--no-portmap",
+            "--stun", f"{LOOPBACK}:{stun_port}",
+            "--relay", f"{LOOPBACK}:{relay.listen_port}", "--token", TOKEN,
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        stun.transport.close()
+    assert proc.returncode == 0, err.decode()
+    assert "Traceback" not in err.decode()
+    report = json.loads(out)
+    assert report["udp"] is True and report["public_ipv4"] == LOOPBACK
+    assert report["gateway"] is None  # no /proc: no routing table on this "platform"
+    assert report["relay"]["rtt_ms"] is not None and report["relay"]["error"] is None
+    assert isinstance(report["local_ipv6"], list)  # from the interfaces, not /proc
