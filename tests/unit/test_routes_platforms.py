@@ -185,7 +185,8 @@ def test_macos_reader(monkeypatch: pytest.MonkeyPatch) -> None:
     ran = fake_commands(monkeypatch, {"netstat": sample("darwin_netstat_rn_14.txt")})
     assert routes.default_gateway() == "192.168.1.1"
     assert routes.lan_network("192.168.1.37") == net("192.168.1.0/24")
-    assert ran[0] == ["/usr/sbin/netstat", "-rn", "-f", "inet"]
+    assert ran[0][0] in ("/usr/sbin/netstat", "/usr/bin/netstat")  # macOS, FreeBSD
+    assert ran[0][1:] == ["-rn", "-f", "inet"]
 
 
 @pytest.mark.usefixtures("no_proc")
@@ -213,6 +214,19 @@ def test_macos_reader_asks_route_get_when_netstat_shows_no_default(
     assert routes.lan_network("192.168.1.37", table) == net("192.168.1.0/24")
     with pytest.raises(DiscoveryError, match=r"no IPv4 default gateway.*--gateway IP"):
         routes.default_gateway(table)
+
+
+@pytest.mark.usefixtures("no_proc")
+def test_macos_reader_without_netstat(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
+    no_netstat = DiscoveryError("cannot run /usr/sbin/netstat to read the routing table")
+    fake_commands(
+        monkeypatch, {"netstat": no_netstat, "route": sample("darwin_route_get_default.txt")}
+    )
+    assert routes.default_gateway() == "192.168.1.1"
+    fake_commands(monkeypatch, {"netstat": no_netstat, "route": DiscoveryError("route: status 1")})
+    with pytest.raises(DiscoveryError, match=r"\(cannot run /usr/sbin/netstat"):
+        routes.default_gateway()
 
 
 @pytest.mark.usefixtures("no_proc")

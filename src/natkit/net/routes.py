@@ -66,11 +66,18 @@ def run_command(argv: list[str], timeout: float = COMMAND_TIMEOUT) -> str:
     what = os.path.basename(argv[0])
     try:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
-        )
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),  # Windows: no console
+        )  # fmt: skip
     except OSError as exc:
         raise DiscoveryError(f"cannot run {argv[0]} to read the routing table: {exc}") from None
-    timer = threading.Timer(timeout, proc.kill)  # a read that blocks ends when the child dies
+    expired = threading.Event()
+
+    def expire() -> None:  # a read that blocks ends when the child dies
+        expired.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout, expire)
     timer.start()
     try:
         assert proc.stdout is not None
@@ -85,37 +92,53 @@ def run_command(argv: list[str], timeout: float = COMMAND_TIMEOUT) -> str:
         raise DiscoveryError(
             f"{what} printed more than {COMMAND_OUTPUT_LIMIT} bytes: not a routing table"
         )
+    if expired.is_set():
+        raise DiscoveryError(f"cannot read the routing table with {what}: it ran longer "
+                             f"than {timeout:g} s")  # fmt: skip
     if status != 0:
-        hint = (
-            f"it ran longer than {timeout:g} s" if status < 0 else f"it exited with status {status}"
+        raise DiscoveryError(
+            f"cannot read the routing table with {what}: it exited with status {status}"
         )
-        raise DiscoveryError(f"cannot read the routing table with {what}: {hint}")
     # Windows prints in the console's code page: only the ASCII parts are parsed.
     return data.decode("utf-8", "replace")
 
 
-def _system_command(*parts: str) -> str:
+def _system_command(name: str) -> str:
     root = os.environ.get("SYSTEMROOT", r"C:\Windows")
-    return os.path.join(root, "System32", *parts)
+    return os.path.join(root, "System32", name)
+
+
+def _installed(*paths: str) -> str:
+    """The first of ``paths`` that exists (macOS has netstat in /usr/sbin, FreeBSD in
+    /usr/bin), else the first (its failure then names it)."""
+    return next((p for p in paths if os.path.exists(p)), paths[0])
 
 
 def _read_proc() -> list[Route]:
     for path in ROUTE_FILES:
         try:
             with open(path) as f:
-                return parse_proc_route(f.read(COMMAND_OUTPUT_LIMIT))
+                return parse_proc_route(f.read())
         except OSError:
             continue
     raise DiscoveryError(f"cannot read the routing table ({' or '.join(ROUTE_FILES)})")
 
 
 def _read_darwin() -> list[Route]:
-    routes = parse_netstat(run_command(["/usr/sbin/netstat", "-rn", "-f", "inet"]))
+    netstat = _installed("/usr/sbin/netstat", "/usr/bin/netstat")
+    failed: DiscoveryError | None = None
+    try:
+        routes = parse_netstat(run_command([netstat, "-rn", "-f", "inet"]))
+    except DiscoveryError as exc:
+        log.info("%s; asking route(8) for the default route alone", exc)
+        routes, failed = [], exc
     if not any(r.destination.prefixlen == 0 and r.gateway for r in routes):
-        # Ask for the route in use; it fails (status 1, "not in table") when there is none.
+        # The route in use; route(8) fails (status 1, "not in table") when there is none.
         try:
             routes += parse_route_get(run_command(["/sbin/route", "-n", "get", "default"]))
         except DiscoveryError as exc:
+            if failed is not None:
+                raise failed from None  # neither answered: say why the table is unknown
             log.info("%s", exc)
     return routes
 
