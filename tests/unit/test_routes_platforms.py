@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from natkit.errors import DiscoveryError
 from natkit.net import routes
@@ -307,3 +309,36 @@ def test_run_command_returns_the_output() -> None:
 def test_run_command_bounds_and_failures(make_argv: Callable[[], list[str]], message: str) -> None:
     with pytest.raises(DiscoveryError, match=message):
         routes.run_command(make_argv(), timeout=0.5)
+
+
+# ---- no text makes a parser fail -----------------------------------------------------------
+
+_TOKENS = sorted(
+    {
+        token
+        for name in (
+            "darwin_netstat_rn_14.txt",
+            "darwin_route_get_default.txt",
+            "windows_route_print_en.txt",
+            "windows_ipconfig_en.txt",
+        )
+        for token in sample(name).split()
+    }
+    | {"0.0.0.0", "255.255.255.255", "/33", "999.1.1.1", "::", ":", " : ", "link#4", "UGHI"}
+)
+
+
+@given(
+    st.one_of(
+        st.text(),
+        st.lists(
+            st.lists(st.sampled_from(_TOKENS), max_size=8).map(lambda t: "  ".join(t)),
+            max_size=30,
+        ).map("\n".join),
+    )
+)
+def test_the_parsers_take_any_text(text: str) -> None:
+    for parse in (parse_netstat, parse_route_get, parse_route_print, parse_ipconfig):
+        for route in parse(text):
+            assert isinstance(route.destination, ipaddress.IPv4Network)
+            assert route.gateway is None or isinstance(route.gateway, ipaddress.IPv4Address)
