@@ -12,6 +12,7 @@ from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
+from natkit.net.loops import new_event_loop
 from natkit.portmap.manager import KeptMapping
 from natkit.portmap.mapping import PortMapping
 
@@ -120,7 +121,7 @@ class _LoopThread:
     """
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()  # one that can watch sockets (not Windows' proactor)
         self.thread = threading.Thread(
             target=self.loop.run_forever, name="natkit-loop", daemon=True
         )

@@ -9,13 +9,12 @@ recorded too, so that it is never forgotten.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from natkit.portmap.mapping import PortMapping, normalize_protocol
 
@@ -33,8 +32,21 @@ def locked(stem: str = "mappings") -> Iterator[Path]:
     d = state_dir()
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(d / f"{stem}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        _lock(lock)
         yield d / f"{stem}.json"
+
+
+def _lock(file: IO[str]) -> None:
+    """An exclusive lock on ``file`` until it is closed: flock where there is fcntl, else
+    (Windows) msvcrt's lock of its first byte, which retries for about 10 s."""
+    try:
+        import fcntl
+    except ImportError:
+        import msvcrt
+
+        msvcrt.locking(file.fileno(), msvcrt.LK_LOCK, 1)  # type: ignore[attr-defined,unused-ignore]
+        return
+    fcntl.flock(file, fcntl.LOCK_EX)
 
 
 def load_records(path: Path) -> list[dict[str, Any]]:

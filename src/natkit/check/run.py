@@ -119,15 +119,35 @@ async def _relay_rtt(relay: str, token: str, **agent_options: Any) -> float:
 
 
 def _global_ipv6() -> list[str]:
-    """Global unicast IPv6 addresses of this host (Linux), as configured."""
+    """Global unicast IPv6 addresses of this host, as configured: from /proc where there
+    is one (Linux), else from the interfaces' addresses (macOS, Windows)."""
     out: list[str] = []
-    with contextlib.suppress(OSError), open("/proc/net/if_inet6") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 4 and fields[3] == "00":  # scope: global
-                raw = fields[0]
-                ip = ":".join(raw[i : i + 4] for i in range(0, 32, 4))
-                out.append(str(ipaddress.IPv6Address(ip)))
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 4 and fields[3] == "00":  # scope: global
+                    raw = fields[0]
+                    ip = ":".join(raw[i : i + 4] for i in range(0, 32, 4))
+                    out.append(str(ipaddress.IPv6Address(ip)))
+    except OSError:
+        return _global_ipv6_of_interfaces()
+    return out
+
+
+def _global_ipv6_of_interfaces() -> list[str]:
+    # ifaddr (getifaddrs, GetAdaptersAddresses) comes with aioice, natkit's ICE library.
+    import ifaddr
+
+    out: list[str] = []
+    with contextlib.suppress(OSError):
+        for adapter in ifaddr.get_adapters():
+            for entry in adapter.ips:
+                if isinstance(entry.ip, tuple):  # IPv6: (address, flowinfo, scope id)
+                    addr = ipaddress.IPv6Address(entry.ip[0].split("%", 1)[0])
+                    if not (addr.is_link_local or addr.is_loopback or addr.is_multicast
+                            or addr.is_site_local or addr.is_unspecified):  # fmt: skip
+                        out.append(str(addr))
     return out
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
@@ -10,6 +9,8 @@ from collections.abc import Coroutine
 from typing import Any, NoReturn, TypeVar
 
 from rich.console import Console
+
+from natkit.net import loops
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -27,7 +28,8 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
     """Run a long-lived command (the relay, the agent) on uvloop where it is installed: its
     event loop is written in C, and about half of what the relay and the agent spend on a
     new visitor is event-loop Python (registering sockets, dispatching callbacks).
-    ``NATKIT_EVENT_LOOP=asyncio`` keeps asyncio's own loop."""
+    ``NATKIT_EVENT_LOOP=asyncio`` keeps asyncio's own loop, as does a system without uvloop
+    (Windows): one that can watch sockets (see :mod:`natkit.net.loops`)."""
     if os.environ.get("NATKIT_EVENT_LOOP", "").lower() != "asyncio":
         try:
             import uvloop
@@ -35,7 +37,7 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
             pass
         else:
             return uvloop.run(main)
-    return asyncio.run(main)
+    return loops.run(main)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -161,7 +161,10 @@ async def _main(opts: ExposeOptions) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        # Windows' loops have no signal handlers: there Ctrl-C cancels this task (asyncio's
+        # runner, woken by natkit.net.loops), and the same cleanup runs on the way out.
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
     if not opts.relay or (opts.protocol == "udp" and opts.via != "relay"):
         await _run_mapping(opts, stop, None)
         return

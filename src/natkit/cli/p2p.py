@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from natkit.errors import NatkitError
+from natkit.net.sockets import exclusive_listen
 from natkit.relay.agent import parse_hostport
 
 if TYPE_CHECKING:  # natkit.p2p loads aioquic and aioice: only when a p2p command runs
@@ -194,7 +195,7 @@ def connect(
         try:
             for local, remote in pairs:
                 sock = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                exclusive_listen(sock)
                 sock.bind((bind, local))
                 sock.listen(128)
                 sock.setblocking(False)

@@ -1,19 +1,37 @@
-"""Which gateway, which local address, which LAN: read from the kernel's routing table.
+"""Which gateway, which local address, which LAN: read from the system's routing table.
 
-``/proc/thread-self/net/route`` (not ``/proc/net/route``) so that a thread that entered a
-network namespace sees that namespace's routes.
+Each platform's table is parsed by pure code (text in, routes out): Linux's
+``/proc/thread-self/net/route`` (not ``/proc/net/route``, so that a thread that entered a
+network namespace sees that namespace's routes) in :mod:`.routes_linux`, macOS's ``netstat
+-rn -f inet`` and ``route -n get default`` in :mod:`.routes_darwin`, Windows' ``route print
+-4`` and ``ipconfig`` in :mod:`.routes_windows`. The commands run with a bounded time and
+output size. The local address towards a host needs no table: a connected UDP socket says
+which one the system picked (no packet is sent).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
+import logging
+import os
 import socket
-import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
 
 from natkit.errors import DiscoveryError
+from natkit.net.routes_darwin import parse_netstat, parse_route_get
+from natkit.net.routes_linux import parse_proc_route
+from natkit.net.routes_model import Route
+from natkit.net.routes_windows import parse_ipconfig, parse_route_print
+
+log = logging.getLogger("natkit.net")
 
 ROUTE_FILES = ("/proc/thread-self/net/route", "/proc/net/route")
+COMMAND_TIMEOUT = 5.0  # seconds; netstat/route print answer in milliseconds
+COMMAND_OUTPUT_LIMIT = 1 << 20  # bytes; a table of a few thousand routes is ~200 KiB
+parse_route_table = parse_proc_route  # the name this module had for it first
 
 # Addresses that cannot be a public endpoint: RFC 1918, CGNAT, loopback, link-local,
 # documentation, benchmarking, multicast, reserved. A router reporting one of these as its
@@ -39,46 +57,123 @@ _NOT_PUBLIC = [
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class Route:
-    iface: str
-    destination: ipaddress.IPv4Network
-    gateway: ipaddress.IPv4Address | None
-    metric: int
+_last_error = ""  # why the last read of the table failed (named by default_gateway)
 
 
-def _hex_ip(field: str) -> ipaddress.IPv4Address:
-    # The kernel prints addresses as host-endian (little-endian here) hex.
-    return ipaddress.IPv4Address(struct.pack("<I", int(field, 16)))
+def run_command(argv: list[str], timeout: float = COMMAND_TIMEOUT) -> str:
+    """The standard output of ``argv``, read within ``timeout`` seconds and
+    :data:`COMMAND_OUTPUT_LIMIT` bytes; :class:`DiscoveryError` if it cannot be had."""
+    what = os.path.basename(argv[0])
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),  # Windows: no console
+        )  # fmt: skip
+    except OSError as exc:
+        raise DiscoveryError(f"cannot run {argv[0]} to read the routing table: {exc}") from None
+    expired = threading.Event()
+
+    def expire() -> None:  # a read that blocks ends when the child dies
+        expired.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout, expire)
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        with proc.stdout:
+            data = proc.stdout.read(COMMAND_OUTPUT_LIMIT + 1)
+        if len(data) > COMMAND_OUTPUT_LIMIT:
+            proc.kill()
+        status = proc.wait()
+    finally:
+        timer.cancel()
+    if len(data) > COMMAND_OUTPUT_LIMIT:
+        raise DiscoveryError(
+            f"{what} printed more than {COMMAND_OUTPUT_LIMIT} bytes: not a routing table"
+        )
+    if expired.is_set():
+        raise DiscoveryError(f"cannot read the routing table with {what}: it ran longer "
+                             f"than {timeout:g} s")  # fmt: skip
+    if status != 0:
+        raise DiscoveryError(
+            f"cannot read the routing table with {what}: it exited with status {status}"
+        )
+    # Windows prints in the console's code page: only the ASCII parts are parsed.
+    return data.decode("utf-8", "replace")
 
 
-def parse_route_table(text: str) -> list[Route]:
-    """Parse the text of ``/proc/net/route``; malformed lines are skipped."""
-    routes: list[Route] = []
-    for line in text.splitlines()[1:]:
-        f = line.split()
-        if len(f) < 8:
-            continue
-        try:
-            dest, gw, mask = _hex_ip(f[1]), _hex_ip(f[2]), _hex_ip(f[7])
-            flags, metric = int(f[3], 16), int(f[6])
-            net = ipaddress.IPv4Network(f"{dest}/{mask}", strict=False)
-        except ValueError:
-            continue
-        if not flags & 0x1:  # RTF_UP
-            continue
-        routes.append(Route(f[0], net, gw if flags & 0x2 else None, metric))
-    return routes
+def _system_command(name: str) -> str:
+    root = os.environ.get("SYSTEMROOT", r"C:\Windows")
+    return os.path.join(root, "System32", name)
 
 
-def read_routes() -> list[Route]:
+def _installed(*paths: str) -> str:
+    """The first of ``paths`` that exists (macOS has netstat in /usr/sbin, FreeBSD in
+    /usr/bin), else the first (its failure then names it)."""
+    return next((p for p in paths if os.path.exists(p)), paths[0])
+
+
+def _read_proc() -> list[Route]:
     for path in ROUTE_FILES:
         try:
             with open(path) as f:
-                return parse_route_table(f.read())
+                return parse_proc_route(f.read())
         except OSError:
             continue
-    return []
+    raise DiscoveryError(f"cannot read the routing table ({' or '.join(ROUTE_FILES)})")
+
+
+def _read_darwin() -> list[Route]:
+    netstat = _installed("/usr/sbin/netstat", "/usr/bin/netstat")
+    failed: DiscoveryError | None = None
+    try:
+        routes = parse_netstat(run_command([netstat, "-rn", "-f", "inet"]))
+    except DiscoveryError as exc:
+        log.info("%s; asking route(8) for the default route alone", exc)
+        routes, failed = [], exc
+    if not any(r.destination.prefixlen == 0 and r.gateway for r in routes):
+        # The route in use; route(8) fails (status 1, "not in table") when there is none.
+        try:
+            routes += parse_route_get(run_command(["/sbin/route", "-n", "get", "default"]))
+        except DiscoveryError as exc:
+            if failed is not None:
+                raise failed from None  # neither answered: say why the table is unknown
+            log.info("%s", exc)
+    return routes
+
+
+def _read_windows() -> list[Route]:
+    try:
+        routes = parse_route_print(run_command([_system_command("route.exe"), "print", "-4"]))
+    except DiscoveryError as exc:
+        log.info("route print failed (%s); reading ipconfig instead", exc)
+        routes = []
+    return routes or parse_ipconfig(run_command([_system_command("ipconfig.exe")]))
+
+
+def _reader() -> Callable[[], list[Route]]:
+    """How this platform's table is read: Windows and macOS/BSD by their commands,
+    anything else (Linux) from /proc."""
+    if sys.platform == "win32":
+        return _read_windows
+    if sys.platform == "darwin" or "bsd" in sys.platform:
+        return _read_darwin
+    return _read_proc
+
+
+def read_routes() -> list[Route]:
+    """This system's IPv4 routes; empty (the reason logged, and named by
+    :func:`default_gateway`) when the table cannot be read."""
+    global _last_error
+    try:
+        routes = _reader()()
+    except DiscoveryError as exc:
+        _last_error = str(exc)
+        log.warning("%s", exc)
+        return []
+    _last_error = ""
+    return routes
 
 
 def default_gateway(routes: list[Route] | None = None) -> str:
@@ -86,7 +181,11 @@ def default_gateway(routes: list[Route] | None = None) -> str:
     routes = read_routes() if routes is None else routes
     defaults = [r for r in routes if r.destination.prefixlen == 0 and r.gateway is not None]
     if not defaults:
-        raise DiscoveryError("no IPv4 default gateway: this machine has no route to a router")
+        why = f" ({_last_error})" if _last_error and not routes else ""
+        raise DiscoveryError(
+            f"no IPv4 default gateway{why}: this machine has no route to a router; "
+            "name the router with --gateway IP"
+        )
     return str(min(defaults, key=lambda r: r.metric).gateway)
 
 
@@ -101,10 +200,15 @@ def local_address_for(remote_ip: str) -> str:
 
 
 def lan_network(local_ip: str, routes: list[Route] | None = None) -> ipaddress.IPv4Network:
-    """The directly connected subnet that holds ``local_ip`` (a /24 if the table says nothing)."""
+    """The directly connected subnet that holds ``local_ip`` (a /24 if the table says nothing).
+
+    Host routes (/32) are not networks: macOS and Windows list one for each local address.
+    """
     routes = read_routes() if routes is None else routes
     addr = ipaddress.IPv4Address(local_ip)
-    linked = [r.destination for r in routes if r.gateway is None and r.destination.prefixlen > 0]
+    linked = [
+        r.destination for r in routes if r.gateway is None and 0 < r.destination.prefixlen < 32
+    ]
     matching = [net for net in linked if addr in net]
     if matching:
         return max(matching, key=lambda n: n.prefixlen)

@@ -15,3 +15,14 @@ def reset_on_close(sock: Any) -> None:
     plain close() sends a FIN, and a cut-off stream would look complete)."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+def exclusive_listen(sock: socket.socket) -> None:
+    """Let a listening socket take its port again at once after a restart (SO_REUSEADDR on
+    POSIX), never letting another program bind the same port: Windows' SO_REUSEADDR means
+    that, so where SO_EXCLUSIVEADDRUSE exists (Windows) it is asked for instead."""
+    exclusive = getattr(socket, "SO_EXCLUSIVEADDRUSE", None)
+    if exclusive is not None:
+        sock.setsockopt(socket.SOL_SOCKET, exclusive, 1)
+    else:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

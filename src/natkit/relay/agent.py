@@ -35,6 +35,7 @@ from typing import Any
 
 from natkit.errors import NatkitError, ProtocolError
 from natkit.net.certs import KnownRelays, RelayTrustError, client_context, fingerprint_der
+from natkit.net.loops import require_socket_watching
 from natkit.relay import control, seal
 from natkit.relay import messages as M
 from natkit.relay.dataconn import DataConn, Opening
@@ -161,6 +162,8 @@ class Agent:
 
     async def run(self) -> None:
         """Stay connected until cancelled; raises RelayAuthError/TunnelRefusedError/trust errors."""
+        if self.tunnels:
+            require_socket_watching("a relay tunnel's data path")
         delay = 0.5
         while True:
             started = time.monotonic()
@@ -403,6 +406,7 @@ class Agent:
 
     def open(self, spec: TunnelSpec) -> None:
         """Add a tunnel; it is opened now if connected, else at the next connection."""
+        require_socket_watching("a relay tunnel's data path")
         self._add(spec)
         if self.connected.is_set():
             self._send(_open_message(spec))

@@ -296,7 +296,10 @@ class DataConn:
         self.owner(self, state)
 
 
-_IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK)
+# (Windows' non-blocking connect_ex answers WSAEWOULDBLOCK, where errno has it)
+_IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, *(
+    getattr(errno, name) for name in ("WSAEWOULDBLOCK",) if hasattr(errno, name)
+))  # fmt: skip
 
 
 def _refused(err: int) -> OSError:

@@ -23,7 +23,9 @@ def tune(conn: socket.socket) -> None:
     without a FIN) expire in about two minutes instead of lingering forever."""
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for opt, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4)):
+    # macOS names the idle time TCP_KEEPALIVE (Linux's TCP_KEEPALIVE does not exist).
+    idle = "TCP_KEEPIDLE" if hasattr(socket, "TCP_KEEPIDLE") else "TCP_KEEPALIVE"
+    for opt, value in ((idle, 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4)):
         if hasattr(socket, opt):
             conn.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import socket
 from collections.abc import Callable
@@ -24,7 +23,8 @@ from natkit.net.sockets import reset_on_close
 
 CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20
-HAVE_SPLICE = hasattr(os, "splice")
+# Capabilities, not a platform: os.splice and os.pipe2 are Linux's (macOS has neither).
+HAVE_SPLICE = hasattr(os, "splice") and hasattr(os, "pipe2")
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _F_SETPIPE_SZ = 1031
 
@@ -35,6 +35,15 @@ def _abort(transport: asyncio.Transport) -> None:
     if sock is not None:
         reset_on_close(sock)
     transport.abort()
+
+
+def _grow_pipe(fd: int) -> None:
+    try:
+        import fcntl  # (only where splice is: Windows has no fcntl)
+    except ImportError:
+        return  # the pipe keeps the system's size
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
 
 
 class _PipePool:
@@ -50,8 +59,7 @@ class _PipePool:
         if self.free:
             return self.free.pop()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
+        _grow_pipe(w)
         return r, w
 
     def put(self, pipe: tuple[int, int]) -> None:
@@ -235,6 +243,7 @@ class _Half(asyncio.Protocol):
         self.closed = closed
         self.pending: list[bytes] = []
         self.pending_eof = False
+        self.linked = False  # until link(): kept in order in ``pending``
         self.eof_in = False  # our remote finished sending
         self.eof_out = False  # we told our remote we finished
         self.bytes = 0
@@ -266,7 +275,7 @@ class _Half(asyncio.Protocol):
     def deliver(self, data: bytes) -> None:
         self.bytes += len(data)
         peer = self.peer
-        if peer is None or peer.transport is None:
+        if peer is None or not self.linked:
             self.pending.append(data)
             return
         peer.send(data)
@@ -274,7 +283,7 @@ class _Half(asyncio.Protocol):
     def deliver_eof(self) -> None:
         self.eof_in = True
         peer = self.peer
-        if peer is None or peer.transport is None:
+        if peer is None or not self.linked:
             self.pending_eof = True
             return
         peer.send_eof()
@@ -317,7 +326,12 @@ def bridge_protocols(
 
 
 def link(a: _Half, b: _Half) -> None:
-    """Start forwarding once both transports exist; flush what arrived before."""
+    """Start forwarding once both transports exist; flush what arrived before.
+
+    Until then both sides only queue: a side whose peer's transport exists already must
+    not send past what it queued earlier (asyncio delivers bytes and EOF to the first
+    side while the second connects; a write after the EOF it passed on would fail)."""
+    a.linked = b.linked = True
     for side in (a, b):
         peer = side.peer
         assert peer is not None and peer.transport is not None

@@ -21,7 +21,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from natkit.errors import ProtocolError
 from natkit.net.sockets import reset_on_close
@@ -36,6 +36,17 @@ FIRST_RECORD_MAX = 1024  # the agent's DATA frame
 _LEN = struct.Struct("!I")
 _EOF_CHUNK = b"\x00\x00\x00\x00"
 _local = threading.local()
+
+
+def _send_joined(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> int:
+    """``sendmsg`` where sockets have none (Windows): the parts joined, one ``send``."""
+    return sock.send(b"".join(parts))
+
+
+# Called as _sendmsg(sock, parts): as cheap as the bound method where it exists.
+_sendmsg: Callable[[socket.socket, Sequence[bytes | memoryview]], int] = (
+    getattr(socket.socket, "sendmsg", None) or _send_joined
+)
 
 
 def _shared_buffer() -> memoryview:
@@ -116,7 +127,7 @@ class SealedSocket:
         unsent = self.unsent
         while unsent:
             try:
-                sent = self.sock.sendmsg(unsent if len(unsent) <= _IOV_MAX else unsent[:_IOV_MAX])
+                sent = _sendmsg(self.sock, unsent if len(unsent) <= _IOV_MAX else unsent[:_IOV_MAX])
             except (BlockingIOError, InterruptedError):
                 return False
             done = 0
@@ -345,7 +356,7 @@ class Bridge:
             if not chan.has_output():  # the usual case: one record, sent now
                 header, body = chan.seal_record(buf[: _LEN.size + n])
                 try:
-                    sent = sealed.sock.sendmsg((header, body))
+                    sent = _sendmsg(sealed.sock, (header, body))
                 except (BlockingIOError, InterruptedError):
                     sent = 0
                 except OSError as exc:
@@ -517,7 +528,7 @@ class Bridge:
             if len(parts) == 1:
                 sent = self.plain.send(parts[0])
             else:
-                sent = self.plain.sendmsg(parts[:_IOV_MAX])
+                sent = _sendmsg(self.plain, parts[:_IOV_MAX])
         except (BlockingIOError, InterruptedError):
             sent = 0
         if sent < total:
