@@ -17,9 +17,10 @@ SSDP_GROUP = "239.255.255.250"
 SSDP_PORT = 1900
 MAX_DATAGRAM = 8192
 
+IGD1_SEARCH_TARGET = "urn:schemas-upnp-org:device:InternetGatewayDevice:1"
 IGD_SEARCH_TARGETS: tuple[str, ...] = (
     "urn:schemas-upnp-org:device:InternetGatewayDevice:2",
-    "urn:schemas-upnp-org:device:InternetGatewayDevice:1",
+    IGD1_SEARCH_TARGET,
     "urn:schemas-upnp-org:service:WANIPConnection:2",
     "urn:schemas-upnp-org:service:WANIPConnection:1",
     "urn:schemas-upnp-org:service:WANPPPConnection:1",
