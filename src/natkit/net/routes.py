@@ -103,7 +103,7 @@ def run_command(argv: list[str], timeout: float = COMMAND_TIMEOUT) -> str:
     return data.decode("utf-8", "replace")
 
 
-def _system_command(name: str) -> str:
+def system_command(name: str) -> str:
     root = os.environ.get("SYSTEMROOT", r"C:\Windows")
     return os.path.join(root, "System32", name)
 
@@ -145,21 +145,23 @@ def _read_darwin() -> list[Route]:
 
 def _read_windows() -> list[Route]:
     try:
-        routes = parse_route_print(run_command([_system_command("route.exe"), "print", "-4"]))
+        routes = parse_route_print(run_command([system_command("route.exe"), "print", "-4"]))
     except DiscoveryError as exc:
         log.info("route print failed (%s); reading ipconfig instead", exc)
         routes = []
-    return routes or parse_ipconfig(run_command([_system_command("ipconfig.exe")]))
+    return routes or parse_ipconfig(run_command([system_command("ipconfig.exe")]))
+
+
+def table_source() -> str:
+    """How this platform's tables are read: ``win32`` and ``darwin`` (macOS and the BSDs) by
+    their commands, ``linux`` (anything else) from /proc."""
+    if sys.platform == "win32":
+        return "win32"
+    return "darwin" if sys.platform == "darwin" or "bsd" in sys.platform else "linux"
 
 
 def _reader() -> Callable[[], list[Route]]:
-    """How this platform's table is read: Windows and macOS/BSD by their commands,
-    anything else (Linux) from /proc."""
-    if sys.platform == "win32":
-        return _read_windows
-    if sys.platform == "darwin" or "bsd" in sys.platform:
-        return _read_darwin
-    return _read_proc
+    return {"win32": _read_windows, "darwin": _read_darwin}.get(table_source(), _read_proc)
 
 
 def read_routes() -> list[Route]:
