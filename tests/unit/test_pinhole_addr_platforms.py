@@ -154,6 +154,7 @@ def test_macos_router_and_address(mac: list[list[str]]) -> None:
     # The stable address, though getifaddrs lists the temporary one first.
     assert pinhole_addr.global_ipv6("en0") == STABLE
     assert ["/sbin/ifconfig", "en0", "inet6"] in mac
+    assert ["/sbin/ifconfig", "utun4", "inet6"] not in mac  # only the interface asked about
     # What a pinhole is opened for: the default route's router and interface.
     assert pinhole_mappers._where(None, None) == (f"{ROUTER}%en0", STABLE)
     assert pinhole_mappers._where("fe80::9%en0", None)[0] == "fe80::9%en0"

@@ -134,10 +134,12 @@ def ipv6_gateway() -> tuple[str, str]:
     return best.address, best.iface
 
 
-def _addresses() -> list[Address6]:
+def _addresses(iface: str | None) -> list[Address6]:
+    """The publishable addresses (on ``iface`` if given), stable ones first."""
     platform = routes.table_source()
     if platform == "linux":
-        return parse_global_addresses(_read(ADDR6_FILES) or "")
+        found = parse_global_addresses(_read(ADDR6_FILES) or "")
+        return [a for a in found if iface is None or a.iface == iface]
     import ifaddr  # getifaddrs / GetAdaptersAddresses; a dependency of natkit's and aioice's
 
     try:
@@ -145,20 +147,21 @@ def _addresses() -> list[Address6]:
     except OSError as exc:
         raise DiscoveryError(f"cannot list this machine's IPv6 addresses: {exc}") from None
     found = interface_addresses(adapters, windows=platform == "win32")
+    found = [a for a in found if iface is None or a.iface == iface]
     if platform != "darwin":
         return found  # Windows: ifaddr does not say which are temporary; taken as listed
     flags: dict[str, frozenset[str]] = {}
-    for iface in sorted({a.iface for a in found}):
+    for name in sorted({a.iface for a in found}):
         try:
-            flags.update(parse_ifconfig6(routes.run_command(["/sbin/ifconfig", iface, "inet6"])))
+            flags.update(parse_ifconfig6(routes.run_command(["/sbin/ifconfig", name, "inet6"])))
         except DiscoveryError as exc:
-            log.info("cannot tell temporary IPv6 addresses on %s apart: %s", iface, exc)
+            log.info("cannot tell temporary IPv6 addresses on %s apart: %s", name, exc)
     return with_flags(found, flags)
 
 
 def global_ipv6(iface: str | None = None) -> str:
     """This host's global IPv6 address (on ``iface`` if given), a stable one if there is."""
-    addrs = [a for a in _addresses() if iface is None or a.iface == iface]
+    addrs = _addresses(iface)
     if not addrs:
         where = f" on {iface}" if iface else ""
         raise DiscoveryError(
