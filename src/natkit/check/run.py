@@ -14,7 +14,12 @@ from typing import Any, TypeVar
 
 from natkit.check.report import CheckReport, PortMapOffer
 from natkit.errors import NatkitError
-from natkit.net.routes import default_gateway, is_public_ipv4, local_address_for
+from natkit.net.routes import (
+    default_gateway,
+    is_public_ipv4,
+    local_address_for,
+    read_routes_async,
+)
 from natkit.portmap.pmp_mappers import NatPmpMapper, PcpMapper
 from natkit.portmap.upnp import UPnPMapper
 from natkit.stun import binding_udp, discover_behaviour, parse_server
@@ -168,7 +173,7 @@ async def run_check(
     v4 = [s for s in servers if s not in v6]
     report = CheckReport(stun_servers=servers, relay=relay, local_ipv6=_global_ipv6())
     with contextlib.suppress(NatkitError, OSError):
-        report.gateway = gateway or default_gateway()
+        report.gateway = gateway or default_gateway(await read_routes_async())
     if relay is not None and not token:
         raise ValueError("--relay needs --token")
 

@@ -11,13 +11,16 @@ which one the system picked (no packet is sent).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import math
 import os
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 from natkit.errors import DiscoveryError
@@ -31,6 +34,9 @@ log = logging.getLogger("natkit.net")
 ROUTE_FILES = ("/proc/thread-self/net/route", "/proc/net/route")
 COMMAND_TIMEOUT = 5.0  # seconds; netstat/route print answer in milliseconds
 COMMAND_OUTPUT_LIMIT = 1 << 20  # bytes; a table of a few thousand routes is ~200 KiB
+# How often a watcher (a kept mapping checks every 2 s) may run the table's command: a
+# gateway change is then seen within this, instead of netstat/route print every check.
+COMMAND_READ_INTERVAL = 10.0
 parse_route_table = parse_proc_route  # the name this module had for it first
 
 # Addresses that cannot be a public endpoint: RFC 1918, CGNAT, loopback, link-local,
@@ -103,7 +109,7 @@ def run_command(argv: list[str], timeout: float = COMMAND_TIMEOUT) -> str:
     return data.decode("utf-8", "replace")
 
 
-def _system_command(name: str) -> str:
+def system_command(name: str) -> str:
     root = os.environ.get("SYSTEMROOT", r"C:\Windows")
     return os.path.join(root, "System32", name)
 
@@ -145,21 +151,23 @@ def _read_darwin() -> list[Route]:
 
 def _read_windows() -> list[Route]:
     try:
-        routes = parse_route_print(run_command([_system_command("route.exe"), "print", "-4"]))
+        routes = parse_route_print(run_command([system_command("route.exe"), "print", "-4"]))
     except DiscoveryError as exc:
         log.info("route print failed (%s); reading ipconfig instead", exc)
         routes = []
-    return routes or parse_ipconfig(run_command([_system_command("ipconfig.exe")]))
+    return routes or parse_ipconfig(run_command([system_command("ipconfig.exe")]))
+
+
+def table_source() -> str:
+    """How this platform's tables are read: ``win32`` and ``darwin`` (macOS and the BSDs) by
+    their commands, ``linux`` (anything else) from /proc."""
+    if sys.platform == "win32":
+        return "win32"
+    return "darwin" if sys.platform == "darwin" or "bsd" in sys.platform else "linux"
 
 
 def _reader() -> Callable[[], list[Route]]:
-    """How this platform's table is read: Windows and macOS/BSD by their commands,
-    anything else (Linux) from /proc."""
-    if sys.platform == "win32":
-        return _read_windows
-    if sys.platform == "darwin" or "bsd" in sys.platform:
-        return _read_darwin
-    return _read_proc
+    return {"win32": _read_windows, "darwin": _read_darwin}.get(table_source(), _read_proc)
 
 
 def read_routes() -> list[Route]:
@@ -187,6 +195,43 @@ def default_gateway(routes: list[Route] | None = None) -> str:
             "name the router with --gateway IP"
         )
     return str(min(defaults, key=lambda r: r.metric).gateway)
+
+
+async def read_routes_async() -> list[Route]:
+    """:func:`read_routes` without blocking the event loop where it runs a command (macOS,
+    Windows: in a worker thread). Linux reads /proc in place: it takes microseconds, and a
+    thread that entered a network namespace must read its own (a worker thread is not in it).
+    """
+    if table_source() == "linux":
+        return read_routes()
+    return await asyncio.to_thread(read_routes)
+
+
+class GatewayWatch:
+    """The default gateway for one that asks often (a kept mapping, every check): read
+    afresh each time on Linux (/proc, in place); elsewhere at most every ``interval``
+    seconds, in a worker thread, the last answer given in between. None: no default
+    gateway (or no table) at the last read."""
+
+    def __init__(
+        self,
+        interval: float = COMMAND_READ_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval, self.clock = interval, clock
+        self._gateway: str | None = None
+        self._next_read = -math.inf
+
+    async def current(self) -> str | None:
+        if table_source() != "linux":
+            if self.clock() < self._next_read:
+                return self._gateway
+            self._next_read = self.clock() + self.interval
+        try:
+            self._gateway = default_gateway(await read_routes_async())
+        except DiscoveryError:
+            self._gateway = None
+        return self._gateway
 
 
 def local_address_for(remote_ip: str) -> str:

@@ -23,7 +23,7 @@ from aioice.ice import StunProtocol
 from aioice.turn import UDP_SOCKET_BUFFER_SIZE, create_turn_endpoint
 
 from natkit.errors import NatkitError
-from natkit.net.routes import default_gateway, local_address_for
+from natkit.net.routes import default_gateway, local_address_for, read_routes_async
 from natkit.p2p.candidates import (
     Addr,
     IceCandidate,
@@ -240,7 +240,7 @@ class Gatherer:
         return protocol
 
     async def _port_map(self, hosts: list[StunProtocol]) -> tuple[Candidate, KeptMapping]:
-        gateway = self.options.gateway_ip or default_gateway()
+        gateway = self.options.gateway_ip or default_gateway(await read_routes_async())
         local_ip = local_address_for(gateway)
         base = next((p.local_candidate for p in hosts if p.local_candidate.host == local_ip), None)
         if base is None:

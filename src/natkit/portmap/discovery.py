@@ -30,7 +30,7 @@ from natkit.net.routes import (
     is_public_ipv4,
     lan_network,
     local_address_for,
-    read_routes,
+    read_routes_async,
 )
 from natkit.portmap import soap, ssdp
 from natkit.portmap.description import (
@@ -227,7 +227,7 @@ async def discover_igd(
         local_ip = local_address_for(gw_ip)
         lan = _target_lan(gw_ip, local_ip)
     else:
-        routes = read_routes()
+        routes = await read_routes_async()  # off the loop where it runs a command
         gw_ip = gateway_ip or default_gateway(routes)
         local_ip = local_address_for(gw_ip)
         lan = lan_network(local_ip, routes)

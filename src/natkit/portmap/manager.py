@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from natkit.errors import DiscoveryError, NatkitError
-from natkit.net.routes import default_gateway
+from natkit.net.routes import GatewayWatch, default_gateway, read_routes_async
 from natkit.portmap import pcp
 from natkit.portmap.mapping import Mapper, Method, PortMapping
 from natkit.portmap.pmp_client import GatewayUDP
@@ -105,7 +105,7 @@ async def probe(
     ``ssdp_target`` point NAT-PMP/PCP and SSDP elsewhere (tests: a fake gateway on loopback).
     """
     start = time.monotonic()
-    gw = gateway_ip or default_gateway()
+    gw = gateway_ip or default_gateway(await read_routes_async())
     methods: list[Method] = [m for m in order if m in METHODS]
     if via != "auto":
         if via not in METHODS:
@@ -244,6 +244,9 @@ class KeptMapping:
         self.loss_check: LossCheck = "pending"
         self._table: UPnPMapper | None = None  # the UPnP table of a PCP/NAT-PMP router
         self._pcp_nonce = pcp.new_nonce()
+        # Asked every check: on macOS/Windows a command, so read at most every 10 s and
+        # off the event loop (routes.GatewayWatch).
+        self.gateway_watch = GatewayWatch()
         self._listeners: list[Listener] = []
         self._task: asyncio.Task[None] | None = None
         self._renew_at = 0.0
@@ -334,9 +337,9 @@ class KeptMapping:
         assert self.mapping is not None and self.mapper is not None
         reason = ""
         if self.fixed_gateway is None:
-            with contextlib.suppress(DiscoveryError):
-                if default_gateway() != self.gateway_ip:
-                    reason = "the default gateway changed"
+            gateway = await self.gateway_watch.current()
+            if gateway is not None and gateway != self.gateway_ip:
+                reason = "the default gateway changed"
         if not reason:
             try:
                 if time.monotonic() >= self._renew_at:

@@ -194,12 +194,19 @@ class _GatewayUDP6(GatewayUDP):
     async def open6(cls, gateway_ip: str, local_ip: str) -> _GatewayUDP6:
         self = cls(gateway_ip, local_ip)
         peer = (gateway_ip, natpmp.SERVER_PORT)
-        self._transport, self._endpoint = await asyncio.get_running_loop().create_datagram_endpoint(
-            lambda: _Endpoint(peer),
-            local_addr=(local_ip, 0),
-            remote_addr=peer,
-            family=socket.AF_INET6,
-        )
+        loop = asyncio.get_running_loop()
+        try:
+            self._transport, self._endpoint = await loop.create_datagram_endpoint(
+                lambda: _Endpoint(peer),
+                local_addr=(local_ip, 0),
+                remote_addr=peer,
+                family=socket.AF_INET6,
+            )
+        except OSError as exc:  # a zone naming no interface, an address not (or no longer) ours
+            raise DiscoveryError(
+                f"cannot reach the IPv6 router {gateway_ip} from [{local_ip}]: {exc}; "
+                "name the router with --gateway (a link-local one with its zone: fe80::1%en0)"
+            ) from None
         return self
 
 

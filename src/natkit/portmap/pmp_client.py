@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from natkit.errors import DiscoveryError, ProtocolError
 from natkit.net.retransmit import cap_schedule
-from natkit.net.routes import default_gateway, local_address_for
+from natkit.net.routes import default_gateway, local_address_for, read_routes_async
 from natkit.portmap import natpmp, pcp
 from natkit.portmap.epoch import EpochTracker
 
@@ -63,7 +63,7 @@ class GatewayUDP:
     async def open(
         cls, gateway_ip: str | None = None, *, port: int = natpmp.SERVER_PORT
     ) -> GatewayUDP:
-        gw = gateway_ip or default_gateway()
+        gw = gateway_ip or default_gateway(await read_routes_async())
         self = cls(gw, local_address_for(gw), port)
         loop = asyncio.get_running_loop()
         peer = (gw, port)
