@@ -43,10 +43,15 @@ TURN = TurnServer(C.STUN_PRIMARY[0], C.STUN_PRIMARY[1], C.TURN_USER, C.TURN_PASS
 LAN = {"stun_server": C.STUN_PRIMARY, "turn": TURN}  # port mapping: on (the default)
 WAN = {"port_mapping": False}  # a public host has no router to ask
 
+# The lab is dual stack (lan and wan have global IPv6 addresses, rtr routes IPv6 without NAT):
+# two stateful firewalls that both send are punched through over IPv6 as over IPv4. These tests
+# are about the IPv4 NAT, so wan's firewall drops lan's IPv6 outright; that lan still gathers
+# its IPv6 host candidate is checked on its own (ipv4_kinds / test_ipv6_host_candidates_...).
 FIREWALL = f"""\
 table inet natkit_ice_fw {{
     chain input {{
         type filter hook input priority 0; policy accept;
+        ip6 saddr {C.LAN6_NET}/{C.LAN6_PREFIX} drop
         ct state established,related accept
         ip saddr {C.RTR_WAN_IP} udp dport {{ {C.STUN_PORT}, {C.STUN_ALT_PORT} }} accept
         ip saddr {C.RTR_WAN_IP} drop
@@ -160,6 +165,11 @@ def run_ice(
     return {me: f.result() for me, f in futures.items()}
 
 
+def ipv4_kinds(outcome: Outcome) -> list[str]:
+    """The types of the IPv4 candidates gathered, in order (IPv6 ones are on their own)."""
+    return [c.type for c in outcome.description.candidates if ":" not in c.host]
+
+
 def the_port_mapped(outcome: Outcome) -> tuple[str, int]:
     [mapped] = [c for c in outcome.description.candidates if c.port_mapped]
     return mapped.address
@@ -193,10 +203,13 @@ def test_direct_through_a_port_keeping_nat(eim_lab: Lab, lan_controls: bool) -> 
     lan, wan = out["lan"], out["wan"]
     assert (lan.got, wan.got) == (b"hello from wan", b"hello from lan")
     assert lan.selected.path == wan.selected.path == "direct"
-    kinds = [c.type for c in lan.description.candidates]
-    assert kinds == ["host", "srflx", "relay"]  # TURN was there, and not needed
-    srflx = lan.description.candidates[1]
-    assert srflx.address == (C.RTR_WAN_IP, lan.description.candidates[0].port)  # port kept
+    assert ipv4_kinds(lan) == ["host", "srflx", "relay"]  # TURN was there, and not needed
+    host, srflx = [c for c in lan.description.candidates if c.type in ("host", "srflx")
+                   and ":" not in c.host]  # fmt: skip
+    assert srflx.address == (C.RTR_WAN_IP, host.port)  # port kept
+    # Dual stack: lan's global IPv6 address is a host candidate too (wan's firewall drops
+    # it in this test; the lab's router routes it without NAT).
+    assert [c.host for c in lan.description.candidates if ":" in c.host] == [C.LAN_IP6]
     # wan got through to lan's NAT address, which admitted it once lan had sent to wan.
     assert wan.selected.remote.address == srflx.address
     assert lan.selected.seen_as == srflx.address
@@ -227,7 +240,7 @@ def test_the_port_mapped_candidate_wins_behind_a_symmetric_nat(
     assert lan.report["port mapping"].endswith(f"{mapped[0]}:{mapped[1]}")
     # The STUN-learned address is useless here (the NAT admits only the STUN server
     # there), and TURN was gathered: the port mapping is what made it direct.
-    assert [c.type for c in lan.description.candidates] == ["host", "srflx", "srflx", "relay"]
+    assert ipv4_kinds(lan) == ["host", "srflx", "srflx", "relay"]
     assert lan.selected.path == wan.selected.path == "port-mapped"
     assert wan.selected.remote.address == mapped and wan.selected.remote.port_mapped
     assert lan.selected.seen_as == mapped
@@ -322,11 +335,11 @@ def test_gathering_survives_dead_stun_and_turn_servers(make_lab: Callable[..., L
     for outcome in (lan, wan):
         assert outcome.report["stun"] == "no answer within 2 s"
         assert outcome.report["turn"] == "no answer within 2 s"
-    assert [c.type for c in lan.description.candidates] == ["host", "srflx"]
-    assert [c.type for c in wan.description.candidates] == ["host", "host"]  # .2 and .3
+    assert ipv4_kinds(lan) == ["host", "srflx"]
+    assert ipv4_kinds(wan) == ["host", "host"]  # .2 and .3
     # Still connected: lan's port-keeping NAT and its PCP mapping gave the same public
     # port, so whichever check got through first, wan sees lan at the port mapping.
-    host, mapped = lan.description.candidates
+    host, mapped = [c for c in lan.description.candidates if ":" not in c.host]
     assert mapped.port_mapped and mapped.address == (C.RTR_WAN_IP, host.port)
     assert (lan.got, wan.got) == (b"hello from wan", b"hello from lan")
     assert lan.selected.path == wan.selected.path == "port-mapped"
