@@ -9,9 +9,22 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+# Exit codes of the ``natkit`` command (documented in docs/cli.md):
+EXIT_OK = 0
+EXIT_ERROR = 1  # a natkit error of no more specific kind (a router refused, a peer misbehaved)
+EXIT_USAGE = 2  # the command line is wrong (click's own code for usage errors)
+EXIT_NO_ROUTE = 3  # no router, no mapping protocol, nothing reachable: see DiscoveryError
+EXIT_RELAY = 4  # the relay cannot be reached, refused the token, or is not trusted
+EXIT_LOCAL = 5  # this machine: a state directory, a permission, a missing package, the lab
+EXIT_BUG = 70  # an unexpected failure inside natkit (EX_SOFTWARE): a bug to report
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
 
 class NatkitError(Exception):
-    """Base class of every error natkit raises on purpose."""
+    """Base class of every error natkit raises on purpose. ``exit_code``: what the
+    ``natkit`` command exits with when this error ends it."""
+
+    exit_code: ClassVar[int] = EXIT_ERROR
 
 
 class ProtocolError(NatkitError):
@@ -21,9 +34,25 @@ class ProtocolError(NatkitError):
 class DiscoveryError(NatkitError):
     """No usable gateway (router) was found."""
 
+    exit_code: ClassVar[int] = EXIT_NO_ROUTE
+
 
 class NotPubliclyReachableError(NatkitError):
     """The router's external address is private or carrier-grade NAT (double NAT)."""
+
+    exit_code: ClassVar[int] = EXIT_NO_ROUTE
+
+
+class RelayError(NatkitError):
+    """The relay cannot be reached or used (base of the relay's final errors)."""
+
+    exit_code: ClassVar[int] = EXIT_RELAY
+
+
+class StateError(NatkitError):
+    """natkit's state directory (pins, mapping records) cannot be read or written."""
+
+    exit_code: ClassVar[int] = EXIT_LOCAL
 
 
 class UPnPError(NatkitError):
@@ -73,6 +102,8 @@ class NotAuthorizedError(UPnPError):
 
 class LabError(NatkitError):
     """The NAT lab cannot be built, found or used."""
+
+    exit_code: ClassVar[int] = EXIT_LOCAL
 
 
 class MissingPackageError(LabError):

@@ -21,6 +21,25 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def emit_event(event: str, **fields: Any) -> None:
+    """One line of the ``--json`` convention (docs/cli.md): an object whose ``event`` says
+    what it is; results and errors included."""
+    emit_json({"event": event, **fields})
+
+
+def json_requested(argv: list[str]) -> bool:
+    """Did this command line ask for JSON? (``--json`` among its options, before a ``--``
+    that hands the rest to another program, as ``natkit lab exec`` does)."""
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    return "--json" in own
+
+
+def error_event(exc: BaseException, exit_code: int) -> dict[str, Any]:
+    """The ``error`` line for ``exc``: its natkit type, its message and the exit code."""
+    return {"event": "error", "error": type(exc).__name__, "message": str(exc),
+            "exit_code": exit_code}  # fmt: skip
+
+
 T = TypeVar("T")
 
 
@@ -43,3 +62,11 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
 def fail(message: str, code: int = 1) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}", soft_wrap=True, markup=True)
     raise SystemExit(code)
+
+
+def fail_with(exc: BaseException, code: int, *, as_json: bool) -> NoReturn:
+    """End the command on ``exc``: an ``error`` JSON line on stdout under ``--json``
+    (and the message on stderr for a human watching), else the message on stderr."""
+    if as_json:
+        emit_json(error_event(exc, code))
+    fail(str(exc) or type(exc).__name__, code)

@@ -9,8 +9,8 @@ import sys
 import click
 
 from natkit import __version__
-from natkit.cli.common import fail
-from natkit.errors import NatkitError
+from natkit.cli.common import emit_json, error_event, fail_with, json_requested
+from natkit.errors import EXIT_BUG, EXIT_INTERRUPTED, EXIT_USAGE, NatkitError
 
 # Each command's module is imported only when that command runs (or for --help): a relay
 # or an agent process then holds neither the lab, nor rich tables, nor the ICE stack.
@@ -49,20 +49,35 @@ def cli(verbose: bool) -> None:
     )
 
 
+log = logging.getLogger("natkit")
+
+
 def main() -> None:
+    """Run a command; whatever ends it, the user gets one message and an exit code
+    (docs/cli.md), never a traceback: with ``--json`` also an ``error`` line on stdout."""
+    as_json = json_requested(sys.argv[1:])
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
-        fail("aborted", 130)
+        fail_with(KeyboardInterrupt("aborted"), EXIT_INTERRUPTED, as_json=as_json)
     except click.ClickException as exc:
+        if as_json:
+            emit_json(error_event(exc, exc.exit_code) | {"message": exc.format_message()})
         exc.show()
         raise SystemExit(exc.exit_code) from None
     except NatkitError as exc:
-        fail(str(exc))
+        fail_with(exc, exc.exit_code, as_json=as_json)
     except ValueError as exc:  # an argument our own parsers refused
-        fail(str(exc), 2)
+        fail_with(exc, EXIT_USAGE, as_json=as_json)
     except KeyboardInterrupt:
-        raise SystemExit(130) from None
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except Exception as exc:  # a bug: say so in one line; the traceback only with -v
+        log.debug("unexpected failure", exc_info=True)
+        bug = RuntimeError(
+            f"natkit failed unexpectedly ({type(exc).__name__}: {exc}); this is a bug — "
+            "run again with -v for the details and report them"
+        )
+        fail_with(bug, EXIT_BUG, as_json=as_json)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from natkit.errors import NatkitError
+from natkit.errors import RelayError
 
 
-class RelayTrustError(NatkitError):
+class RelayTrustError(RelayError):
     """The relay's certificate is not the one this agent trusts."""
 
 

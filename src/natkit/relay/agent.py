@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from natkit.errors import NatkitError, ProtocolError
+from natkit.errors import NatkitError, ProtocolError, RelayError
 from natkit.net.certs import KnownRelays, RelayTrustError, client_context, fingerprint_der
 from natkit.net.loops import require_socket_watching
 from natkit.relay import control, seal
@@ -47,11 +47,11 @@ PING_INTERVAL = 10.0
 SILENCE_LIMIT = 30.0
 
 
-class RelayAuthError(NatkitError):
+class RelayAuthError(RelayError):
     """The relay rejected the token: final, not retried."""
 
 
-class TunnelRefusedError(NatkitError):
+class TunnelRefusedError(RelayError):
     """The relay refused to open the tunnel (name held by another token, limits…)."""
 
 
