@@ -358,10 +358,11 @@ async def _run_mapping(
             assert keeper.mapping is not None
             await pinhole_made
             mapping = keeper.mapping
-            ready_info = {"probe": keeper.probe_result, "verified": verified}
+            ready_info = {"probe": keeper.probe_result, "verified": verified,
+                          "loss_check": keeper.loss_check}  # fmt: skip
         else:
             mapping = await _both(keeper.start(), pinhole_made)
-            ready_info = {"probe": keeper.probe_result}
+            ready_info = {"probe": keeper.probe_result, "loss_check": keeper.loss_check}
         status.v6_address = v6.pinhole.public_address if v6.pinhole else ""
         keeper.on_event(on_event)
         on_event("ready", mapping, ready_info)
