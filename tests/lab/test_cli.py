@@ -232,7 +232,8 @@ def test_conflict_names_the_holder(lab: Lab, cleanup: list[tuple[str, int, str]]
             message = failed(proc)
             assert C.DEV_IP in message and str(port) in message, message
             assert "already mapped" in message
-            assert not proc.stdout.strip(), "a failure must not print a mapping"
+            # No mapping is printed: under --json the one line is the error (docs/cli.md).
+            assert_only_error_line(proc, "MappingConflictError")
         # dev's mapping is untouched.
         assert f"TCP {port}->{C.DEV_IP}:{port}" in upnpc_listing(lab)
 
@@ -243,6 +244,18 @@ def test_conflict_names_the_holder(lab: Lab, cleanup: list[tuple[str, int, str]]
         cleanup.append(("lan", m["external_port"], "tcp"))
         assert m["external_port"] != port and m["internal_port"] == port
         assert http_get(lab, "wan", m["external_ip"], m["external_port"]) == "lan's"
+
+
+def assert_only_error_line(proc: subprocess.CompletedProcess[str], error: str) -> None:
+    """stdout holds nothing but, under --json, the one ``error`` line (docs/cli.md)."""
+    lines = proc.stdout.strip().splitlines()
+    if "--json" not in proc.args:
+        assert not lines, lines
+        return
+    [line] = lines
+    event = json.loads(line)
+    assert event["event"] == "error" and event["error"] == error, event
+    assert event["exit_code"] == proc.returncode, (event, proc.returncode)
 
 
 def test_router_without_upnp_is_a_clear_error(make_lab) -> None:  # type: ignore[no-untyped-def]
@@ -256,7 +269,7 @@ def test_router_without_upnp_is_a_clear_error(make_lab) -> None:  # type: ignore
         proc = natkit(off, "lan", *args)
         message = failed(proc)
         assert "upnp" in message.lower(), message
-        assert not proc.stdout.strip()
+        assert_only_error_line(proc, "DiscoveryError")
     # Nothing was mapped, and listing what natkit knows of still works.
     proc = ok(natkit(off, "lan", "map", "list", "--timeout", 0.5, "--json"))
     assert last_json(proc) == []

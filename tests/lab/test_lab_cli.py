@@ -286,12 +286,12 @@ def test_missing_package_names_the_apt_command(
     assert info.value.packages == ["miniupnpd-nftables"]
     assert "apt-get install -y miniupnpd-nftables" in str(info.value)
 
-    # Through the CLI's entry point: a one-line error, exit code 1, nothing built.
+    # Through the CLI's entry point: a one-line error, exit code 5 (this machine), nothing built.
     name = f"{LAB_PREFIX}-nopkg"
     monkeypatch.setattr(sys, "argv", ["natkit", "lab", "up", "--name", name])
     with pytest.raises(SystemExit) as exit_info:
         cli_main.main()
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 5
     err = capsys.readouterr().err
     assert "error:" in err and "apt-get install -y miniupnpd-nftables" in err
     assert "Traceback" not in err

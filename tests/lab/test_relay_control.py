@@ -487,7 +487,9 @@ def test_a_name_held_by_another_token_is_refused(lab: Lab, procs: Procs) -> None
             bob.stderr,
             re.M,
         ), bob.why()
-        assert [e["event"] for e in bob.rest()] == ["closed"]
+        rest = bob.rest()
+        assert [e["event"] for e in rest] == ["closed", "error"]  # the error line ends --json
+        assert rest[-1]["error"] == "TunnelRefusedError" and rest[-1]["exit_code"] == 4
         # Alice is undisturbed, and Bob may have another name.
         assert visit(lab, shop) == "alice's shop"
         bob2, other = procs.ready_agent(
