@@ -6,6 +6,7 @@
 * With a router that offers no mapping: ``Fallback`` then ``Ready`` via the relay.
 * ``natkit.list_mappings`` / ``delete_mapping`` see and delete what ``natkit map add`` made
   (UPnP from the router's table, NAT-PMP from natkit's records).
+* ``async with natkit.open_port_async(...)`` without ``await``; typed and older listeners.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import natkit
 from natkit import events
 from natkit.lab import Lab
 from natkit.lab import config as C
-from tests.conftest import call_in_node
+from tests.conftest import call_in_node, run_in_node
 from tests.lab.helpers import http_server, wait_router_uptime
 from tests.lab.test_relay_control import NATKIT, RELAY, RELAY_IP, TOKEN_A, Procs, visit
 
@@ -130,3 +131,22 @@ def test_list_and_delete_mappings(lab: Lab, state: Path) -> None:
     finally:  # a failed test leaves nothing behind on the shared lab's router
         for port in ("45001", "45002"):
             lab.run("lan", [NATKIT, "map", "delete", port], timeout=30, env=dict(os.environ))
+
+
+def test_open_port_async_with_without_await_and_typed_events(lab: Lab) -> None:
+    wait_router_uptime(lab)
+    seen: list[events.Event] = []
+    legacy: list[str] = []
+
+    async def script() -> tuple[str, bool]:
+        async with natkit.open_port_async(45003, via="pcp", lease=120, on_event=seen.append) as p:
+            p.on_event(lambda name, mapping, info: legacy.append(name))  # the older form
+            assert isinstance(p, natkit.OpenPort)
+            return p.public_address, p.closed
+
+    public, closed_inside = run_in_node(lab, "lan", script)
+    assert public == f"{C.RTR_WAN_IP}:45003" and not closed_inside
+    assert [type(e) for e in seen] == [events.Ready, events.Closed], seen
+    assert seen[0].method == "pcp" and isinstance(seen[1], events.Closed) and seen[1].removed
+    assert legacy == ["closed"]
+    assert "dport 45003" not in lab.router_rules()
