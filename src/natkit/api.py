@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar, overload
 
+from natkit.errors import RelayError
 from natkit.events import Event, from_mapping
 from natkit.net.loops import new_event_loop
 from natkit.portmap.manager import KeptMapping
@@ -38,6 +40,20 @@ def check_port(value: object, what: str = "port") -> int:
     if not 1 <= value <= 65535:
         raise ValueError(f"{what} must be from 1 to 65535, not {value}")
     return value
+
+
+def relay_settings(
+    relay: str | None, token: str | None, purpose: str = "a relay tunnel needs"
+) -> tuple[str, str]:
+    """``relay`` and ``token``, else ``$NATKIT_RELAY`` and ``$NATKIT_TOKEN``; a RelayError
+    naming what is missing (and its variable) when neither is there."""
+    relay = relay or os.environ.get("NATKIT_RELAY") or ""
+    token = token or os.environ.get("NATKIT_TOKEN") or ""
+    missing = [what for what, value in (("relay='HOST:PORT' or $NATKIT_RELAY", relay),
+                                        ("token=... or $NATKIT_TOKEN", token)) if not value]  # fmt: skip
+    if missing:
+        raise RelayError(f"{purpose} {' and '.join(missing)}")
+    return relay, token
 
 
 def takes_event_object(callback: Callable[..., object]) -> bool:

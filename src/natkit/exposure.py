@@ -16,10 +16,10 @@ import os
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from natkit.api import EventListener, Opening, SyncHandle, _LoopThread, check_port
+from natkit.api import EventListener, Opening, SyncHandle, _LoopThread, check_port, relay_settings
 from natkit.errors import NatkitError, NotPubliclyReachableError, RelayError
 from natkit.events import Closed, Event, Fallback, from_mapping
-from natkit.relay.api import open_tunnel, relay_settings, typed_relay_listener
+from natkit.relay.api import open_tunnel, typed_relay_listener
 
 if TYPE_CHECKING:
     from natkit.portmap.manager import KeptMapping

@@ -5,6 +5,7 @@ and a user's typed program is ``mypy --strict`` clean. No network."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
 import re
@@ -171,3 +172,14 @@ def test_a_users_typed_program_is_mypy_strict_clean() -> None:
         env=env, capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 1 and "arg-type" in done.stdout, done.stdout
+
+
+def test_p2p_reads_the_same_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NATKIT_RELAY", raising=False)
+    monkeypatch.delenv("NATKIT_TOKEN", raising=False)
+    with pytest.raises(natkit.RelayError, match=r"NATKIT_RELAY and .*NATKIT_TOKEN"):
+        asyncio.run(natkit.p2p.connect("room"))
+    monkeypatch.setenv("NATKIT_RELAY", "127.0.0.1:1")
+    with pytest.raises(natkit.RelayError, match="NATKIT_TOKEN") as caught:
+        asyncio.run(natkit.p2p.listen("room"))
+    assert "NATKIT_RELAY" not in str(caught.value)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +22,7 @@ from natkit.api import (
     SyncHandle,
     _LoopThread,
     check_port,
+    relay_settings,
     takes_event_object,
 )
 from natkit.errors import RelayError
@@ -42,17 +42,6 @@ PYNGROK_PROTOS: dict[str, str | None] = {
 
 class RelayTimeoutError(RelayError, TimeoutError):
     """The relay did not open the tunnel in time (also a TimeoutError, as before)."""
-
-
-def relay_settings(relay: str | None, token: str | None) -> tuple[str, str]:
-    """``relay`` and ``token``, else ``$NATKIT_RELAY`` and ``$NATKIT_TOKEN``."""
-    relay = relay or os.environ.get("NATKIT_RELAY") or ""
-    token = token or os.environ.get("NATKIT_TOKEN") or ""
-    missing = [what for what, value in (("relay='HOST:PORT' or $NATKIT_RELAY", relay),
-                                        ("token=... or $NATKIT_TOKEN", token)) if not value]  # fmt: skip
-    if missing:
-        raise RelayError(f"a relay tunnel needs {' and '.join(missing)}")
-    return relay, token
 
 
 def tunnel_target(
