@@ -255,11 +255,28 @@ class _LoopThread:
         )
         self.thread.start()
 
-    def run(self, work: Awaitable[T]) -> T:
-        async def wait() -> T:
-            return await work
+    # How long an interrupted call gets to clean up (remove a mapping it made, close an
+    # agent) before the caller's Ctrl-C goes on.
+    CLEANUP_WAIT = 5.0
 
-        return asyncio.run_coroutine_threadsafe(wait(), self.loop).result()
+    def run(self, work: Awaitable[T]) -> T:
+        over = threading.Event()
+
+        async def wait() -> T:
+            try:
+                return await work
+            finally:
+                over.set()
+
+        future = asyncio.run_coroutine_threadsafe(wait(), self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            # Ctrl-C (or any exception) in the caller's thread: cancel the work and let its
+            # own cleanup run in the loop, rather than stopping the loop under it.
+            future.cancel()
+            over.wait(self.CLEANUP_WAIT)
+            raise
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
