@@ -8,6 +8,7 @@ at half the lease, restored after a router reboot) and deleted when it is closed
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import os
 import threading
@@ -268,14 +269,16 @@ class _LoopThread:
             finally:
                 over.set()
 
-        future = asyncio.run_coroutine_threadsafe(wait(), self.loop)
+        future: concurrent.futures.Future[T] | None = None
         try:
+            future = asyncio.run_coroutine_threadsafe(wait(), self.loop)
             return future.result()
         except BaseException:
             # Ctrl-C (or any exception) in the caller's thread: cancel the work and let its
             # own cleanup run in the loop, rather than stopping the loop under it.
-            future.cancel()
-            over.wait(self.CLEANUP_WAIT)
+            if future is not None:
+                future.cancel()
+                over.wait(self.CLEANUP_WAIT)
             raise
 
     def stop(self) -> None:
