@@ -18,6 +18,9 @@ def test_ctrl_c_cancels_the_work_and_waits_for_its_cleanup() -> None:
     started, cleaned = threading.Event(), threading.Event()
 
     async def work() -> None:
+        # Let the caller reach its wait first (an interrupt before it is covered too, but
+        # this test is about the wait).
+        await asyncio.sleep(0.1)
         started.set()
         try:
             await asyncio.sleep(3600)
