@@ -2,21 +2,72 @@
 
 Both give a handle whose mapping is leased, kept alive while the handle is open (renewed
 at half the lease, restored after a router reboot) and deleted when it is closed.
+``async with natkit.open_port_async(8080) as port`` works, and so does ``async with await``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import inspect
+import os
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from types import TracebackType
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, overload
 
+from natkit.errors import RelayError
+from natkit.events import Event, from_mapping
 from natkit.net.loops import new_event_loop
 from natkit.portmap.manager import KeptMapping
 from natkit.portmap.mapping import PortMapping
 
 T = TypeVar("T")
+EventListener = Callable[[Event], object]
+MappingListener = Callable[[str, PortMapping, dict[str, Any]], object]
+
+
+def check_port(value: object, what: str = "port") -> int:
+    """``value`` as a port number, else a TypeError/ValueError that says what was wrong."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{what} must be an int from 1 to 65535, not {type(value).__name__} {value!r}"
+            + (
+                f" (write {int(value)} without quotes)"
+                if isinstance(value, str) and value.isdigit()
+                else ""
+            )
+        )
+    if not 1 <= value <= 65535:
+        raise ValueError(f"{what} must be from 1 to 65535, not {value}")
+    return value
+
+
+def relay_settings(
+    relay: str | None, token: str | None, purpose: str = "a relay tunnel needs"
+) -> tuple[str, str]:
+    """``relay`` and ``token``, else ``$NATKIT_RELAY`` and ``$NATKIT_TOKEN``; a RelayError
+    naming what is missing (and its variable) when neither is there."""
+    relay = relay or os.environ.get("NATKIT_RELAY") or ""
+    token = token or os.environ.get("NATKIT_TOKEN") or ""
+    missing = [what for what, value in (("relay='HOST:PORT' or $NATKIT_RELAY", relay),
+                                        ("token=... or $NATKIT_TOKEN", token)) if not value]  # fmt: skip
+    if missing:
+        raise RelayError(f"{purpose} {' and '.join(missing)}")
+    return relay, token
+
+
+def takes_event_object(callback: Callable[..., object]) -> bool:
+    """Does ``callback`` take one typed :class:`Event` (new style), or the older
+    ``(name, ..., info)`` arguments? Decided by how many positional arguments it takes."""
+    try:
+        params = inspect.signature(callback).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: assume the new style
+        return True
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return True
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in params if p.kind in positional and p.default is p.empty) <= 1
 
 
 class OpenPort:
@@ -56,9 +107,28 @@ class OpenPort:
         """Call ``callback(mapping)`` whenever the public address changes."""
         self._change_listeners.append(callback)
 
-    def on_event(self, callback: Callable[[str, PortMapping, dict[str, Any]], None]) -> None:
-        """Call ``callback(event, mapping, info)`` for renewed, lost, restored and closed."""
-        self._keeper.on_event(callback)
+    @overload
+    def on_event(self, callback: EventListener) -> None: ...
+    @overload
+    def on_event(self, callback: MappingListener) -> None: ...
+    def on_event(self, callback: Callable[..., object]) -> None:
+        """Call ``callback(event)`` with a :mod:`natkit.events` object (Renewed, Lost,
+        Restored, Closed). A callback of three arguments gets the older
+        ``(name, mapping, info)`` form."""
+        if not takes_event_object(callback):
+
+            def legacy(name: str, mapping: PortMapping, info: dict[str, Any]) -> None:
+                callback(name, mapping, info)
+
+            self._keeper.on_event(legacy)
+            return
+
+        def typed(name: str, mapping: PortMapping, info: dict[str, Any]) -> None:
+            event = from_mapping(name, mapping, info)
+            if event is not None:
+                callback(event)
+
+        self._keeper.on_event(typed)
 
     def _on_event(self, event: str, mapping: PortMapping, info: dict[str, Any]) -> None:
         if info.get("changed"):
@@ -84,7 +154,39 @@ class OpenPort:
         return f"<OpenPort {m.protocol} {m.public_address} -> {m.internal_ip}:{m.internal_port} via {m.method}>"
 
 
-async def open_port_async(
+class _Closable(Protocol):
+    @property
+    def closed(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+H = TypeVar("H", bound=_Closable)
+
+
+class Opening(Generic[H]):
+    """What the ``*_async`` openers return: ``await`` it for the handle, or enter it
+    directly: ``async with natkit.open_port_async(8080) as port`` (closed on exit)."""
+
+    def __init__(self, coro: Coroutine[Any, Any, H]) -> None:
+        self._coro = coro
+        self._handle: H | None = None
+
+    def __await__(self) -> Generator[Any, None, H]:
+        return self._coro.__await__()
+
+    async def __aenter__(self) -> H:
+        self._handle = await self._coro
+        return self._handle
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._handle is not None:
+            await self._handle.close()
+
+
+def open_port_async(
     internal_port: int,
     *,
     protocol: str = "tcp",
@@ -95,9 +197,33 @@ async def open_port_async(
     timeout: float = 2.0,
     gateway_ip: str | None = None,
     check_interval: float = 2.0,
-) -> OpenPort:
+    on_event: EventListener | None = None,
+) -> Opening[OpenPort]:
     """Map ``internal_port`` on the router (UPnP, NAT-PMP or PCP: the best it offers) and
-    keep the mapping alive until the returned :class:`OpenPort` is closed."""
+    keep the mapping alive until the returned :class:`OpenPort` is closed. ``on_event``
+    gets every :mod:`natkit.events` object from Ready on."""
+    check_port(internal_port, "internal_port")
+    if external_port is not None:
+        check_port(external_port, "external_port")
+    return Opening(_open_port(internal_port, protocol=protocol, external_port=external_port,
+                              lease=lease, description=description, via=via, timeout=timeout,
+                              gateway_ip=gateway_ip, check_interval=check_interval,
+                              on_event=on_event))  # fmt: skip
+
+
+async def _open_port(
+    internal_port: int,
+    *,
+    protocol: str,
+    external_port: int | None,
+    lease: int,
+    description: str,
+    via: str,
+    timeout: float,
+    gateway_ip: str | None,
+    check_interval: float,
+    on_event: EventListener | None,
+) -> OpenPort:
     keeper = KeptMapping(
         internal_port,
         protocol=protocol,
@@ -109,8 +235,11 @@ async def open_port_async(
         timeout=timeout,
         check_interval=check_interval,
     )
+    handle = OpenPort(keeper)
+    if on_event is not None:
+        handle.on_event(on_event)  # before start(): Ready is the first event it gets
     await keeper.start()
-    return OpenPort(keeper)
+    return handle
 
 
 class _LoopThread:
@@ -127,23 +256,35 @@ class _LoopThread:
         )
         self.thread.start()
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+    # How long an interrupted call gets to clean up (remove a mapping it made, close an
+    # agent) before the caller's Ctrl-C goes on.
+    CLEANUP_WAIT = 5.0
+
+    def run(self, work: Awaitable[T]) -> T:
+        over = threading.Event()
+
+        async def wait() -> T:
+            try:
+                return await work
+            finally:
+                over.set()
+
+        future: concurrent.futures.Future[T] | None = None
+        try:
+            future = asyncio.run_coroutine_threadsafe(wait(), self.loop)
+            return future.result()
+        except BaseException:
+            # Ctrl-C (or any exception) in the caller's thread: cancel the work and let its
+            # own cleanup run in the loop, rather than stopping the loop under it.
+            if future is not None:
+                future.cancel()
+                over.wait(self.CLEANUP_WAIT)
+            raise
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
         self.loop.close()
-
-
-class _Closable(Protocol):
-    @property
-    def closed(self) -> bool: ...
-
-    async def close(self) -> None: ...
-
-
-H = TypeVar("H", bound=_Closable)
 
 
 class SyncHandle(Generic[H]):
@@ -200,6 +341,14 @@ class Port(SyncHandle[OpenPort]):
         """Called (from natkit's background thread) when the public address changes."""
         self._handle.on_change(callback)
 
+    @overload
+    def on_event(self, callback: EventListener) -> None: ...
+    @overload
+    def on_event(self, callback: MappingListener) -> None: ...
+    def on_event(self, callback: Callable[..., object]) -> None:
+        """Called (from natkit's background thread) with each :mod:`natkit.events` object."""
+        self._handle.on_event(callback)
+
 
 def open_port(
     internal_port: int,
@@ -211,6 +360,8 @@ def open_port(
     via: str = "auto",
     timeout: float = 2.0,
     gateway_ip: str | None = None,
+    check_interval: float = 2.0,
+    on_event: EventListener | None = None,
 ) -> Port:
     """Map ``internal_port`` on the router; blocking. ``with natkit.open_port(8080) as p: ...``
 
@@ -229,6 +380,8 @@ def open_port(
                 via=via,
                 timeout=timeout,
                 gateway_ip=gateway_ip,
+                check_interval=check_interval,
+                on_event=on_event,
             )
         )
     except BaseException:

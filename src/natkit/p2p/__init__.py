@@ -10,19 +10,30 @@ from __future__ import annotations
 
 from typing import Any
 
+from natkit.api import relay_settings
 from natkit.p2p.errors import P2PAuthError, P2PClosedError, P2PError, P2PTimeoutError
 from natkit.p2p.ice import TurnServer
 from natkit.p2p.peer import P2PConnection, P2POptions, Role, connect_peer
 
 
-async def connect(name: str, *, relay: str, token: str, **options: Any) -> P2PConnection:
-    r"""Meet the peer that ``listen``\ s under ``name`` and open a session (the client)."""
-    return await connect_peer(name, "connect", P2POptions(relay=relay, token=token, **options))
+def _options(relay: str | None, token: str | None, options: dict[str, Any]) -> P2POptions:
+    relay, token = relay_settings(relay, token, "peers meet through a relay: give")
+    return P2POptions(relay=relay, token=token, **options)
 
 
-async def listen(name: str, *, relay: str, token: str, **options: Any) -> P2PConnection:
+async def connect(
+    name: str, *, relay: str | None = None, token: str | None = None, **options: Any
+) -> P2PConnection:
+    r"""Meet the peer that ``listen``\ s under ``name`` and open a session (the client).
+    ``options``: the fields of :class:`P2POptions`."""
+    return await connect_peer(name, "connect", _options(relay, token, options))
+
+
+async def listen(
+    name: str, *, relay: str | None = None, token: str | None = None, **options: Any
+) -> P2PConnection:
     r"""Wait for the peer that ``connect``\ s under ``name`` and open a session."""
-    return await connect_peer(name, "listen", P2POptions(relay=relay, token=token, **options))
+    return await connect_peer(name, "listen", _options(relay, token, options))
 
 
 __all__ = [
