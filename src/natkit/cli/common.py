@@ -14,6 +14,11 @@ from natkit.net import loops
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
+# Piped or captured output (not a terminal) is read by programs and copied by people: a long
+# token (a fingerprint, a URL) must stay on one line, not be cut at the console's width.
+# Tables are still laid out to the width.
+for _console in (out, err):
+    _console.soft_wrap = not _console.is_terminal
 
 
 def emit_json(obj: Any) -> None:

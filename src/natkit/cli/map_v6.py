@@ -12,7 +12,7 @@ import asyncio
 import click
 from rich.table import Table
 
-from natkit.cli.common import emit_json, err, out
+from natkit.cli.common import emit_event, err, out
 from natkit.errors import NatkitError
 from natkit.portmap import pinhole_state
 from natkit.portmap.pinhole import MAX_LEASE
@@ -46,7 +46,7 @@ def add(
     pinhole = asyncio.run(run())
     pinhole_state.record(pinhole)  # for 'natkit map delete PORT --ipv6'
     if as_json:
-        emit_json(pinhole.to_json())
+        emit_event("mapped", ipv6=True, **pinhole.to_json())
         return
     t = Table(title="IPv6 pinhole opened", title_justify="left")
     for col in ("protocol", "reachable at", "lease", "via", "router"):
@@ -76,7 +76,9 @@ def delete(port: int, *, protocol: str, timeout: float, as_json: bool) -> None:
 
     closes_in = asyncio.run(run())
     if as_json:
-        emit_json({"deleted": closes_in == 0, "closes_in": closes_in, **pinhole.to_json()})
+        # closed false: the router refused to delete it; it closes when its lease ends.
+        emit_event("deleted", ipv6=True, existed=True, closed=closes_in == 0, closes_in=closes_in,
+                   **pinhole.to_json())  # fmt: skip
     elif closes_in:
         out.print(f"the router would not delete pinhole {pinhole.public_address} "
                   f"({pinhole.method}); it closes in {closes_in} s")  # fmt: skip

@@ -28,19 +28,25 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
-from natkit.errors import NatkitError, ProtocolError
+from natkit.errors import NatkitError, ProtocolError, RelayError
 from natkit.p2p import auth
 from natkit.p2p.candidates import IceDescription
-from natkit.p2p.errors import P2PAuthError, P2PError
+from natkit.p2p.errors import P2PAuthError, P2PError, P2PTimeoutError
 from natkit.p2p.ice import IceAgent, TurnServer
 from natkit.p2p.paths import DatagramPath, IcePath, PathEvent, PathSwitch, StreamPath
 from natkit.p2p.session import P2PSession
 from natkit.relay.agent import Agent, parse_hostport
+from natkit.rendezvous.client import RendezvousTimeoutError
 
 log = logging.getLogger("natkit.p2p")
 
 Role = Literal["listen", "connect"]
 Listener = Callable[[str, dict[str, Any]], None]
+# What a peer tells of its progress before the session is up (``connect_peer(on_event=)``):
+#   waiting  in the room, the other peer not there yet: room, role, peer_role, relay, timeout
+#            (seconds it will wait; None: for ever)
+#   peer     the other peer is in the room: room
+Progress = Callable[[str, dict[str, Any]], None]
 
 HELLO = "H:"
 SEALED = "S:"
@@ -170,8 +176,11 @@ class P2PConnection:
 
 
 class _Peer:
-    def __init__(self, name: str, role: Role, opts: P2POptions) -> None:
+    def __init__(
+        self, name: str, role: Role, opts: P2POptions, on_event: Progress | None = None
+    ) -> None:
         self.name, self.role, self.opts = name, role, opts
+        self.on_event = on_event
         self.agent = Agent(opts.relay, opts.token, [], fingerprint=opts.fingerprint)
         self.identity = auth.PeerIdentity.generate(f"natkit-p2p-{role}")
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -219,7 +228,7 @@ class _Peer:
         wait = self.opts.peer_timeout
         if wait is None and self.role == "connect":
             wait = CONNECT_PEER_TIMEOUT  # a listener waits for ever; a connector does not
-        await self.room.wait_peer(wait)
+        await self._wait_peer(wait)
         self.signals = _Signals(self.room, self.opts.shared_secret)
         ice = self.ice = self._ice_agent()
         gathering = self._spawn(ice.gather())
@@ -272,13 +281,51 @@ class _Peer:
             if self.session is not None:
                 await self.session.close("the peer was replaced")
 
+    def _progress(self, event: str, **info: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(event, info)
+
+    async def _wait_peer(self, timeout: float | None) -> None:
+        other = "connect" if self.role == "listen" else "listen"
+        if not self.room.peer_present:
+            self._progress("waiting", room=self.name, role=self.role, peer_role=other,
+                           relay=self.opts.relay, timeout=timeout)  # fmt: skip
+        try:
+            await self.room.wait_peer(timeout)
+        except RendezvousTimeoutError:
+            raise P2PTimeoutError(
+                f"no peer came to room {self.name!r} on relay {self.opts.relay} within "
+                f"{timeout:g} s: start the other side (natkit p2p {other} {self.name}) with the "
+                "same relay and token"
+            ) from None
+        self._progress("peer", room=self.name)
+
     async def _joined(self, runner: asyncio.Task[Any]) -> Any:
+        # The agent retries a lost relay connection for ever; the first one failing (refused,
+        # unreachable, a name that does not resolve) ends the attempt at once instead.
+        refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        def first_attempt(event: str, info: dict[str, Any]) -> None:
+            if event == "reconnecting" and self.agent.connections == 0 and not refused.done():
+                refused.set_result(str(info.get("reason", "")))
+
+        self.agent.on_event(first_attempt)
         join = asyncio.ensure_future(self.agent.join_p2p(self.name, self.role))
-        done, _ = await asyncio.wait({join, runner}, return_when=asyncio.FIRST_COMPLETED)
-        if runner in done:
+        done, _ = await asyncio.wait({join, runner, refused}, return_when=asyncio.FIRST_COMPLETED)
+        if join not in done:
             join.cancel()
+            with contextlib.suppress(BaseException):
+                await join
+        if runner in done:
             runner.result()  # the agent's final error (a rejected token, an untrusted relay)
             raise P2PError(f"relay {self.opts.relay} closed the connection")
+        if refused in done and join not in done:
+            address = f"{self.agent.relay_host}:{self.agent.relay_port}"
+            raise RelayError(
+                f"cannot connect to the relay at {address}: {refused.result()} (is it "
+                "running, and are the address and port right?)"
+            )
+        refused.cancel()
         return join.result()
 
     async def _add_standby(self, relay_task: asyncio.Task[Any]) -> None:
@@ -392,12 +439,16 @@ class _Peer:
             await self.agent.close()
 
 
-async def connect_peer(name: str, role: Role, opts: P2POptions) -> P2PConnection:
+async def connect_peer(
+    name: str, role: Role, opts: P2POptions, *, on_event: Progress | None = None
+) -> P2PConnection:
     """Meet the peer named ``name`` through the relay and open an authenticated session.
 
-    ``role`` is ``listen`` on one side and ``connect`` on the other. Raises
-    :class:`~natkit.p2p.errors.P2PError` (or the relay's own errors) when it cannot."""
-    peer = _Peer(name, role, opts)
+    ``role`` is ``listen`` on one side and ``connect`` on the other; ``on_event`` hears of
+    the progress before the session is up (see :data:`Progress`). Raises
+    :class:`~natkit.p2p.errors.P2PError` (or the relay's own errors, a
+    :class:`~natkit.errors.RelayError` when it cannot be reached) when it cannot."""
+    peer = _Peer(name, role, opts, on_event)
     try:
         session = await peer.start()
     except BaseException:
