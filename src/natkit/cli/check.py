@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from natkit.check.report import METHOD_NAMES, METHODS, CheckReport
-from natkit.cli.common import emit_event, out
+from natkit.cli.common import emit_event, ip_address_option, out
 
 
 def _yes_no(value: bool | None) -> str:
@@ -77,7 +77,8 @@ def render(report: CheckReport, console: Console) -> None:
 @click.option("--relay", metavar="HOST:PORT", help="A natkit relay to measure the round trip to.")
 @click.option("--token", envvar="NATKIT_TOKEN", help="The relay's token (or $NATKIT_TOKEN).")
 @click.option("--fingerprint", help="The relay's certificate fingerprint (sha256:...).")
-@click.option("--gateway", metavar="IP", help="The router to ask (default: the default route's).")
+@click.option("--gateway", metavar="IP", callback=ip_address_option,
+              help="The router to ask (default: the default route's).")  # fmt: skip
 @click.option("--no-portmap", is_flag=True, help="Do not ask the router for port mapping.")
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the report as one JSON line (event report)."
@@ -94,6 +95,15 @@ def check(
     """Report this host's network: public address, NAT behaviour (RFC 5780), the router's
     port mapping, double NAT, the relay; then what will work."""
     from natkit.check.run import run_check  # STUN, port mapping, relay: only when run
+    from natkit.stun import parse_server
+
+    if relay is not None and not token:
+        raise click.UsageError("--relay needs --token (or $NATKIT_TOKEN)")
+    for server in stun:
+        try:
+            parse_server(server)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--stun") from None
 
     options: dict[str, Any] = {"fingerprint": fingerprint} if fingerprint else {}
     report = asyncio.run(

@@ -21,6 +21,21 @@ for _console in (out, err):
     _console.soft_wrap = not _console.is_terminal
 
 
+def ip_address_option(ctx: Any, param: Any, value: str | None) -> str | None:
+    """A click callback: ``value`` must be an IP address (a router is not looked up by name:
+    a typo would otherwise become a DNS query, then a confusing network error)."""
+    import ipaddress
+
+    import click
+
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an IP address") from None
+
+
 def emit_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()

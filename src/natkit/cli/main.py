@@ -34,7 +34,7 @@ def _run() -> None:
 
     as_json = json_requested(sys.argv[1:])
     try:
-        cli.main(standalone_mode=False)
+        cli.main(prog_name="natkit", standalone_mode=False)
     except click.exceptions.Abort:
         fail_with(KeyboardInterrupt("aborted"), EXIT_INTERRUPTED, as_json=as_json)
     except click.ClickException as exc:

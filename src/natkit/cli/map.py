@@ -11,7 +11,7 @@ import click
 from rich.table import Table
 
 from natkit import state
-from natkit.cli.common import emit_event, err, out
+from natkit.cli.common import emit_event, err, ip_address_option, out
 from natkit.errors import DiscoveryError, NatkitError, UPnPError
 from natkit.net.routes import default_gateway
 from natkit.portmap.manager import probe
@@ -33,9 +33,8 @@ def _common(default_via: str) -> Callable[[F], F]:
             show_default=True,
             help="Port-mapping protocol (auto: the best the router offers).",
         )(f)
-        f = click.option(
-            "--gateway", metavar="IP", help="Router address (default: the default gateway)."
-        )(f)
+        f = click.option("--gateway", metavar="IP", callback=ip_address_option,
+                         help="Router address (default: the default gateway).")(f)  # fmt: skip
         f = click.option(
             "--timeout",
             type=float,
