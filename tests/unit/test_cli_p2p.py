@@ -44,7 +44,7 @@ def test_a_relay_that_refuses_the_connection_is_an_error_naming_it(
     proc = natkit(*connect_args(f"{LOOPBACK}:{port}", *extra), NATKIT_STATE_DIR=str(tmp_path))
     assert proc.returncode == EXIT_RELAY, (proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr and "agent.run" not in proc.stderr
-    assert f"cannot connect to the relay at {LOOPBACK}:{port}" in proc.stderr, proc.stderr
+    assert f"cannot connect to the relay at {LOOPBACK}:{port}: Connection refused" in proc.stderr
     if as_json:
         error = failed_json(proc, EXIT_RELAY)
         assert error["error"] == "RelayError" and f"{LOOPBACK}:{port}" in error["message"]

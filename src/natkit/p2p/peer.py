@@ -23,7 +23,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import secrets
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal
@@ -55,6 +57,7 @@ ICE_HEAD_START = 2.5  # how long the session waits for ICE before it starts on t
 SIGNAL_TIMEOUT = 15.0
 HELLO_REPEAT = 1.0
 CONNECT_PEER_TIMEOUT = 60.0
+RELAY_PROBE = 3.0  # the TCP connect that tells an unreachable relay after a failed attempt
 RETRY_DIRECT = 10.0  # seconds between attempts to get back from the relay to a direct path
 
 
@@ -301,32 +304,56 @@ class _Peer:
         self._progress("peer", room=self.name)
 
     async def _joined(self, runner: asyncio.Task[Any]) -> Any:
-        # The agent retries a lost relay connection for ever; the first one failing (refused,
-        # unreachable, a name that does not resolve) ends the attempt at once instead.
-        refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        # The agent retries a failed relay connection for ever. When its first attempt
+        # fails, one plain TCP connect tells a relay that cannot be reached (refused,
+        # unreachable, a name that does not resolve: an error at once, naming it) from a
+        # passing failure (the agent's retry then gets through).
+        first_failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-        def first_attempt(event: str, info: dict[str, Any]) -> None:
-            if event == "reconnecting" and self.agent.connections == 0 and not refused.done():
-                refused.set_result(str(info.get("reason", "")))
+        def on_agent_event(event: str, info: dict[str, Any]) -> None:
+            failed = event == "reconnecting" and self.agent.connections == 0
+            if failed and not first_failure.done():
+                first_failure.set_result(None)
 
-        self.agent.on_event(first_attempt)
+        self.agent.on_event(on_agent_event)
         join = asyncio.ensure_future(self.agent.join_p2p(self.name, self.role))
-        done, _ = await asyncio.wait({join, runner, refused}, return_when=asyncio.FIRST_COMPLETED)
-        if join not in done:
-            join.cancel()
-            with contextlib.suppress(BaseException):
-                await join
-        if runner in done:
-            runner.result()  # the agent's final error (a rejected token, an untrusted relay)
-            raise P2PError(f"relay {self.opts.relay} closed the connection")
-        if refused in done and join not in done:
-            address = f"{self.agent.relay_host}:{self.agent.relay_port}"
-            raise RelayError(
-                f"cannot connect to the relay at {address}: {refused.result()} (is it "
-                "running, and are the address and port right?)"
-            )
-        refused.cancel()
-        return join.result()
+        waiting: set[asyncio.Future[Any]] = {join, runner, first_failure}
+        try:
+            while True:
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if join in done:
+                    return join.result()
+                if runner in done:
+                    runner.result()  # the agent's final error (a rejected token, an untrusted relay)
+                    raise P2PError(f"relay {self.opts.relay} closed the connection")
+                waiting.discard(first_failure)
+                unreachable = await self._relay_unreachable()
+                if unreachable is not None:
+                    raise RelayError(unreachable)
+        finally:
+            if not join.done():
+                join.cancel()
+                with contextlib.suppress(BaseException):
+                    await join
+
+    async def _relay_unreachable(self) -> str | None:
+        """Why the relay cannot be reached over TCP, or None when it can."""
+        host, port = self.agent.relay_host, self.agent.relay_port
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), RELAY_PROBE)
+        except asyncio.TimeoutError:
+            why = f"no answer within {RELAY_PROBE:g} s"
+        except socket.gaierror as exc:
+            why = f"the name {host!r} does not resolve ({exc.strerror})"
+        except OSError as exc:  # "Connection refused" rather than asyncio's wording
+            why = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+        else:
+            writer.close()
+            return None
+        return (
+            f"cannot connect to the relay at {host}:{port}: {why} (is it running, and are "
+            "the address and port right?)"
+        )
 
     async def _add_standby(self, relay_task: asyncio.Task[Any]) -> None:
         try:
