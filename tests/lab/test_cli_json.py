@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from natkit.errors import EXIT_ERROR
+from natkit.errors import EXIT_ERROR, EXIT_LOCAL
 from natkit.lab import Lab
 from natkit.lab import config as C
 from tests.lab.test_cli import _private_state, natkit, ok  # noqa: F401  (autouse fixture)
@@ -74,3 +75,28 @@ def test_natpmp_delete_by_internal_port_says_it_cannot_tell(lab: Lab) -> None:
                       "protocol": "tcp", "existed": None}  # fmt: skip
     human = ok(natkit(lab, "lan", *args)).stdout
     assert "natkit cannot tell" in human and "34568" in human
+
+
+@pytest.mark.parametrize("via", ["pcp", "natpmp"])
+def test_a_mapping_that_cannot_be_recorded_is_not_left_behind(
+    lab: Lab, via: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unusable state directory (a service user's HOME=/nonexistent; here a path under a
+    file, which even root cannot create): a StateError (exit 5) naming it, and the mapping
+    natkit could not record is removed from the router again, not left for its lease."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("NATKIT_STATE_DIR", str(blocker / "state"))
+    port = 23457 if via == "pcp" else 23458
+    for extra in ((), ("--json",)):
+        proc = natkit(lab, "lan", "map", "add", port, "--via", via, "--lease", 120, *extra)
+        assert proc.returncode == EXIT_LOCAL, (proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        assert f"state directory {blocker / 'state'}" in proc.stderr, proc.stderr
+        assert "NATKIT_STATE_DIR" in proc.stderr and "removed again" in proc.stderr
+        if extra:
+            [error] = events(proc)
+            assert error["event"] == "error" and error["error"] == "StateError"
+        assert f"dport {port} dnat" not in lab.router_rules(), "the mapping was left behind"
+    proc = natkit(lab, "lan", "map", "list", "--json")
+    assert proc.returncode == EXIT_LOCAL and events(proc)[-1]["error"] == "StateError"

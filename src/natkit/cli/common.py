@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, TypeVar
 
 from rich.console import Console
@@ -61,6 +61,21 @@ def error_event(exc: BaseException, exit_code: int) -> dict[str, Any]:
 
 
 T = TypeVar("T")
+
+
+def using_state(action: Callable[..., T], *args: Any) -> T:
+    """Read or write natkit's records (:mod:`natkit.state`): a directory that cannot be used
+    is a StateError that names it and says what to do, not an OSError."""
+    from natkit.errors import StateError
+    from natkit.state import state_dir
+
+    try:
+        return action(*args)
+    except OSError as exc:
+        raise StateError(
+            f"cannot use natkit's state directory {state_dir()}: {exc.strerror or exc} "
+            "(set NATKIT_STATE_DIR to a writable directory)"
+        ) from None
 
 
 def run_loop(main: Coroutine[Any, Any, T]) -> T:

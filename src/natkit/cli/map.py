@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -11,8 +12,8 @@ import click
 from rich.table import Table
 
 from natkit import state
-from natkit.cli.common import emit_event, err, ip_address_option, out
-from natkit.errors import DiscoveryError, NatkitError, UPnPError
+from natkit.cli.common import emit_event, err, ip_address_option, out, using_state
+from natkit.errors import DiscoveryError, NatkitError, StateError, UPnPError
 from natkit.net.routes import default_gateway
 from natkit.portmap.manager import probe
 from natkit.portmap.mapping import PortMapping
@@ -111,7 +112,7 @@ def map_add(
                    timeout=timeout, as_json=as_json)  # fmt: skip
         return
 
-    async def run() -> tuple[PortMapping, str]:
+    async def run() -> PortMapping:
         result = await probe(via=via, gateway_ip=gateway, timeout=timeout)
         try:
             m = await result.chosen.add(
@@ -121,13 +122,20 @@ def map_add(
                 lease=lease,
                 description=description,
             )
+            if m.method != "upnp" or m.lease == 0:
+                # NAT-PMP/PCP cannot list or delete by external port: natkit remembers. A
+                # mapping it cannot record is removed again rather than left behind unknown.
+                try:
+                    using_state(state.record, m, result.gateway_ip)
+                except StateError as exc:
+                    with contextlib.suppress(NatkitError, OSError):
+                        await result.chosen.remove(m)
+                    raise StateError(f"{exc}; the mapping was removed again") from None
         finally:
             result.chosen.close()
-        return m, result.gateway_ip
+        return m
 
-    m, gw = asyncio.run(run())
-    if m.method != "upnp" or m.lease == 0:
-        state.record(m, gw)  # NAT-PMP/PCP cannot list or delete by external port: remember
+    m = asyncio.run(run())
     if as_json:
         emit_event("mapped", **m.to_json())
         return
@@ -154,7 +162,7 @@ def map_list(via: str, gateway: str | None, timeout: float, as_json: bool) -> No
         if via != "upnp":
             gw = gateway or default_gateway()
             methods = ("natpmp", "pcp") if via == "auto" else (via,)
-            result = with_recorded([m for method in methods for m in state.listed(gw, method)],
+            result = with_recorded([m for method in methods for m in using_state(state.listed, gw, method)],
                                    result)  # fmt: skip
         return result
 
@@ -223,7 +231,7 @@ def map_delete(
         # Which protocol made it? natkit's own records say for NAT-PMP/PCP mappings.
         methods = ["natpmp", "pcp"] if via == "auto" else [via] if via != "upnp" else []
         for method in methods:
-            rec = state.find(gw, method, external_port, proto)
+            rec = using_state(state.find, gw, method, external_port, proto)
             existed: bool | None = True
             if rec is None and method == "natpmp" and internal_port is not None and via == "natpmp":
                 # RFC 6886 3.4: a delete is answered with success whether or not a mapping
@@ -238,7 +246,7 @@ def map_delete(
                 await result.chosen.remove(rec)
             finally:
                 result.chosen.close()
-            state.forget(gw, method, external_port, proto)
+            using_state(state.forget, gw, method, external_port, proto)
             return method, existed
         where = f"external port {external_port}/{proto} on {gw}"
         if via not in ("auto", "upnp"):
@@ -264,7 +272,7 @@ def map_delete(
                 raise
         finally:
             upnp.close()
-        state.forget(gw, "upnp", external_port, proto)
+        using_state(state.forget, gw, "upnp", external_port, proto)
         return "upnp", True
 
     method, existed = asyncio.run(run())
