@@ -39,8 +39,11 @@ lint: deps
 	$(VENV)/bin/ruff format --check src
 	$(VENV)/bin/mypy --strict src
 
+# Every test that needs no root: all of tests/ but the lab's (namespaces, nftables, miniupnpd).
+# tests/stun runs a real coturn on loopback (installed by deps), tests/relay and tests/p2p
+# real relays and peers on loopback.
 unit: deps
-	$(VENV)/bin/pytest -q tests/unit
+	$(VENV)/bin/pytest -q tests --ignore=tests/lab
 
 test: lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider

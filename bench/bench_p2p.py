@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import queue
 import statistics
@@ -297,9 +298,12 @@ def _forwarded(lab: Lab, state: Path) -> float:
     )
     try:
         assert connect.stdout is not None
-        for _ in range(2):  # ready, then forwarding
-            if not connect.stdout.readline():
+        while True:  # waiting, peer, ready, then forwarding (docs/cli.md)
+            line = connect.stdout.readline()
+            if not line:
                 raise BenchError("natkit p2p connect ended early")
+            if json.loads(line).get("event") == "forwarding":
+                break
         r = lab.run("lan", [sys.executable, "-c", _TCP_CLIENT, "127.0.0.1", "9100"], timeout=300)
         if r.returncode != 0:
             raise BenchError(f"download through the forward: {r.stderr}")

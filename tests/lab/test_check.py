@@ -39,6 +39,7 @@ def check(lab: Lab, *args: str, env: dict[str, str] | None = None) -> dict[str, 
     r = lab.run("lan", [NATKIT, "check", "--json", *args], timeout=30, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     report: dict[str, Any] = json.loads(r.stdout)
+    assert report["event"] == "report"
     return report
 
 

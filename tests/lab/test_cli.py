@@ -52,10 +52,30 @@ def failed(proc: subprocess.CompletedProcess[str]) -> str:
     return proc.stderr
 
 
+def no_result(proc: subprocess.CompletedProcess[str], as_json: bool) -> None:
+    """A failure prints no result: nothing on stdout, or under --json only the error line."""
+    if not as_json:
+        assert not proc.stdout.strip(), proc.stdout
+        return
+    [line] = proc.stdout.strip().splitlines()
+    error = json.loads(line)
+    assert error["event"] == "error" and error["exit_code"] == proc.returncode, error
+    assert error["message"] in proc.stderr
+
+
 def last_json(proc: subprocess.CompletedProcess[str]) -> Any:
     lines = proc.stdout.strip().splitlines()
     assert lines, f"no output; stderr: {proc.stderr}"
     return json.loads(lines[-1])
+
+
+def listed(proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    """``map list --json``: one ``mapping`` line per mapping, then ``listed`` with the count."""
+    events = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    *mappings, last = events
+    assert last == {"event": "listed", "count": len(mappings)}, events
+    assert all(m["event"] == "mapping" for m in mappings), events
+    return mappings
 
 
 def upnpc_listing(lab: Lab, discover: bool = False) -> str:
@@ -111,7 +131,7 @@ def test_add_json_reachable_listed_deleted(lab: Lab, cleanup: list[tuple[str, in
             )
         )
         m = last_json(proc)
-        assert isinstance(m, dict) and m.keys() >= MAPPING_KEYS
+        assert isinstance(m, dict) and m.keys() >= MAPPING_KEYS and m["event"] == "mapped"
         assert m["method"] == "upnp" and m["protocol"] == "tcp"
         assert (m["internal_ip"], m["internal_port"]) == (C.LAN_IP, port)
         assert (m["external_ip"], m["external_port"]) == (C.RTR_WAN_IP, port)
@@ -125,13 +145,12 @@ def test_add_json_reachable_listed_deleted(lab: Lab, cleanup: list[tuple[str, in
         assert f"TCP {port}->{C.LAN_IP}:{port}" in listing and desc in listing
 
         # natkit's own listing, JSON and human.
-        listed = last_json(ok(natkit(lab, "lan", "map", "list", "--via", "upnp", "--json")))
-        assert isinstance(listed, list)
-        assert all(x.keys() >= MAPPING_KEYS for x in listed)
-        mine = [x for x in listed if x["external_port"] == port and x["protocol"] == "tcp"]
+        table = listed(ok(natkit(lab, "lan", "map", "list", "--via", "upnp", "--json")))
+        assert all(x.keys() >= MAPPING_KEYS for x in table)
+        mine = [x for x in table if x["external_port"] == port and x["protocol"] == "tcp"]
         assert len(mine) == 1, listed
         assert mine[0]["description"] == desc and mine[0]["internal_ip"] == C.LAN_IP
-        assert mine[0]["internal_port"] == port and mine[0]["method"] == "upnp"
+        assert mine[0]["internal_port"] == port and mine[0]["method"] == "upnp", table
         assert 0 < mine[0]["lease"] <= 300
         human = ok(natkit(lab, "lan", "map", "list", "--via", "upnp")).stdout
         assert f"{C.RTR_WAN_IP}:{port}" in human and f"{C.LAN_IP}:{port}" in human
@@ -140,12 +159,12 @@ def test_add_json_reachable_listed_deleted(lab: Lab, cleanup: list[tuple[str, in
 
         # Delete it: gone from the router, from upnpc's listing and from the Internet.
         gone = last_json(ok(natkit(lab, "lan", "map", "delete", port, "--via", "upnp", "--json")))
-        assert gone["deleted"] is True and gone["external_port"] == port
-        assert gone["protocol"] == "tcp" and gone["method"] == "upnp"
+        assert gone == {"event": "deleted", "method": "upnp", "external_port": port,
+                        "protocol": "tcp", "existed": True}  # fmt: skip
         assert not reachable(lab, "wan", C.RTR_WAN_IP, port), "still reachable after delete"
         assert f"{port}->" not in upnpc_listing(lab)
-        listed = last_json(ok(natkit(lab, "lan", "map", "list", "--via", "upnp", "--json")))
-        assert not [x for x in listed if x["external_port"] == port and x["protocol"] == "tcp"]
+        table = listed(ok(natkit(lab, "lan", "map", "list", "--via", "upnp", "--json")))
+        assert not [x for x in table if x["external_port"] == port and x["protocol"] == "tcp"]
 
 
 def test_add_udp_other_external_port_human_output(
@@ -232,8 +251,7 @@ def test_conflict_names_the_holder(lab: Lab, cleanup: list[tuple[str, int, str]]
             message = failed(proc)
             assert C.DEV_IP in message and str(port) in message, message
             assert "already mapped" in message
-            # No mapping is printed: under --json the one line is the error (docs/cli.md).
-            assert_only_error_line(proc, "MappingConflictError")
+            no_result(proc, as_json=bool(extra))
         # dev's mapping is untouched.
         assert f"TCP {port}->{C.DEV_IP}:{port}" in upnpc_listing(lab)
 
@@ -244,18 +262,6 @@ def test_conflict_names_the_holder(lab: Lab, cleanup: list[tuple[str, int, str]]
         cleanup.append(("lan", m["external_port"], "tcp"))
         assert m["external_port"] != port and m["internal_port"] == port
         assert http_get(lab, "wan", m["external_ip"], m["external_port"]) == "lan's"
-
-
-def assert_only_error_line(proc: subprocess.CompletedProcess[str], error: str) -> None:
-    """stdout holds nothing but, under --json, the one ``error`` line (docs/cli.md)."""
-    lines = proc.stdout.strip().splitlines()
-    if "--json" not in proc.args:
-        assert not lines, lines
-        return
-    [line] = lines
-    event = json.loads(line)
-    assert event["event"] == "error" and event["error"] == error, event
-    assert event["exit_code"] == proc.returncode, (event, proc.returncode)
 
 
 def test_router_without_upnp_is_a_clear_error(make_lab) -> None:  # type: ignore[no-untyped-def]
@@ -269,10 +275,10 @@ def test_router_without_upnp_is_a_clear_error(make_lab) -> None:  # type: ignore
         proc = natkit(off, "lan", *args)
         message = failed(proc)
         assert "upnp" in message.lower(), message
-        assert_only_error_line(proc, "DiscoveryError")
+        no_result(proc, as_json="--json" in args)
     # Nothing was mapped, and listing what natkit knows of still works.
     proc = ok(natkit(off, "lan", "map", "list", "--timeout", 0.5, "--json"))
-    assert last_json(proc) == []
+    assert listed(proc) == []
     assert "no port mappings" in ok(natkit(off, "lan", "map", "list", "--timeout", 0.5)).stdout
 
 

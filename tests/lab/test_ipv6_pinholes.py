@@ -167,13 +167,15 @@ def test_cli_map_add_ipv6_prints_the_reachable_address_and_delete_closes_it(
     assert proc.returncode == 0, proc.stderr
     made = json.loads(proc.stdout.strip().splitlines()[-1])
     try:
+        assert made["event"] == "mapped" and made["ipv6"] is True
         assert made["public_address_v6"] == f"[{C.LAN_IP6}]:{port}"
         assert made["method"] == via and made["lease"] == 300
         assert connect_from_wan(lab, C.LAN_IP6, v6_server) == "open"
     finally:
         gone = lab.run("lan", [NATKIT, "map", "delete", port, "--ipv6", "--json"])
     assert gone.returncode == 0, gone.stderr
-    assert json.loads(gone.stdout)["deleted"] is True
+    deleted = json.loads(gone.stdout)
+    assert deleted["event"] == "deleted" and deleted["closed"] is True and deleted["ipv6"] is True
     assert connect_from_wan(lab, C.LAN_IP6, v6_server) == "timeout"
     again = lab.run("lan", [NATKIT, "map", "delete", port, "--ipv6"])
     assert again.returncode != 0 and "no record of an open IPv6 pinhole" in again.stderr

@@ -19,7 +19,7 @@ import pytest
 
 import natkit.lab.lab as lab_mod
 from natkit.cli import main as cli_main
-from natkit.errors import MissingPackageError
+from natkit.errors import EXIT_LOCAL, MissingPackageError
 from natkit.lab import Lab, netns
 from natkit.lab import config as C
 from tests.conftest import IN_CI, LAB_PREFIX
@@ -169,7 +169,9 @@ def test_reboot_forgets_mappings_and_restarts_the_daemon(
         assert f"dport {port} dnat" not in the_lab.router_rules()
         assert not reachable(the_lab, "wan", C.RTR_WAN_IP, port), "mapping survived the reboot"
         listing = the_lab.run("lan", [NATKIT, "map", "list", "--via", "upnp", "--json"], env=env)
-        assert all(m["external_port"] != port for m in last_json(ok(listing)))
+        lines = [json.loads(line) for line in ok(listing).stdout.splitlines()]
+        assert lines[-1]["event"] == "listed"
+        assert all(m["external_port"] != port for m in lines if m["event"] == "mapping")
         # The daemon answers again: a new mapping works.
         ok(the_lab.run("lan", add, env=env, timeout=30))
         assert http_get(the_lab, "wan", C.RTR_WAN_IP, port) == "before reboot"
@@ -291,7 +293,7 @@ def test_missing_package_names_the_apt_command(
     monkeypatch.setattr(sys, "argv", ["natkit", "lab", "up", "--name", name])
     with pytest.raises(SystemExit) as exit_info:
         cli_main.main()
-    assert exit_info.value.code == 5
+    assert exit_info.value.code == EXIT_LOCAL
     err = capsys.readouterr().err
     assert "error:" in err and "apt-get install -y miniupnpd-nftables" in err
     assert "Traceback" not in err

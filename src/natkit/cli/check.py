@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import click
@@ -11,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from natkit.check.report import METHOD_NAMES, METHODS, CheckReport
+from natkit.cli.common import emit_event, ip_address_option, out
 
 
 def _yes_no(value: bool | None) -> str:
@@ -40,10 +40,11 @@ def render(report: CheckReport, console: Console) -> None:
     table.add_row("hairpinning", _yes_no(report.hairpinning))
     for method in METHODS:
         offer = report.port_mapping.get(method)
+        # Each protocol is asked on its own, for up to a second: silence is all natkit saw.
         if offer is None:
-            text = "not offered"
+            text = "no answer"
         elif offer.external_ip is None:
-            text = "offered, no external address"
+            text = "answered, no external address"
         else:
             text = f"{offer.external_ip} ({'public' if offer.public else 'not public'})"
         table.add_row(METHOD_NAMES[method], text)
@@ -76,9 +77,12 @@ def render(report: CheckReport, console: Console) -> None:
 @click.option("--relay", metavar="HOST:PORT", help="A natkit relay to measure the round trip to.")
 @click.option("--token", envvar="NATKIT_TOKEN", help="The relay's token (or $NATKIT_TOKEN).")
 @click.option("--fingerprint", help="The relay's certificate fingerprint (sha256:...).")
-@click.option("--gateway", metavar="IP", help="The router to ask (default: the default route's).")
+@click.option("--gateway", metavar="IP", callback=ip_address_option,
+              help="The router to ask (default: the default route's).")  # fmt: skip
 @click.option("--no-portmap", is_flag=True, help="Do not ask the router for port mapping.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the report as one JSON line (event report)."
+)
 def check(
     stun: tuple[str, ...],
     relay: str | None,
@@ -91,6 +95,15 @@ def check(
     """Report this host's network: public address, NAT behaviour (RFC 5780), the router's
     port mapping, double NAT, the relay; then what will work."""
     from natkit.check.run import run_check  # STUN, port mapping, relay: only when run
+    from natkit.stun import parse_server
+
+    if relay is not None and not token:
+        raise click.UsageError("--relay needs --token (or $NATKIT_TOKEN)")
+    for server in stun:
+        try:
+            parse_server(server)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--stun") from None
 
     options: dict[str, Any] = {"fingerprint": fingerprint} if fingerprint else {}
     report = asyncio.run(
@@ -104,6 +117,6 @@ def check(
         )
     )
     if as_json:
-        click.echo(json.dumps(report.to_json()))
+        emit_event("report", **report.to_json())
     else:
-        render(report, Console())
+        render(report, out)

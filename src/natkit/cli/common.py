@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, TypeVar
 
 from rich.console import Console
@@ -14,6 +14,26 @@ from natkit.net import loops
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
+# Piped or captured output (not a terminal) is read by programs and copied by people: a long
+# token (a fingerprint, a URL) must stay on one line, not be cut at the console's width.
+# Tables are still laid out to the width.
+for _console in (out, err):
+    _console.soft_wrap = not _console.is_terminal
+
+
+def ip_address_option(ctx: Any, param: Any, value: str | None) -> str | None:
+    """A click callback: ``value`` must be an IP address (a router is not looked up by name:
+    a typo would otherwise become a DNS query, then a confusing network error)."""
+    import ipaddress
+
+    import click
+
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an IP address") from None
 
 
 def emit_json(obj: Any) -> None:
@@ -41,6 +61,21 @@ def error_event(exc: BaseException, exit_code: int) -> dict[str, Any]:
 
 
 T = TypeVar("T")
+
+
+def using_state(action: Callable[..., T], *args: Any) -> T:
+    """Read or write natkit's records (:mod:`natkit.state`): a directory that cannot be used
+    is a StateError that names it and says what to do, not an OSError."""
+    from natkit.errors import StateError
+    from natkit.state import state_dir
+
+    try:
+        return action(*args)
+    except OSError as exc:
+        raise StateError(
+            f"cannot use natkit's state directory {state_dir()}: {exc.strerror or exc} "
+            "(set NATKIT_STATE_DIR to a writable directory)"
+        ) from None
 
 
 def run_loop(main: Coroutine[Any, Any, T]) -> T:

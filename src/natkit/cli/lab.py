@@ -8,13 +8,14 @@ from typing import Any
 import click
 from rich.table import Table
 
-from natkit.cli.common import emit_json, fail, out
+from natkit.cli.common import emit_event, out
 from natkit.lab import Lab, LabConfig, check_host, parse_portmap
 from natkit.lab.config import EVERY_NODE, NAT_BEHAVIOURS, ROUTERS, RouterNode, parse_nat
 
 NAME = click.option(
     "--name", default="natkit", show_default=True, help="Lab name (several may coexist)."
 )
+JSON = click.option("--json", "as_json", is_flag=True, help="JSON lines (docs/cli.md).")
 
 
 @click.group()
@@ -67,7 +68,7 @@ def lab() -> None:
     help="What rtr2 offers, as --portmap (default all; needs --second-lan).",
 )
 @click.option("--replace", is_flag=True, help="Replace a lab of the same name if one exists.")
-@click.option("--json", "as_json", is_flag=True)
+@JSON
 def lab_up(
     name: str,
     portmap: str,
@@ -83,12 +84,12 @@ def lab_up(
     """Build the lab: lan and dev behind rtr (NAT + miniupnpd), wan (the Internet, coturn);
     with --second-lan also lan2 behind rtr2."""
     if not second_lan and (nat2 is not None or portmap2 is not None):
-        fail("--nat2 and --portmap2 set up the second router: add --second-lan", 2)
+        raise click.UsageError("--nat2 and --portmap2 set up the second router: add --second-lan")
     try:
         chosen = parse_portmap(portmap)
         chosen2 = parse_portmap("all" if portmap2 is None else portmap2)
     except ValueError as exc:
-        fail(str(exc), 2)
+        raise click.UsageError(str(exc)) from None
     cfg = LabConfig(
         name=name,
         portmap=chosen,
@@ -102,28 +103,32 @@ def lab_up(
     the_lab = Lab.create(cfg, replace=replace)
     status = the_lab.status()
     if as_json:
-        emit_json(status)
+        emit_event("up", **status)
     else:
         _print_status(status)
 
 
 @lab.command("down")
 @NAME
-def lab_down(name: str) -> None:
+@JSON
+def lab_down(name: str, as_json: bool) -> None:
     """Remove the lab and everything running in it (idempotent)."""
     check_host()
     Lab(LabConfig(name=name)).down()
-    out.print(f"lab {name!r} is down")
+    if as_json:
+        emit_event("down", name=name)
+    else:
+        out.print(f"lab {name!r} is down")
 
 
 @lab.command("status")
 @NAME
-@click.option("--json", "as_json", is_flag=True)
+@JSON
 def lab_status(name: str, as_json: bool) -> None:
     """Show the lab's nodes, addresses and router."""
     status = Lab.open(name).status()
     if as_json:
-        emit_json(status)
+        emit_event("status", **status)
     else:
         _print_status(status)
 

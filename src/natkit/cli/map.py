@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -10,11 +12,11 @@ import click
 from rich.table import Table
 
 from natkit import state
-from natkit.cli.common import emit_json, err, out
-from natkit.errors import DiscoveryError, NatkitError
+from natkit.cli.common import emit_event, err, ip_address_option, out, using_state
+from natkit.errors import DiscoveryError, NatkitError, StateError, UPnPError
 from natkit.net.routes import default_gateway
 from natkit.portmap.manager import probe
-from natkit.portmap.mapping import Mapper, PortMapping
+from natkit.portmap.mapping import PortMapping
 from natkit.portmap.upnp import UPnPMapper
 
 PROTO = click.Choice(["tcp", "udp"], case_sensitive=False)
@@ -32,9 +34,8 @@ def _common(default_via: str) -> Callable[[F], F]:
             show_default=True,
             help="Port-mapping protocol (auto: the best the router offers).",
         )(f)
-        f = click.option(
-            "--gateway", metavar="IP", help="Router address (default: the default gateway)."
-        )(f)
+        f = click.option("--gateway", metavar="IP", callback=ip_address_option,
+                         help="Router address (default: the default gateway).")(f)  # fmt: skip
         f = click.option(
             "--timeout",
             type=float,
@@ -111,7 +112,7 @@ def map_add(
                    timeout=timeout, as_json=as_json)  # fmt: skip
         return
 
-    async def run() -> tuple[PortMapping, str]:
+    async def run() -> PortMapping:
         result = await probe(via=via, gateway_ip=gateway, timeout=timeout)
         try:
             m = await result.chosen.add(
@@ -121,15 +122,22 @@ def map_add(
                 lease=lease,
                 description=description,
             )
+            if m.method != "upnp" or m.lease == 0:
+                # NAT-PMP/PCP cannot list or delete by external port: natkit remembers. A
+                # mapping it cannot record is removed again rather than left behind unknown.
+                try:
+                    using_state(state.record, m, result.gateway_ip)
+                except StateError as exc:
+                    with contextlib.suppress(NatkitError, OSError):
+                        await result.chosen.remove(m)
+                    raise StateError(f"{exc}; the mapping was removed again") from None
         finally:
             result.chosen.close()
-        return m, result.gateway_ip
+        return m
 
-    m, gw = asyncio.run(run())
-    if m.method != "upnp" or m.lease == 0:
-        state.record(m, gw)  # NAT-PMP/PCP cannot list or delete by external port: remember
+    m = asyncio.run(run())
     if as_json:
-        emit_json(m.to_json())
+        emit_event("mapped", **m.to_json())
         return
     out.print(_table([m], "mapping created"))
     if not m.publicly_reachable:
@@ -153,24 +161,39 @@ def map_list(via: str, gateway: str | None, timeout: float, as_json: bool) -> No
                     raise
         if via != "upnp":
             gw = gateway or default_gateway()
-            # The router's UPnP table may already show them (one table behind all protocols).
-            shown = {(m.external_port, m.protocol) for m in result}
-            for method in ("natpmp", "pcp") if via == "auto" else (via,):
-                result += [
-                    m
-                    for m in state.listed(gw, method)
-                    if (m.external_port, m.protocol) not in shown
-                ]
+            methods = ("natpmp", "pcp") if via == "auto" else (via,)
+            result = with_recorded([m for method in methods for m in using_state(state.listed, gw, method)],
+                                   result)  # fmt: skip
         return result
 
     mappings = asyncio.run(run())
     if as_json:
-        emit_json([m.to_json() for m in mappings])
+        for m in mappings:
+            emit_event("mapping", **m.to_json())
+        emit_event("listed", count=len(mappings))
         return
     if not mappings:
         out.print("no port mappings")
         return
     out.print(_table(mappings, f"{len(mappings)} mapping(s)"))
+
+
+def with_recorded(recorded: list[PortMapping], table: list[PortMapping]) -> list[PortMapping]:
+    """The router's UPnP table merged with natkit's records of its NAT-PMP/PCP mappings.
+
+    miniupnpd (and most routers) keep one table behind all three protocols, so the UPnP
+    listing also shows mappings made with PCP or NAT-PMP, as if UPnP had made them: natkit's
+    record says which protocol did (and that is the one ``map delete`` must use). The
+    table's row is kept (its lease is the time left); a record the table does not show is
+    listed as recorded (a router without UPnP, or one that lost it)."""
+    made_by = {_same(m): m.method for m in recorded}
+    merged = [dataclasses.replace(m, method=made_by.get(_same(m), m.method)) for m in table]
+    shown = {(m.external_port, m.protocol) for m in table}
+    return merged + [m for m in recorded if (m.external_port, m.protocol) not in shown]
+
+
+def _same(m: PortMapping) -> tuple[int, str, str, int]:
+    return (m.external_port, m.protocol, m.internal_ip, m.internal_port)
 
 
 @map_group.command("delete")
@@ -202,22 +225,20 @@ def map_delete(
         return
     proto = protocol.lower()
 
-    async def run() -> str:
+    async def run() -> tuple[str, bool | None]:
+        """Delete it; say with which protocol, and whether it existed (None: cannot tell)."""
         gw = gateway or default_gateway()
         # Which protocol made it? natkit's own records say for NAT-PMP/PCP mappings.
         methods = ["natpmp", "pcp"] if via == "auto" else [via] if via != "upnp" else []
         for method in methods:
-            rec = state.find(gw, method, external_port, proto)
+            rec = using_state(state.find, gw, method, external_port, proto)
+            existed: bool | None = True
             if rec is None and method == "natpmp" and internal_port is not None and via == "natpmp":
-                rec = PortMapping(
-                    "natpmp",
-                    "udp" if proto == "udp" else "tcp",
-                    "",
-                    internal_port,
-                    "",
-                    external_port,
-                    0,
-                )
+                # RFC 6886 3.4: a delete is answered with success whether or not a mapping
+                # existed: natkit cannot know, and says so.
+                rec = PortMapping("natpmp", "udp" if proto == "udp" else "tcp", "", internal_port,
+                                  "", external_port, 0)  # fmt: skip
+                existed = None
             if rec is None:
                 continue
             result = await probe(via=method, gateway_ip=gw, timeout=timeout)
@@ -225,24 +246,42 @@ def map_delete(
                 await result.chosen.remove(rec)
             finally:
                 result.chosen.close()
-            state.forget(gw, method, external_port, proto)
-            return method
+            using_state(state.forget, gw, method, external_port, proto)
+            return method, existed
+        where = f"external port {external_port}/{proto} on {gw}"
         if via not in ("auto", "upnp"):
             raise NatkitError(
-                f"natkit has no record of a {via} mapping of external port {external_port}/{proto} "
-                f"on {gw}; {via} cannot delete by external port"
-                + (" (give --internal-port)" if via == "natpmp" else "")
+                f"no {via} mapping of {where} that natkit knows of (it keeps a record of those it "
+                f"makes, and {via} cannot look one up or delete by external port)"
+                + (": if another program made it, give --internal-port" if via == "natpmp" else "")
             )
-        upnp: Mapper = await UPnPMapper.discover(timeout=timeout, gateway_ip=gateway)
-        assert isinstance(upnp, UPnPMapper)
-        await upnp.delete(external_port, proto)
-        state.forget(gw, "upnp", external_port, proto)
-        return "upnp"
+        try:
+            upnp = await UPnPMapper.discover(timeout=timeout, gateway_ip=gateway)
+        except DiscoveryError as exc:
+            if via == "upnp":
+                raise
+            raise DiscoveryError(f"no NAT-PMP or PCP mapping of {where} that natkit knows of, "
+                                 f"and no UPnP to look it up: {exc}") from None  # fmt: skip
+        try:
+            if await upnp.get(external_port, proto) is None:
+                raise NatkitError(f"no mapping of {where}: the router's UPnP table has none "
+                                  "(see natkit map list)")  # fmt: skip
+            await upnp.delete(external_port, proto)
+        except UPnPError as exc:
+            if exc.code != 714:  # NoSuchEntryInArray: gone between the look-up and the delete
+                raise
+        finally:
+            upnp.close()
+        using_state(state.forget, gw, "upnp", external_port, proto)
+        return "upnp", True
 
-    method = asyncio.run(run())
+    method, existed = asyncio.run(run())
     if as_json:
-        emit_json(
-            {"deleted": True, "method": method, "external_port": external_port, "protocol": proto}
-        )
+        emit_event("deleted", method=method, external_port=external_port, protocol=proto,
+                   existed=existed)  # fmt: skip
+    elif existed is None:
+        out.print(f"asked the router to delete the {proto} mapping of internal port "
+                  f"{internal_port} ({method}); NAT-PMP answers the same whether one existed or "
+                  "not, so natkit cannot tell")  # fmt: skip
     else:
         out.print(f"deleted {proto} mapping of external port {external_port} ({method})")

@@ -8,12 +8,13 @@ removes it on exit).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import click
 from rich.table import Table
 
-from natkit.cli.common import emit_json, err, out
-from natkit.errors import NatkitError
+from natkit.cli.common import emit_event, err, out, using_state
+from natkit.errors import NatkitError, StateError
 from natkit.portmap import pinhole_state
 from natkit.portmap.pinhole import MAX_LEASE
 from natkit.portmap.pinhole_mappers import Pinhole, open_pinholer
@@ -39,14 +40,20 @@ def add(
             via=via, gateway_ip=gateway4, gateway6=gateway6, timeout=timeout
         )
         try:
-            return await pinholer.add(port, protocol, lease)
+            pinhole = await pinholer.add(port, protocol, lease)
+            try:  # for 'natkit map delete PORT --ipv6'; never left behind unrecorded
+                using_state(pinhole_state.record, pinhole)
+            except StateError as exc:
+                with contextlib.suppress(NatkitError, OSError):
+                    await pinholer.remove(pinhole)
+                raise StateError(f"{exc}; the pinhole was closed again") from None
+            return pinhole
         finally:
             pinholer.close()
 
     pinhole = asyncio.run(run())
-    pinhole_state.record(pinhole)  # for 'natkit map delete PORT --ipv6'
     if as_json:
-        emit_json(pinhole.to_json())
+        emit_event("mapped", ipv6=True, **pinhole.to_json())
         return
     t = Table(title="IPv6 pinhole opened", title_justify="left")
     for col in ("protocol", "reachable at", "lease", "via", "router"):
@@ -58,7 +65,7 @@ def add(
 
 def delete(port: int, *, protocol: str, timeout: float, as_json: bool) -> None:
     """Remove the pinhole 'natkit map add PORT --ipv6' opened (natkit's record says how)."""
-    pinhole = pinhole_state.take(port, protocol)
+    pinhole = using_state(pinhole_state.take, port, protocol)
     if pinhole is None:
         raise NatkitError(
             f"natkit has no record of an open IPv6 pinhole for port {port}/{protocol.lower()} "
@@ -76,7 +83,9 @@ def delete(port: int, *, protocol: str, timeout: float, as_json: bool) -> None:
 
     closes_in = asyncio.run(run())
     if as_json:
-        emit_json({"deleted": closes_in == 0, "closes_in": closes_in, **pinhole.to_json()})
+        # closed false: the router refused to delete it; it closes when its lease ends.
+        emit_event("deleted", ipv6=True, existed=True, closed=closes_in == 0, closes_in=closes_in,
+                   **pinhole.to_json())  # fmt: skip
     elif closes_in:
         out.print(f"the router would not delete pinhole {pinhole.public_address} "
                   f"({pinhole.method}); it closes in {closes_in} s")  # fmt: skip

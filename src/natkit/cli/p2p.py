@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import socket
-import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from natkit.cli.common import emit_event
 from natkit.errors import NatkitError
 from natkit.net.sockets import exclusive_listen
 from natkit.relay.agent import parse_hostport
@@ -21,12 +20,18 @@ if TYPE_CHECKING:  # natkit.p2p loads aioquic and aioice: only when a p2p comman
 
 
 def _emit(as_json: bool, event: str, **info: Any) -> None:
+    """One event (docs/cli.md): a JSON line with --json, else a line for a person (on
+    stderr, but for ``ready``, the result)."""
     if as_json:
-        click.echo(json.dumps({"event": event, **info}))
+        emit_event(event, **info)
+        return
+    if event == "waiting":
+        how_long = "for ever" if info["timeout"] is None else f"up to {info['timeout']:g} s"
+        text = (f"waiting in room {info['room']!r} on relay {info['relay']} for the peer that "
+                f"runs 'natkit p2p {info['peer_role']} {info['room']}' ({how_long})")  # fmt: skip
     else:
-        details = " ".join(f"{k}={v}" for k, v in info.items())
-        click.echo(f"{event}: {details}", err=event != "ready")
-    sys.stdout.flush()
+        text = f"{event}: " + " ".join(f"{k}={v}" for k, v in info.items())
+    click.echo(text, err=event != "ready")
 
 
 def _options(
@@ -91,7 +96,9 @@ def _common(f: Any) -> Any:
 async def _session(name: str, role: Role, opts: P2POptions, as_json: bool) -> P2PConnection:
     from natkit.p2p.peer import connect_peer
 
-    conn = await connect_peer(name, role, opts)
+    conn = await connect_peer(
+        name, role, opts, on_event=lambda event, info: _emit(as_json, event, **info)
+    )
     _emit(as_json, "ready", path=conn.path, elapsed_ms=round(conn.elapsed * 1000, 1))
 
     def moved(kind: str, reason: str) -> None:
@@ -144,6 +151,23 @@ def listen(
         asyncio.run(main())
 
 
+def _listen(bind: str, port: int) -> socket.socket:
+    """A listening socket for ``--forward``'s local side, or a natkit error that says why not."""
+    sock = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET)
+    try:
+        exclusive_listen(sock)
+        sock.bind((bind, port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise NatkitError(
+            f"cannot listen on {bind}:{port} for --forward: {exc.strerror or exc} (a port in "
+            "use, or --bind not an address of this machine)"
+        ) from None
+    return sock
+
+
 @p2p.command()
 @_common
 @click.option("--forward", "forwards", multiple=True, required=True,
@@ -164,15 +188,26 @@ def connect(
             raise click.BadParameter(
                 f"{spec!r} is not LOCAL_PORT:REMOTE_PORT", param_hint="--forward"
             )
+        if not (0 <= int(local) <= 65535 and 1 <= int(remote) <= 65535):
+            raise click.BadParameter(
+                f"{spec!r}: ports are 1-65535 (a local port of 0: any free one)",
+                param_hint="--forward",
+            )
         pairs.append((int(local), int(remote)))
+    # The local ports are taken first: one in use fails at once, not after meeting the peer.
+    listeners = [_listen(bind, local) for local, _ in pairs]
 
     async def main() -> None:
         from natkit.p2p.errors import P2PError
         from natkit.p2p.forward import open_forward, splice_stream
 
-        conn = await _session(name, "connect", opts, as_json)
+        try:
+            conn = await _session(name, "connect", opts, as_json)
+        except BaseException:
+            for sock in listeners:
+                sock.close()
+            raise
         loop = asyncio.get_running_loop()
-        listeners: list[socket.socket] = []
 
         async def one(client: socket.socket, remote: int) -> None:
             try:
@@ -193,13 +228,7 @@ def connect(
                 task.add_done_callback(running.discard)
 
         try:
-            for local, remote in pairs:
-                sock = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET)
-                exclusive_listen(sock)
-                sock.bind((bind, local))
-                sock.listen(128)
-                sock.setblocking(False)
-                listeners.append(sock)
+            for sock, (_, remote) in zip(listeners, pairs, strict=True):
                 _emit(as_json, "forwarding", local=f"{bind}:{sock.getsockname()[1]}",
                       remote=remote)  # fmt: skip
             serving = [

@@ -23,24 +23,32 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import secrets
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
-from natkit.errors import NatkitError, ProtocolError
+from natkit.errors import NatkitError, ProtocolError, RelayError
 from natkit.p2p import auth
 from natkit.p2p.candidates import IceDescription
-from natkit.p2p.errors import P2PAuthError, P2PError
+from natkit.p2p.errors import P2PAuthError, P2PError, P2PTimeoutError
 from natkit.p2p.ice import IceAgent, TurnServer
 from natkit.p2p.paths import DatagramPath, IcePath, PathEvent, PathSwitch, StreamPath
 from natkit.p2p.session import P2PSession
 from natkit.relay.agent import Agent, parse_hostport
+from natkit.rendezvous.client import RendezvousTimeoutError
 
 log = logging.getLogger("natkit.p2p")
 
 Role = Literal["listen", "connect"]
 Listener = Callable[[str, dict[str, Any]], None]
+# What a peer tells of its progress before the session is up (``connect_peer(on_event=)``):
+#   waiting  in the room, the other peer not there yet: room, role, peer_role, relay, timeout
+#            (seconds it will wait; None: for ever)
+#   peer     the other peer is in the room: room
+Progress = Callable[[str, dict[str, Any]], None]
 
 HELLO = "H:"
 SEALED = "S:"
@@ -49,6 +57,7 @@ ICE_HEAD_START = 2.5  # how long the session waits for ICE before it starts on t
 SIGNAL_TIMEOUT = 15.0
 HELLO_REPEAT = 1.0
 CONNECT_PEER_TIMEOUT = 60.0
+RELAY_PROBE = 3.0  # the TCP connect that tells an unreachable relay after a failed attempt
 RETRY_DIRECT = 10.0  # seconds between attempts to get back from the relay to a direct path
 
 
@@ -170,8 +179,11 @@ class P2PConnection:
 
 
 class _Peer:
-    def __init__(self, name: str, role: Role, opts: P2POptions) -> None:
+    def __init__(
+        self, name: str, role: Role, opts: P2POptions, on_event: Progress | None = None
+    ) -> None:
         self.name, self.role, self.opts = name, role, opts
+        self.on_event = on_event
         self.agent = Agent(opts.relay, opts.token, [], fingerprint=opts.fingerprint)
         self.identity = auth.PeerIdentity.generate(f"natkit-p2p-{role}")
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -219,7 +231,7 @@ class _Peer:
         wait = self.opts.peer_timeout
         if wait is None and self.role == "connect":
             wait = CONNECT_PEER_TIMEOUT  # a listener waits for ever; a connector does not
-        await self.room.wait_peer(wait)
+        await self._wait_peer(wait)
         self.signals = _Signals(self.room, self.opts.shared_secret)
         ice = self.ice = self._ice_agent()
         gathering = self._spawn(ice.gather())
@@ -272,14 +284,76 @@ class _Peer:
             if self.session is not None:
                 await self.session.close("the peer was replaced")
 
+    def _progress(self, event: str, **info: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(event, info)
+
+    async def _wait_peer(self, timeout: float | None) -> None:
+        other = "connect" if self.role == "listen" else "listen"
+        if not self.room.peer_present:
+            self._progress("waiting", room=self.name, role=self.role, peer_role=other,
+                           relay=self.opts.relay, timeout=timeout)  # fmt: skip
+        try:
+            await self.room.wait_peer(timeout)
+        except RendezvousTimeoutError:
+            raise P2PTimeoutError(
+                f"no peer came to room {self.name!r} on relay {self.opts.relay} within "
+                f"{timeout:g} s: start the other side (natkit p2p {other} {self.name}) with the "
+                "same relay and token"
+            ) from None
+        self._progress("peer", room=self.name)
+
     async def _joined(self, runner: asyncio.Task[Any]) -> Any:
+        # The agent retries a failed relay connection for ever. When its first attempt
+        # fails, one plain TCP connect tells a relay that cannot be reached (refused,
+        # unreachable, a name that does not resolve: an error at once, naming it) from a
+        # passing failure (the agent's retry then gets through).
+        first_failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def on_agent_event(event: str, info: dict[str, Any]) -> None:
+            failed = event == "reconnecting" and self.agent.connections == 0
+            if failed and not first_failure.done():
+                first_failure.set_result(None)
+
+        self.agent.on_event(on_agent_event)
         join = asyncio.ensure_future(self.agent.join_p2p(self.name, self.role))
-        done, _ = await asyncio.wait({join, runner}, return_when=asyncio.FIRST_COMPLETED)
-        if runner in done:
-            join.cancel()
-            runner.result()  # the agent's final error (a rejected token, an untrusted relay)
-            raise P2PError(f"relay {self.opts.relay} closed the connection")
-        return join.result()
+        waiting: set[asyncio.Future[Any]] = {join, runner, first_failure}
+        try:
+            while True:
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if join in done:
+                    return join.result()
+                if runner in done:
+                    runner.result()  # the agent's final error (a rejected token, an untrusted relay)
+                    raise P2PError(f"relay {self.opts.relay} closed the connection")
+                waiting.discard(first_failure)
+                unreachable = await self._relay_unreachable()
+                if unreachable is not None:
+                    raise RelayError(unreachable)
+        finally:
+            if not join.done():
+                join.cancel()
+                with contextlib.suppress(BaseException):
+                    await join
+
+    async def _relay_unreachable(self) -> str | None:
+        """Why the relay cannot be reached over TCP, or None when it can."""
+        host, port = self.agent.relay_host, self.agent.relay_port
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), RELAY_PROBE)
+        except asyncio.TimeoutError:
+            why = f"no answer within {RELAY_PROBE:g} s"
+        except socket.gaierror as exc:
+            why = f"the name {host!r} does not resolve ({exc.strerror})"
+        except OSError as exc:  # "Connection refused" rather than asyncio's wording
+            why = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+        else:
+            writer.close()
+            return None
+        return (
+            f"cannot connect to the relay at {host}:{port}: {why} (is it running, and are "
+            "the address and port right?)"
+        )
 
     async def _add_standby(self, relay_task: asyncio.Task[Any]) -> None:
         try:
@@ -392,12 +466,16 @@ class _Peer:
             await self.agent.close()
 
 
-async def connect_peer(name: str, role: Role, opts: P2POptions) -> P2PConnection:
+async def connect_peer(
+    name: str, role: Role, opts: P2POptions, *, on_event: Progress | None = None
+) -> P2PConnection:
     """Meet the peer named ``name`` through the relay and open an authenticated session.
 
-    ``role`` is ``listen`` on one side and ``connect`` on the other. Raises
-    :class:`~natkit.p2p.errors.P2PError` (or the relay's own errors) when it cannot."""
-    peer = _Peer(name, role, opts)
+    ``role`` is ``listen`` on one side and ``connect`` on the other; ``on_event`` hears of
+    the progress before the session is up (see :data:`Progress`). Raises
+    :class:`~natkit.p2p.errors.P2PError` (or the relay's own errors, a
+    :class:`~natkit.errors.RelayError` when it cannot be reached) when it cannot."""
+    peer = _Peer(name, role, opts, on_event)
     try:
         session = await peer.start()
     except BaseException:

@@ -259,8 +259,8 @@ class RoomClient:
             await asyncio.wait_for(asyncio.shield(answer), timeout)
         except asyncio.TimeoutError:
             raise RendezvousTimeoutError(
-                f"relay {self.relay_text} did not answer the JOIN of room {room.name!r} within "
-                f"{timeout:g} s (is the agent connected? agent.run() must be running)",
+                f"relay {self.relay_text} did not answer the request to join room {room.name!r} "
+                f"within {timeout:g} s (not connected to it: is the relay up and reachable?)",
                 "timeout",
             ) from None
 

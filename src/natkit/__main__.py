@@ -1,0 +1,5 @@
+"""``python -m natkit …``: the ``natkit`` command."""
+
+from natkit.cli.main import main
+
+main()

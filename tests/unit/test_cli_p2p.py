@@ -1,0 +1,113 @@
+"""``natkit p2p connect`` as a user meets it (issue 14): a relay that refuses the connection
+is an error at once naming its address (not a 10 s wait ending in an internal function's
+name), and an empty room says that it waits, and for whom. Real ``natkit`` processes and a
+real relay, on loopback."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from natkit.errors import EXIT_RELAY, EXIT_USAGE
+from tests.unit.cli_run import env, failed_json, natkit
+
+TOKEN = "p2p-cli-token-0123456789abcdef"
+LOOPBACK = "127.0.0.1"
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def connect_args(relay: str, *extra: str) -> list[str]:
+    return ["p2p", "connect", "room", "--relay", relay, "--token", TOKEN, "--no-portmap",
+            "--forward", "0:8080", *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_a_relay_that_refuses_the_connection_is_an_error_naming_it(
+    as_json: bool, tmp_path: Path
+) -> None:
+    port = closed_port()
+    extra = ("--json",) if as_json else ()
+    proc = natkit(*connect_args(f"{LOOPBACK}:{port}", *extra), NATKIT_STATE_DIR=str(tmp_path))
+    assert proc.returncode == EXIT_RELAY, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and "agent.run" not in proc.stderr
+    assert f"cannot connect to the relay at {LOOPBACK}:{port}: Connection refused" in proc.stderr
+    if as_json:
+        error = failed_json(proc, EXIT_RELAY)
+        assert error["error"] == "RelayError" and f"{LOOPBACK}:{port}" in error["message"]
+    else:
+        assert not proc.stdout
+
+
+def test_a_local_port_in_use_fails_before_any_relay_is_asked(tmp_path: Path) -> None:
+    with socket.socket() as held:
+        held.bind((LOOPBACK, 0))
+        held.listen()
+        port = held.getsockname()[1]
+        relay = f"{LOOPBACK}:{closed_port()}"
+        args = connect_args(relay, "--json")
+        args[args.index("0:8080")] = f"{port}:8080"
+        error = failed_json(natkit(*args, NATKIT_STATE_DIR=str(tmp_path)), 1)
+    assert f"cannot listen on {LOOPBACK}:{port}" in error["message"], error
+
+
+def test_a_forward_port_out_of_range_is_a_usage_error() -> None:
+    args = connect_args(f"{LOOPBACK}:1", "--json")
+    args[args.index("0:8080")] = "70000:8080"
+    assert "70000" in failed_json(natkit(*args), EXIT_USAGE)["message"]
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[str]:
+    """``natkit relay serve`` on loopback; yields its HOST:PORT."""
+    first = random.randrange(41000, 49000, 10)
+    argv = [sys.executable, "-m", "natkit", "relay", "serve", "--listen", f"{LOOPBACK}:0",
+            "--json", "--token", TOKEN, "--ports", f"{first}-{first + 9}"]  # fmt: skip
+    state = tmp_path / "relay"
+    state.mkdir()
+    with (tmp_path / "relay.log").open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True,
+                                env=env(NATKIT_STATE_DIR=str(state), PYTHONUNBUFFERED="1"))  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        ready: dict[str, Any] = json.loads(proc.stdout.readline() or "{}")
+        assert ready.get("event") == "ready", (tmp_path / "relay.log").read_text()
+        yield f"{LOOPBACK}:{ready['listen'].rsplit(':', 1)[1]}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_an_empty_room_says_it_waits_and_for_whom(
+    relay: str, as_json: bool, tmp_path: Path
+) -> None:
+    argv = [sys.executable, "-m", "natkit", *connect_args(relay, *(("--json",) if as_json else ()))]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env(NATKIT_STATE_DIR=str(tmp_path / "peer")))  # fmt: skip
+    try:
+        stream = proc.stdout if as_json else proc.stderr
+        assert stream is not None
+        line = stream.readline()  # the first thing it says; the room stays empty
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    if as_json:
+        assert json.loads(line) == {"event": "waiting", "room": "room", "role": "connect",
+                                    "peer_role": "listen", "relay": relay, "timeout": 60}  # fmt: skip
+    else:
+        assert line.startswith(f"waiting in room 'room' on relay {relay}"), line
+        assert "natkit p2p listen room" in line and "up to 60 s" in line, line
