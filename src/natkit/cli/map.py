@@ -111,6 +111,8 @@ def map_add(
                    timeout=timeout, as_json=as_json)  # fmt: skip
         return
 
+    state.writable_state_dir()  # before the router maps: a mapping must never go unrecorded
+
     async def run() -> tuple[PortMapping, str]:
         result = await probe(via=via, gateway_ip=gateway, timeout=timeout)
         try:

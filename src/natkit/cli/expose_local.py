@@ -1,0 +1,60 @@
+"""``natkit expose``'s checks of the local side: is ``--local-host`` an address at all, is it
+this machine (a router's mapping can only forward to this machine), and does anything listen
+on the port (else a visitor is refused, and that is not the mapping's fault)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+
+import click
+
+LOCAL_CHECK_TIMEOUT = 2.0
+
+
+def resolve_local_host(host: str) -> str:
+    """The IP address ``--local-host`` names; a click usage error (exit 2) for an empty
+    value, a malformed address (``999.1.1.1``) or a name that does not resolve."""
+    if not host.strip():
+        raise click.BadParameter("give an IP address or a host name", param_hint="--local-host")
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(host))
+    if all(part.isdigit() for part in host.split(".")):
+        raise click.BadParameter(f"{host!r} is not an IP address", param_hint="--local-host")
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:  # UnicodeError: an empty label ("a..b")
+        why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise click.BadParameter(
+            f"{host!r} is neither an IP address nor a name this machine resolves ({why})",
+            param_hint="--local-host",
+        ) from None
+    return str(infos[0][4][0])
+
+
+def is_this_machine(ip: str) -> bool:
+    """Is ``ip`` one of this machine's own addresses (loopback included)? Binding to it
+    succeeds only if so."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((ip, 0))
+    except OSError:
+        return False
+    return True
+
+
+async def local_problem(host: str, port: int) -> str:
+    """Why nothing answers on ``host:port`` (TCP); "" when something listens there."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), LOCAL_CHECK_TIMEOUT)
+    except asyncio.TimeoutError:
+        return f"no answer within {LOCAL_CHECK_TIMEOUT:g} s"
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return ""
