@@ -410,7 +410,7 @@ async def _run_relay(
             if opts.as_json:
                 emit_event("ready", **base, public_address=info["public"], **extra)
             else:
-                out.print(_relay_block(opts, info["public"], agent.fingerprint, probing))
+                out.print(_relay_block(opts, info["public"], probing))
         elif event == "reconnecting":
             _say(opts, {"event": "lost", **base, "public_address": spec.public, "reason": info["reason"],
                         "retry_in": info["delay"]},
@@ -449,7 +449,7 @@ async def _run_relay(
             err.print("stopped: the relay tunnel never opened")
 
 
-def _relay_block(opts: ExposeOptions, public: str, fingerprint: str, probing: bool) -> Table:
+def _relay_block(opts: ExposeOptions, public: str, probing: bool) -> Table:
     """The relay's status block (printed once: later events are lines under it)."""
     t = Table.grid(padding=(0, 2))
     t.add_column(style="bold")
@@ -457,7 +457,7 @@ def _relay_block(opts: ExposeOptions, public: str, fingerprint: str, probing: bo
     t.add_row("state", "[green]public[/] via the relay")
     t.add_row("public address", f"[b green]{escape(public)}[/]")
     t.add_row("forwards to", escape(f"{opts.local_host}:{opts.port}"))
-    t.add_row("via", escape(f"relay {opts.relay}" + (f" ({fingerprint})" if fingerprint else "")))
+    t.add_row("via", escape(f"relay {opts.relay}"))
     if probing:
         t.add_row("", "[dim]still trying the router: a mapping proven from outside takes over[/]")
     t.add_row("", "[dim]Ctrl-C to stop[/]")

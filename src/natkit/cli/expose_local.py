@@ -11,6 +11,8 @@ import socket
 
 import click
 
+from natkit.relay.resolve import name_problem
+
 LOCAL_CHECK_TIMEOUT = 2.0
 
 
@@ -23,6 +25,8 @@ def resolve_local_host(host: str) -> str:
         return str(ipaddress.ip_address(host))
     if all(part.isdigit() for part in host.split(".")):
         raise click.BadParameter(f"{host!r} is not an IP address", param_hint="--local-host")
+    if why := name_problem(host):
+        raise click.BadParameter(f"{host!r} is {why}", param_hint="--local-host")
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:  # UnicodeError: an empty label ("a..b")

@@ -155,9 +155,8 @@ async def _serve(cfg: RelayConfig, as_json: bool) -> None:
         emit_json(info)
     else:
         out.print(f"relay listening on [b]{info['listen']}[/]")
-        out.print(
-            f"certificate fingerprint: {server.fingerprint}  (agents: --fingerprint to pin it)"
-        )
+        out.print(f"certificate fingerprint: {server.fingerprint}  (agents: --fingerprint to "
+                  "pin it)", soft_wrap=True)  # fmt: skip
         if server.http_port:
             out.print(f"HTTP tunnels: http://NAME.{cfg.domain}:{server.http_port}")
         if server.https_port:

@@ -28,6 +28,15 @@ class RelayNameError(RelayError):
 Outcome = tuple[str, str]  # (address, "") or ("", why it failed)
 
 
+def name_problem(host: str) -> str:
+    """Why ``host`` cannot be a DNS name at all ("" if it may be one): told without a
+    lookup (RFC 1035: labels of 1-63 octets, 253 in all)."""
+    labels = host.removesuffix(".").split(".")
+    if len(host) > 253 or any(not 0 < len(label) <= 63 for label in labels):
+        return "not a valid host name (an empty or over-long label)"
+    return ""
+
+
 def _settle(fut: asyncio.Future[Outcome], outcome: Outcome) -> None:
     if not fut.done():
         fut.set_result(outcome)
@@ -38,6 +47,8 @@ async def resolve_relay(host: str, port: int, timeout: float = LOOKUP_TIMEOUT) -
     naming it when it cannot be resolved within ``timeout``."""
     with contextlib.suppress(ValueError):
         return str(ipaddress.ip_address(host))
+    if why := name_problem(host):
+        raise RelayNameError(f"the relay's name {host!r} is {why}: check --relay")
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[Outcome] = loop.create_future()
 
