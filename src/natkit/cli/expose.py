@@ -248,7 +248,7 @@ async def _auto(opts: ExposeOptions, stop: asyncio.Event) -> None:
     opened = asyncio.ensure_future(agent.wait_open(spec.id))
     relay_stop = asyncio.Event()
     relay_run: asyncio.Task[None] | None = None  # it ends the agent when it ends
-    agent_ended = False
+    agent_ended = interrupted = False
     try:
         deadline = loop.time() + HEAD_START
         while not trying.done():
@@ -292,12 +292,18 @@ async def _auto(opts: ExposeOptions, stop: asyncio.Event) -> None:
         stopper.cancel()
         relay_stop.set()
         await relay_run
+    except asyncio.CancelledError:
+        interrupted = True
+        raise
     finally:
         opened.cancel()
         for job in (trying, relay_run):
             if job is not None and not job.done():
-                job.cancel()  # interrupted: each undoes what it made
-                with contextlib.suppress(asyncio.CancelledError):
+                if interrupted or job is relay_run:
+                    job.cancel()  # Ctrl-C: at once (a mapping request in flight may stay)
+                # else a final relay error: the mapping attempt sees the agent ended, and
+                # removes a mapping it made (cancelled mid-request, it could not)
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await job
         if relay_run is None and not agent_ended:  # the relay never served: end the agent
             task.cancel()
@@ -370,8 +376,16 @@ def _keeper(opts: ExposeOptions) -> KeptMapping:
 
 def _agent(opts: ExposeOptions, specs: list[TunnelSpec]) -> Agent:
     assert opts.relay and opts.token
-    return Agent(opts.relay, opts.token, specs, plaintext_data=opts.plaintext_data,
-                 fingerprint=opts.fingerprint, remember_ports=state_dir() / "relay_ports.json")  # fmt: skip
+    agent = Agent(opts.relay, opts.token, specs, plaintext_data=opts.plaintext_data,
+                  fingerprint=opts.fingerprint, remember_ports=state_dir() / "relay_ports.json")  # fmt: skip
+
+    def pinned(event: str, info: dict[str, Any]) -> None:
+        if event == "pinned":
+            err.print(f"pinned relay {info['relay']} certificate {info['fingerprint']}",
+                      soft_wrap=True)  # fmt: skip
+
+    agent.on_event(pinned)
+    return agent
 
 
 def _spec(opts: ExposeOptions) -> TunnelSpec:
@@ -419,8 +433,6 @@ async def _run_relay(
             _say(opts, {"event": "restored", **base, "public_address": info["public"],
                         "changed": info["changed"]},
                  f"relay connection restored: {info['public']}")  # fmt: skip
-        elif event == "pinned":
-            err.print(f"pinned relay {info['relay']} certificate {info['fingerprint']}")
         elif event == "lost":  # taken over by another agent of the token
             final = bool(info.get("final"))
             _say(opts, {"event": "lost", **base, "public_address": info["public"],
@@ -431,6 +443,8 @@ async def _run_relay(
                  f"warning: {info['message']}")  # fmt: skip
 
     agent.on_event(on_event)
+    if spec.public and agent.connected.is_set():  # it opened while the router was probed
+        on_event("ready", {"public": spec.public})
     stopper = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({stopper, task}, return_when=asyncio.FIRST_COMPLETED)
