@@ -16,7 +16,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from natkit.cli.common import emit_event, emit_json, err, fail_with, out, run_loop
-from natkit.cli.expose_local import is_this_machine, local_problem, resolve_local_host
+from natkit.cli.expose_local import (
+    is_this_machine,
+    local_problem,
+    nothing_bound,
+    resolve_local_host,
+)
 from natkit.errors import EXIT_INTERRUPTED, NatkitError
 from natkit.net.fdlimit import raise_fd_limit
 from natkit.relay.agent import Agent, TunnelSpec
@@ -189,7 +194,11 @@ async def _main(opts: ExposeOptions) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     writable_state_dir()  # pins and ports are saved there: say so before the relay is used
-    if opts.protocol == "tcp":
+    if opts.protocol == "tcp" and not opts.relay:  # the mapping forwards to the LAN address
+        if nothing_bound(opts.port):
+            opts.local_down = True
+            _warn_local(opts, f"port {opts.port}", "no service listens on it")
+    elif opts.protocol == "tcp":  # the relay forwards to --local-host
         problem = await local_problem(opts.local_ip, opts.port)
         if problem:
             opts.local_down = True

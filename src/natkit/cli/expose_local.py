@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import socket
 
 import click
@@ -56,9 +57,23 @@ async def local_problem(host: str, port: int) -> str:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), LOCAL_CHECK_TIMEOUT)
     except asyncio.TimeoutError:
         return f"no answer within {LOCAL_CHECK_TIMEOUT:g} s"
-    except OSError as exc:
-        return exc.strerror or str(exc) or type(exc).__name__
+    except OSError as exc:  # asyncio's own loop words it "Connect call failed (...)"
+        return os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
     writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()
     return ""
+
+
+def nothing_bound(port: int) -> bool:
+    """Does no TCP socket of this machine listen on ``port``, at any address? (A mapping
+    forwards to this machine's LAN address, which the service may listen on alone.) Binding
+    the wildcard address with SO_REUSEADDR fails only when something listens there."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+            s.listen(1)
+        except OSError:
+            return False
+    return True
