@@ -487,7 +487,7 @@ def test_a_name_held_by_another_token_is_refused(lab: Lab, procs: Procs) -> None
             bob.stderr,
             re.M,
         ), bob.why()
-        assert [e["event"] for e in bob.rest()] == ["closed"]
+        assert [e["event"] for e in bob.rest()] == ["error"]  # it never opened: no "closed"
         # Alice is undisturbed, and Bob may have another name.
         assert visit(lab, shop) == "alice's shop"
         bob2, other = procs.ready_agent(
