@@ -124,7 +124,7 @@ def _event_json(event: str, m: PortMapping, info: dict[str, Any]) -> dict[str, A
 @click.option("--no-ipv6", is_flag=True,
               help="No IPv6 pinhole (one is opened when this host has a global IPv6 address).")  # fmt: skip
 @click.option(
-    "--json", "as_json", is_flag=True, help="JSON lines: ready, renewed, lost, restored, closed."
+    "--json", "as_json", is_flag=True, help="JSON lines, each with an event (docs/cli.md)."
 )
 def expose(**kw: Any) -> None:
     """Make local PORT reachable from the Internet and keep it so until stopped."""
