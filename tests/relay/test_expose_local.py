@@ -38,7 +38,7 @@ async def test_a_listening_port_is_found(listening: int) -> None:
 
 async def test_a_port_nothing_listens_on_is_told() -> None:
     port = _free_port()
-    assert await local_problem("127.0.0.1", port) == "Connection refused"
+    assert await local_problem("127.0.0.1", port) == "nothing listens there"
     assert nothing_bound(port)
 
 
@@ -56,3 +56,16 @@ def test_bad_local_hosts_are_refused_without_a_lookup(bad: str) -> None:
 def test_addresses_pass_as_they_are() -> None:
     assert resolve_local_host("127.0.0.1") == "127.0.0.1"
     assert resolve_local_host("::1") == "::1"
+
+
+async def test_a_service_on_this_machine_is_not_connected_to() -> None:
+    # A probe connection would count as a visitor (an echo service's tally, a one-shot
+    # service's only client): on this machine the check binds instead.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        s.setblocking(False)
+        port = int(s.getsockname()[1])
+        assert await local_problem("127.0.0.1", port) == ""
+        with pytest.raises(BlockingIOError):
+            s.accept()  # nobody connected

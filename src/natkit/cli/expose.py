@@ -197,7 +197,7 @@ async def _main(opts: ExposeOptions) -> None:
     if opts.protocol == "tcp" and not opts.relay:  # the mapping forwards to the LAN address
         if nothing_bound(opts.port):
             opts.local_down = True
-            _warn_local(opts, f"port {opts.port}", "no service listens on it")
+            _warn_local(opts, f"port {opts.port}", "nothing listens on it")
     elif opts.protocol == "tcp":  # the relay forwards to --local-host
         problem = await local_problem(opts.local_ip, opts.port)
         if problem:

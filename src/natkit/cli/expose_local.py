@@ -52,7 +52,11 @@ def is_this_machine(ip: str) -> bool:
 
 
 async def local_problem(host: str, port: int) -> str:
-    """Why nothing answers on ``host:port`` (TCP); "" when something listens there."""
+    """Why nothing answers on ``host:port`` (TCP); "" when something listens there. On this
+    machine, told without connecting (the service never sees a probe: a connection it did
+    not expect counts as a visitor); another machine's port is connected to."""
+    if is_this_machine(host):
+        return "nothing listens there" if nothing_bound(port, host) else ""
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), LOCAL_CHECK_TIMEOUT)
     except asyncio.TimeoutError:
@@ -65,15 +69,16 @@ async def local_problem(host: str, port: int) -> str:
     return ""
 
 
-def nothing_bound(port: int) -> bool:
-    """Does no TCP socket of this machine listen on ``port``, at any address? (A mapping
-    forwards to this machine's LAN address, which the service may listen on alone.) Binding
-    the wildcard address with SO_REUSEADDR fails only when something listens there."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+def nothing_bound(port: int, host: str = "0.0.0.0") -> bool:
+    """Does no TCP socket of this machine listen on ``port`` at ``host`` (or at a wildcard
+    address covering it; with the default, at any address)? Linux refuses a bind beside a
+    listening socket even with SO_REUSEADDR, and allows it beside anything else (TIME_WAIT,
+    a client's port). A port below 1024 that this user may not bind counts as in use."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("0.0.0.0", port))
-            s.listen(1)
+            s.bind((host, port))
         except OSError:
             return False
     return True
