@@ -83,3 +83,40 @@ def test_ctrl_c_while_probing_ends_at_once(make_lab: Callable[..., Lab], tmp_pat
     assert "fallback" not in events and "ready" not in events and "closed" not in events, out
     assert events[-1] == "error", out
     assert "Traceback" not in err, err
+
+
+def test_a_mapping_proven_later_takes_over(make_lab: Callable[..., Lab], tmp_path: Path) -> None:
+    """No head start for the mapping: the relay tunnel is announced first, then the router's
+    mapping (PCP, NAT-PMP or UPnP) is proven from outside and takes over."""
+    lab = make_lab("takeover", coturn=False)
+    relay = _popen(lab, "wan", ["relay", "serve", "--listen", RELAY, "--token", TOKEN,
+                                "--ports", "20000-20099", "--no-stun", "--json"], tmp_path / "r")  # fmt: skip
+    web = lab.popen("lan", [sys.executable, "-m", "natkit.lab.webserver", C.LAN_IP, "8080", "hi\n"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _events(relay, "ready")
+        time.sleep(0.5)
+        agent = subprocess.Popen(
+            lab.command("lan", [*NATKIT, "expose", "8080", "--relay", RELAY, "--token", TOKEN,
+                                "--local-host", C.LAN_IP, "--json"]),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "NATKIT_STATE_DIR": str(tmp_path / "a"),
+                 "NATKIT_EXPOSE_HEAD_START": "0"},
+        )  # fmt: skip
+        seen = _events(agent, "switched")
+        assert [e["event"] for e in seen] == ["ready", "switched"], seen
+        assert seen[0]["method"] == "relay" and seen[0]["mapping"] == "probing", seen
+        assert seen[1]["previous_address"] == seen[0]["public_address"], seen
+        mapped = _events(agent, "ready")
+        assert [e["event"] for e in mapped] == ["closed", "ready"], mapped  # the relay's, then
+        assert mapped[0]["method"] == "relay", mapped
+        assert mapped[1]["method"] in ("pcp", "natpmp", "upnp") and mapped[1]["verified"], mapped
+        agent.send_signal(signal.SIGTERM)
+        out, err = agent.communicate(timeout=15)
+        assert agent.returncode == 0 and "Traceback" not in err, err
+        closed = json.loads(out.splitlines()[-1])
+        assert closed["event"] == "closed" and closed["removed"] is True, out
+    finally:
+        for proc in (relay, web):
+            proc.terminate()
+            proc.wait(10)
