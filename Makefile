@@ -53,7 +53,13 @@ bench: deps
 	if [ -n "$$missing" ]; then DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
 	$(PY) bench/run.py
 
-# Remove every lab left by interrupted runs (namespaces outlive their processes).
+# Remove the labs natkit's own runs left behind (namespaces outlive their processes): those
+# named natkit or natkit-* (the CLI's and the demo's defaults) and $(LAB_PREFIX) or
+# $(LAB_PREFIX)-* (the tests', after $$NATKIT_TEST_LAB). Other people's labs on a shared
+# machine are left alone.
+LAB_PREFIX ?= $(or $(NATKIT_TEST_LAB),nkt)
+LAB_SUFFIXES := lan|dev|rtr|wan|isp|lan2|rtr2
 clean-labs:
-	@for ns in $$(ip netns list | awk '{print $$1}' | grep -E -- '-(lan|dev|rtr|wan|isp|lan2|rtr2)$$' | sed -E 's/-(lan|dev|rtr|wan|isp|lan2|rtr2)$$//' | sort -u); do \
-	  $(VENV)/bin/natkit lab down --name $$ns; done
+	@for lab in $$(ip netns list | awk '{print $$1}' | sed -nE 's/-($(LAB_SUFFIXES))$$//p' | sort -u \
+	    | grep -E -- '^(natkit|$(LAB_PREFIX))(-|$$)'); do \
+	  $(VENV)/bin/natkit lab down --name $$lab; done

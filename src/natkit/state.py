@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from natkit.errors import StateError
 from natkit.portmap.mapping import PortMapping, normalize_protocol
 
 
@@ -26,12 +27,37 @@ def state_dir() -> Path:
     return Path(base)
 
 
+def state_error(directory: Path, exc: OSError) -> StateError:
+    why = exc.strerror or str(exc)
+    return StateError(
+        f"natkit cannot write its state directory {directory} ({why}); set NATKIT_STATE_DIR "
+        "to a directory this user can write (a service user without a home needs one)"
+    )
+
+
+def writable_state_dir(directory: Path | None = None) -> Path:
+    """``directory`` (default: :func:`state_dir`), made if missing and proven writable; a
+    :class:`StateError` that names it and what to do otherwise. Called *before* anything is
+    done on a router or a relay, so that nothing is left behind unrecorded."""
+    d = state_dir() if directory is None else directory
+    try:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise state_error(d, exc) from None
+    return d
+
+
 @contextlib.contextmanager
 def locked(stem: str = "mappings") -> Iterator[Path]:
     """``STATE_DIR/STEM.json``, held under an exclusive lock (other natkit processes wait)."""
-    d = state_dir()
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(d / f"{stem}.lock", "w") as lock:
+    d = writable_state_dir()
+    try:
+        lock = open(d / f"{stem}.lock", "w")  # noqa: SIM115 (held for the with block below)
+    except OSError as exc:
+        raise state_error(d, exc) from None
+    with lock:
         _lock(lock)
         yield d / f"{stem}.json"
 
@@ -61,8 +87,11 @@ def load_records(path: Path) -> list[dict[str, Any]]:
 
 def save_records(path: Path, records: list[dict[str, Any]]) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(records, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(records, indent=1))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise state_error(path.parent, exc) from None
 
 
 def _key(r: dict[str, Any]) -> tuple[str, str, int, str]:

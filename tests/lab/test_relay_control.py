@@ -488,7 +488,7 @@ def test_a_name_held_by_another_token_is_refused(lab: Lab, procs: Procs) -> None
             re.M,
         ), bob.why()
         rest = bob.rest()
-        assert [e["event"] for e in rest] == ["closed", "error"]  # the error line ends --json
+        assert [e["event"] for e in rest] == ["error"]  # it never opened: no "closed"
         assert rest[-1]["error"] == "TunnelRefusedError" and rest[-1]["exit_code"] == 4
         # Alice is undisturbed, and Bob may have another name.
         assert visit(lab, shop) == "alice's shop"
@@ -720,10 +720,15 @@ def _auto_falls_back(lab: Lab, procs: Procs, reason: str) -> dict[str, Any]:
     with http_server(lab, "lan", C.LAN_IP, 0, "relayed") as port:
         relay, _ = procs.relay(lab=lab)
         agent = procs.agent(port, via_relay=False, lab=lab, state=f"agent-{lab.cfg.name}")
+        # The relay tunnel opens while the router is probed: the mapping's verdict comes
+        # before the relay's ready when it is quick, else after it (ready says "probing").
         seen = agent.events_until("ready", 60)
+        if [e["event"] for e in seen] == ["ready"]:
+            assert seen[0].get("mapping") == "probing", seen
+            seen += agent.events_until("fallback", 60)
         names = [e["event"] for e in seen]
-        assert names == ["fallback", "ready"], seen
-        fallback, ready = seen
+        assert sorted(names) == ["fallback", "ready"], seen
+        fallback, ready = sorted(seen, key=lambda e: e["event"])
         assert re.search(reason, fallback["reason"]), fallback
         assert ready["method"] == "relay" and ready["public_address"].startswith(RELAY_IP), ready
         # A mapping that was made but did not work was removed before falling back.

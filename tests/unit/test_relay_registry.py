@@ -503,7 +503,7 @@ def test_reserve_skips_empty_names_and_normalises() -> None:
     ("line", "message"),
     [
         ("alice:short", "token 'alice' is too short: use at least 16 random characters"),
-        ("0123456789abcde", "token 'token1' is too short"),
+        ("0123456789abcde", "token '0123456789abcde' (15 characters) is too short"),
         (f"alice:{TOKEN} tunnels", "token 'alice': 'tunnels' is not KEY=VALUE"),
         (f"alice:{TOKEN} tunnel=3", "token 'alice': unknown setting 'tunnel' (known: sessions, "
          "tunnels, ports, hostnames, reserve)"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import signal
 import time
 from collections.abc import Awaitable
@@ -12,18 +13,32 @@ from typing import TYPE_CHECKING, Any
 
 import click
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
-from natkit.cli.common import emit_json, err, out, run_loop
-from natkit.errors import NatkitError
+from natkit.cli.common import emit_event, emit_json, err, fail_with, out, run_loop
+from natkit.cli.expose_local import (
+    is_this_machine,
+    local_problem,
+    nothing_bound,
+    resolve_local_host,
+)
+from natkit.errors import EXIT_INTERRUPTED, NatkitError
 from natkit.net.fdlimit import raise_fd_limit
 from natkit.relay.agent import Agent, TunnelSpec
 from natkit.relay.pump import small_tls_buffers
-from natkit.state import state_dir
+from natkit.state import state_dir, writable_state_dir
 
 if TYPE_CHECKING:
     from natkit.portmap.manager import KeptMapping
     from natkit.portmap.mapping import PortMapping
+
+# How long the router's mapping may take to be proven before an open relay tunnel is
+# announced: PCP and NAT-PMP answer within milliseconds, the relay's dial-back proof as fast;
+# only UPnP's discovery waits its full 2 s on a router without it.
+# (NATKIT_EXPOSE_HEAD_START: the tests' way to have the relay go first, and the mapping take
+# over.)
+HEAD_START = float(os.environ.get("NATKIT_EXPOSE_HEAD_START", "0.15"))
 
 
 class _Status:
@@ -112,7 +127,7 @@ def _event_json(event: str, m: PortMapping, info: dict[str, Any]) -> dict[str, A
 @click.option("--no-ipv6", is_flag=True,
               help="No IPv6 pinhole (one is opened when this host has a global IPv6 address).")  # fmt: skip
 @click.option(
-    "--json", "as_json", is_flag=True, help="JSON lines: ready, renewed, lost, restored, closed."
+    "--json", "as_json", is_flag=True, help="JSON lines, each with an event (docs/cli.md)."
 )
 def expose(**kw: Any) -> None:
     """Make local PORT reachable from the Internet and keep it so until stopped."""
@@ -128,6 +143,18 @@ def expose(**kw: Any) -> None:
         raise click.UsageError("--relay needs --token (or $NATKIT_TOKEN)")
     if opts.relay and opts.protocol == "udp" and opts.via == "relay":
         raise click.UsageError("relay tunnels carry TCP; UDP needs a router mapping")
+    opts.local_ip = resolve_local_host(opts.local_host)
+    maps = opts.via != "relay" and (opts.kind == "tcp" or not opts.relay)
+    if maps and not is_this_machine(opts.local_ip):
+        # A router's mapping forwards to the machine that asked for it, never to another.
+        why = (f"{opts.local_host} is not this machine, and a router's mapping forwards only "
+               "to the machine that makes it")  # fmt: skip
+        if not (opts.relay and opts.via == "auto"):
+            raise click.BadParameter(
+                f"{why}: run natkit expose on {opts.local_host}, or use --via relay",
+                param_hint="--local-host",
+            )
+        opts.no_mapping = f"{why}: the relay is used"
     run_loop(_main(opts))
 
 
@@ -151,6 +178,10 @@ class ExposeOptions:
     takeover: bool
     no_ipv6: bool
     as_json: bool
+    local_ip: str = ""  # --local-host as an address
+    local_down: bool = False  # nothing answered on the local port at start
+    no_mapping: str = ""  # why a router's mapping cannot serve (--local-host elsewhere)
+    ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # public once
 
     @property
     def kind(self) -> str:
@@ -165,39 +196,167 @@ async def _main(opts: ExposeOptions) -> None:
         # runner, woken by natkit.net.loops), and the same cleanup runs on the way out.
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    writable_state_dir()  # pins and ports are saved there: say so before the relay is used
+    if opts.protocol == "tcp" and not opts.relay:  # the mapping forwards to the LAN address
+        if nothing_bound(opts.port):
+            opts.local_down = True
+            _warn_local(opts, f"port {opts.port}", "nothing listens on it")
+    elif opts.protocol == "tcp":  # the relay forwards to --local-host
+        problem = await local_problem(opts.local_ip, opts.port)
+        if problem:
+            opts.local_down = True
+            _warn_local(opts, f"{opts.local_host}:{opts.port}", problem)
+    work = loop.create_task(_run(opts, stop))
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if not work.done() and not opts.ready.is_set():
+        # Stopped before anything was public: end at once (whatever was made is undone by
+        # the work's own cleanup), no fallback, exit 130.
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        fail_with(KeyboardInterrupt("interrupted before the port was public"), EXIT_INTERRUPTED,
+                  as_json=opts.as_json)  # fmt: skip
+    await work
+
+
+def _warn_local(opts: ExposeOptions, where: str, problem: str) -> None:
+    text = (f"nothing answers on {where} ({problem}): start the service there (or fix "
+            "--local-host); visitors are refused until it listens")  # fmt: skip
+    if opts.as_json:
+        emit_event("local_unreachable", local_address=where, reason=problem)
+    else:
+        err.print(f"[yellow]warning:[/] {text}", soft_wrap=True)
+
+
+async def _run(opts: ExposeOptions, stop: asyncio.Event) -> None:
     if not opts.relay or (opts.protocol == "udp" and opts.via != "relay"):
         await _run_mapping(opts, stop, None)
-        return
-    if opts.via == "relay" or opts.kind != "tcp":
+    elif opts.via == "relay" or opts.kind != "tcp":
         await _run_relay(opts, stop, None, None)
-        return
-    # A relay to fall back on: map first, then have the relay prove the mapping from outside.
-    agent = _agent(opts, [])
+    elif opts.no_mapping:
+        _say(opts, {"event": "fallback", "reason": opts.no_mapping},
+             f"using the relay: {opts.no_mapping}")  # fmt: skip
+        await _run_relay(opts, stop, None, None)
+    else:
+        await _auto(opts, stop)
+
+
+async def _auto(opts: ExposeOptions, stop: asyncio.Event) -> None:
+    """The router's mapping if the relay proves it from outside, else the relay tunnel —
+    both tried at once. The mapping gets HEAD_START to be proven; after that an open relay
+    tunnel is announced (``ready`` with ``"mapping": "probing"``) and a mapping proven
+    later takes over (``switched``, then the mapping's ``ready``); a mapping that fails is
+    reported as ``fallback`` (its reason) whenever it fails."""
+    loop = asyncio.get_running_loop()
+    spec = _spec(opts)
+    agent = _agent(opts, [spec])
     task = loop.create_task(agent.run())
     keeper = _keeper(opts)
-    reason = ""
+    trying = loop.create_task(_try_mapping(opts, keeper, agent, task))
+    opened = asyncio.ensure_future(agent.wait_open(spec.id))
+    relay_stop = asyncio.Event()
+    relay_run: asyncio.Task[None] | None = None  # it ends the agent when it ends
+    agent_ended = interrupted = False
+    try:
+        deadline = loop.time() + HEAD_START
+        while not trying.done():
+            left = deadline - loop.time()
+            if opened.done() and left <= 0:
+                break
+            await asyncio.wait({trying, task, opened}, return_when=asyncio.FIRST_COMPLETED,
+                               timeout=left if left > 0 else None)  # fmt: skip
+            if task.done():
+                task.result()  # a final relay error (bad token, unresolvable name…)
+        if trying.done() and not trying.result():
+            opened.cancel()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            await agent.close()
+            agent_ended = True
+            await _run_mapping(opts, stop, keeper, verified=True)
+            return
+        if trying.done():
+            _say(opts, {"event": "fallback", "reason": trying.result()},
+                 f"falling back to the relay: {trying.result()}")  # fmt: skip
+        relay_run = loop.create_task(
+            _run_relay(opts, relay_stop, agent, task, spec, probing=not trying.done())
+        )
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({trying, relay_run, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if trying.done() and not stop.is_set() and not relay_run.done():
+            reason = trying.result()
+            if not reason:  # proven after the relay went ahead: the mapping takes over
+                _say(opts, {"event": "switched", "from": "relay", "previous_address": spec.public},
+                     f"the router's mapping is proven: switching from the relay ({spec.public})")  # fmt: skip
+                relay_stop.set()
+                await relay_run
+                stopper.cancel()
+                await _run_mapping(opts, stop, keeper, verified=True)
+                return
+            _say(opts, {"event": "fallback", "reason": reason},
+                 f"staying on the relay: {reason}")  # fmt: skip
+            await asyncio.wait({relay_run, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        relay_stop.set()
+        await relay_run
+    except asyncio.CancelledError:
+        interrupted = True
+        raise
+    finally:
+        opened.cancel()
+        for job in (trying, relay_run):
+            if job is not None and not job.done():
+                if interrupted or job is relay_run:
+                    job.cancel()  # Ctrl-C: at once (a mapping request in flight may stay)
+                # else a final relay error: the mapping attempt sees the agent ended, and
+                # removes a mapping it made (cancelled mid-request, it could not)
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await job
+        if relay_run is None and not agent_ended:  # the relay never served: end the agent
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            await agent.close()
+        await keeper.close()  # a no-op when closed already (or when the mapping took over)
+
+
+async def _try_mapping(
+    opts: ExposeOptions, keeper: KeptMapping, agent: Agent, task: asyncio.Task[None]
+) -> str:
+    """Make the mapping and have the relay prove it from outside: "" when it works, else
+    why not (the mapping is then removed)."""
     try:
         mapping = await keeper.start()
     except NatkitError as exc:
-        reason = f"port mapping failed: {exc}"
-    else:
-        if not mapping.publicly_reachable:
-            reason = mapping.reachability_note
-        else:
-            try:
-                ok, error = await _dial(agent, task, mapping.external_ip, mapping.external_port)
-            except BaseException:
-                await keeper.close()  # a final relay error (bad token…): leave no mapping
-                raise
-            if ok:
-                task.cancel()
-                await agent.close()
-                await _run_mapping(opts, stop, keeper, verified=True)
-                return
-            reason = f"the relay could not reach {mapping.public_address} from outside: {error}"
+        return f"port mapping failed: {exc}"
+    try:
+        reason = mapping.reachability_note if not mapping.publicly_reachable else ""
+        if not reason and opts.protocol == "tcp":
+            # The router forwards to this host's LAN address: if nothing answers there,
+            # the service is to blame, not the mapping.
+            where = f"{mapping.internal_ip}:{opts.port}"
+            problem = await local_problem(mapping.internal_ip, opts.port)
+            if problem and opts.local_down:
+                reason = (f"the service on port {opts.port} is down ({problem}), so the mapping "
+                          "could not be proven from outside")  # fmt: skip
+            elif problem:
+                reason = (f"nothing answers on {where}, where the router's mapping forwards "
+                          f"({problem}): the service listens on {opts.local_host} only")  # fmt: skip
+        if not reason:
+            ok, error = await _dial(agent, task, mapping.external_ip, mapping.external_port)
+            if not ok:
+                reason = f"the relay could not reach {mapping.public_address} from outside: {error}"
+    except BaseException:
+        await keeper.close()  # cancelled, or a final relay error: leave no mapping
+        raise
+    if reason:
         await keeper.close()
-    _say(opts, {"event": "fallback", "reason": reason}, f"falling back to the relay: {reason}")
-    await _run_relay(opts, stop, agent, task)
+    return reason
 
 
 async def _dial(agent: Agent, task: asyncio.Task[None], host: str, port: int) -> tuple[bool, str]:
@@ -229,32 +388,55 @@ def _keeper(opts: ExposeOptions) -> KeptMapping:
 
 def _agent(opts: ExposeOptions, specs: list[TunnelSpec]) -> Agent:
     assert opts.relay and opts.token
-    return Agent(opts.relay, opts.token, specs, plaintext_data=opts.plaintext_data,
-                 fingerprint=opts.fingerprint, remember_ports=state_dir() / "relay_ports.json")  # fmt: skip
+    agent = Agent(opts.relay, opts.token, specs, plaintext_data=opts.plaintext_data,
+                  fingerprint=opts.fingerprint, remember_ports=state_dir() / "relay_ports.json")  # fmt: skip
+
+    def pinned(event: str, info: dict[str, Any]) -> None:
+        if event == "pinned":
+            err.print(f"pinned relay {info['relay']} certificate {info['fingerprint']}",
+                      soft_wrap=True)  # fmt: skip
+
+    agent.on_event(pinned)
+    return agent
 
 
-async def _run_relay(
-    opts: ExposeOptions, stop: asyncio.Event, agent: Agent | None, task: asyncio.Task[None] | None
-) -> None:
-    small_tls_buffers()  # this process is natkit's own agent (see pump.small_tls_buffers)
-    raise_fd_limit()
-    spec = TunnelSpec(opts.port, kind=opts.kind, name=opts.hostname, local_host=opts.local_host,
+def _spec(opts: ExposeOptions) -> TunnelSpec:
+    return TunnelSpec(opts.port, kind=opts.kind, name=opts.hostname, local_host=opts.local_host,
                       port=opts.external_port or 0,
                       exact=bool(opts.external_port) and opts.via == "relay",
                       takeover=opts.takeover)  # fmt: skip
-    if agent is None or task is None:
+
+
+async def _run_relay(
+    opts: ExposeOptions,
+    stop: asyncio.Event,
+    agent: Agent | None,
+    task: asyncio.Task[None] | None,
+    spec: TunnelSpec | None = None,
+    *,
+    probing: bool = False,
+) -> None:
+    """Serve through the relay until ``stop``. ``probing``: the router's mapping is still
+    being tried (said in ``ready``); it may take over, and then this ends without closing
+    anything but the tunnel."""
+    small_tls_buffers()  # this process is natkit's own agent (see pump.small_tls_buffers)
+    raise_fd_limit()
+    if agent is None or task is None or spec is None:
+        spec = _spec(opts)
         agent = _agent(opts, [spec])
         task = asyncio.get_running_loop().create_task(agent.run())
-    else:
-        agent.open(spec)
     scheme = {"tcp": "tcp", "http": "http", "tls": "https"}[opts.kind]
     base = {"method": "relay", "protocol": scheme, "relay": opts.relay,
             "internal_port": opts.port, "internal_host": opts.local_host}  # fmt: skip
 
     def on_event(event: str, info: dict[str, Any]) -> None:
         if event == "ready":
-            _say(opts, {"event": "ready", **base, "public_address": info["public"]},
-                 f"public address: {info['public']}  (relay {opts.relay} → {opts.local_host}:{opts.port}; Ctrl-C to stop)")  # fmt: skip
+            opts.ready.set()
+            extra = {"mapping": "probing"} if probing else {}
+            if opts.as_json:
+                emit_event("ready", **base, public_address=info["public"], **extra)
+            else:
+                out.print(_relay_block(opts, info["public"], probing))
         elif event == "reconnecting":
             _say(opts, {"event": "lost", **base, "public_address": spec.public, "reason": info["reason"],
                         "retry_in": info["delay"]},
@@ -263,8 +445,6 @@ async def _run_relay(
             _say(opts, {"event": "restored", **base, "public_address": info["public"],
                         "changed": info["changed"]},
                  f"relay connection restored: {info['public']}")  # fmt: skip
-        elif event == "pinned":
-            err.print(f"pinned relay {info['relay']} certificate {info['fingerprint']}")
         elif event == "lost":  # taken over by another agent of the token
             final = bool(info.get("final"))
             _say(opts, {"event": "lost", **base, "public_address": info["public"],
@@ -275,6 +455,8 @@ async def _run_relay(
                  f"warning: {info['message']}")  # fmt: skip
 
     agent.on_event(on_event)
+    if spec.public and agent.connected.is_set():  # it opened while the router was probed
+        on_event("ready", {"public": spec.public})
     stopper = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({stopper, task}, return_when=asyncio.FIRST_COMPLETED)
@@ -286,7 +468,26 @@ async def _run_relay(
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
         await agent.close()
-        _say(opts, {"event": "closed", **base, "public_address": spec.public}, "tunnel closed")
+        if spec.public:  # a tunnel that never opened is not "closed": the error line says why
+            _say(opts, {"event": "closed", **base, "public_address": spec.public},
+                 "tunnel closed")  # fmt: skip
+        elif not opts.as_json:
+            err.print("stopped: the relay tunnel never opened")
+
+
+def _relay_block(opts: ExposeOptions, public: str, probing: bool) -> Table:
+    """The relay's status block (printed once: later events are lines under it)."""
+    t = Table.grid(padding=(0, 2))
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("state", "[green]public[/] via the relay")
+    t.add_row("public address", f"[b green]{escape(public)}[/]")
+    t.add_row("forwards to", escape(f"{opts.local_host}:{opts.port}"))
+    t.add_row("via", escape(f"relay {opts.relay}"))
+    if probing:
+        t.add_row("", "[dim]still trying the router: a mapping proven from outside takes over[/]")
+    t.add_row("", "[dim]Ctrl-C to stop[/]")
+    return t
 
 
 async def _both(mapped: Awaitable[PortMapping], pinhole: Awaitable[None]) -> PortMapping:
@@ -366,6 +567,7 @@ async def _run_mapping(
         status.v6_address = v6.pinhole.public_address if v6.pinhole else ""
         keeper.on_event(on_event)
         on_event("ready", mapping, ready_info)
+        opts.ready.set()
         v6.on_event(lambda event, line: _say(opts, line, f"IPv6 pinhole {event}"))
         if plain:
             out.print(status.render())

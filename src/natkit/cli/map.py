@@ -112,6 +112,8 @@ def map_add(
                    timeout=timeout, as_json=as_json)  # fmt: skip
         return
 
+    state.writable_state_dir()  # before the router maps: a mapping must never go unrecorded
+
     async def run() -> PortMapping:
         result = await probe(via=via, gateway_ip=gateway, timeout=timeout)
         try:

@@ -6,19 +6,26 @@ import asyncio
 import contextlib
 import signal
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
-from natkit.cli.common import emit_json, fail, out, run_loop
+from natkit.cli.common import emit_json, fail_with, out, run_loop
+from natkit.errors import EXIT_ERROR, EXIT_USAGE
 from natkit.net.fdlimit import raise_fd_limit
 from natkit.relay.agent import parse_hostport
 from natkit.relay.pump import small_tls_buffers
 from natkit.relay.server import RelayConfig, RelayServer
-from natkit.relay.tenants import Tenant, TenantError, parse_tenants
-from natkit.state import state_dir
+from natkit.relay.tenants import MIN_TOKEN, Tenant, TenantError, parse_tenants
+from natkit.state import state_dir, writable_state_dir
 
 
-def _tenants(tokens: tuple[str, ...], tokens_file: Path | None) -> list[Tenant]:
+def _refuse(message: str, code: int, as_json: bool) -> NoReturn:
+    fail_with(ValueError(message) if code == EXIT_USAGE else OSError(message), code,
+              as_json=as_json)  # fmt: skip
+
+
+def _tenants(tokens: tuple[str, ...], tokens_file: Path | None, as_json: bool) -> list[Tenant]:
     """``--token`` values and ``--tokens-file`` lines (``LABEL:TOKEN [quotas] [reserve=...]``,
     see :mod:`natkit.relay.tenants`)."""
     lines = list(tokens)
@@ -28,9 +35,10 @@ def _tenants(tokens: tuple[str, ...], tokens_file: Path | None) -> list[Tenant]:
         found = parse_tenants(lines)
     except TenantError as exc:
         where = f" in {tokens_file}" if tokens_file is not None else ""
-        fail(f"{exc}{where}", 2)
+        _refuse(f"{exc}{where}", EXIT_USAGE, as_json)
     if not found:
-        fail("give at least one --token (or --tokens-file): the relay is no open proxy", 2)
+        _refuse("give at least one --token (or --tokens-file): the relay is no open proxy",
+                EXIT_USAGE, as_json)  # fmt: skip
     return found
 
 
@@ -41,7 +49,9 @@ def relay() -> None:
 
 @relay.command("serve")
 @click.option("--listen", default="0.0.0.0:7835", show_default=True, help="Agents connect here.")
-@click.option("--token", "tokens", multiple=True, help="A token agents must prove (repeatable).")
+@click.option("--token", "tokens", multiple=True,
+              help=f"A token agents must prove, at least {MIN_TOKEN} random characters "
+                   "(repeatable).")  # fmt: skip
 @click.option("--tokens-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="File of LABEL:TOKEN lines, each with optional quotas and reserved names "
                    "(sessions=N tunnels=N ports=N hostnames=N reserve=NAME,...).")  # fmt: skip
@@ -55,7 +65,9 @@ def relay() -> None:
     "--https-port", type=click.IntRange(0, 65535), help="Serve HTTPS tunnels (by SNI) here."
 )
 @click.option("--domain", help="HTTP(S) tunnels are NAME.DOMAIN.")
-@click.option("--public-host", help="How visitors reach this relay (default: the listen host).")
+@click.option("--public-host", metavar="HOST",
+              help="How visitors reach this relay, e.g. its DNS name (default: the listen host; "
+                   "listening on 0.0.0.0 or ::, the address each agent reached).")  # fmt: skip
 @click.option("--cert", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--metrics", metavar="HOST:PORT", help="Prometheus metrics endpoint.")
@@ -76,7 +88,8 @@ def relay() -> None:
 @click.option("--max-unauthenticated-per-ip", "per_ip", type=click.IntRange(1), default=64,
               show_default=True,
               help="Connections one address (an IPv6 /64) may hold before it authenticates.")  # fmt: skip
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON ready line.")
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON lines: ready (and error); see docs/cli.md.")  # fmt: skip
 def serve(
     listen: str, tokens: tuple[str, ...], tokens_file: Path | None, ports: str,
     http_port: int | None, https_port: int | None, domain: str | None, public_host: str | None,
@@ -91,16 +104,21 @@ def serve(
     host, port = parse_hostport(listen, allow_zero=True)
     low, _sep, high = ports.partition("-")
     if not (low.isdigit() and high.isdigit() and 0 < int(low) <= int(high) < 65536):
-        fail(f"--ports must be LOW-HIGH, not {ports!r}", 2)
+        _refuse(f"--ports must be LOW-HIGH, not {ports!r}", EXIT_USAGE, as_json)
     if (http_port is not None or https_port is not None) and not domain:
-        fail("--http-port/--https-port need --domain (tunnels are NAME.DOMAIN)", 2)
+        _refuse("--http-port/--https-port need --domain (tunnels are NAME.DOMAIN)", EXIT_USAGE,
+                as_json)  # fmt: skip
     if (cert is None) != (key is None):
-        fail("give both --cert and --key, or neither (a self-signed pair is made)", 2)
+        _refuse("give both --cert and --key, or neither (a self-signed pair is made)", EXIT_USAGE,
+                as_json)  # fmt: skip
+    own_state = relay_state or state_dir() / "relay"
+    if cert is None:
+        writable_state_dir(own_state)  # the self-signed pair lives there: fail before serving
     cfg = RelayConfig(
-        listen_host=host, listen_port=port, tenants=_tenants(tokens, tokens_file),
+        listen_host=host, listen_port=port, tenants=_tenants(tokens, tokens_file, as_json),
         ports=(int(low), int(high)), http_port=http_port, https_port=https_port, domain=domain,
         public_host=public_host, cert=cert, key=key,
-        state_dir=relay_state or state_dir() / "relay",
+        state_dir=own_state,
         metrics=parse_hostport(metrics) if metrics else None,
         allow_plaintext_data=not no_plaintext_data, grace=grace, pool_size=pool_size,
         stun=not no_stun, max_unauthenticated_per_ip=per_ip,
@@ -114,12 +132,12 @@ async def _serve(cfg: RelayConfig, as_json: bool) -> None:
     try:
         server = RelayServer(cfg)
     except ValueError as exc:  # tenants that contradict each other, a bad reserved name
-        fail(str(exc), 2)
+        _refuse(str(exc), EXIT_USAGE, as_json)
     try:
         await server.start()
     except OSError as exc:  # a port in use, an address not on this host…
         await server.close()
-        fail(exc.strerror or str(exc), 1)
+        _refuse(exc.strerror or str(exc), EXIT_ERROR, as_json)
     info = {
         "event": "ready",
         "listen": f"{cfg.listen_host}:{server.listen_port}",
@@ -128,20 +146,28 @@ async def _serve(cfg: RelayConfig, as_json: bool) -> None:
         "https_port": server.https_port,
         "ports": f"{cfg.ports[0]}-{cfg.ports[1]}",
         "stun": f"{cfg.listen_host}:{server.stun.address[1]}" if server.stun else None,
+        # null: each agent's public ports are at the relay address that agent reached
+        "public_host": None
+        if server.listens_everywhere and not cfg.public_host
+        else cfg.public_host or cfg.listen_host,
     }
     if as_json:
         emit_json(info)
     else:
         out.print(f"relay listening on [b]{info['listen']}[/]")
-        out.print(
-            f"certificate fingerprint: {server.fingerprint}  (agents: --fingerprint to pin it)"
-        )
+        out.print(f"certificate fingerprint: {server.fingerprint}  (agents: --fingerprint to "
+                  "pin it)", soft_wrap=True)  # fmt: skip
         if server.http_port:
             out.print(f"HTTP tunnels: http://NAME.{cfg.domain}:{server.http_port}")
         if server.https_port:
             out.print(f"HTTPS tunnels (TLS passed through): NAME.{cfg.domain}:{server.https_port}")
         if info["stun"]:
             out.print(f"STUN (UDP): {info['stun']}")
+        if info["public_host"] is None:
+            out.print("public ports: at the address each agent reached this relay by "
+                      "(--public-host NAME to announce one name instead)")  # fmt: skip
+        else:
+            out.print(f"public ports: {info['public_host']}:PORT")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,12 +28,17 @@ from natkit.errors import NatkitError
 from natkit.lab import config as C
 from natkit.lab import netns
 from natkit.lab.config import LabConfig
-from natkit.lab.lab import Lab
+from natkit.lab.lab import STATE_ROOT, Lab
 
 console = Console(highlight=False)
 PAGE = "hello from a web server behind NAT\n"
 DEMO_TOKEN = "natkit-demo-token-0123456789"
 RELAY = f"{C.WAN_IPS[0]}:7835"
+# The lab relay's certificate and key: one identity for every lab on this machine, kept
+# beside the labs' state (not in a lab's own directory, which each new lab wipes). Agents pin
+# a relay by its address, and every lab's relay has the same one: a new certificate per lab
+# made every second lab fail on the first one's pin.
+RELAY_IDENTITY = STATE_ROOT / "relay-identity"
 
 
 def _http_get(host: str, port: int, timeout: float = 2.0) -> str:
@@ -128,10 +134,11 @@ def _act_mapping(lab: Lab, say: _Steps) -> bool:
 
 
 def _act_relay(lab: Lab, say: _Steps) -> bool:
-    env = dict(os.environ, NATKIT_STATE_DIR=tempfile.mkdtemp(prefix="natkit-demo-state-"))
+    agent_state = tempfile.mkdtemp(prefix="natkit-demo-state-")  # the demo's own pins
+    env = dict(os.environ, NATKIT_STATE_DIR=agent_state)
     natkit = [sys.executable, "-m", "natkit.cli.main"]
     relay_argv = [*natkit, "relay", "serve", "--listen", RELAY, "--token", DEMO_TOKEN,
-                  "--ports", "20000-20099", "--json"]  # fmt: skip
+                  "--ports", "20000-20099", "--state-dir", str(RELAY_IDENTITY), "--json"]  # fmt: skip
     relay = subprocess.Popen(lab.command("wan", relay_argv),
                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)  # fmt: skip
     expose: subprocess.Popen[str] | None = None
@@ -154,6 +161,9 @@ def _act_relay(lab: Lab, say: _Steps) -> bool:
         up = fallback if fallback.get("event") == "ready" else _wait_event(
             lines, lambda o: o.get("event") == "ready", 20, seen)  # fmt: skip
         ms = (time.perf_counter() - t0) * 1000
+        if up.get("mapping") == "probing":
+            say(f"natkit expose 8080 --relay {RELAY}: the relay tunnel opened while the router "
+                "was still being probed (a mapping proven later would take over)")  # fmt: skip
         host, _, port = str(up["public_address"]).rpartition(":")
         say(
             f"public via {up['method']} in {ms:.0f} ms (process start included): [b]{up['public_address']}[/]"
@@ -175,6 +185,7 @@ def _act_relay(lab: Lab, say: _Steps) -> bool:
                     proc.wait(5)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+        shutil.rmtree(agent_state, ignore_errors=True)
 
 
 def run_demo(name: str = "natkit-demo", *, keep: bool = False) -> int:

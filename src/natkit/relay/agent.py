@@ -33,14 +33,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from natkit.errors import NatkitError, ProtocolError, RelayError
+from natkit.errors import NatkitError, ProtocolError, RelayError, StateError
 from natkit.net.certs import KnownRelays, RelayTrustError, client_context, fingerprint_der
 from natkit.net.loops import require_socket_watching
 from natkit.relay import control, seal
 from natkit.relay import messages as M
 from natkit.relay.dataconn import DataConn, Opening
+from natkit.relay.resolve import RelayNameError, resolve_relay
 from natkit.rendezvous.client import P2PRoom, RoomClient
-from natkit.state import state_dir
+from natkit.state import state_dir, state_error
 
 log = logging.getLogger("natkit.relay")
 PING_INTERVAL = 10.0
@@ -169,8 +170,12 @@ class Agent:
             started = time.monotonic()
             try:
                 await self._session()
-            except (RelayAuthError, TunnelRefusedError, RelayTrustError):
+            except (RelayAuthError, TunnelRefusedError, RelayTrustError, StateError):
                 raise
+            except RelayNameError as exc:  # final at first; later, DNS may be down a while
+                if not self.connections:
+                    raise
+                reason = str(exc)
             except (OSError, ProtocolError, ssl.SSLError, asyncio.TimeoutError, NatkitError) as exc:
                 reason = str(exc) or type(exc).__name__
             else:
@@ -188,9 +193,12 @@ class Agent:
 
     async def _session(self) -> None:
         try:
+            address = await resolve_relay(self.relay_host, self.relay_port)
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.relay_host, self.relay_port, ssl=self.ssl), 10.0
-            )
+                asyncio.open_connection(address, self.relay_port, ssl=self.ssl,
+                                        server_hostname=self.relay_host),
+                10.0,
+            )  # fmt: skip
         except ssl.SSLCertVerificationError as exc:  # --cafile given: final, not retried
             raise RelayTrustError(
                 f"relay {self.relay}'s certificate is not trusted for {self.relay_host}: "
@@ -271,7 +279,11 @@ class Agent:
         self.fingerprint = fingerprint_der(der)
         if self.cafile is not None and self.expected_fingerprint is None:
             return
-        if self.known.check(self.relay, self.fingerprint, self.expected_fingerprint):
+        try:
+            pinned = self.known.check(self.relay, self.fingerprint, self.expected_fingerprint)
+        except OSError as exc:  # the pin cannot be saved: final, retrying cannot help
+            raise state_error(self.known.path.parent, exc) from None
+        if pinned:
             self._emit("pinned", relay=self.relay, fingerprint=self.fingerprint)
 
     async def _pinger(self) -> None:

@@ -65,7 +65,9 @@ class RelayConfig:
     http_port: int | None = None
     https_port: int | None = None
     domain: str | None = None
-    public_host: str | None = None  # how visitors reach this relay (default: listen host)
+    # How visitors reach this relay. Default: the listen host, or, when that is a wildcard
+    # (0.0.0.0, ::), the address each agent's control connection reached.
+    public_host: str | None = None
     cert: Path | None = None
     key: Path | None = None
     state_dir: Path = Path(os.path.expanduser("~/.local/state/natkit/relay"))
@@ -375,6 +377,21 @@ class RelayServer:
             old.session.send(M.Closed(tunnel=old.id, code="taken-over", message=(
                 f"{old.public} was taken over by another agent of this token (--takeover)")))  # fmt: skip
 
+    @property
+    def listens_everywhere(self) -> bool:
+        return self.cfg.listen_host in ("", "0.0.0.0", "::")
+
+    def public_host_for(self, s: AgentSession) -> str:
+        """The host of ``s``'s public ports: --public-host, else the listen host, else (a
+        wildcard listen) the relay address the agent itself reached, which visitors on the
+        agent's side of the network can reach too."""
+        if self.cfg.public_host:
+            return self.cfg.public_host
+        host = self.cfg.listen_host
+        if self.listens_everywhere and s.local_ip:
+            host = s.local_ip
+        return f"[{host}]" if ":" in host else host
+
     def _open_tcp(self, s: AgentSession, msg: M.Open) -> ServedTunnel:
         assert s.tenant is not None and s.holder is not None
         low, high = self.cfg.ports
@@ -419,7 +436,7 @@ class RelayServer:
             except NameRefused:
                 sock.close()
                 raise
-            host = self.cfg.public_host or self.cfg.listen_host
+            host = self.public_host_for(s)
             tunnel = ServedTunnel(
                 self, s, msg.tunnel, "tcp", key, f"{host}:{p}", plaintext=msg.plaintext
             )

@@ -43,6 +43,7 @@ class Hub(Protocol):
 class AgentSession(asyncio.Protocol):
     def __init__(self, hub: Hub, peer_ip: str, deadline: float) -> None:
         self.hub, self.peer_ip = hub, peer_ip
+        self.local_ip = ""  # which of the relay's addresses this agent reached
         self.conn = control.ControlConnection(control.Side.RELAY)
         self.transport: asyncio.Transport | None = None
         self.nonce = secrets.token_hex(16)
@@ -82,6 +83,9 @@ class AgentSession(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop's transports are not subclasses of asyncio.Transport)
         self.transport = cast(asyncio.Transport, transport)
+        sockname = transport.get_extra_info("sockname")
+        if isinstance(sockname, tuple) and sockname:
+            self.local_ip = str(sockname[0]).removeprefix("::ffff:")
         loop = asyncio.get_running_loop()
         self._timer = loop.call_at(self._deadline, self._too_slow)
 

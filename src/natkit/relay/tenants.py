@@ -49,9 +49,9 @@ def parse_tenant(line: str, default_label: str, default: Quota | None = None) ->
             f"line {default_label.removeprefix('token')}: the label before ':' is empty"
         )
     if len(token) < MIN_TOKEN:
-        raise TenantError(
-            f"token {label!r} is too short: use at least {MIN_TOKEN} random characters"
-        )
+        # Unlabelled, it is named by what was typed (a token this short is no secret).
+        what = f"token {label!r}" if sep else f"token {token!r} ({len(token)} characters)"
+        raise TenantError(f"{what} is too short: use at least {MIN_TOKEN} random characters")
     quota = dataclasses.asdict(default or Quota())
     reserve: tuple[str, ...] = ()
     for word in words[1:]:
