@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from natkit.atomic import write_atomic
 from natkit.errors import StateError
 from natkit.portmap.mapping import PortMapping, normalize_protocol
 
@@ -86,10 +87,8 @@ def load_records(path: Path) -> list[dict[str, Any]]:
 
 
 def save_records(path: Path, records: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
     try:
-        tmp.write_text(json.dumps(records, indent=1))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(records, indent=1))
     except OSError as exc:
         raise state_error(path.parent, exc) from None
 

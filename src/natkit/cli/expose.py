@@ -82,7 +82,9 @@ def _event_json(event: str, m: PortMapping, info: dict[str, Any]) -> dict[str, A
     obj: dict[str, Any] = {"event": event, **m.to_json()}
     for key, value in info.items():
         if key == "probe":
-            obj["offered"] = sorted(value.offered)
+            # The protocols that answered before natkit chose; "offered" is its first name
+            # (kept: fields are only ever added).
+            obj["answered"] = obj["offered"] = sorted(value.offered)
             obj["probe_ms"] = round(value.elapsed * 1000, 1)
         else:
             obj[key] = value

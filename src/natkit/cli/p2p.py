@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from natkit.cli.common import emit_event
-from natkit.errors import NatkitError
+from natkit.errors import EXIT_INTERRUPTED, NatkitError
 from natkit.net.sockets import exclusive_listen
 from natkit.relay.agent import parse_hostport
 
@@ -147,8 +147,10 @@ def listen(
                     task.cancel()
                 await conn.close()
 
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         asyncio.run(main())
+    except KeyboardInterrupt:  # Ctrl-C: the session is closed; exit 130 (docs/cli.md)
+        raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 def _listen(bind: str, port: int) -> socket.socket:
@@ -247,5 +249,7 @@ def connect(
                 sock.close()
             await conn.close()
 
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         asyncio.run(main())
+    except KeyboardInterrupt:  # Ctrl-C: the session is closed; exit 130 (docs/cli.md)
+        raise SystemExit(EXIT_INTERRUPTED) from None

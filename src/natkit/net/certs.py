@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from natkit.atomic import write_atomic
 from natkit.errors import RelayError
 
 
@@ -136,9 +137,7 @@ class KnownRelays:
         if pinned is None:
             known[relay] = seen
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(known, indent=1))
-            tmp.replace(self.path)  # a crash mid-write must not leave a damaged file
+            write_atomic(self.path, json.dumps(known, indent=1))  # never a damaged file
             return True
         if pinned != seen:
             raise RelayTrustError(

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from natkit.atomic import write_atomic
 from natkit.errors import NatkitError, ProtocolError, RelayError, StateError
 from natkit.net.certs import KnownRelays, RelayTrustError, client_context, fingerprint_der
 from natkit.net.loops import require_socket_watching
@@ -583,9 +584,7 @@ class _RememberedPorts:
         data[self._key(t)] = t.port
         with contextlib.suppress(OSError):
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data, indent=1))
-            tmp.replace(self.path)
+            write_atomic(self.path, json.dumps(data, indent=1))
 
 
 def _data_key(text: str) -> bytes:
