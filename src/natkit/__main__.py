@@ -1,5 +1,5 @@
 """``python -m natkit …``: the ``natkit`` command."""
 
-from natkit.cli.main import main
+from natkit.cli.main import entry
 
-main()
+entry()

@@ -24,7 +24,7 @@ RUN_MAIN = "from natkit.cli.main import main\n"
 # interfaces.
 FAKE_PLATFORM = r"""
 import json, ifaddr
-import natkit.cli.map, natkit.cli.map_v6  # first: libraries that test win32 at import
+import natkit.cli.map, natkit.cli.map_v6, rich.console, rich.table  # first: libraries that test win32 at import
 sys.platform = os.environ["NATKIT_TEST_PLATFORM"]
 from natkit.errors import DiscoveryError
 from natkit.net import routes

@@ -6,19 +6,37 @@ import json
 import os
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, NoReturn, TypeVar
-
-from rich.console import Console
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 from natkit.net import loops
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
-# Piped or captured output (not a terminal) is read by programs and copied by people: a long
-# token (a fingerprint, a URL) must stay on one line, not be cut at the console's width.
-# Tables are still laid out to the width.
-for _console in (out, err):
-    _console.soft_wrap = not _console.is_terminal
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+class _LazyConsole:
+    """rich's Console, made on first use: a ``--json`` run that prints nothing for humans
+    never imports rich (~20 ms of a ``natkit map add`` start)."""
+
+    def __init__(self, *, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            console = Console(stderr=self._stderr, highlight=False)
+            # Piped or captured output (not a terminal) is read by programs and copied by
+            # people: a long token (a fingerprint, a URL) must stay on one line, not be cut
+            # at the console's width. Tables are still laid out to the width.
+            console.soft_wrap = not console.is_terminal
+            self._console = console
+        return getattr(self._console, name)
+
+
+out = cast("Console", _LazyConsole(stderr=False))
+err = cast("Console", _LazyConsole(stderr=True))
 
 
 def ip_address_option(ctx: Any, param: Any, value: str | None) -> str | None:

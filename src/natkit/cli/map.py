@@ -6,10 +6,9 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.table import Table
 
 from natkit import state
 from natkit.cli.common import emit_event, err, ip_address_option, out, using_state
@@ -18,6 +17,9 @@ from natkit.net.routes import default_gateway
 from natkit.portmap.manager import probe
 from natkit.portmap.mapping import PortMapping
 from natkit.portmap.upnp import UPnPMapper
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 PROTO = click.Choice(["tcp", "udp"], case_sensitive=False)
 
@@ -49,6 +51,8 @@ def _common(default_via: str) -> Callable[[F], F]:
 
 
 def _table(mappings: list[PortMapping], title: str) -> Table:
+    from rich.table import Table  # only for people: --json never imports rich
+
     t = Table(title=title, title_justify="left")
     # Addresses and ports must stay whole on a narrow (or piped, 80-column) output: only the
     # free-text description may wrap.
