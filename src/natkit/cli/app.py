@@ -20,6 +20,17 @@ COMMANDS = {
     "check": "natkit.cli.check:check",
     "p2p": "natkit.cli.p2p:p2p",
 }
+# Each command's one-line help, for ``natkit --help`` without importing every command
+# (~110 ms; tests/unit/test_cli_help.py checks these against the commands' own help).
+SHORT_HELP = {
+    "map": "Create, list and delete port mappings on the router.",
+    "expose": "Make local PORT reachable from the Internet and keep it so until stopped.",
+    "lab": "A real NAT testbed: namespaces, nftables NAT, miniupnpd, coturn (Linux, root).",
+    "relay": "Relay tunnels: a self-hosted ngrok.",
+    "check": "Report this host's network: public address, NAT behaviour (RFC 5780), the "
+    "router's port mapping, double NAT, the relay; then what will work.",
+    "p2p": "Peer to peer: two hosts behind NAT, connected directly when possible.",
+}
 
 
 class LazyGroup(click.Group):
@@ -33,6 +44,14 @@ class LazyGroup(click.Group):
         module, attr = target.split(":")
         command: click.Command = getattr(importlib.import_module(module), attr)
         return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        limit = formatter.width - 6 - max(map(len, SHORT_HELP))
+        # Shortened as click shortens a command's own help.
+        rows = [(name, click.Command(name, help=text).get_short_help_str(limit))
+                for name, text in SHORT_HELP.items()]  # fmt: skip
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
