@@ -123,6 +123,14 @@ async def _rank_service(
     )  # fmt: skip
 
 
+async def probe_location(location: str, *, timeout: float = 2.0) -> Gateway:
+    """The gateway behind one known description URL, without SSDP (its WAN services ranked
+    as in discovery). Raises :class:`ProtocolError` when nothing there can be used."""
+    host = ssdp.parse_http_url(location)[0]
+    local_ip = local_address_for(host)
+    return await _probe(location, "", local_ip, _target_lan(host, local_ip), timeout)
+
+
 async def _probe(
     location: str, server: str, local_ip: str, lan: ipaddress.IPv4Network, timeout: float
 ) -> Gateway:
@@ -211,12 +219,15 @@ async def discover_igd(
     gateway_ip: str | None = None,
     fetch_timeout: float = 1.0,
     ssdp_target: tuple[str, int] | None = None,
+    answered: set[str] | None = None,
 ) -> Gateway:
     """Discover the best IGD on this machine's LAN (see the module docstring).
 
     ``ssdp_target`` (host, port) sends every M-SEARCH there only, unicast, and takes that
     host's network as the LAN (127.0.0.0/8 for loopback) and that host as the gateway
     (``gateway_ip`` is then ignored): for a known IGD, and for tests on loopback.
+    ``answered``, if given, receives the LOCATION of every device on the LAN that answered
+    as an IGD before discovery ended (natkit.compat.miniupnpc counts devices with it).
 
     Raises :class:`DiscoveryError` naming every answer that was refused and why.
     """
@@ -302,6 +313,8 @@ async def discover_igd(
             if getter in done:
                 data, addr = getter.result()
                 location = _accept(data, addr, lan, seen, refused)
+                if location is not None and answered is not None:
+                    answered.add(location[0])
                 if location is not None:
                     host_count = probed[addr[0]] = probed.get(addr[0], 0) + 1
                     if host_count == MAX_LOCATIONS_PER_HOST + 1:
