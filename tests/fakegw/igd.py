@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import socket
 import time
@@ -160,7 +161,8 @@ class FakeIGD:
         self, model: str | RouterModel = "pfsense", *, quirks: Quirks | None = None
     ) -> None:
         self.model = MODELS[model] if isinstance(model, str) else model
-        self.quirks = quirks if quirks is not None else dataclasses.replace(self.model.quirks)
+        # A deep copy: a test that sets a fault must not leave it in the shared model.
+        self.quirks = quirks if quirks is not None else copy.deepcopy(self.model.quirks)
         self.gateway_address = "127.0.0.1"  # what natkit searches (the "default gateway")
         self.lan_address = self.quirks.lan_address or self.gateway_address
         self.table: dict[tuple[int, str], Entry] = {}
