@@ -251,7 +251,7 @@ def test_argument_forms_are_the_bindings(igd: FakeIGD) -> None:
     u = selected(igd)
     with pytest.raises(TypeError, match="'str' object cannot be interpreted as an integer"):
         u.addportmapping("8080", "TCP", u.lanaddr, 8080, "x", "")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="argument 2 must be str, not NoneType"):
+    with pytest.raises(TypeError, match="argument 2 must be str, not None"):
         u.addportmapping(8080, None, u.lanaddr, 8080, "x", "")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="argument 5 must be str or None, not int"):
         u.addportmapping(8080, "TCP", u.lanaddr, 8080, 5, "")  # type: ignore[arg-type]

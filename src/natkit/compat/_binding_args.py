@@ -63,7 +63,8 @@ def text(value: object, position: int, *, none_ok: bool = False) -> str | None:
         return None
     if not isinstance(value, str):
         kind = "str or None" if none_ok else "str"
-        raise TypeError(f"argument {position} must be {kind}, not {type(value).__name__}")
+        given = "None" if value is None else type(value).__name__
+        raise TypeError(f"argument {position} must be {kind}, not {given}")
     if "\0" in value:
         raise ValueError("embedded null character")
     return value

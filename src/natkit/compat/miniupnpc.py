@@ -37,6 +37,13 @@ MIN_DISCOVERY_TIMEOUT = 2.0  # seconds: discoverdelay is the binding's wait per 
 COUNTER_TIMEOUT = 2.0
 _CIF = "WANCommonInterfaceConfig"
 _LEADING_DIGITS = re.compile(r"\s*([0-9]{1,20})")  # bounded: the text is the router's
+# miniupnpd in secure mode (its default) refuses a mapping to any address but the asking
+# host's with 718 ConflictInMappingEntry: seen with miniupnpd 2.3.1 in natkit's lab
+# (tests/lab/test_compat_miniupnpc.py), where the binding gets the same answer.
+OTHER_HOST_NOTE = (
+    "; a router in secure mode (miniupnpd's default) refuses mappings to any host but "
+    "the one asking"
+)
 # The gateway's methods that selectigd()'s result carries (the tutorials' misuse).
 _GATEWAY_NAMES = frozenset(
     [
@@ -258,6 +265,8 @@ class UPnP:
         mapping = _mapping_args(eport, proto, host, iport, desc, remoteHost)
         lease = args.integer(leaseDuration, "leaseDuration", 0, 2**32 - 1)
         what = f"mapping external port {eport}/{mapping[2][1]} to {host}:{iport}"
+        if host != self._lanaddr:
+            what += f"{OTHER_HOST_NOTE} ({self._lanaddr or 'unknown'})"
         self._call("AddPortMapping", [*mapping, ("NewLeaseDuration", lease)], what)
         return True
 
@@ -269,6 +278,8 @@ class UPnP:
         The lease is permanent (0), as the binding asks."""
         mapping = _mapping_args(eport, proto, host, iport, desc, remoteHost)
         what = f"mapping an external port near {eport}/{mapping[2][1]} to {host}:{iport}"
+        if host != self._lanaddr:
+            what += f"{OTHER_HOST_NOTE} ({self._lanaddr or 'unknown'})"
         values = self._call("AddAnyPortMapping", [*mapping, ("NewLeaseDuration", 0)], what)
         if "NewReservedPort" not in values:
             raise self._missing("AddAnyPortMapping", "NewReservedPort")
