@@ -287,6 +287,17 @@ def test_attributes_are_the_bindings() -> None:
         miniupnpc.UPnP(localport=80)
 
 
+def test_multicastif_names_an_interface_by_address_or_name() -> None:
+    from natkit.compat.miniupnpc import _interface_address
+
+    assert _interface_address("127.0.0.1") == "127.0.0.1"
+    assert _interface_address("lo") == "127.0.0.1"
+    with pytest.raises(MiniupnpcError, match=r"^Miniupnpc Socket error: .*'nosuch0'"):
+        _interface_address("nosuch0")
+    with pytest.raises(MiniupnpcError, match="'nosuch0' is neither an IPv4 address"):
+        miniupnpc.UPnP("nosuch0").discover()  # refused before anything is sent
+
+
 # ---- blocking calls from anywhere ---------------------------------------------------------
 
 

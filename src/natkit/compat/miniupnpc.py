@@ -169,8 +169,8 @@ class UPnP:
 
     @property
     def multicastif(self) -> str | None:
-        """The binding's multicast interface; natkit searches from the address that
-        faces the default gateway (see docs/compat-miniupnpc.md)."""
+        """The interface to search on, by IPv4 address or name (None or "": the one that
+        faces the default gateway)."""
         return self._multicastif
 
     @multicastif.setter
@@ -193,9 +193,12 @@ class UPnP:
         devices: set[str] = set()
         timeout = max(MIN_DISCOVERY_TIMEOUT, self._discoverdelay / 1000)
         target = self._ssdp_target
+        local_ip = _interface_address(self._multicastif) if self._multicastif else None
 
         async def search() -> Gateway:
-            return await discover_igd(timeout=timeout, ssdp_target=target, answered=devices)
+            return await discover_igd(
+                timeout=timeout, ssdp_target=target, local_ip=local_ip, answered=devices
+            )
 
         self._found = None
         try:
@@ -458,6 +461,25 @@ def _key_args(eport: object, proto: object, remote: object) -> list[tuple[str, s
         ("NewExternalPort", args.port(eport, "external port")),
         ("NewProtocol", args.protocol(proto, 2)),
     ]
+
+
+def _interface_address(interface: str) -> str:
+    """An IPv4 address, or the first IPv4 address of the interface of that name."""
+    try:
+        return str(ipaddress.IPv4Address(interface))
+    except ValueError:
+        pass
+    import ifaddr  # only here: a name is rare, and ifaddr is not needed otherwise
+
+    for adapter in ifaddr.get_adapters():
+        if interface in (adapter.name, adapter.nice_name):
+            for ip in adapter.ips:
+                if isinstance(ip.ip, str):  # IPv4 (IPv6 addresses come as tuples)
+                    return ip.ip
+    raise MiniupnpcError(
+        "Miniupnpc Socket error",
+        f"multicastif {interface!r} is neither an IPv4 address nor an interface with one",
+    )
 
 
 def _leading_int(text: str) -> int:
