@@ -12,12 +12,15 @@ import asyncio
 import concurrent.futures
 import itertools
 import pickle
+import re
 import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from natkit.compat import miniupnpc
 from natkit.compat.miniupnpc import IGDControlURL, MiniupnpcError
@@ -296,6 +299,15 @@ def test_multicastif_names_an_interface_by_address_or_name() -> None:
         _interface_address("nosuch0")
     with pytest.raises(MiniupnpcError, match="'nosuch0' is neither an IPv4 address"):
         miniupnpc.UPnP("nosuch0").discover()  # refused before anything is sent
+
+
+@given(st.text(max_size=200))
+def test_numbers_from_the_router_are_read_as_c_atoi_does(text: str) -> None:
+    from natkit.compat.miniupnpc import _leading_int
+
+    value = _leading_int(text)  # never raises, whatever the router wrote
+    digits = re.match(r"\s*([0-9]+)", text)
+    assert value == (int(digits.group(1)[:20]) if digits else 0)
 
 
 # ---- blocking calls from anywhere ---------------------------------------------------------
