@@ -1,4 +1,4 @@
-"""The miniupnpc binding's argument forms and error strings, written for natkit.compat.
+"""The miniupnpc binding's argument forms, error strings and SOAP arguments, for natkit.compat.
 
 The binding converts its arguments with CPython's argument parser: an integer where it
 wants a port (anything with ``__index__``: a str raises TypeError), ``str`` where it wants
@@ -9,7 +9,9 @@ as the binding's own check on DeletePortMappingRange's ``manage`` byte does.
 
 from __future__ import annotations
 
+import ipaddress
 import operator
+import re
 
 # What the binding's exceptions say (miniupnpc's strupnperror): the UPnP error name for a
 # code the router answered, or the name of the client's own failure.
@@ -40,6 +42,8 @@ UPNP_ERROR_NAMES = {
 # The binding's counters answer this (UPNPCOMMAND_HTTP_ERROR, -3, as an unsigned int)
 # when the router cannot be reached, and 0 when it refuses: they never raise.
 COUNTER_UNREACHABLE = 2**32 - 3
+SOCKET_ERROR = "Miniupnpc Socket error"
+LEADING_DIGITS = re.compile(r"\s*([0-9]{1,20})")  # bounded: the text is the router's
 
 
 def upnp_error_name(code: int) -> str:
@@ -75,3 +79,58 @@ def protocol(value: object, position: int) -> str:
     proto = text(value, position)
     assert proto is not None
     return proto.upper()
+
+
+def mapping_args(
+    eport: object, proto: object, host: object, iport: object, desc: object, remote: object
+) -> list[tuple[str, str | int]]:
+    """AddPortMapping's arguments but the lease, in the binding's forms and order."""
+    external = port(eport, "external port")
+    proto_name = protocol(proto, 2)
+    client = text(host, 3)
+    internal = port(iport, "internal port")
+    description = text(desc, 5, none_ok=True)
+    remote_host = text(remote, 6, none_ok=True)
+    assert client is not None
+    return [
+        ("NewRemoteHost", remote_host or ""),
+        ("NewExternalPort", external),
+        ("NewProtocol", proto_name),
+        ("NewInternalPort", internal),
+        ("NewInternalClient", client),
+        ("NewEnabled", 1),
+        ("NewPortMappingDescription", "libminiupnpc" if description is None else description),
+    ]
+
+
+def key_args(eport: object, proto: object, remote: object) -> list[tuple[str, str | int]]:
+    remote_host = text(remote, 3, none_ok=True)
+    return [
+        ("NewRemoteHost", remote_host or ""),
+        ("NewExternalPort", port(eport, "external port")),
+        ("NewProtocol", protocol(proto, 2)),
+    ]
+
+
+def interface_address(interface: str) -> str:
+    """An IPv4 address, or the first IPv4 address of the interface of that name."""
+    try:
+        return str(ipaddress.IPv4Address(interface))
+    except ValueError:
+        pass
+    import ifaddr  # only here: a name is rare, and ifaddr is not needed otherwise
+
+    for adapter in ifaddr.get_adapters():
+        if interface in (adapter.name, adapter.nice_name):
+            for ip in adapter.ips:
+                if isinstance(ip.ip, str):  # IPv4 (IPv6 addresses come as tuples)
+                    return ip.ip
+    raise ValueError(
+        f"multicastif {interface!r} is neither an IPv4 address nor an interface with one"
+    )
+
+
+def leading_int(value: str) -> int:
+    """C's atoi: the leading decimal number, 0 if none (routers pad and suffix values)."""
+    match = LEADING_DIGITS.match(value)
+    return int(match.group(1)) if match else 0

@@ -19,7 +19,6 @@ What differs, and why: docs/compat-miniupnpc.md.
 from __future__ import annotations
 
 import ipaddress
-import re
 from typing import Any
 
 from natkit.compat import _binding_args as args
@@ -28,7 +27,6 @@ from natkit.errors import NatkitError, UPnPError
 from natkit.portmap.description import Service
 from natkit.portmap.discovery import discover_igd, probe_location
 from natkit.portmap.igd import Gateway, IGDClient
-from natkit.portmap.soap import HTTPStatusError
 from natkit.portmap.ssdp import parse_http_url
 
 __all__ = ["IGDControlURL", "MiniupnpcError", "UPnP"]
@@ -36,40 +34,12 @@ __all__ = ["IGDControlURL", "MiniupnpcError", "UPnP"]
 MIN_DISCOVERY_TIMEOUT = 2.0  # seconds: discoverdelay is the binding's wait per search
 COUNTER_TIMEOUT = 2.0
 _CIF = "WANCommonInterfaceConfig"
-_LEADING_DIGITS = re.compile(r"\s*([0-9]{1,20})")  # bounded: the text is the router's
 # miniupnpd in secure mode (its default) refuses a mapping to any address but the asking
 # host's with 718 ConflictInMappingEntry: seen with miniupnpd 2.3.1 in natkit's lab
 # (tests/lab/test_compat_miniupnpc.py), where the binding gets the same answer.
 OTHER_HOST_NOTE = (
     "; a router in secure mode (miniupnpd's default) refuses mappings to any host but "
     "the one asking"
-)
-# The gateway's methods that selectigd()'s result carries (the tutorials' misuse).
-_GATEWAY_NAMES = frozenset(
-    [
-        "discover",
-        "selectigd",
-        "externalipaddress",
-        "statusinfo",
-        "connectiontype",
-        "addportmapping",
-        "addanyportmapping",
-        "deleteportmapping",
-        "deleteportmappingrange",
-        "getspecificportmapping",
-        "getgenericportmapping",
-        "getportmappingnumberofentries",
-        "totalbytesent",
-        "totalbytereceived",
-        "totalpacketsent",
-        "totalpacketreceived",
-        "lanaddr",
-        "wanaddr",
-        "discoverdelay",
-        "localport",
-        "multicastif",
-        "minissdpdsocket",
-    ]
 )
 
 
@@ -98,7 +68,7 @@ class IGDControlURL(str):
         return self
 
     def __getattr__(self, name: str) -> Any:
-        if name in _GATEWAY_NAMES:
+        if name in GATEWAY_NAMES:
             return getattr(self._upnp, name)
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
@@ -130,7 +100,6 @@ class UPnP:
                 f"{self.localport}: use 0 (any port), 1 (1900) or a port from 1024 to 65534",
             )
         self._ssdp_target = ssdp_target
-        self._devices: set[str] = set()
         self._found: Gateway | None = None  # what discover() found, for selectigd()
         self._why_none = "discover() has not been called"
         self._gateway: Gateway | None = None  # what selectigd() chose
@@ -193,7 +162,12 @@ class UPnP:
         devices: set[str] = set()
         timeout = max(MIN_DISCOVERY_TIMEOUT, self._discoverdelay / 1000)
         target = self._ssdp_target
-        local_ip = _interface_address(self._multicastif) if self._multicastif else None
+        local_ip = None
+        if self._multicastif:
+            try:
+                local_ip = args.interface_address(self._multicastif)
+            except ValueError as exc:
+                raise MiniupnpcError(args.SOCKET_ERROR, str(exc)) from None
 
         async def search() -> Gateway:
             return await discover_igd(
@@ -208,7 +182,6 @@ class UPnP:
             if not devices:
                 # The binding raises too, saying "Success" (its error code was never set).
                 raise MiniupnpcError(args.SUCCESS, str(exc), prefix=False) from None
-        self._devices = devices
         return max(len(devices), 1 if self._found is not None else 0)
 
     def selectigd(self, rootDescUrl: str | None = None, /) -> IGDControlURL:
@@ -251,7 +224,7 @@ class UPnP:
         values = self._call("GetStatusInfo", [], "asking for the connection status")
         if "NewConnectionStatus" not in values or "NewUptime" not in values:
             raise self._missing("GetStatusInfo", "NewConnectionStatus and NewUptime")
-        uptime = _leading_int(values["NewUptime"]) % 2**32
+        uptime = args.leading_int(values["NewUptime"]) % 2**32
         return values["NewConnectionStatus"], uptime, values.get("NewLastConnectionError", "")
 
     def connectiontype(self, /) -> str:
@@ -265,7 +238,7 @@ class UPnP:
         remoteHost: str | None, leaseDuration: int = 0, /,
     ) -> bool:  # fmt: skip
         """AddPortMapping; True, or MiniupnpcError with the router's refusal."""
-        mapping = _mapping_args(eport, proto, host, iport, desc, remoteHost)
+        mapping = args.mapping_args(eport, proto, host, iport, desc, remoteHost)
         lease = args.integer(leaseDuration, "leaseDuration", 0, 2**32 - 1)
         what = f"mapping external port {eport}/{mapping[2][1]} to {host}:{iport}"
         if host != self._lanaddr:
@@ -279,17 +252,17 @@ class UPnP:
     ) -> int:  # fmt: skip
         """AddAnyPortMapping (IGD2): the router may pick another external port; return it.
         The lease is permanent (0), as the binding asks."""
-        mapping = _mapping_args(eport, proto, host, iport, desc, remoteHost)
+        mapping = args.mapping_args(eport, proto, host, iport, desc, remoteHost)
         what = f"mapping an external port near {eport}/{mapping[2][1]} to {host}:{iport}"
         if host != self._lanaddr:
             what += f"{OTHER_HOST_NOTE} ({self._lanaddr or 'unknown'})"
         values = self._call("AddAnyPortMapping", [*mapping, ("NewLeaseDuration", 0)], what)
         if "NewReservedPort" not in values:
             raise self._missing("AddAnyPortMapping", "NewReservedPort")
-        return _leading_int(values["NewReservedPort"])
+        return args.leading_int(values["NewReservedPort"])
 
     def deleteportmapping(self, eport: int, proto: str, remoteHost: str | None = "", /) -> bool:
-        key = _key_args(eport, proto, remoteHost)
+        key = args.key_args(eport, proto, remoteHost)
         self._call("DeletePortMapping", key, f"deleting the mapping of {eport}/{key[2][1]}")
         return True
 
@@ -310,23 +283,23 @@ class UPnP:
         )
         if "NewPortMappingNumberOfEntries" not in values:
             raise self._missing("GetPortMappingNumberOfEntries", "NewPortMappingNumberOfEntries")
-        return _leading_int(values["NewPortMappingNumberOfEntries"]) % 2**32
+        return args.leading_int(values["NewPortMappingNumberOfEntries"]) % 2**32
 
     def getspecificportmapping(
         self, eport: int, proto: str, remoteHost: str | None = "", /
     ) -> tuple[str, int, str, bool, int] | None:
         """(internal client, internal port, description, enabled, lease) or None when the
         router has no such mapping (or says nothing usable), as the binding answers."""
-        key = _key_args(eport, proto, remoteHost)
+        key = args.key_args(eport, proto, remoteHost)
         values = self._quiet_call("GetSpecificPortMappingEntry", key)
         if values is None or not values.get("NewInternalClient"):
             return None
         return (
             values["NewInternalClient"],
-            _leading_int(values.get("NewInternalPort", "")) % 65536,
+            args.leading_int(values.get("NewInternalPort", "")) % 65536,
             values.get("NewPortMappingDescription", ""),
-            _leading_int(values.get("NewEnabled", "")) != 0,
-            _leading_int(values.get("NewLeaseDuration", "")),
+            args.leading_int(values.get("NewEnabled", "")) != 0,
+            args.leading_int(values.get("NewLeaseDuration", "")),
         )
 
     def getgenericportmapping(
@@ -340,13 +313,16 @@ class UPnP:
         if values is None or not ("NewExternalPort" in values or "NewInternalClient" in values):
             return None
         return (
-            _leading_int(values.get("NewExternalPort", "")) % 65536,
+            args.leading_int(values.get("NewExternalPort", "")) % 65536,
             values.get("NewProtocol", ""),
-            (values.get("NewInternalClient", ""), _leading_int(values.get("NewInternalPort", ""))),
+            (
+                values.get("NewInternalClient", ""),
+                args.leading_int(values.get("NewInternalPort", "")),
+            ),
             values.get("NewPortMappingDescription", ""),
             values.get("NewEnabled", ""),
             values.get("NewRemoteHost", ""),
-            _leading_int(values.get("NewLeaseDuration", "")) % 2**32,
+            args.leading_int(values.get("NewLeaseDuration", "")) % 2**32,
         )
 
     # ---- WANCommonInterfaceConfig counters ---------------------------------------------
@@ -376,7 +352,7 @@ class UPnP:
             return 0
         except NatkitError:
             return args.COUNTER_UNREACHABLE
-        return _leading_int(values.get(name, "")) % 2**32
+        return args.leading_int(values.get(name, "")) % 2**32
 
     def _cif_service(self) -> Service | None:
         gateway = self._gateway
@@ -408,8 +384,6 @@ class UPnP:
         except UPnPError as exc:
             name = args.upnp_error_name(exc.code)
             raise MiniupnpcError(name, f"{exc} ({what})", exc.code) from None
-        except HTTPStatusError as exc:
-            raise MiniupnpcError(args.HTTP_ERROR, f"{exc} ({what})") from None
         except NatkitError as exc:
             raise MiniupnpcError(args.HTTP_ERROR, f"{exc} ({what})") from None
 
@@ -424,68 +398,16 @@ class UPnP:
             return None
 
     def _missing(self, action: str, names: str) -> MiniupnpcError:
+        """An answer without the value asked for: the binding says "Unknown Error" for its
+        status queries and "Invalid response" for the others."""
         router = self._gateway.router if self._gateway is not None else "the router"
-        return MiniupnpcError(
-            args.UNKNOWN_ERROR if action in ("GetStatusInfo", "GetConnectionTypeInfo",
-                                             "GetExternalIPAddress") else args.INVALID_RESPONSE,
-            f"{router} answered {action} without {names}",
-        )  # fmt: skip
+        queries = ("GetStatusInfo", "GetConnectionTypeInfo", "GetExternalIPAddress")
+        said = args.UNKNOWN_ERROR if action in queries else args.INVALID_RESPONSE
+        return MiniupnpcError(said, f"{router} answered {action} without {names}")
 
 
-def _mapping_args(
-    eport: object, proto: object, host: object, iport: object, desc: object, remote: object
-) -> list[tuple[str, str | int]]:
-    """AddPortMapping's arguments but the lease, in the binding's forms and order."""
-    external = args.port(eport, "external port")
-    protocol = args.protocol(proto, 2)
-    client = args.text(host, 3)
-    internal = args.port(iport, "internal port")
-    description = args.text(desc, 5, none_ok=True)
-    remote_host = args.text(remote, 6, none_ok=True)
-    assert client is not None
-    return [
-        ("NewRemoteHost", remote_host or ""),
-        ("NewExternalPort", external),
-        ("NewProtocol", protocol),
-        ("NewInternalPort", internal),
-        ("NewInternalClient", client),
-        ("NewEnabled", 1),
-        ("NewPortMappingDescription", "libminiupnpc" if description is None else description),
-    ]
-
-
-def _key_args(eport: object, proto: object, remote: object) -> list[tuple[str, str | int]]:
-    remote_host = args.text(remote, 3, none_ok=True)
-    return [
-        ("NewRemoteHost", remote_host or ""),
-        ("NewExternalPort", args.port(eport, "external port")),
-        ("NewProtocol", args.protocol(proto, 2)),
-    ]
-
-
-def _interface_address(interface: str) -> str:
-    """An IPv4 address, or the first IPv4 address of the interface of that name."""
-    try:
-        return str(ipaddress.IPv4Address(interface))
-    except ValueError:
-        pass
-    import ifaddr  # only here: a name is rare, and ifaddr is not needed otherwise
-
-    for adapter in ifaddr.get_adapters():
-        if interface in (adapter.name, adapter.nice_name):
-            for ip in adapter.ips:
-                if isinstance(ip.ip, str):  # IPv4 (IPv6 addresses come as tuples)
-                    return ip.ip
-    raise MiniupnpcError(
-        "Miniupnpc Socket error",
-        f"multicastif {interface!r} is neither an IPv4 address nor an interface with one",
-    )
-
-
-def _leading_int(text: str) -> int:
-    """C's atoi: the leading decimal number, 0 if none (routers pad and suffix values)."""
-    match = _LEADING_DIGITS.match(text)
-    return int(match.group(1)) if match else 0
+# What selectigd()'s result answers for the gateway: the UPnP object's public surface.
+GATEWAY_NAMES = frozenset(name for name in vars(UPnP) if not name.startswith("_"))
 
 
 def _host(url: str) -> str:
