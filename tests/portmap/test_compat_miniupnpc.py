@@ -275,6 +275,14 @@ def test_argument_forms_are_the_bindings(igd: FakeIGD) -> None:
     assert igd.table == {}  # nothing reached the router
 
 
+def test_the_whole_public_surface_of_the_binding_is_there() -> None:
+    real = pytest.importorskip("miniupnpc")  # the reference (a Linux test dependency)
+    theirs = {name for name in dir(real.UPnP) if not name.startswith("_")}
+    ours = {name for name in dir(miniupnpc.UPnP) if not name.startswith("_")}
+    assert theirs == ours
+    assert {name for name in dir(real) if not name.startswith("_")} <= set(dir(miniupnpc))
+
+
 def test_attributes_are_the_bindings() -> None:
     u = miniupnpc.UPnP("192.168.1.2", None, 50, 1)
     assert (u.multicastif, u.minissdpdsocket, u.discoverdelay, u.localport) == (
