@@ -1,7 +1,8 @@
 """UPnP IGD: time from nothing to a working port mapping (discover + add), in the lab.
 
 natkit against the reference client people use from Python, the PyPI ``miniupnpc`` binding
-(``discoverdelay=200``), in the same run and interleaved, so both share the machine's
+(``discoverdelay=200``), and the binding's own calls on natkit's drop-in for it
+(``natkit.compat.miniupnpc``), in the same run and interleaved, so all share the machine's
 noise. Every mapping is proved to work (a TCP connection from the lab's "Internet" reaches
 a listener on the LAN host through it) and deleted again, outside the timed region.
 
@@ -23,6 +24,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 from benchlib import (
     BenchError,
@@ -153,17 +155,29 @@ def natkit_open_port(via: str) -> CaseFn:
 def binding(ctx: Ctx, port: int) -> Sample:
     import miniupnpc  # the reference; imported here so natkit's own cases never touch it
 
+    return _tutorial(ctx, port, miniupnpc, "nkb binding")
+
+
+def compat(ctx: Ctx, port: int) -> Sample:
+    from natkit.compat import miniupnpc  # the same script on natkit's drop-in
+
+    return _tutorial(ctx, port, miniupnpc, "nkb compat")
+
+
+def _tutorial(ctx: Ctx, port: int, module: Any, description: str) -> Sample:
+    """The binding's tutorial (discover, selectigd, addportmapping) with ``module``."""
+
     def once() -> Sample:
         kw = {"minissdpdsocket": ctx.minissdpd_socket} if ctx.minissdpd_socket else {}
         t0 = time.perf_counter()
-        u = miniupnpc.UPnP(**kw)
+        u = module.UPnP(**kw)
         u.discoverdelay = DISCOVER_DELAY_MS
         devices = u.discover()
         t1 = time.perf_counter()
         u.selectigd()
         t2 = time.perf_counter()
         # AddPortMapping(ext port, proto, internal host, internal port, desc, remote host, lease)
-        u.addportmapping(port, "TCP", u.lanaddr, port, "nkb binding", "", LEASE)
+        u.addportmapping(port, "TCP", u.lanaddr, port, description, "", LEASE)
         t3 = time.perf_counter()
         try:
             ext_ip = u.externalipaddress()
@@ -275,6 +289,13 @@ def cases() -> list[Case]:
             f"miniupnpc binding discover+selectigd+add (delay {DISCOVER_DELAY_MS})",
             "reference",
             binding,
+        ),
+        Case(
+            "compat",
+            "natkit.compat.miniupnpc: the same discover+selectigd+add",
+            "subject",
+            compat,
+            note="the binding's own calls, on natkit's drop-in (import changed, nothing else)",
         ),
         Case("natkit_cli", "new process: natkit map add --via upnp", "subject", natkit_cli),
     ]
@@ -389,6 +410,13 @@ def run(lab: Lab, opts: Options) -> Report:
             "natkit_open_port",
         ),
     ]
+    compat_ratio = ratio(
+        results,
+        "miniupnpc binding / natkit.compat.miniupnpc (same discover+selectigd+add)",
+        "binding",
+        "compat",
+    )
+    ratios.append(compat_ratio)
     if "upnpc" in results:
         ratios.append(
             ratio(results, "upnpc / natkit map add (new process each)", "upnpc", "natkit_cli")
@@ -403,6 +431,10 @@ def run(lab: Lab, opts: Options) -> Report:
         (
             f"binding / natkit at least {RATIO_GOAL:.0f}x",
             headline is not None and headline >= RATIO_GOAL,
+        ),
+        (
+            f"binding / natkit.compat.miniupnpc at least {RATIO_GOAL:.0f}x",
+            compat_ratio.value is not None and compat_ratio.value >= RATIO_GOAL,
         ),
     ]
     report = Report(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import socket
 import time
@@ -118,6 +119,15 @@ MODELS: dict[str, RouterModel] = {
 }
 
 
+# WANCommonInterfaceConfig's counters: action -> its out-argument.
+COUNTERS = {
+    "GetTotalBytesSent": "NewTotalBytesSent",
+    "GetTotalBytesReceived": "NewTotalBytesReceived",
+    "GetTotalPacketsSent": "NewTotalPacketsSent",
+    "GetTotalPacketsReceived": "NewTotalPacketsReceived",
+}
+
+
 @dataclasses.dataclass
 class Entry:
     client: str
@@ -151,7 +161,8 @@ class FakeIGD:
         self, model: str | RouterModel = "pfsense", *, quirks: Quirks | None = None
     ) -> None:
         self.model = MODELS[model] if isinstance(model, str) else model
-        self.quirks = quirks if quirks is not None else dataclasses.replace(self.model.quirks)
+        # A deep copy: a test that sets a fault must not leave it in the shared model.
+        self.quirks = quirks if quirks is not None else copy.deepcopy(self.model.quirks)
         self.gateway_address = "127.0.0.1"  # what natkit searches (the "default gateway")
         self.lan_address = self.quirks.lan_address or self.gateway_address
         self.table: dict[tuple[int, str], Entry] = {}
@@ -161,6 +172,9 @@ class FakeIGD:
         self.http_port = 0
         self.ssdp_port = 0
         self.wan = dict(self.model.wan)
+        # What the counters answer (a 64-bit router's may pass 2**32: the binding wraps them).
+        self.counters = {"GetTotalBytesSent": 5_000_000_123, "GetTotalBytesReceived": 7654321,
+                         "GetTotalPacketsSent": 4321, "GetTotalPacketsReceived": 5432}  # fmt: skip
         self._server: asyncio.Server | None = None
         self._ssdp: asyncio.DatagramTransport | None = None
         self._answer_sock: socket.socket | None = None
@@ -378,7 +392,30 @@ class FakeIGD:
             shown = proto.lower() if self.quirks.lower_case_protocol_in_entries else proto
             return {"NewRemoteHost": "", "NewExternalPort": str(port), "NewProtocol": shown,
                     **self._entry_args(e)}  # fmt: skip
+        if action == "GetConnectionTypeInfo":
+            return {"NewConnectionType": "IP_Routed", "NewPossibleConnectionTypes": "IP_Routed"}
+        if action == "GetPortMappingNumberOfEntries":
+            self._expire()
+            return {"NewPortMappingNumberOfEntries": str(len(self.table))}
+        if action == "DeletePortMappingRange":
+            return self._delete_range(args)
+        if action in COUNTERS and "WANCommonInterfaceConfig" in self.services[path]:
+            return {COUNTERS[action]: str(self.counters[action])}
         raise UPnPFault(401, "Invalid Action")
+
+    def _delete_range(self, args: dict[str, str]) -> dict[str, str]:
+        """IGD2 DeletePortMappingRange: 730 PortMappingNotFound when nothing is in range."""
+        start, end = _int(args, "NewStartPort"), _int(args, "NewEndPort")
+        proto = args.get("NewProtocol", "").upper()
+        if start > end:
+            raise UPnPFault(733, "InconsistentParameters")
+        self._expire()
+        doomed = [k for k in self.table if k[1] == proto and start <= k[0] <= end]
+        if not doomed:
+            raise UPnPFault(730, "PortMappingNotFound")
+        for key in doomed:
+            del self.table[key]
+        return {}
 
     def _key(self, args: dict[str, str]) -> tuple[int, str]:
         proto = args.get("NewProtocol", "")

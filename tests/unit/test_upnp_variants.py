@@ -3,11 +3,14 @@ from a broken description, the search plan, refusals without a UPnP code."""
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from natkit.errors import NatkitError, ProtocolError
+from natkit.net.routes_model import Route
 from natkit.portmap import description, soap
 from natkit.portmap.description import (
     DeviceDescription,
@@ -16,7 +19,7 @@ from natkit.portmap.description import (
     parse_description,
     wan_service_type,
 )
-from natkit.portmap.discovery import _search_plan
+from natkit.portmap.discovery import _router_on, _search_plan
 from natkit.portmap.igd import router_label
 from natkit.portmap.ssdp import build_msearch
 
@@ -203,6 +206,27 @@ def test_search_plan_without_target_is_gateway_and_group() -> None:
         ("192.168.1.1:1900", ("192.168.1.1", 1900)),
         ("239.255.255.250:1900", ("239.255.255.250", 1900)),
     ]
+
+
+def test_search_plan_without_a_known_router_is_multicast_only() -> None:
+    assert _search_plan("", None) == [("239.255.255.250:1900", ("239.255.255.250", 1900))]
+
+
+def test_router_on_a_chosen_interface_comes_from_the_routing_table() -> None:
+    def route(dest: str, gw: str | None, metric: int = 0) -> Route:
+        gateway = ipaddress.IPv4Address(gw) if gw else None
+        return Route("eth1", ipaddress.IPv4Network(dest), gateway, metric)
+
+    lan = ipaddress.IPv4Network("10.8.0.0/24")
+    routes = [
+        route("0.0.0.0/0", "192.168.1.1"),  # the default gateway is on another interface
+        route("10.9.0.0/16", "10.8.0.254", 5),
+        route("0.0.0.0/0", "10.8.0.1", 100),  # a default route via this LAN wins
+        route("10.8.0.0/24", None),
+    ]
+    assert _router_on(lan, routes) == "10.8.0.1"
+    assert _router_on(lan, routes[1:2]) == "10.8.0.254"
+    assert _router_on(lan, [routes[0], routes[3]]) == ""
 
 
 def test_search_plan_with_target_is_unicast_only() -> None:

@@ -32,6 +32,7 @@ from natkit.net.routes import (
     local_address_for,
     read_routes_async,
 )
+from natkit.net.routes_model import Route
 from natkit.portmap import soap, ssdp
 from natkit.portmap.description import (
     MAX_DESCRIPTION_BYTES,
@@ -123,6 +124,14 @@ async def _rank_service(
     )  # fmt: skip
 
 
+async def probe_location(location: str, *, timeout: float = 2.0) -> Gateway:
+    """The gateway behind one known description URL, without SSDP (its WAN services ranked
+    as in discovery). Raises :class:`ProtocolError` when nothing there can be used."""
+    host = ssdp.parse_http_url(location)[0]
+    local_ip = local_address_for(host)
+    return await _probe(location, "", local_ip, _target_lan(host, local_ip), timeout)
+
+
 async def _probe(
     location: str, server: str, local_ip: str, lan: ipaddress.IPv4Network, timeout: float
 ) -> Gateway:
@@ -190,10 +199,19 @@ def _search_plan(
     if ssdp_target is not None:
         host, port = ssdp_target
         return [(f"{host}:{port}", ssdp_target), (group_host, ssdp_target)]
-    return [
-        (f"{gw_ip}:{ssdp.SSDP_PORT}", (gw_ip, ssdp.SSDP_PORT)),
-        (group_host, (ssdp.SSDP_GROUP, ssdp.SSDP_PORT)),
-    ]
+    group = (group_host, (ssdp.SSDP_GROUP, ssdp.SSDP_PORT))
+    if not gw_ip:  # no router known on the chosen interface's subnet: multicast only
+        return [group]
+    return [(f"{gw_ip}:{ssdp.SSDP_PORT}", (gw_ip, ssdp.SSDP_PORT)), group]
+
+
+def _router_on(lan: ipaddress.IPv4Network, routes: list[Route]) -> str:
+    """The gateway of the best route via ``lan`` (a default route first); "" if none."""
+    via = [r for r in routes if r.gateway is not None and r.gateway in lan]
+    if not via:
+        return ""
+    best = min(via, key=lambda r: (r.destination.prefixlen != 0, r.metric))
+    return str(best.gateway)
 
 
 def _target_lan(host: str, local_ip: str) -> ipaddress.IPv4Network:
@@ -211,12 +229,19 @@ async def discover_igd(
     gateway_ip: str | None = None,
     fetch_timeout: float = 1.0,
     ssdp_target: tuple[str, int] | None = None,
+    local_ip: str | None = None,
+    answered: set[str] | None = None,
 ) -> Gateway:
     """Discover the best IGD on this machine's LAN (see the module docstring).
 
     ``ssdp_target`` (host, port) sends every M-SEARCH there only, unicast, and takes that
     host's network as the LAN (127.0.0.0/8 for loopback) and that host as the gateway
     (``gateway_ip`` is then ignored): for a known IGD, and for tests on loopback.
+    ``local_ip`` searches from that address of this machine instead of the one facing the
+    default gateway (the interface the miniupnpc binding's ``multicastif`` names): its subnet
+    is the LAN, and the router the routing table names on it, if any, is searched unicast too.
+    ``answered``, if given, receives the LOCATION of every device on the LAN that answered
+    as an IGD before discovery ended (natkit.compat.miniupnpc counts devices with it).
 
     Raises :class:`DiscoveryError` naming every answer that was refused and why.
     """
@@ -226,6 +251,10 @@ async def discover_igd(
         gw_ip = ssdp_target[0]
         local_ip = local_address_for(gw_ip)
         lan = _target_lan(gw_ip, local_ip)
+    elif local_ip is not None:
+        routes = await read_routes_async()
+        lan = lan_network(local_ip, routes)
+        gw_ip = gateway_ip or _router_on(lan, routes)
     else:
         routes = await read_routes_async()  # off the loop where it runs a command
         gw_ip = gateway_ip or default_gateway(routes)
@@ -302,6 +331,8 @@ async def discover_igd(
             if getter in done:
                 data, addr = getter.result()
                 location = _accept(data, addr, lan, seen, refused)
+                if location is not None and answered is not None:
+                    answered.add(location[0])
                 if location is not None:
                     host_count = probed[addr[0]] = probed.get(addr[0], 0) + 1
                     if host_count == MAX_LOCATIONS_PER_HOST + 1:
@@ -354,7 +385,7 @@ async def discover_igd(
             f"or forward it by hand in the router's settings{tail}"
         )
     raise DiscoveryError(
-        f"no UPnP Internet Gateway Device answered on {lan} (gateway {gw_ip}) within "
+        f"no UPnP Internet Gateway Device answered on {lan} (gateway {gw_ip or 'unknown'}) within "
         f"{timeout:g} s — is UPnP enabled on the router?{tail}"
     )
 
