@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench_p2p import RELAY, RelayProc
 from bench_startup import precompile
 from benchlib import (
     BenchError,
@@ -44,13 +45,12 @@ from benchlib import (
     venv_script,
 )
 
+from natkit.compat.ngrok_agent.launcher import natkit_ngrok_path
 from natkit.lab import Lab, LabConfig, netns
-from natkit.lab import config as C
 
 NAME = "ngrok"
 TOKEN = "bench-ngrok-token-0123456789abcdef"
-RELAY_HOST = C.WAN_IPS[0]
-RELAY = f"{RELAY_HOST}:7835"
+RELAY_HOST = RELAY.rpartition(":")[0]
 HTTP_PORT = 8080  # the relay's HTTP port (by Host)
 SERVICE_PORT = 8080  # a listener on lan's loopback
 NATKIT = venv_script("natkit")
@@ -95,7 +95,7 @@ class Ctx:
         self.env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p
         )
-        self.ngrok_path = _natkit_ngrok(state)
+        self.ngrok_path = natkit_ngrok_path(state)
         self.config = state / "ngrok.yml"
         self.config.write_text(
             f'version: "3"\nagent:\n  connect_url: {RELAY}\n  authtoken: {TOKEN}\n'
@@ -120,19 +120,6 @@ class Ctx:
         got = netns.call_in(self.lab.netns("wan"), get)
         if got != token_for(SERVICE_PORT):
             raise BenchError(f"{public} from wan gave {got!r}, not the service's token")
-
-
-def _natkit_ngrok(state: Path) -> str:
-    installed = venv_script("natkit-ngrok")
-    if Path(installed).exists():
-        return installed
-    launcher = state / "natkit-ngrok"
-    launcher.write_text(
-        f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(SRC)!r})\n"
-        "from natkit.compat.ngrok_agent.cli import entry\nentry()\n"
-    )
-    launcher.chmod(0o755)
-    return str(launcher)
 
 
 def _first_line(
@@ -221,29 +208,14 @@ CASES: list[tuple[str, str, str, Callable[[Ctx], Sample]]] = [
 ]  # fmt: skip
 
 
-class _Relay:
-    def __init__(self, lab: Lab, state: Path) -> None:
-        argv = [NATKIT, "relay", "serve", "--listen", RELAY, "--token", TOKEN, "--http-port",
-                str(HTTP_PORT), "--domain", "lab.test", "--json"]  # fmt: skip
-        self.proc = lab.popen("wan", argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "NATKIT_STATE_DIR": str(state)})  # fmt: skip
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if b"ready" not in line:
-            raise BenchError(f"relay did not start: {line!r}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
 def run(lab: Lab | None, opts: Options) -> Report:
     assert lab is not None
     started, t_start = now(), time.monotonic()
     byte_compiled = precompile()  # as a wheel install leaves it (see bench_startup)
     state = Path(tempfile.mkdtemp(prefix="nkb-ngrok-"))
     results = {key: CaseResult(key, label, kind) for key, label, kind, _ in CASES}
-    relay = _Relay(lab, state / "relay")
+    http = ["--http-port", str(HTTP_PORT), "--domain", "lab.test"]
+    relay = RelayProc(lab, state / "relay", TOKEN, http)
     try:
         with token_server(lab, "lan", "127.0.0.1") as local:
             local.listen(SERVICE_PORT)

@@ -5,31 +5,18 @@ HTTP service, and raw HTTP/TCP visits."""
 from __future__ import annotations
 
 import contextlib
-import shutil
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import natkit
-
-SRC = Path(natkit.__file__).resolve().parents[1]
+from natkit.compat.ngrok_agent.launcher import natkit_ngrok_path
 
 
 def natkit_ngrok(tmp: Path) -> str:
     """The installed console script, else a launcher of this tree's natkit-ngrok."""
-    installed = shutil.which("natkit-ngrok")
-    if installed:
-        return installed
-    launcher = tmp / "natkit-ngrok"
-    launcher.write_text(
-        f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(SRC)!r})\n"
-        "from natkit.compat.ngrok_agent.cli import entry\nentry()\n"
-    )
-    launcher.chmod(0o755)
-    return str(launcher)
+    return natkit_ngrok_path(tmp)
 
 
 def ngrok_config(path: Path, relay: str, token: str, *, version: str = "3") -> Path:

@@ -220,3 +220,15 @@ def test_natkit_compat_ngrok_in_process(
     finally:
         natkit_ngrok_module.kill()
     assert natkit_ngrok_module.get_tunnels() == []
+
+
+def test_a_name_the_relay_refuses_fails_alone(cfg: conf.PyngrokConfig, service: Service) -> None:
+    first = ngrok.connect(service.port, "http", name="a", subdomain="same", pyngrok_config=cfg)
+    with pytest.raises(PyngrokNgrokHTTPError, match="refused the tunnel") as caught:
+        ngrok.connect(service.port, "http", name="b", subdomain="same", pyngrok_config=cfg)
+    assert caught.value.status_code == 502
+    # The session and the first tunnel go on; the refused one left nothing behind.
+    assert [t.public_url for t in ngrok.get_tunnels(pyngrok_config=cfg)] == [first.public_url]
+    assert b"GET /still HTTP/1.1" in visit_url(str(first.public_url), LOOPBACK, "/still")
+    second = ngrok.connect(service.port, "http", name="b", pyngrok_config=cfg)
+    assert b"GET /b HTTP/1.1" in visit_url(str(second.public_url), LOOPBACK, "/b")
