@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from natkit.compat.ngrok_agent.httpsplit import Message, Splitter
 from natkit.errors import NatkitError
+from natkit.net.sockets import reset_on_close
 
 log = logging.getLogger("natkit.ngrok")
 CONNECT_TIMEOUT = 10.0
@@ -214,7 +215,7 @@ class CaptureProxy:
             )
         except (OSError, asyncio.TimeoutError) as exc:
             log.info("service %s:%d unreachable: %s", *self.upstream, exc)
-            writer.transport.abort()  # the visitor sees a reset, as without the proxy
+            _reset(writer)  # the visitor sees a reset, as without the proxy
             return
         requests, responses = Splitter("request"), Splitter("response")
         pending: collections.deque[Exchange] = collections.deque()
@@ -272,8 +273,13 @@ async def _pump(
             with contextlib.suppress(OSError):
                 writer.write_eof()
     except OSError:
-        writer.transport.abort()
+        _reset(writer)  # an abrupt end is passed on as one
         raise
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    reset_on_close(writer.get_extra_info("socket"))
+    writer.transport.abort()
 
 
 async def replay(exchange: Exchange, proxy: CaptureProxy) -> None:

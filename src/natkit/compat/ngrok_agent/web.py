@@ -71,15 +71,9 @@ class WebAPI:
                 request, body = await asyncio.wait_for(_read_request(conn, reader), READ_TIMEOUT)
                 if request is None:
                     break
-                try:
-                    status, payload = await self.handle(
-                        request.method.decode(), request.target.decode(), body
-                    )
-                except NatkitError as exc:
-                    status, payload = _error(400, str(exc))
-                except Exception as exc:  # a bug: answered, logged, the agent goes on
-                    log.exception("local API call failed")
-                    status, payload = _error(500, f"natkit-ngrok failed: {exc!r}")
+                status, payload = await self.handle(
+                    request.method.decode(), request.target.decode(), body
+                )
                 data = b"" if payload is None else json.dumps(payload).encode()
                 headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
                 writer.write(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
@@ -99,6 +93,16 @@ class WebAPI:
     # ---- the API ------------------------------------------------------------------------------
 
     async def handle(self, method: str, target: str, body: bytes) -> Answer:
+        """The status and JSON answer of one call (errors in ngrok's shape)."""
+        try:
+            return await self._route(method, target, body)
+        except NatkitError as exc:
+            return _error(400, str(exc))
+        except Exception as exc:  # a bug: answered, logged, the agent goes on
+            log.exception("local API call failed")
+            return _error(500, f"natkit-ngrok failed: {exc!r}")
+
+    async def _route(self, method: str, target: str, body: bytes) -> Answer:
         parts = urlsplit(target)
         path = parts.path.rstrip("/")
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
@@ -165,9 +169,11 @@ class WebAPI:
             exchange = store.get(str(args.get("id") or ""))
             if exchange is None:
                 return _error(404, f"request {args.get('id')!r} not found")
-            await replay(
-                exchange, self.session.proxy_of(args.get("tunnel_name") or exchange.tunnel_name)
-            )
+            proxy = self.session.proxy_of(args.get("tunnel_name") or exchange.tunnel_name)
+            try:
+                await replay(exchange, proxy)
+            except (OSError, asyncio.TimeoutError) as exc:
+                return _error(502, f"the replay did not get an answer: {exc or 'timed out'}")
             return 204, None
         if len(rest) == 1 and method == "GET":
             exchange = store.get(rest[0])
