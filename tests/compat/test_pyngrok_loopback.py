@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import shlex
+import signal
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -232,3 +237,77 @@ def test_a_name_the_relay_refuses_fails_alone(cfg: conf.PyngrokConfig, service: 
     assert b"GET /still HTTP/1.1" in visit_url(str(first.public_url), LOOPBACK, "/still")
     second = ngrok.connect(service.port, "http", name="b", pyngrok_config=cfg)
     assert b"GET /b HTTP/1.1" in visit_url(str(second.public_url), LOOPBACK, "/b")
+
+
+def _agent(argv: list[str], tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([natkit_ngrok(tmp_path), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env})  # fmt: skip
+
+
+def _line_with(stream: IO[str], words: str) -> str:
+    for line in stream:  # the agent prints it within a second or two; the test times out
+        if words in line:
+            return line
+    raise AssertionError(f"the agent ended without a line saying {words!r}")
+
+
+def test_natkit_ngrok_http_port_like_ngrok_http_and_sigterm(
+    tmp_path: Path, relay: RelayThread, service: Service
+) -> None:
+    env = {"NATKIT_RELAY": relay.address, "NATKIT_TOKEN": TOKEN}
+    proc = _agent(["http", str(service.port), "--log", "stdout", "--config",
+                   str(tmp_path / "none.yml")], tmp_path, env)  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        started = _line_with(proc.stdout, "started tunnel")
+        url = dict(p.split("=", 1) for p in shlex.split(started))["url"]
+        assert f"Forwarding {url} -> http://localhost:{service.port}" in proc.stderr.readline()
+        assert b"GET /cli HTTP/1.1" in visit_url(url, LOOPBACK, "/cli")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_start_names_tunnels_of_the_config(
+    tmp_path: Path, relay: RelayThread, service: Service
+) -> None:
+    path = ngrok_config(tmp_path / "v2.yml", relay.address, TOKEN, version="2")
+    path.write_text(path.read_text() + f"tunnels:\n  web:\n    proto: http\n    addr: {service.port}\n"
+                    f"    subdomain: named\n  other:\n    proto: tcp\n    addr: 1\n")  # fmt: skip
+    proc = _agent(["start", "web", "--log", "stdout", "--config", str(path)], tmp_path, {})
+    try:
+        assert proc.stdout is not None
+        line = _line_with(proc.stdout, "started tunnel")
+        assert f"url=http://named.lab.test:{relay.server.http_port}" in line and "name=web" in line
+        proc.terminate()
+        assert proc.wait(10) == 0
+        missing = _agent(["start", "nope", "--config", str(path)], tmp_path, {})
+        _, err = missing.communicate(timeout=10)
+        assert missing.returncode == 1 and "no tunnel named nope" in err
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_small_commands(tmp_path: Path) -> None:
+    exe = natkit_ngrok(tmp_path)
+    path = tmp_path / "cfg" / "ngrok.yml"
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([exe, *argv], capture_output=True, text=True, timeout=20)
+
+    assert run("--version").stdout.startswith("natkit-ngrok version ")
+    saved = run("config", "add-authtoken", "tok-123", "--log", "stdout", "--config", str(path))
+    assert (
+        saved.returncode == 0 and f"Authtoken saved to configuration file: {path}" in saved.stdout
+    )
+    assert "authtoken: tok-123" in path.read_text()
+    assert run("config", "check", "--config", str(path)).returncode == 0
+    assert "pip install -U natkit" in run("update").stdout
+    api = run("api", "endpoints", "list")
+    assert api.returncode == 1 and "own natkit relay" in api.stderr
+    no_relay = run("start", "--none", "--log", "stdout", "--config", str(path))
+    assert no_relay.returncode == 1 and "lvl=eror" in no_relay.stdout
+    assert "connect_url" in no_relay.stdout  # what to set, in the line pyngrok shows
