@@ -11,9 +11,6 @@ person used to ngrok) calls it.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -152,6 +149,10 @@ def _agent(args: argparse.Namespace) -> int:
 async def _run(
     settings: C.Settings, definitions: list[tuple[dict[str, Any], bool]], log: LogWriter
 ) -> int:
+    import asyncio  # here: version and config answer without it
+    import contextlib
+    import signal
+
     from natkit.compat.ngrok_agent.session import Session
     from natkit.compat.ngrok_agent.shapes import tunnel_request
     from natkit.compat.ngrok_agent.web import WebAPI
