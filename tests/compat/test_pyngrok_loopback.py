@@ -40,12 +40,14 @@ LOOPBACK = "127.0.0.1"
 class RelayThread:
     """A natkit relay on loopback, in an event loop of its own thread."""
 
-    def __init__(self, state: Path) -> None:
+    def __init__(
+        self, state: Path, ports: tuple[int, int] = (41600, 41649), listen_port: int = 0
+    ) -> None:
         self.loop = new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        cfg = RelayConfig(listen_host=LOOPBACK, listen_port=0, tokens={"a": TOKEN},
-                          ports=(41600, 41649), state_dir=state, stun=False, pool_size=2,
+        cfg = RelayConfig(listen_host=LOOPBACK, listen_port=listen_port, tokens={"a": TOKEN},
+                          ports=ports, state_dir=state, stun=False, pool_size=2,
                           http_port=0, domain="lab.test")  # fmt: skip
         self.server = RelayServer(cfg)
         asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
@@ -311,3 +313,52 @@ def test_the_small_commands(tmp_path: Path) -> None:
     no_relay = run("start", "--none", "--log", "stdout", "--config", str(path))
     assert no_relay.returncode == 1 and "lvl=eror" in no_relay.stdout
     assert "connect_url" in no_relay.stdout  # what to set, in the line pyngrok shows
+
+
+def test_after_a_relay_restart_the_tunnels_come_back_and_the_api_tells_their_urls(
+    tmp_path: Path, service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = RelayThread(tmp_path / "restarting", ports=(41650, 41699))
+    cfg = conf.PyngrokConfig(
+        ngrok_path=natkit_ngrok(tmp_path),
+        config_path=str(ngrok_config(tmp_path / "r.yml", first.address, TOKEN)),
+    )
+    monkeypatch.setenv("NATKIT_FINGERPRINT", first.server.fingerprint)  # kept on restart
+    second: RelayThread | None = None
+    try:
+        web = ngrok.connect(service.port, "http", pyngrok_config=cfg)
+        port = first.server.listen_port
+        first.close()
+        # Back on the same address, with another HTTP port: the http tunnel's URL changes.
+        second = RelayThread(tmp_path / "restarting", ports=(41650, 41699), listen_port=port)
+
+        def moved() -> bool:
+            urls = [t.public_url for t in ngrok.get_tunnels(pyngrok_config=cfg)]
+            return urls != [web.public_url] and len(urls) == 1
+
+        wait_for(moved, 20, "the tunnel back on the restarted relay")
+        (now,) = ngrok.get_tunnels(pyngrok_config=cfg)
+        assert now.public_url.endswith(f":{second.server.http_port}") and now.name == web.name
+        assert b"GET /again HTTP/1.1" in visit_url(str(now.public_url), LOOPBACK, "/again")
+    finally:
+        ngrok.kill(pyngrok_config=cfg)
+        (second or first).close()
+
+
+def test_an_agent_nobody_reads_any_more_goes_on(
+    tmp_path: Path, relay: RelayThread, service: Service
+) -> None:
+    """pyngrok with monitor_thread=False stops reading the agent's log after the start:
+    thousands of log lines later (one per request) the agent still serves."""
+    cfg = conf.PyngrokConfig(
+        ngrok_path=natkit_ngrok(tmp_path), monitor_thread=False,
+        config_path=str(ngrok_config(tmp_path / "quiet.yml", relay.address, TOKEN)),
+    )  # fmt: skip
+    try:
+        t = ngrok.connect(service.port, "http", pyngrok_config=cfg)
+        for n in range(600):  # ~150 bytes of log each: past a 64 KiB pipe
+            assert b" 200 OK" in visit_url(str(t.public_url), LOOPBACK, f"/{n}")
+        assert len(agent.get_requests(pyngrok_config=cfg)) == 600
+        assert ngrok.get_tunnels(pyngrok_config=cfg)[0].public_url == t.public_url
+    finally:
+        ngrok.kill(pyngrok_config=cfg)

@@ -34,9 +34,13 @@ class TunnelExists(BadTunnel):
 class Running:
     request: TunnelRequest
     spec: TunnelSpec
-    url: str
     proxy: CaptureProxy | None
     started: float = dataclasses.field(default_factory=time.time)
+
+    @property
+    def url(self) -> str:
+        """The public URL as it is now (a relay that restarted may have given another)."""
+        return public_url(self.request.proto, self.spec.public)
 
     def metrics(self) -> dict[str, Any]:
         """What is counted (only through the capture proxy): visitors and requests."""
@@ -80,7 +84,8 @@ class Session:
             self.log("warn", "session closed, starting reconnect loop", obj="tunnels.session",
                      err=info.get("reason", ""))  # fmt: skip
         elif name == "restored":
-            self.log("info", "client session established", obj="tunnels.session")
+            self.log("info", "tunnel restored", obj="tunnels", id=info.get("tunnel", ""),
+                     url=info.get("public", ""), changed=info.get("changed", False))  # fmt: skip
         elif name == "lost":
             self.log("warn", "tunnel lost", obj="tunnels", id=info.get("tunnel", ""),
                      err=info.get("reason", ""))  # fmt: skip
@@ -135,7 +140,7 @@ class Session:
                 spec.local_host = "127.0.0.1"
             self.agent.open(spec)
             try:
-                public = await self.agent.wait_open(spec.id, OPEN_TIMEOUT)
+                await self.agent.wait_open(spec.id, OPEN_TIMEOUT)
             except BaseException as exc:
                 self.agent.close_tunnel(spec.id)
                 if proxy is not None:
@@ -146,7 +151,7 @@ class Session:
                         f"{OPEN_TIMEOUT:g} s"
                     ) from None
                 raise
-            running = Running(req, spec, public_url(req.proto, public), proxy)
+            running = Running(req, spec, proxy)
             self.tunnels[req.name] = running
         self.log("info", "started tunnel", obj="tunnels", name=req.name, addr=req.upstream_url,
                  url=running.url)  # fmt: skip
