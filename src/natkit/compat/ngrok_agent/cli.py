@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from natkit import __version__
 from natkit.compat.ngrok_agent import config as C
 from natkit.compat.ngrok_agent.logs import LogWriter
-from natkit.errors import NatkitError
+from natkit.errors import EXIT_BUG, EXIT_INTERRUPTED, NatkitError
 
 PROG = "natkit-ngrok"
 
@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.command in ("start", "http", "tcp", "tls"):
             return _agent(args)
-    except NatkitError as exc:
+    except NatkitError as exc:  # natkit's exit codes (docs/cli.md): 4 relay, 5 local, else 1
         print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     _parser().print_help()
     return 0
 
@@ -215,6 +215,9 @@ def entry() -> NoReturn:
     try:
         code = main()
     except KeyboardInterrupt:
-        code = 130
+        code = EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: one line and natkit's code for it, no traceback
+        print(f"{PROG}: unexpected failure (a bug, please report it): {exc!r}", file=sys.stderr)
+        code = EXIT_BUG
     sys.stdout.flush()
     sys.exit(code)
