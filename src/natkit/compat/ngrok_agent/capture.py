@@ -31,6 +31,7 @@ from natkit.net.sockets import reset_on_close
 log = logging.getLogger("natkit.ngrok")
 CONNECT_TIMEOUT = 10.0
 REPLAY_TIMEOUT = 30.0
+MAX_PENDING = 100  # requests of one connection waiting for their responses, recorded
 _READ = 65536
 
 
@@ -222,6 +223,9 @@ class CaptureProxy:
 
         def on_requests(messages: Iterable[Message]) -> None:
             for msg in messages:
+                if len(pending) >= MAX_PENDING:  # a service that reads and never answers
+                    requests.failed = f"over {MAX_PENDING} requests without a response"
+                    return
                 e = Exchange(new_id(), self.tunnel_name, "", time.time(), msg)
                 responses.expect(msg.start_line.split(" ", 1)[0])
                 pending.append(e)

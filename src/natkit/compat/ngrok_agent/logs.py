@@ -10,6 +10,7 @@ line that cannot be written at once is dropped, never left to block the agent.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -46,7 +47,10 @@ class LogWriter:
     def started(self) -> None:
         """Startup is over: from now on a full pipe drops lines instead of blocking."""
         if self.fd is not None and not os.isatty(self.fd):
-            os.set_blocking(self.fd, False)
+            # Windows' Python before 3.12 cannot make a pipe non-blocking: there a reader
+            # that stops reading can still hold the agent up (pyngrok's monitor_thread).
+            with contextlib.suppress(OSError):
+                os.set_blocking(self.fd, False)
 
     def __call__(self, lvl: str, msg: str, **fields: object) -> None:
         line = format_line(lvl, msg, **fields)
