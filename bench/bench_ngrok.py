@@ -37,6 +37,7 @@ from benchlib import (
     Options,
     Report,
     Sample,
+    interleaved_rounds,
     machine_info,
     now,
     ratio,
@@ -220,23 +221,8 @@ def run(lab: Lab | None, opts: Options) -> Report:
         with token_server(lab, "lan", "127.0.0.1") as local:
             local.listen(SERVICE_PORT)
             ctx = Ctx(lab, state)
-            for rnd in range(opts.warmup + opts.iterations):
-                warm = rnd < opts.warmup
-                k = rnd % len(CASES)
-                print(
-                    f"  round {'warm-up' if warm else rnd - opts.warmup + 1}:", end="", flush=True
-                )
-                for key, _, _, fn in CASES[k:] + CASES[:k]:
-                    res = results[key]
-                    try:
-                        sample = fn(ctx)
-                    except Exception as exc:
-                        res.failures.append(f"{type(exc).__name__}: {exc}")
-                        print(f" {key}=FAIL", end="", flush=True)
-                        continue
-                    (res.warmup if warm else res.samples).append(sample)
-                    print(f" {key}={sample.total * 1000:.0f}", end="", flush=True)
-                print(flush=True)
+            cases = {key: fn for key, _, _, fn in CASES}
+            interleaved_rounds(opts, results, lambda key: cases[key](ctx))
     finally:
         relay.stop()
 
