@@ -362,3 +362,27 @@ def test_an_agent_nobody_reads_any_more_goes_on(
         assert ngrok.get_tunnels(pyngrok_config=cfg)[0].public_url == t.public_url
     finally:
         ngrok.kill(pyngrok_config=cfg)
+
+
+def test_definitions_in_the_config_by_name_and_connect_all(
+    tmp_path: Path, relay: RelayThread, service: Service
+) -> None:
+    path = ngrok_config(tmp_path / "defs.yml", relay.address, TOKEN)
+    path.write_text(
+        path.read_text()
+        + "endpoints:\n"
+        + f"  - name: site\n    url: http://defined.lab.test\n    upstream:\n      url: {service.port}\n"
+        + f"  - name: shell\n    url: tcp://\n    upstream:\n      url: {service.port}\n"
+    )
+    cfg = conf.PyngrokConfig(ngrok_path=natkit_ngrok(tmp_path), config_path=str(path))
+    try:
+        site = ngrok.connect(name="site", pyngrok_config=cfg)  # pyngrok posts it as "site-api"
+        assert site.name == "site-api"
+        assert site.public_url == f"http://defined.lab.test:{relay.server.http_port}"
+        ngrok.disconnect(site.public_url, pyngrok_config=cfg)
+        both = ngrok.connect_all(pyngrok_config=cfg)
+        assert sorted(str(t.public_url).split("://")[0] for t in both) == ["http", "tcp"]
+        for t in both:
+            assert b"hello from the service" in visit_url(str(t.public_url), LOOPBACK)
+    finally:
+        ngrok.kill(pyngrok_config=cfg)
