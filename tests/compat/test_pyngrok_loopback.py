@@ -22,6 +22,7 @@ pyngrok = pytest.importorskip("pyngrok")
 from pyngrok import agent, conf, ngrok, process  # noqa: E402
 from pyngrok.exception import PyngrokNgrokError, PyngrokNgrokHTTPError  # noqa: E402
 
+from natkit.errors import NatkitError  # noqa: E402
 from natkit.net.loops import new_event_loop  # noqa: E402
 from natkit.relay.server import RelayConfig, RelayServer  # noqa: E402
 from tests.compat.pyngrok_helpers import (  # noqa: E402
@@ -386,3 +387,26 @@ def test_definitions_in_the_config_by_name_and_connect_all(
             assert b"hello from the service" in visit_url(str(t.public_url), LOOPBACK)
     finally:
         ngrok.kill(pyngrok_config=cfg)
+
+
+def test_natkit_compat_ngrok_reads_pyngrok_config_and_starts_afresh_after_kill(
+    tmp_path: Path, relay: RelayThread, service: Service
+) -> None:
+    from natkit.compat import ngrok as in_process
+
+    path = tmp_path / "compat.yml"
+    path.write_text(f'version: "3"\nagent:\n  connect_url: {relay.address}\n')  # no token
+    cfg = conf.PyngrokConfig(ngrok_path=str(tmp_path / "unused"), config_path=str(path))
+    try:
+        with pytest.raises(NatkitError, match="no relay token"):
+            in_process.connect(service.port, "tcp", pyngrok_config=cfg)
+        in_process.set_auth_token(TOKEN)
+        first = in_process.connect(service.port, "tcp", pyngrok_config=cfg)
+        assert b"hello from the service" in visit_url(first.public_url, LOOPBACK)
+        in_process.kill()
+        assert in_process.get_tunnels() == []
+        again = in_process.connect(service.port, "http", pyngrok_config=cfg)  # a new session
+        assert b"GET /again HTTP/1.1" in visit_url(again.public_url, LOOPBACK, "/again")
+    finally:
+        in_process.kill()
+        in_process.set_auth_token("")
