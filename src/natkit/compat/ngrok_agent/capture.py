@@ -32,7 +32,7 @@ log = logging.getLogger("natkit.ngrok")
 CONNECT_TIMEOUT = 10.0
 REPLAY_TIMEOUT = 30.0
 MAX_PENDING = 100  # requests of one connection waiting for their responses, recorded
-_READ = 65536
+_READ = 256 * 1024
 
 
 @dataclasses.dataclass

@@ -93,6 +93,18 @@ class Splitter:
     def feed(self, data: bytes) -> None:
         if self.failed or self.upgraded or not data:
             return
+        if not self._buf and self._current is not None and self._mode in ("length", "close"):
+            # The common bulk case (a download): count the body straight from ``data``,
+            # copying only what is kept, never the whole stream through the buffer.
+            n = len(data) if self._mode == "close" else min(self._left, len(data))
+            self._count(data, n)
+            if self._mode == "length":
+                self._left -= n
+                if self._left == 0:
+                    self._finish()
+            data = data[n:]
+            if not data:
+                return
         self._buf += data
         try:
             while self._buf and not self.upgraded:
@@ -165,18 +177,22 @@ class Splitter:
         return ("close", 0) if self.role == "response" else ("", 0)
 
     # -- bodies -----------------------------------------------------------------------------
-    def _keep(self, data: bytes) -> None:
+    def _count(self, data: bytes | bytearray, n: int) -> None:
+        """``n`` body bytes from the front of ``data``: counted, kept within the limit."""
         msg = self._current
         assert msg is not None
         room = self.body_limit - len(msg.body)
         if room > 0:
-            msg.body += data[:room]
-        msg.body_size += len(data)
+            msg.body += bytes(data[: min(n, room)])
+        msg.body_size += n
+
+    def _keep(self, data: bytes) -> None:
+        self._count(data, len(data))
 
     def _take_body(self) -> bool:
         if self._mode == "length":
             n = min(self._left, len(self._buf))
-            self._keep(bytes(self._buf[:n]))
+            self._count(self._buf, n)
             del self._buf[:n]
             self._left -= n
             if self._left == 0:
@@ -184,7 +200,7 @@ class Splitter:
                 return True
             return False
         if self._mode == "close":
-            self._keep(bytes(self._buf))
+            self._count(self._buf, len(self._buf))
             self._buf.clear()
             return False
         return self._take_chunked()
@@ -193,7 +209,7 @@ class Splitter:
         while self._buf:
             if self._chunk_state == "data":
                 n = min(self._left, len(self._buf))
-                self._keep(bytes(self._buf[:n]))
+                self._count(self._buf, n)
                 del self._buf[:n]
                 self._left -= n
                 if self._left:
