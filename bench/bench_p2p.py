@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +80,13 @@ def _both(
 
 
 class RelayProc:
-    def __init__(self, lab: Lab, state: Path) -> None:
+    def __init__(
+        self, lab: Lab, state: Path, token: str = TOKEN, extra: Sequence[str] = ()
+    ) -> None:
         env = {**os.environ, "NATKIT_STATE_DIR": str(state)}
         self.proc = lab.popen(
             "wan",
-            [NATKIT, "relay", "serve", "--listen", RELAY, "--token", TOKEN, "--json"],
+            [NATKIT, "relay", "serve", "--listen", RELAY, "--token", token, "--json", *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             env=env,

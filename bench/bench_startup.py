@@ -43,6 +43,7 @@ from benchlib import (
     Report,
     Sample,
     Section,
+    interleaved_rounds,
     machine_info,
     now,
     ratio,
@@ -385,22 +386,8 @@ def run(lab: Lab | None, opts: Options) -> Report:
         with token_server(lab, "lan2", "127.0.0.1") as local:
             local.listen(EXPOSE_PORT)
             ctx = Ctx(lab, admin, env)
-            for rnd in range(opts.warmup + opts.iterations):
-                warm = rnd < opts.warmup
-                k = rnd % len(all_cases)
-                tag = "warm-up" if warm else f"{rnd - opts.warmup + 1}/{opts.iterations}"
-                print(f"  round {tag}:", end="", flush=True)
-                for case in all_cases[k:] + all_cases[:k]:
-                    res = results[case.key]
-                    try:
-                        sample = case.fn(ctx, next(ports))
-                    except Exception as exc:
-                        res.failures.append(f"{type(exc).__name__}: {exc}")
-                        print(f" {case.key}=FAIL", end="", flush=True)
-                        continue
-                    (res.warmup if warm else res.samples).append(sample)
-                    print(f" {case.key}={sample.total * 1000:.0f}", end="", flush=True)
-                print(flush=True)
+            by_key = {c.key: c for c in all_cases}
+            interleaved_rounds(opts, results, lambda key: by_key[key].fn(ctx, next(ports)))
     finally:
         relay.stop()
         admin.close()

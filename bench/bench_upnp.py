@@ -35,6 +35,7 @@ from benchlib import (
     Sample,
     TokenServer,
     fetch_token,
+    interleaved_rounds,
     machine_info,
     now,
     ratio,
@@ -377,24 +378,8 @@ def run(lab: Lab, opts: Options) -> Report:
     admin = netns.run_in(lab.netns("lan"), UPnPMapper.discover)
     with token_server(lab, "lan", C.LAN_IP) as tokens:
         ctx = Ctx(lab, tokens, admin, "/nonexistent/minissdpd.sock" if minissdpd else None)
-        total_rounds = opts.warmup + opts.iterations
-        for rnd in range(total_rounds):
-            warm = rnd < opts.warmup
-            k = rnd % len(all_cases)
-            order = all_cases[k:] + all_cases[:k]
-            tag = "warm-up" if warm else f"{rnd - opts.warmup + 1}/{opts.iterations}"
-            print(f"  round {tag}:", end="", flush=True)
-            for case in order:
-                res = results[case.key]
-                try:
-                    sample = _run_case(ctx, case, next(ports))
-                except Exception as exc:
-                    res.failures.append(f"{type(exc).__name__}: {exc}")
-                    print(f" {case.key}=FAIL", end="", flush=True)
-                    continue
-                (res.warmup if warm else res.samples).append(sample)
-                print(f" {case.key}={sample.total * 1000:.0f}", end="", flush=True)
-            print(flush=True)
+        by_key = {c.key: c for c in all_cases}
+        interleaved_rounds(opts, results, lambda key: _run_case(ctx, by_key[key], next(ports)))
 
     ordered = [results[c.key] for c in all_cases]
     for res in ordered:  # say which protocol "auto" chose

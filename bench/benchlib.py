@@ -136,6 +136,31 @@ class CaseResult:
         }
 
 
+def interleaved_rounds(
+    opts: Options, results: dict[str, CaseResult], run_case: Callable[[str], Sample]
+) -> None:
+    """Warm-up rounds, then ``opts.iterations`` timed ones; each round runs every case of
+    ``results`` once, starting one further along each time (so that cases share the machine's
+    noise). A case that raises is a failure of that case, not of the run; progress is printed."""
+    keys = list(results)
+    for rnd in range(opts.warmup + opts.iterations):
+        warm = rnd < opts.warmup
+        k = rnd % len(keys)
+        tag = "warm-up" if warm else f"{rnd - opts.warmup + 1}/{opts.iterations}"
+        print(f"  round {tag}:", end="", flush=True)
+        for key in keys[k:] + keys[:k]:
+            res = results[key]
+            try:
+                sample = run_case(key)
+            except Exception as exc:
+                res.failures.append(f"{type(exc).__name__}: {exc}")
+                print(f" {key}=FAIL", end="", flush=True)
+                continue
+            (res.warmup if warm else res.samples).append(sample)
+            print(f" {key}={sample.total * 1000:.0f}", end="", flush=True)
+        print(flush=True)
+
+
 def _sample_json(s: Sample) -> dict[str, Any]:
     return {
         "total_ms": round(s.total * 1000, 3),

@@ -101,6 +101,7 @@ class Agent:
         known_relays: Path | None = None,
         remember_ports: Path | None = None,
         max_backoff: float = 30.0,
+        keep_session_on_refusal: bool = False,
     ) -> None:
         self.relay_host, self.relay_port = parse_hostport(relay)
         self.relay = relay
@@ -113,6 +114,9 @@ class Agent:
         self.known = KnownRelays(known_relays or state_dir() / "known_relays.json")
         self.remembered = _RememberedPorts(remember_ports, relay) if remember_ports else None
         self.max_backoff = max_backoff
+        # An agent whose tunnels come and go (natkit-ngrok): a tunnel refused before it
+        # opened fails its own waiter and is dropped; the session and the others go on.
+        self.keep_session_on_refusal = keep_session_on_refusal
         # This process's identity at the relay: how it knows us coming back.
         self.instance = secrets.token_hex(16)
         self._resume = secrets.token_hex(32)
@@ -397,6 +401,10 @@ class Agent:
         if not t.public:  # never opened: the user's request is refused, say so and stop
             err = TunnelRefusedError(text)
             self._fail_waiters(t.id, err)
+            if self.keep_session_on_refusal:
+                del self.tunnels[t.id]
+                self._opened.pop(t.id, None)
+                return
             raise err
         # A reconnection that lost its name (another agent of the token holds it now, or a
         # quota is full): this tunnel alone asks again later; the session and the other
@@ -423,6 +431,16 @@ class Agent:
         self._add(spec)
         if self.connected.is_set():
             self._send(_open_message(spec))
+
+    def close_tunnel(self, tunnel_id: str) -> None:
+        """Stop serving one tunnel: the relay frees its port or name, the others go on.
+        Visitors it is carrying now finish."""
+        if self.tunnels.pop(tunnel_id, None) is None:
+            return
+        self._refusals.pop(tunnel_id, None)
+        self._fail_waiters(tunnel_id, TunnelRefusedError(f"tunnel {tunnel_id} was closed"))
+        self._opened.pop(tunnel_id, None)
+        self._send(M.Close(tunnel=tunnel_id))
 
     async def wait_open(self, tunnel_id: str, timeout: float | None = None) -> str:
         t = self.tunnels[tunnel_id]

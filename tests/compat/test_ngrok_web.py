@@ -1,0 +1,121 @@
+"""natkit-ngrok's local API without a relay: its routes and error shapes (what pyngrok
+reads on failure), and its HTTP layer on a real loopback socket (malformed and oversized
+requests are answered 400, keep-alive works)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from natkit.compat.ngrok_agent.config import Settings
+from natkit.compat.ngrok_agent.logs import LogWriter
+from natkit.compat.ngrok_agent.session import Session
+from natkit.compat.ngrok_agent.web import MAX_BODY, WebAPI
+from natkit.errors import RelayError
+
+
+@pytest.fixture
+async def web() -> AsyncIterator[WebAPI]:
+    # A session that is never started: the routes that need no relay answer all the same.
+    api = WebAPI(Session(Settings(relay="127.0.0.1:9", token="t" * 20), LogWriter("false")))
+    yield api
+    await api.close()
+
+
+async def test_routes_that_need_no_relay(web: WebAPI) -> None:
+    assert (await web.handle("GET", "/api", b""))[1]["tunnels"] == "/api/tunnels"
+    status, body = await web.handle("GET", "/api/status", b"")
+    assert status == 200 and body["status"] == "reconnecting" and body["uri"] == "/api/status"
+    assert await web.handle("GET", "/api/tunnels", b"") == (
+        200,
+        {"tunnels": [], "uri": "/api/tunnels"},
+    )
+    assert await web.handle("GET", "/api/endpoints/", b"") == (
+        200,
+        {"endpoints": [], "uri": "/api/endpoints"},
+    )
+    assert await web.handle("GET", "/api/requests/http?limit=5", b"") == (
+        200, {"uri": "/api/requests/http", "requests": []}
+    )  # fmt: skip
+    assert await web.handle("DELETE", "/api/requests/http", b"") == (204, None)
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "body", "status", "words"),
+    [
+        ("GET", "/api/tunnels/nope", b"", 404, "not found"),
+        ("DELETE", "/api/endpoints/nope", b"", 404, "not found"),
+        ("GET", "/api/requests/http/nope", b"", 404, "not found"),
+        ("POST", "/api/requests/http", b'{"id": "nope"}', 404, "not found"),
+        ("POST", "/api/tunnels", b"{not json", 400, "not JSON"),
+        ("POST", "/api/tunnels", b"[1]", 400, "JSON object"),
+        ("POST", "/api/endpoints", b'{"upstream": {"url": "80"}, "oauth": {}}', 400, "OAuth"),
+        ("PUT", "/api/tunnels", b"", 405, "not served"),
+        ("GET", "/other", b"", 404, "no such resource"),
+        ("GET", "/api/what", b"", 404, "no such resource"),
+    ],
+)
+async def test_errors_have_ngroks_shape(
+    web: WebAPI, method: str, target: str, body: bytes, status: int, words: str
+) -> None:
+    got, payload = await web.handle(method, target, body)
+    assert got == status and payload["status_code"] == status and words in payload["msg"]
+    assert set(payload) == {"error_code", "status_code", "msg", "details"}
+
+
+async def test_a_tunnel_while_the_relay_is_away_is_a_502_after_the_wait(
+    web: WebAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("natkit.compat.ngrok_agent.session.OPEN_TIMEOUT", 0.2)
+    status, payload = await web.handle("POST", "/api/tunnels", b'{"addr": "8080", "name": "x"}')
+    assert status == 502 and "did not open the tunnel" in payload["msg"]
+    assert web.session.tunnels == {} and web.session.agent.tunnels == {}
+
+
+async def _exchange(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    got = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    return got
+
+
+async def test_the_http_layer(web: WebAPI) -> None:
+    addr = await web.start("127.0.0.1:0", move_on=False)
+    port = int(addr.rpartition(":")[2])
+    two = (b"GET /api/tunnels HTTP/1.1\r\nHost: x\r\n\r\n"
+           b"GET /api/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # fmt: skip
+    answer = await _exchange(port, two)
+    assert answer.count(b"HTTP/1.1 200") == 2 and b'"tunnels": []' in answer
+    assert (await _exchange(port, b"NOT HTTP AT ALL\r\n\r\n")).startswith(b"HTTP/1.1 400")
+    big = b"POST /api/tunnels HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1)
+    big += b"x" * (MAX_BODY + 1)
+    assert (await _exchange(port, big)).startswith(b"HTTP/1.1 400")
+    body = json.loads(
+        (await _exchange(port, b"GET /api HTTP/1.0\r\n\r\n")).split(b"\r\n\r\n", 1)[1]
+    )
+    assert body["status"] == "/api/status"
+
+
+async def test_a_taken_default_port_moves_on_a_chosen_one_does_not(web: WebAPI) -> None:
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    taken = int(blocker.sockets[0].getsockname()[1])
+    try:
+        with pytest.raises(OSError):
+            await WebAPI(web.session).start(f"127.0.0.1:{taken}", move_on=False)
+        moved = WebAPI(web.session)
+        addr = await moved.start(f"127.0.0.1:{taken}", move_on=True)
+        assert addr != f"127.0.0.1:{taken}"
+        await moved.close()
+    finally:
+        blocker.close()
+
+
+def test_a_session_needs_a_relay_and_a_token() -> None:
+    with pytest.raises(RelayError, match="NATKIT_RELAY"):
+        Session(Settings(token="t" * 20), LogWriter("false"))
+    with pytest.raises(RelayError, match="add-authtoken"):
+        Session(Settings(relay="r:1"), LogWriter("false"))
