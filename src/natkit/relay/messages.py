@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 from natkit.errors import ProtocolError
+from natkit.relay.access import ACCESS_VERSION, AccessPolicy
 
 VERSION = 2
 MAX_FRAME = 64 * 1024
@@ -42,6 +43,10 @@ class Message:
 
     TYPE: ClassVar[int]
     LONG_FIELDS: ClassVar[frozenset[str]] = frozenset()  # strings allowed past MAX_STRING
+    # Fields added after a message's first version: absent on the wire when None (so a
+    # message that does not use them is the same bytes an older peer knows), and None
+    # when absent.
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset()
 
     def check(self) -> None:
         """The message's own rules beyond field types (raise ProtocolError)."""
@@ -125,8 +130,10 @@ class Open(Message):
     """Open tunnel ``tunnel`` (the agent's own name for it). ``port`` (tcp): 0 for any;
     with ``exact`` that port or a refusal, without it a preference. ``plaintext``: data
     connections in clear (spliced) instead of sealed. ``takeover``: take a name another
-    live agent of the same token holds."""
+    live agent of the same token holds. ``access`` (optional): who may reach the tunnel
+    (:mod:`natkit.relay.access`), a versioned JSON object of its own."""
 
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"access"})
     tunnel: str
     kind: str
     name: str
@@ -134,12 +141,17 @@ class Open(Message):
     exact: bool
     plaintext: bool
     takeover: bool
+    access: AccessPolicy | None = None
 
     def check(self) -> None:
         if self.kind not in KINDS:
             raise ProtocolError(f"relay OPEN: kind must be one of {', '.join(KINDS)}")
         if self.port > 65535:
             raise ProtocolError("relay OPEN: port out of range")
+        if self.access is not None and self.access.version == ACCESS_VERSION:
+            problem = self.access.problem(self.kind)
+            if problem:
+                raise ProtocolError(f"relay OPEN: access: {problem}")
 
 
 @_message(7)
@@ -217,6 +229,26 @@ class Notice(Message):
 
     code: str
     message: str
+
+
+@_message(16)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refused(Message):
+    """The relay refused a visitor to ``tunnel`` by its access policy: ``visitor``
+    (address:port), ``reason`` (see :data:`natkit.relay.gate.REASONS`), ``at`` (the
+    relay's Unix time), ``more``: refusals not reported since the last one (the relay
+    reports a few a second per tunnel). Sent only for tunnels opened with a policy, so an
+    agent that predates it never gets one."""
+
+    tunnel: str
+    visitor: str
+    reason: str
+    at: float
+    more: int
+
+    def check(self) -> None:
+        if not 0 < len(self.reason) <= 32 or len(self.visitor) > MAX_DIAL_HOST + 8:
+            raise ProtocolError("relay REFUSED: bad reason or visitor")
 
 
 # ---- data connections ------------------------------------------------------------------------
@@ -351,6 +383,9 @@ def encode(msg: Message) -> bytes:
     """One frame. Our own messages are checked too, so a bug cannot put junk on the wire."""
     cls = type(msg)
     fields = {name: getattr(msg, name) for name, _ in _FIELDS[cls]}
+    if cls.OPTIONAL:
+        fields = {k: _to_json(v) for k, v in fields.items()
+                  if not (v is None and k in cls.OPTIONAL)}  # fmt: skip
     _check_fields(cls, fields)
     msg.check()
     try:
@@ -366,14 +401,24 @@ def encode(msg: Message) -> bytes:
     return HEADER.pack(cls.TYPE << 24 | len(body)) + body
 
 
+def _to_json(value: Any) -> Any:
+    return value.to_wire() if isinstance(value, AccessPolicy) else value
+
+
 def _check_fields(cls: type[Message], fields: dict[str, Any]) -> None:
     what = cls.__name__
     expected = _FIELDS[cls]
-    if len(fields) != len(expected):
+    if len(fields) != len(expected) and not (
+        cls.OPTIONAL
+        and len(expected) - len(cls.OPTIONAL) <= len(fields) < len(expected)
+        and fields.keys() <= {n for n, _ in expected}
+    ):
         names = ", ".join(n for n, _ in expected) or "none"
         raise ProtocolError(f"relay {what}: fields must be exactly: {names}")
     for name, kind in expected:
         if name not in fields:
+            if name in cls.OPTIONAL:
+                continue
             raise ProtocolError(f"relay {what}: field {name!r} missing")
         value = fields[name]
         if kind == "str":
@@ -392,6 +437,8 @@ def _check_fields(cls: type[Message], fields: dict[str, Any]) -> None:
             ok = isinstance(value, bool)
         elif kind == "tuple[str, ...]":
             ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        elif kind == "AccessPolicy | None":  # its JSON form; read by AccessPolicy.from_wire
+            ok = isinstance(value, dict)
         else:  # pragma: no cover - a message defined with a field type the codec lacks
             raise RuntimeError(f"relay {what}: no codec for field type {kind}")
         if not ok:
@@ -423,6 +470,8 @@ def decode_body(msg_type: int, body: bytes | bytearray | memoryview) -> Message:
         raise ProtocolError(f"relay {cls.__name__} frame is not a JSON object")
     _check_fields(cls, fields)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    if "access" in values and cls.OPTIONAL:
+        values["access"] = AccessPolicy.from_wire(values["access"])
     msg = cls(**values)
     msg.check()
     return msg
