@@ -377,6 +377,7 @@ _FIELDS: dict[type[Message], tuple[tuple[str, str], ...]] = {
     cls: tuple((f.name, str(f.type)) for f in dataclasses.fields(cls))  # type: ignore[arg-type]
     for cls in BY_TYPE.values()
 }
+_NAMES = {cls: frozenset(name for name, _ in fields) for cls, fields in _FIELDS.items()}
 
 
 def encode(msg: Message) -> bytes:
@@ -408,16 +409,13 @@ def _to_json(value: Any) -> Any:
 def _check_fields(cls: type[Message], fields: dict[str, Any]) -> None:
     what = cls.__name__
     expected = _FIELDS[cls]
-    if len(fields) != len(expected) and not (
-        cls.OPTIONAL
-        and len(expected) - len(cls.OPTIONAL) <= len(fields) < len(expected)
-        and fields.keys() <= {n for n, _ in expected}
-    ):
+    optional = cls.OPTIONAL
+    if not len(expected) - len(optional) <= len(fields) <= len(expected):
         names = ", ".join(n for n, _ in expected) or "none"
         raise ProtocolError(f"relay {what}: fields must be exactly: {names}")
     for name, kind in expected:
         if name not in fields:
-            if name in cls.OPTIONAL:
+            if name in optional:
                 continue
             raise ProtocolError(f"relay {what}: field {name!r} missing")
         value = fields[name]
@@ -443,6 +441,9 @@ def _check_fields(cls: type[Message], fields: dict[str, Any]) -> None:
             raise RuntimeError(f"relay {what}: no codec for field type {kind}")
         if not ok:
             raise ProtocolError(f"relay {what}: field {name!r} is not {kind}")
+    if optional and not fields.keys() <= _NAMES[cls]:  # an optional one absent, another there
+        names = ", ".join(n for n, _ in expected)
+        raise ProtocolError(f"relay {what}: fields must be exactly: {names}")
 
 
 def _not_json(name: str) -> Any:
