@@ -58,7 +58,7 @@ SAMPLES: list[M.Message] = [
             credentials=(Credential("00" * 16, "ab" * 32),),
             rate=RateLimit(10, 1.0),
         ),
-    ),  # fmt: skip
+    ),
     M.Data(ticket="z" * 24),
     M.Start(tunnel="t0", visitor="100.200.0.3:40000"),
     M.P2PJoin(name="cam-1", role="listen", instance="0123456789abcdef"),
