@@ -81,8 +81,8 @@ class RateLimit:
     def parse(cls, text: str) -> RateLimit:
         """``10/s``, ``600/min``, ``100/h`` (``10`` alone means per second)."""
         count, sep, unit = text.strip().partition("/")
-        unit = unit.strip().lower() or "s"
-        if not count.strip().isdigit() or unit not in RATE_PERIODS or (sep and not unit):
+        unit = unit.strip().lower() if sep else "s"
+        if not count.strip().isdigit() or unit not in RATE_PERIODS:
             raise ValueError(f"rate limit {text!r} is not N/s, N/min or N/h (e.g. 10/s)")
         limit = cls(int(count), RATE_PERIODS[unit])
         problem = limit.problem()
