@@ -207,8 +207,7 @@ def test_http_basic_auth_and_an_address_rule(
     before = refusals(relay)
     options = ("--basic-auth", f"alice:{PASSWORD}", "--deny", FIRST)
     with exposed(alab, lan, relay, tmp_path, "http", *options) as (agent, svc):
-        host, port = split_public(agent.public_address)
-        name = agent.public_address.split("://", 1)[1].rsplit(":", 1)[0]
+        name, port = split_public(agent.public_address)
         target = relay.host  # the name resolves nowhere in the lab: connect to the relay
 
         missing = from_wan(alab, SECOND, target, port, http_get(name))
