@@ -64,8 +64,9 @@ async def tunnel(
     service = await Counting().start()
     spec = TunnelSpec(service.port, kind=kind, name="app" if kind == "http" else "",
                       access=build_policy(kind=kind, **options))  # fmt: skip
-    agent = Agent(f"{LOOPBACK}:{relay.listen_port}", TOKEN_A, [spec],
-                  known_relays=tmp_path / "known.json")  # fmt: skip
+    host = relay.cfg.listen_host
+    address = f"[{host}]:{relay.listen_port}" if ":" in host else f"{host}:{relay.listen_port}"
+    agent = Agent(address, TOKEN_A, [spec], known_relays=tmp_path / "known.json")
     refused: list[dict[str, Any]] = []
     agent.on_event(lambda e, info: refused.append(info) if e == "refused" else None)
     task = asyncio.get_running_loop().create_task(agent.run())
@@ -258,3 +259,38 @@ async def test_a_policy_version_the_relay_does_not_know_is_refused(tmp_path: Pat
         finally:
             await agent.close()
         assert not relay.names.live()
+
+
+async def test_ipv6_visitors(tmp_path: Path) -> None:
+    """A relay on ::1: an IPv6 visitor is checked against IPv6 networks (and never matches
+    an IPv4 one)."""
+
+    async def visit(public: str) -> bytes:
+        port = int(public.rsplit(":", 1)[1])
+        try:
+            r, w = await asyncio.open_connection("::1", port)
+        except ConnectionResetError:
+            return b"RST"
+        try:
+            w.write(b"v6")
+            return await asyncio.wait_for(r.read(), 10)
+        except ConnectionResetError:
+            return b"RST"
+        finally:
+            w.close()
+
+    cfg = _config(tmp_path, listen_host="::1", pool_size=1)
+    async with running_relay(cfg) as relay:
+        async with tunnel(relay, tmp_path, "tcp", allow=["::1/128"], deny=["10.0.0.0/8"]) as (
+            public, service, _,
+        ):  # fmt: skip
+            assert public.startswith("[::1]:")
+            assert await visit(public) == b"echo:v6"
+        async with tunnel(relay, tmp_path, "tcp", allow=["127.0.0.0/8", "2001:db8::/32"]) as (
+            public, service, _,
+        ):  # fmt: skip
+            assert await visit(public) in (b"RST", b"")
+            assert service.connections == 0
+        async with tunnel(relay, tmp_path, "tcp", deny=["::/0"]) as (public, service, _):
+            assert await visit(public) in (b"RST", b"")
+        assert relay.refusals == {"not-allowed": 1, "denied": 1}
