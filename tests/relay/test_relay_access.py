@@ -294,3 +294,37 @@ async def test_ipv6_visitors(tmp_path: Path) -> None:
         async with tunnel(relay, tmp_path, "tcp", deny=["::/0"]) as (public, service, _):
             assert await visit(public) in (b"RST", b"")
         assert relay.refusals == {"not-allowed": 1, "denied": 1}
+
+
+class OldRelay(RelayServer):
+    """A relay from before access control, as the agent sees it: its codec refuses an
+    OPEN with the extra field (this is the Error such a relay sends, word for word)."""
+
+    def open_tunnel(self, s: Any, msg: Any) -> None:
+        if msg.access is not None:
+            s.fail("protocol", "relay Open: fields must be exactly: tunnel, kind, name, port, "
+                   "exact, plaintext, takeover")  # fmt: skip
+            return
+        super().open_tunnel(s, msg)
+
+
+async def test_a_relay_that_predates_access_control_is_a_final_error(tmp_path: Path) -> None:
+    from natkit.relay.agent import TunnelRefusedError
+
+    relay = OldRelay(_config(tmp_path))
+    await relay.start()
+    try:
+        spec = TunnelSpec(9, access=build_policy(deny=["10.0.0.0/8"]))
+        agent = Agent(f"{LOOPBACK}:{relay.listen_port}", TOKEN_A, [spec],
+                      known_relays=tmp_path / "known.json")  # fmt: skip
+        try:
+            await asyncio.wait_for(agent.run(), 10)
+        except TunnelRefusedError as exc:
+            assert "predates access control" in str(exc) and "upgrade the relay" in str(exc)
+        else:
+            raise AssertionError("run() returned")
+        finally:
+            await agent.close()
+        assert agent.connections == 1  # not retried
+    finally:
+        await relay.close()

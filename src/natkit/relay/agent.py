@@ -364,6 +364,15 @@ class Agent:
                            at=msg.at, more=msg.more)  # fmt: skip
         elif isinstance(msg, M.Error):
             log.warning("relay error %s: %s", msg.code, msg.message)
+            if (
+                msg.code == "protocol"
+                and "relay Open: fields" in msg.message
+                and any(t.access is not None for t in self.tunnels.values())
+            ):  # a relay from before access control: reconnecting would not change that
+                self._lost_all = TunnelRefusedError(
+                    f"relay {self.relay} predates access control (--allow/--deny/--basic-auth/"
+                    "--rate-limit): upgrade the relay, or drop those options"
+                )
 
     def _opened_tunnel(self, msg: M.Opened) -> None:
         t = self.tunnels.get(msg.tunnel)
