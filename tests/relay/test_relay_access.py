@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from natkit.relay import metrics
 from natkit.relay.access import build_policy
 from natkit.relay.agent import Agent, TunnelSpec
@@ -328,3 +330,39 @@ async def test_a_relay_that_predates_access_control_is_a_final_error(tmp_path: P
         assert agent.connections == 1  # not retried
     finally:
         await relay.close()
+
+
+async def test_expose_with_a_policy_uses_the_relay_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """natkit.expose_async in auto mode with a policy: no router is asked (a mapping
+    would let everyone in; the network guard would also catch discovery here)."""
+    import natkit
+
+    monkeypatch.setenv("NATKIT_STATE_DIR", str(tmp_path / "state"))
+    async with relay_at(tmp_path) as relay:
+        service = await Counting().start()
+        try:
+            async with natkit.expose_async(
+                service.port, relay=f"{LOOPBACK}:{relay.listen_port}", token=TOKEN_A,
+                fingerprint=relay.fingerprint, deny=[OTHER], rate_limit="100/s",
+            ) as exposure:  # fmt: skip
+                assert exposure.method == "relay"
+                port = int(exposure.public_address.rsplit(":", 1)[1])
+                assert await exchange(port, b"a", OTHER) in (b"RST", b"")
+                assert await exchange(port, b"b", LOOPBACK) == b"echo:b"
+        finally:
+            service.close()
+        assert relay.refusals == {"denied": 1} and service.connections == 1
+
+
+def test_expose_refuses_a_policy_it_cannot_enforce(monkeypatch: pytest.MonkeyPatch) -> None:
+    import natkit
+
+    monkeypatch.delenv("NATKIT_RELAY", raising=False)
+    with pytest.raises(ValueError, match="enforced by a relay"):
+        natkit.expose_async(8080, relay=None, token=None, allow=["10.0.0.0/8"])
+    with pytest.raises(ValueError, match="via='relay'"):
+        natkit.expose_async(8080, via="upnp", relay="127.0.0.1:1", token="t", deny=["::/0"])
+    with pytest.raises(ValueError, match="basic auth needs an HTTP tunnel"):
+        natkit.connect_async(8080, relay="127.0.0.1:1", token="t", basic_auth="u:p")
