@@ -64,7 +64,7 @@ async def tunnel(
     """A tunnel of ``kind`` with the access ``options``; yields (public, service, refused
     events the agent got)."""
     service = await Counting().start()
-    spec = TunnelSpec(service.port, kind=kind, name="app" if kind == "http" else "",
+    spec = TunnelSpec(service.port, kind=kind, name="app" if kind != "tcp" else "",
                       access=build_policy(kind=kind, **options))  # fmt: skip
     host = relay.cfg.listen_host
     address = f"[{host}]:{relay.listen_port}" if ":" in host else f"{host}:{relay.listen_port}"
@@ -366,3 +366,27 @@ def test_expose_refuses_a_policy_it_cannot_enforce(monkeypatch: pytest.MonkeyPat
         natkit.expose_async(8080, via="upnp", relay="127.0.0.1:1", token="t", deny=["::/0"])
     with pytest.raises(ValueError, match="basic auth needs an HTTP tunnel"):
         natkit.connect_async(8080, relay="127.0.0.1:1", token="t", basic_auth="u:p")
+
+
+async def test_https_tunnels_are_checked_once_the_sni_is_read(tmp_path: Path) -> None:
+    """TLS passes through untouched: address rules apply (a reset), never basic auth."""
+    import ssl
+
+    async def hello_from(source: str) -> None:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with contextlib.suppress(OSError, ssl.SSLError, asyncio.TimeoutError):
+            _, w = await asyncio.wait_for(asyncio.open_connection(
+                LOOPBACK, relay.https_port, ssl=ctx, server_hostname="app.lab.test",
+                local_addr=(source, 0)), 5)  # fmt: skip
+            w.close()
+
+    async with (
+        running_relay(_config(tmp_path, pool_size=1, https_port=0)) as relay,
+        tunnel(relay, tmp_path, "tls", deny=[OTHER]) as (public, service, _),
+    ):
+        assert public.startswith("https://")
+        await hello_from(OTHER)
+        assert service.connections == 0 and relay.refusals == {"denied": 1}
+        await hello_from(LOOPBACK)  # admitted: the service gets the ClientHello
+        await until(lambda: service.connections == 1)
