@@ -437,6 +437,9 @@ def test_pyngrok_auth_and_basic_auth_map_to_credentials() -> None:
     for user_pass in (b"u:p", b"a:b", b"c:d"):
         assert g.check("1.2.3.4", head(basic(user_pass))) == ""
     assert g.check("1.2.3.4", head(basic(b"u:b"))) == G.AUTH_WRONG
+    # pyngrok accepts a list under "auth" too (and makes it basic_auth for ngrok v3).
+    listed = A.from_pyngrok_options({"auth": ["x:y"]}, kind="http")
+    assert listed is not None and len(listed.credentials) == 1
 
 
 def test_pyngrok_ip_restriction_maps_to_allow_and_deny() -> None:
