@@ -225,3 +225,19 @@ def test_http_basic_auth_and_an_address_rule(
         assert reasons == ["auth-missing", "auth-wrong", "denied"], reasons
     assert grew(before, refusals(relay)) == {"auth-missing": 1, "auth-wrong": 1, "denied": 1}
     assert PASSWORD not in relay.stderr + relay.stdout, "the relay logged the password"
+
+
+def test_auto_mode_with_a_policy_asks_no_router(
+    alab: Lab, lan: NodeLoop, relay: Relay, tmp_path: Path
+) -> None:
+    """--via auto (the last --via wins) with --deny: the relay alone, and it says why."""
+    options = ("--via", "auto", "--deny", FIRST)
+    with exposed(alab, lan, relay, tmp_path, "tcp", *options) as (agent, svc):
+        fallback = agent.events[0]
+        assert fallback["event"] == "fallback", agent.events
+        assert "enforces the access policy" in fallback["reason"], fallback
+        assert agent.ready["method"] == "relay" and "deny 100.200.0.2/32" in agent.ready["access"]
+        host, port = split_public(agent.public_address)
+        assert from_wan(alab, SECOND, host, port, b"z") == b"echo:z"
+        assert from_wan(alab, FIRST, host, port, b"z") in (b"RST", b"")
+        assert svc.connections == 1
