@@ -92,6 +92,12 @@ GOAL_NOT_REGRESSED = 0.95  # this checkout over the code before issue 12, same r
 # The relay before issue 12, run from a temporary worktree beside this checkout (throughput
 # only): whether a ratio to socat moved because of the code or because of the machine.
 BEFORE = os.environ.get("NATKIT_BENCH_BEFORE", "d985f4b")
+# NATKIT_BENCH_ACCESS=1 (relay_small): two more natkit sealed rows in the same rounds, one
+# whose tunnel has an access policy and one of the code before access control (issue 15) —
+# what a policy costs per visitor, and that a tunnel without one costs what it did.
+ACCESS_ROWS = os.environ.get("NATKIT_BENCH_ACCESS") == "1"
+ACCESS_BEFORE = os.environ.get("NATKIT_BENCH_ACCESS_BEFORE", "a978797")
+ACCESS_ARGS = ("--allow", "127.0.0.0/8", "--deny", "10.0.0.0/8", "--rate-limit", "100000/s")
 GOAL_P50_MS = 0.8
 GOAL_P99_MS = 1.5
 GOAL_RSS_MB = 100.0
@@ -846,8 +852,11 @@ class Env:
         asyncio_loop: bool = False,
         target: int | None = None,
         before: Path | None = None,
+        agent_args: Sequence[str] = (),
+        tag: tuple[str, str] | None = None,
     ) -> Route:
-        """natkit relay + agent; ``before``: the ``src`` of an older checkout to run instead."""
+        """natkit relay + agent; ``before``: the ``src`` of an older checkout to run instead;
+        ``agent_args``: more ``natkit expose`` options; ``tag``: (label, key) suffixes."""
         mode = "plain" if plaintext else "sealed"
         state = self.tmp / f"natkit-{mode}-{len(self.procs)}"
         state.mkdir()
@@ -887,6 +896,7 @@ class Env:
             token,
             "--json",
         ]
+        argv += list(agent_args)
         agent = self.start(f"agent-{mode}", argv + (["--plaintext-data"] if plaintext else []), env)
         up = json.loads(agent.wait_for(r"\{.*\"ready\".*\}").group(0))
         public = str(up["public_address"])
@@ -895,7 +905,9 @@ class Env:
         key = f"natkit_{mode}"
         if asyncio_loop:
             label, key = label + ", on asyncio's event loop", key + "_asyncio"
-        if before is not None:
+        if tag is not None:
+            label, key = f"{label}, {tag[0]}", f"{key}_{tag[1]}"
+        elif before is not None:
             label, key = label + f", before issue 12 (git {BEFORE})", key + "_before"
         info = {"listen": listen, "public": public, "tls": _tls_of(listen)}
         return Route(key, label, port, {"relay": relay, "agent": agent}, info)
@@ -1209,15 +1221,26 @@ def _seal_cipher() -> str:
     return seal.preferred_cipher()
 
 
-def _before_checkout(tmp: Path) -> Path | None:
-    """The ``src`` of git ``BEFORE`` in a temporary worktree; None (and said) when git cannot."""
-    where = tmp / "before"
+def _before_checkout(tmp: Path, rev: str = BEFORE, name: str = "before") -> Path | None:
+    """The ``src`` of git ``rev`` in a temporary worktree; None (and said) when git cannot."""
+    where = tmp / name
     p = subprocess.run(["git", "-C", str(REPO_DIR), "worktree", "add", "--detach", str(where),
-                        BEFORE], capture_output=True, text=True, check=False)  # fmt: skip
+                        rev], capture_output=True, text=True, check=False)  # fmt: skip
     if p.returncode != 0:
-        print(f"  no rows for git {BEFORE}: {p.stderr.strip()[-200:]}", flush=True)
+        print(f"  no rows for git {rev}: {p.stderr.strip()[-200:]}", flush=True)
         return None
     return where / "src"
+
+
+def _access_paths(env: Env, tmp: Path, target: int) -> list[Route]:
+    """natkit sealed with an access policy, and natkit sealed of git ACCESS_BEFORE."""
+    rows = [env.natkit(False, target=target, agent_args=ACCESS_ARGS,
+                       tag=("with an access policy (" + " ".join(ACCESS_ARGS) + ")", "access"))]  # fmt: skip
+    before = _before_checkout(tmp, ACCESS_BEFORE, "before-access")
+    if before is not None:
+        rows.append(env.natkit(False, target=target, before=before,
+                               tag=(f"before access control (git {ACCESS_BEFORE})", "pre_access")))  # fmt: skip
+    return rows
 
 
 def _throughput(
@@ -1530,6 +1553,11 @@ def _small_report(
             if key in med and socat:
                 ratios.append(Ratio(f"small requests ({client}) {labels[key]} / socat", key,
                                     "socat", med[key] / socat))  # fmt: skip
+        base = med.get("natkit_sealed")
+        for key in ("natkit_sealed_access", "natkit_sealed_pre_access"):  # NATKIT_BENCH_ACCESS
+            if key in med and base:
+                ratios.append(Ratio(f"small requests ({client}) {labels[key]} / natkit sealed",
+                                    key, "natkit_sealed", med[key] / base))  # fmt: skip
     wrk_sealed = next(
         (r for r in ratios if r.slower == "natkit_sealed" and "(wrk)" in r.label), None
     )
@@ -1587,9 +1615,13 @@ def run_small(lab: Any, opts: Options) -> Report:
         env = Env(Path(tmpdir))
         try:
             paths = _small_paths(env)
+            if ACCESS_ROWS:
+                paths += _access_paths(env, Path(tmpdir), paths[0].port)
             small = _small(env, paths, rounds)
         finally:
             env.close()
+            subprocess.run(["git", "-C", str(REPO_DIR), "worktree", "remove", "--force",
+                            str(Path(tmpdir) / "before-access")], capture_output=True, check=False)  # fmt: skip
     machine["steal_s"] = round(_steal_s() - steal0, 1)
     labels = {p.key: p.label for p in paths}
     tables, ratios, goals, data = _small_report(small, labels, rounds)

@@ -102,6 +102,19 @@ class Closed(Event):
     error: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class Refused(Event):
+    """The relay kept a visitor out by the tunnel's access policy (``reason``: denied,
+    not-allowed, rate-limited, auth-missing, auth-wrong; ``time``: the relay's Unix time;
+    ``more``: refusals the relay did not report one by one since the last event)."""
+
+    name: ClassVar[str] = "refused"
+    visitor: str = ""
+    reason: str = ""
+    time: float = 0.0
+    more: int = 0
+
+
 def from_mapping(event: str, mapping: PortMapping, info: dict[str, Any]) -> Event | None:
     """The typed form of a :class:`~natkit.portmap.manager.KeptMapping` event."""
     at, method = mapping.public_address, mapping.method
@@ -137,6 +150,9 @@ def from_relay(event: str, info: dict[str, Any], public: str) -> Event | None:
         return Interference(at, "relay", message=str(info.get("message", "")))
     if event == "pinned":
         return Pinned(at, "relay", fingerprint=str(info.get("fingerprint", "")))
+    if event == "refused":
+        return Refused(at, "relay", visitor=str(info.get("visitor", "")), reason=reason,
+                       time=float(info.get("at", 0.0)), more=int(info.get("more", 0)))  # fmt: skip
     return None
 
 
@@ -148,6 +164,7 @@ __all__ = [
     "Lost",
     "Pinned",
     "Ready",
+    "Refused",
     "Renewed",
     "Restored",
 ]

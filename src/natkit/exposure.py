@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 from natkit.api import EventListener, Opening, SyncHandle, _LoopThread, check_port, relay_settings
 from natkit.errors import NatkitError, NotPubliclyReachableError, RelayError
 from natkit.events import Closed, Event, Fallback, from_mapping
+from natkit.relay.access import AccessPolicy, build_policy
 from natkit.relay.api import open_tunnel, typed_relay_listener
 
 if TYPE_CHECKING:
@@ -150,6 +152,10 @@ def expose_async(
     plaintext_data: bool = False,
     fingerprint: str | None = None,
     takeover: bool = False,
+    allow: Sequence[str] = (),
+    deny: Sequence[str] = (),
+    basic_auth: str | Sequence[str] | None = None,
+    rate_limit: str | None = None,
     timeout: float = 30.0,
     on_event: EventListener | None = None,
 ) -> Opening[Exposure]:
@@ -164,6 +170,14 @@ def expose_async(
                     http=http, tls=tls, hostname=hostname, local_host=local_host,
                     plaintext_data=plaintext_data, fingerprint=fingerprint, takeover=takeover,
                     timeout=timeout)  # fmt: skip
+    opts.access = build_policy(allow=allow, deny=deny, basic_auth=basic_auth,
+                               rate_limit=rate_limit, kind=opts.kind)  # fmt: skip
+    if opts.access is not None:  # enforced by the relay: a router's mapping would bypass it
+        if not opts.relay:
+            raise ValueError("allow/deny/basic_auth/rate_limit are enforced by a relay: give relay")
+        if opts.via not in ("auto", "relay") or opts.protocol != "tcp":
+            raise ValueError("access control needs via='relay' and protocol='tcp'")
+        opts.via = "relay"
     return Opening(_expose(opts, Exposure(on_event)))
 
 
@@ -189,6 +203,7 @@ class _Options:
         self.kind = "http" if http else "tls" if tls else "tcp"
         self.hostname, self.local_host, self.takeover = hostname, local_host, takeover
         self.plaintext_data, self.fingerprint = plaintext_data, fingerprint
+        self.access: AccessPolicy | None = None  # set by expose_async
         relay = relay or os.environ.get("NATKIT_RELAY") or None
         if relay or via == "relay" or self.kind != "tcp":
             relay, token = relay_settings(relay, token)  # names what is missing
@@ -220,7 +235,7 @@ class _Options:
         return TunnelSpec(self.port, kind=self.kind, name=self.hostname,
                           local_host=self.local_host, port=self.external_port or 0,
                           exact=bool(self.external_port) and self.via == "relay",
-                          takeover=self.takeover)  # fmt: skip
+                          takeover=self.takeover, access=self.access)  # fmt: skip
 
 
 async def _expose(opts: _Options, exposure: Exposure) -> Exposure:
@@ -330,6 +345,10 @@ def expose(
     plaintext_data: bool = False,
     fingerprint: str | None = None,
     takeover: bool = False,
+    allow: Sequence[str] = (),
+    deny: Sequence[str] = (),
+    basic_auth: str | Sequence[str] | None = None,
+    rate_limit: str | None = None,
     timeout: float = 30.0,
     on_event: EventListener | None = None,
 ) -> Exposed:
@@ -338,7 +357,8 @@ def expose(
                            lease=lease, gateway=gateway, check_interval=check_interval,
                            relay=relay, token=token, http=http, tls=tls, hostname=hostname,
                            local_host=local_host, plaintext_data=plaintext_data,
-                           fingerprint=fingerprint, takeover=takeover, timeout=timeout,
+                           fingerprint=fingerprint, takeover=takeover, allow=allow, deny=deny,
+                           basic_auth=basic_auth, rate_limit=rate_limit, timeout=timeout,
                            on_event=on_event)  # fmt: skip
     runner = _LoopThread()
     try:

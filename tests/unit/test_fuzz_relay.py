@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from natkit.errors import ProtocolError
 from natkit.relay import messages as M
 from natkit.relay.control import LEGAL, ControlConnection, Phase, Side
+from tests.unit.access_samples import policies
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -34,6 +35,7 @@ BY_KIND: dict[str, st.SearchStrategy[Any]] = {
     "float": st.floats(allow_nan=False, allow_infinity=False) | st.integers(0, 2**32),
     "bool": st.booleans(),
     "tuple[str, ...]": st.lists(TICKET, max_size=M.MAX_TICKETS).map(tuple),
+    "AccessPolicy | None": st.none() | policies(),
 }
 # Fields whose message has rules beyond their JSON type.
 SPECIAL: dict[tuple[type[M.Message], str], st.SearchStrategy[Any]] = {
@@ -47,6 +49,8 @@ SPECIAL: dict[tuple[type[M.Message], str], st.SearchStrategy[Any]] = {
     (M.P2PPeer, "ticket"): st.just("") | TICKET,
     (M.P2PSignal, "data"): st.text(max_size=200) | st.text(alphabet="a\\", max_size=8192),
     (M.P2PError, "about"): st.sampled_from(["join", "signal"]),
+    (M.Refused, "reason"): st.text(min_size=1, max_size=32),
+    (M.Refused, "visitor"): st.text(max_size=M.MAX_DIAL_HOST + 8),
 }
 ROOM_TYPES = (M.P2PJoin, M.P2PPeer, M.P2PSignal, M.P2PLeave, M.P2PError)
 
@@ -64,7 +68,12 @@ def message_of(cls: type[M.Message]) -> st.SearchStrategy[M.Message]:
             fields[name] = ROOM_NAME
         else:
             fields[name] = BY_KIND[kind]
-    return st.fixed_dictionaries(fields).map(lambda f: cls(**f))
+    made = st.fixed_dictionaries(fields).map(lambda f: cls(**f))
+    if cls is M.Open:  # basic auth only on http tunnels (Open.check)
+        made = made.filter(
+            lambda m: m.access is None or not m.access.credentials or m.kind == "http"
+        )
+    return made
 
 
 ALL_TYPES = sorted(M.BY_TYPE.values(), key=lambda c: c.TYPE)

@@ -15,6 +15,7 @@ import pytest
 from natkit.errors import NatkitError, ProtocolError
 from natkit.relay import control
 from natkit.relay import messages as M
+from natkit.relay.access import AccessPolicy, Credential, RateLimit
 from natkit.relay.control import LEGAL, ControlConnection, Phase, Side
 
 INSTANCE = "inst0123456789abcdef"
@@ -41,6 +42,23 @@ SAMPLES: list[M.Message] = [
     M.Pong(t=1700000000.25),
     M.Closed(tunnel="t0", code="taken-over", message="another agent took it over"),
     M.Notice(code="interference", message="a ticket was shown in clear"),
+    M.Refused(tunnel="t0", visitor="100.200.0.2:40000", reason="denied", at=1.5e9, more=0),
+    # An optional field in use (the sample above has it absent): a tunnel's access policy.
+    M.Open(
+        tunnel="t1",
+        kind="http",
+        name="app",
+        port=0,
+        exact=False,
+        plaintext=False,
+        takeover=False,
+        access=AccessPolicy(
+            allow=("100.200.0.0/24", "2001:db8::/32"),
+            deny=("100.200.0.2/32",),
+            credentials=(Credential("00" * 16, "ab" * 32),),
+            rate=RateLimit(10, 1.0),
+        ),
+    ),
     M.Data(ticket="z" * 24),
     M.Start(tunnel="t0", visitor="100.200.0.3:40000"),
     M.P2PJoin(name="cam-1", role="listen", instance="0123456789abcdef"),
@@ -50,12 +68,12 @@ SAMPLES: list[M.Message] = [
     M.P2PJoined(),
     M.P2PError(name="cam-1", about="join", code="busy", message="room cam-1 is busy"),
 ]
-BY_NAME = {type(m).__name__: m for m in SAMPLES}
+BY_NAME = {type(m).__name__: m for m in reversed(SAMPLES)}  # the first of each type
 
 TYPE_CODES = {
     "Hello": 1, "Challenge": 2, "Auth": 3, "Welcome": 4, "Error": 5, "Open": 6, "Opened": 7,
     "Close": 8, "Tickets": 9, "Dial": 10, "Dialed": 11, "Ping": 12, "Pong": 13, "Closed": 14,
-    "Notice": 15, "Data": 20, "Start": 21, "P2PJoin": 30, "P2PPeer": 31, "P2PSignal": 32,
+    "Notice": 15, "Refused": 16, "Data": 20, "Start": 21, "P2PJoin": 30, "P2PPeer": 31, "P2PSignal": 32,
     "P2PLeave": 33, "P2PJoined": 34, "P2PError": 35,
 }  # fmt: skip
 
@@ -74,9 +92,12 @@ def raw(cls: type[M.Message], fields: Any) -> bytes:
 
 
 def fields_of(msg: M.Message) -> dict[str, Any]:
+    """The JSON fields of ``msg``: optional fields that are None are left out."""
+    values = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}  # type: ignore[arg-type]
     return {
-        f.name: list(v) if isinstance(v := getattr(msg, f.name), tuple) else v
-        for f in dataclasses.fields(msg)  # type: ignore[arg-type]
+        name: list(v) if isinstance(v, tuple) else v.to_wire() if isinstance(v, AccessPolicy) else v
+        for name, v in values.items()
+        if not (v is None and name in type(msg).OPTIONAL)
     }
 
 
@@ -226,7 +247,7 @@ def test_empty_feed() -> None:
 # ---- refusals ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("msg_type", [0, 16, 19, 22, 29, 36, 99, 0x16, 0x47, 255])
+@pytest.mark.parametrize("msg_type", [0, 17, 19, 22, 29, 36, 99, 0x16, 0x47, 255])
 def test_unknown_type_is_refused_from_the_header_alone(msg_type: int) -> None:
     assert msg_type not in M.BY_TYPE
     with pytest.raises(ProtocolError, match="unknown relay message type"):
@@ -281,9 +302,10 @@ def test_json_that_is_not_an_object_is_refused(body: bytes) -> None:
 
 @pytest.mark.parametrize("msg", SAMPLES, ids=ids)
 def test_each_missing_field_is_refused(msg: M.Message) -> None:
-    for key in kinds(type(msg)):
+    for key in set(kinds(type(msg))) - type(msg).OPTIONAL:
         fields = {k: v for k, v in fields_of(msg).items() if k != key}
-        with pytest.raises(ProtocolError, match="fields must be exactly"):
+        # (with an optional field present, the count still fits: the missing one is named)
+        with pytest.raises(ProtocolError, match=f"fields must be exactly|{key!r} missing"):
             decode_one(raw(type(msg), fields))
 
 
@@ -292,9 +314,12 @@ def test_an_extra_field_is_refused(msg: M.Message) -> None:
     with pytest.raises(ProtocolError, match="fields must be exactly"):
         decode_one(raw(type(msg), {**fields_of(msg), "extra": 1}))
     # The same number of fields, one of them renamed.
-    for key in kinds(type(msg)):
+    for key in fields_of(msg):
         fields = {("other" if k == key else k): v for k, v in fields_of(msg).items()}
-        with pytest.raises(ProtocolError, match=repr(key)):
+        optional = key in type(msg).OPTIONAL  # absent is fine: "other" is what is wrong
+        with pytest.raises(
+            ProtocolError, match="fields must be exactly" if optional else repr(key)
+        ):
             decode_one(raw(type(msg), fields))
 
 
@@ -304,6 +329,7 @@ WRONG: dict[str, list[Any]] = {
     "float": ["1", None, True, False, [], {}],
     "bool": [0, 1, "true", None, [], {}],
     "tuple[str, ...]": ["a", 1, None, {}, True, [1], [None], [["a"]]],
+    "AccessPolicy | None": ["a", 1, None, True, [], [{}]],
 }
 
 
@@ -637,7 +663,7 @@ AGENT_READY = {
     M.Open, M.Close, M.Dial, M.Ping, M.Pong, M.P2PJoin, M.P2PSignal, M.P2PLeave,
 }  # fmt: skip
 RELAY_READY = {
-    M.Opened, M.Closed, M.Tickets, M.Dialed, M.Notice, M.Error, M.Ping, M.Pong,
+    M.Opened, M.Closed, M.Tickets, M.Dialed, M.Notice, M.Refused, M.Error, M.Ping, M.Pong,
     M.P2PPeer, M.P2PSignal, M.P2PLeave, M.P2PError,
 }  # fmt: skip
 

@@ -32,6 +32,7 @@ from natkit.state import state_dir, writable_state_dir
 if TYPE_CHECKING:
     from natkit.portmap.manager import KeptMapping
     from natkit.portmap.mapping import PortMapping
+    from natkit.relay.access import AccessPolicy
 
 # How long the router's mapping may take to be proven before an open relay tunnel is
 # announced: PCP and NAT-PMP answer within milliseconds, the relay's dial-back proof as fast;
@@ -126,6 +127,14 @@ def _event_json(event: str, m: PortMapping, info: dict[str, Any]) -> dict[str, A
 )
 @click.option("--takeover", is_flag=True,
               help="Take the relay port or host name over from another live agent of this token.")  # fmt: skip
+@click.option("--allow", multiple=True, metavar="CIDR",
+              help="Only visitors from this network (repeatable; IPv4 or IPv6). Enforced by the relay.")  # fmt: skip
+@click.option("--deny", multiple=True, metavar="CIDR",
+              help="Never visitors from this network (repeatable; wins over --allow).")  # fmt: skip
+@click.option("--basic-auth", multiple=True, metavar="USER:PASS",
+              help="--http: visitors must log in (HTTP basic auth, checked by the relay; repeatable).")  # fmt: skip
+@click.option("--rate-limit", metavar="N/s",
+              help="At most N new connections per visitor address (N/s, N/min, N/h).")  # fmt: skip
 @click.option("--no-ipv6", is_flag=True,
               help="No IPv6 pinhole (one is opened when this host has a global IPv6 address).")  # fmt: skip
 @click.option(
@@ -145,6 +154,7 @@ def expose(**kw: Any) -> None:
         raise click.UsageError("--relay needs --token (or $NATKIT_TOKEN)")
     if opts.relay and opts.protocol == "udp" and opts.via == "relay":
         raise click.UsageError("relay tunnels carry TCP; UDP needs a router mapping")
+    _access_policy(opts)
     opts.local_ip = resolve_local_host(opts.local_host)
     maps = opts.via != "relay" and (opts.kind == "tcp" or not opts.relay)
     if maps and not is_this_machine(opts.local_ip):
@@ -158,6 +168,28 @@ def expose(**kw: Any) -> None:
             )
         opts.no_mapping = f"{why}: the relay is used"
     run_loop(_main(opts))
+
+
+def _access_policy(opts: ExposeOptions) -> None:
+    """--allow/--deny/--basic-auth/--rate-limit: a policy the relay enforces, so the relay
+    alone serves (a router's mapping or pinhole would let everyone in)."""
+    from natkit.relay.access import build_policy
+
+    try:
+        opts.access = build_policy(allow=opts.allow, deny=opts.deny, basic_auth=opts.basic_auth,
+                                   rate_limit=opts.rate_limit, kind=opts.kind)  # fmt: skip
+    except ValueError as exc:
+        raise click.UsageError(f"access control: {exc}") from None
+    if opts.access is None:
+        return
+    if not opts.relay:
+        raise click.UsageError("--allow/--deny/--basic-auth/--rate-limit are enforced by a "
+                               "relay: give --relay HOST:PORT")  # fmt: skip
+    if opts.protocol == "udp" or opts.via in ("upnp", "natpmp", "pcp"):
+        raise click.UsageError("access control is enforced by the relay: use --via relay "
+                               "(a router's mapping lets every visitor in)")  # fmt: skip
+    if opts.via == "auto" and opts.kind == "tcp":
+        opts.no_mapping = "the relay enforces the access policy (a router's mapping would not)"
 
 
 @dataclasses.dataclass
@@ -178,8 +210,13 @@ class ExposeOptions:
     plaintext_data: bool
     fingerprint: str | None
     takeover: bool
+    allow: tuple[str, ...]
+    deny: tuple[str, ...]
+    basic_auth: tuple[str, ...]
+    rate_limit: str | None
     no_ipv6: bool
     as_json: bool
+    access: AccessPolicy | None = None  # from --allow/--deny/--basic-auth/--rate-limit
     local_ip: str = ""  # --local-host as an address
     local_down: bool = False  # nothing answered on the local port at start
     no_mapping: str = ""  # why a router's mapping cannot serve (--local-host elsewhere)
@@ -406,7 +443,7 @@ def _spec(opts: ExposeOptions) -> TunnelSpec:
     return TunnelSpec(opts.port, kind=opts.kind, name=opts.hostname, local_host=opts.local_host,
                       port=opts.external_port or 0,
                       exact=bool(opts.external_port) and opts.via == "relay",
-                      takeover=opts.takeover)  # fmt: skip
+                      takeover=opts.takeover, access=opts.access)  # fmt: skip
 
 
 async def _run_relay(
@@ -435,6 +472,8 @@ async def _run_relay(
         if event == "ready":
             opts.ready.set()
             extra = {"mapping": "probing"} if probing else {}
+            if opts.access is not None:
+                extra["access"] = opts.access.describe()
             if opts.as_json:
                 emit_event("ready", **base, public_address=info["public"], **extra)
             else:
@@ -455,6 +494,12 @@ async def _run_relay(
         elif event == "interference":
             _say(opts, {"event": "interference", **base, "message": info["message"]},
                  f"warning: {info['message']}")  # fmt: skip
+        elif event == "refused":  # the relay kept a visitor out (already rate-limited there)
+            more = f" (and {info['more']} more)" if info["more"] else ""
+            _say(opts, {"event": "refused", **base, "public_address": spec.public,
+                        "visitor": info["visitor"], "reason": info["reason"],
+                        "time": info["at"], "more": info["more"]},
+                 f"refused visitor {info['visitor']}: {info['reason']}{more}")  # fmt: skip
 
     agent.on_event(on_event)
     if spec.public and agent.connected.is_set():  # it opened while the router was probed
@@ -486,6 +531,8 @@ def _relay_block(opts: ExposeOptions, public: str, probing: bool) -> Table:
     t.add_row("public address", f"[b green]{escape(public)}[/]")
     t.add_row("forwards to", escape(f"{opts.local_host}:{opts.port}"))
     t.add_row("via", escape(f"relay {opts.relay}"))
+    if opts.access is not None:
+        t.add_row("access", escape(opts.access.describe()))
     if probing:
         t.add_row("", "[dim]still trying the router: a mapping proven from outside takes over[/]")
     t.add_row("", "[dim]Ctrl-C to stop[/]")

@@ -39,6 +39,7 @@ from natkit.net.certs import KnownRelays, RelayTrustError, client_context, finge
 from natkit.net.loops import require_socket_watching
 from natkit.relay import control, seal
 from natkit.relay import messages as M
+from natkit.relay.access import AccessPolicy
 from natkit.relay.dataconn import DataConn, Opening
 from natkit.relay.resolve import RelayNameError, resolve_relay
 from natkit.rendezvous.client import P2PRoom, RoomClient
@@ -69,6 +70,7 @@ class TunnelSpec:
     exact: bool = False  # ``port`` or a refusal (else it is a preference)
     takeover: bool = False  # take the name from another live agent of the same token
     plaintext: bool = False  # set from the agent's plaintext_data
+    access: AccessPolicy | None = None  # who may reach it, enforced by the relay
 
 
 def parse_hostport(
@@ -360,8 +362,21 @@ class Agent:
             # The event name is ours, not the relay's: "interference", else "notice".
             event = "interference" if msg.code == "interference" else "notice"
             self._emit(event, code=msg.code, message=msg.message)
+        elif isinstance(msg, M.Refused):
+            if msg.tunnel in self.tunnels:  # a visitor the tunnel's access policy kept out
+                self._emit("refused", tunnel=msg.tunnel, visitor=msg.visitor, reason=msg.reason,
+                           at=msg.at, more=msg.more)  # fmt: skip
         elif isinstance(msg, M.Error):
             log.warning("relay error %s: %s", msg.code, msg.message)
+            if (
+                msg.code == "protocol"
+                and "relay Open: fields" in msg.message
+                and any(t.access is not None for t in self.tunnels.values())
+            ):  # a relay from before access control: reconnecting would not change that
+                self._lost_all = TunnelRefusedError(
+                    f"relay {self.relay} predates access control (--allow/--deny/--basic-auth/"
+                    "--rate-limit): upgrade the relay, or drop those options"
+                )
 
     def _opened_tunnel(self, msg: M.Opened) -> None:
         t = self.tunnels.get(msg.tunnel)
@@ -568,7 +583,7 @@ async def _next(reader: asyncio.StreamReader, conn: control.ControlConnection) -
 
 def _open_message(t: TunnelSpec) -> M.Open:
     return M.Open(tunnel=t.id, kind=t.kind, name=t.name, port=t.port, exact=t.exact,
-                  plaintext=t.plaintext, takeover=t.takeover)  # fmt: skip
+                  plaintext=t.plaintext, takeover=t.takeover, access=t.access)  # fmt: skip
 
 
 class _RememberedPorts:

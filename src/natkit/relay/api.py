@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, overload
@@ -27,6 +27,7 @@ from natkit.api import (
 )
 from natkit.errors import RelayError
 from natkit.events import from_relay
+from natkit.relay.access import build_policy
 from natkit.relay.agent import Agent, TunnelSpec
 
 _open: list[Tunnel] = []
@@ -189,6 +190,10 @@ def connect_async(
     cafile: Path | None = None,
     known_relays: Path | None = None,
     takeover: bool = False,
+    allow: Sequence[str] = (),
+    deny: Sequence[str] = (),
+    basic_auth: str | Sequence[str] | None = None,
+    rate_limit: str | None = None,
     timeout: float = 30.0,
     on_event: EventListener | None = None,
 ) -> Opening[RelayTunnel]:
@@ -201,10 +206,19 @@ def connect_async(
     ``$NATKIT_TOKEN``. pyngrok's shapes work too: ``connect(8080, "http")``,
     ``connect(addr="8080", proto="tcp")``. Raises RelayError (RelayAuthError,
     RelayTrustError, TunnelRefusedError) when the relay cannot be used.
+
+    Access control, enforced by the relay before a byte reaches this agent: ``allow`` /
+    ``deny`` (CIDRs, IPv4 or IPv6; a deny wins, an allow list admits only its networks),
+    ``basic_auth`` (``"user:pass"`` or several; http tunnels) and ``rate_limit`` (new
+    connections per visitor address, ``"10/s"``, ``"600/min"``). ValueError when one is
+    malformed. See docs/relay-access.md.
     """
     host, number = tunnel_target(port, addr, local_host)
-    spec = TunnelSpec(number, kind=tunnel_kind(proto, kind), name=hostname, local_host=host,
-                      takeover=takeover)  # fmt: skip
+    tunnel_type = tunnel_kind(proto, kind)
+    access = build_policy(allow=allow, deny=deny, basic_auth=basic_auth, rate_limit=rate_limit,
+                          kind=tunnel_type)  # fmt: skip
+    spec = TunnelSpec(number, kind=tunnel_type, name=hostname, local_host=host,
+                      takeover=takeover, access=access)  # fmt: skip
     relay, token = relay_settings(relay, token)
     return Opening(_connect(spec, relay, token, plaintext_data=plaintext_data,
                             fingerprint=fingerprint, cafile=cafile, known_relays=known_relays,
@@ -275,6 +289,10 @@ def connect(
     cafile: Path | None = None,
     known_relays: Path | None = None,
     takeover: bool = False,
+    allow: Sequence[str] = (),
+    deny: Sequence[str] = (),
+    basic_auth: str | Sequence[str] | None = None,
+    rate_limit: str | None = None,
     timeout: float = 30.0,
     on_event: EventListener | None = None,
 ) -> Tunnel:
@@ -283,7 +301,8 @@ def connect(
                             hostname=hostname, local_host=local_host,
                             plaintext_data=plaintext_data, fingerprint=fingerprint,
                             cafile=cafile, known_relays=known_relays, takeover=takeover,
-                            timeout=timeout, on_event=on_event)  # fmt: skip
+                            allow=allow, deny=deny, basic_auth=basic_auth,
+                            rate_limit=rate_limit, timeout=timeout, on_event=on_event)  # fmt: skip
     runner = _LoopThread()
     try:
         inner = runner.run(opening)

@@ -5,7 +5,7 @@ sides share (sans-I/O, in the manner of h11 and aioquic)::
     agent  Auth {token_id, mac, instance, resume}       relay  Welcome {...} | Error
     then, either way until the connection ends:
     agent  Open / Close / Dial / Ping / Pong / P2PJoin / P2PSignal / P2PLeave
-    relay  Opened / Closed / Tickets / Dialed / Notice / Error / Ping / Pong /
+    relay  Opened / Closed / Tickets / Dialed / Notice / Refused / Error / Ping / Pong /
            P2PPeer / P2PSignal / P2PLeave / P2PError
 
 Feed what the peer sent to :meth:`ControlConnection.receive_data`, take messages with
@@ -46,7 +46,7 @@ _AGENT_READY: frozenset[type[M.Message]] = frozenset(
     {M.Open, M.Close, M.Dial, M.Ping, M.Pong, M.P2PJoin, M.P2PSignal, M.P2PLeave}
 )
 _RELAY_READY: frozenset[type[M.Message]] = frozenset(
-    {M.Opened, M.Closed, M.Tickets, M.Dialed, M.Notice, M.Error, M.Ping, M.Pong,
+    {M.Opened, M.Closed, M.Tickets, M.Dialed, M.Notice, M.Refused, M.Error, M.Ping, M.Pong,
      M.P2PPeer, M.P2PSignal, M.P2PLeave, M.P2PError}
 )  # fmt: skip
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 from natkit.errors import ProtocolError
+from natkit.relay.access import ACCESS_VERSION, AccessPolicy
 
 VERSION = 2
 MAX_FRAME = 64 * 1024
@@ -42,6 +43,10 @@ class Message:
 
     TYPE: ClassVar[int]
     LONG_FIELDS: ClassVar[frozenset[str]] = frozenset()  # strings allowed past MAX_STRING
+    # Fields added after a message's first version: absent on the wire when None (so a
+    # message that does not use them is the same bytes an older peer knows), and None
+    # when absent.
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset()
 
     def check(self) -> None:
         """The message's own rules beyond field types (raise ProtocolError)."""
@@ -125,8 +130,10 @@ class Open(Message):
     """Open tunnel ``tunnel`` (the agent's own name for it). ``port`` (tcp): 0 for any;
     with ``exact`` that port or a refusal, without it a preference. ``plaintext``: data
     connections in clear (spliced) instead of sealed. ``takeover``: take a name another
-    live agent of the same token holds."""
+    live agent of the same token holds. ``access`` (optional): who may reach the tunnel
+    (:mod:`natkit.relay.access`), a versioned JSON object of its own."""
 
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"access"})
     tunnel: str
     kind: str
     name: str
@@ -134,12 +141,17 @@ class Open(Message):
     exact: bool
     plaintext: bool
     takeover: bool
+    access: AccessPolicy | None = None
 
     def check(self) -> None:
         if self.kind not in KINDS:
             raise ProtocolError(f"relay OPEN: kind must be one of {', '.join(KINDS)}")
         if self.port > 65535:
             raise ProtocolError("relay OPEN: port out of range")
+        if self.access is not None and self.access.version == ACCESS_VERSION:
+            problem = self.access.problem(self.kind)
+            if problem:
+                raise ProtocolError(f"relay OPEN: access: {problem}")
 
 
 @_message(7)
@@ -217,6 +229,26 @@ class Notice(Message):
 
     code: str
     message: str
+
+
+@_message(16)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refused(Message):
+    """The relay refused a visitor to ``tunnel`` by its access policy: ``visitor``
+    (address:port), ``reason`` (see :data:`natkit.relay.gate.REASONS`), ``at`` (the
+    relay's Unix time), ``more``: refusals not reported since the last one (the relay
+    reports a few a second per tunnel). Sent only for tunnels opened with a policy, so an
+    agent that predates it never gets one."""
+
+    tunnel: str
+    visitor: str
+    reason: str
+    at: float
+    more: int
+
+    def check(self) -> None:
+        if not 0 < len(self.reason) <= 32 or len(self.visitor) > MAX_DIAL_HOST + 8:
+            raise ProtocolError("relay REFUSED: bad reason or visitor")
 
 
 # ---- data connections ------------------------------------------------------------------------
@@ -345,12 +377,16 @@ _FIELDS: dict[type[Message], tuple[tuple[str, str], ...]] = {
     cls: tuple((f.name, str(f.type)) for f in dataclasses.fields(cls))  # type: ignore[arg-type]
     for cls in BY_TYPE.values()
 }
+_NAMES = {cls: frozenset(name for name, _ in fields) for cls, fields in _FIELDS.items()}
 
 
 def encode(msg: Message) -> bytes:
     """One frame. Our own messages are checked too, so a bug cannot put junk on the wire."""
     cls = type(msg)
     fields = {name: getattr(msg, name) for name, _ in _FIELDS[cls]}
+    if cls.OPTIONAL:
+        fields = {k: _to_json(v) for k, v in fields.items()
+                  if not (v is None and k in cls.OPTIONAL)}  # fmt: skip
     _check_fields(cls, fields)
     msg.check()
     try:
@@ -366,14 +402,21 @@ def encode(msg: Message) -> bytes:
     return HEADER.pack(cls.TYPE << 24 | len(body)) + body
 
 
+def _to_json(value: Any) -> Any:
+    return value.to_wire() if isinstance(value, AccessPolicy) else value
+
+
 def _check_fields(cls: type[Message], fields: dict[str, Any]) -> None:
     what = cls.__name__
     expected = _FIELDS[cls]
-    if len(fields) != len(expected):
+    optional = cls.OPTIONAL
+    if not len(expected) - len(optional) <= len(fields) <= len(expected):
         names = ", ".join(n for n, _ in expected) or "none"
         raise ProtocolError(f"relay {what}: fields must be exactly: {names}")
     for name, kind in expected:
         if name not in fields:
+            if name in optional:
+                continue
             raise ProtocolError(f"relay {what}: field {name!r} missing")
         value = fields[name]
         if kind == "str":
@@ -392,10 +435,15 @@ def _check_fields(cls: type[Message], fields: dict[str, Any]) -> None:
             ok = isinstance(value, bool)
         elif kind == "tuple[str, ...]":
             ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        elif kind == "AccessPolicy | None":  # its JSON form; read by AccessPolicy.from_wire
+            ok = isinstance(value, dict)
         else:  # pragma: no cover - a message defined with a field type the codec lacks
             raise RuntimeError(f"relay {what}: no codec for field type {kind}")
         if not ok:
             raise ProtocolError(f"relay {what}: field {name!r} is not {kind}")
+    if optional and not fields.keys() <= _NAMES[cls]:  # an optional one absent, another there
+        names = ", ".join(n for n, _ in expected)
+        raise ProtocolError(f"relay {what}: fields must be exactly: {names}")
 
 
 def _not_json(name: str) -> Any:
@@ -423,6 +471,8 @@ def decode_body(msg_type: int, body: bytes | bytearray | memoryview) -> Message:
         raise ProtocolError(f"relay {cls.__name__} frame is not a JSON object")
     _check_fields(cls, fields)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    if "access" in values and cls.OPTIONAL:
+        values["access"] = AccessPolicy.from_wire(values["access"])
     msg = cls(**values)
     msg.check()
     return msg

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 from typing import Any
 
+from natkit.relay.gate import REASONS
+
 
 def render(server: Any) -> bytes:
     lines = [
@@ -15,6 +17,9 @@ def render(server: Any) -> bytes:
         f"natkit_relay_p2p_rooms {len(server.rooms.rooms)}",
         f"natkit_relay_p2p_paths {sum(server.rooms.paths.values())}",
     ] + [f'natkit_relay_events_total{{event="{k}"}} {v}' for k, v in sorted(server.stats.items())]
+    # Visitors refused by tunnels' access policies, by reason (every reason, zeros too).
+    lines += [f'natkit_relay_refused_visitors_total{{reason="{r}"}} {server.refusals[r]}'
+              for r in REASONS]  # fmt: skip
     return ("\n".join(lines) + "\n").encode()
 
 

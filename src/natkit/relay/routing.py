@@ -114,3 +114,16 @@ class SlowVisitor:
         self.timer = None
         self._stop()
         self.on_refused(self.conn, self.kind, "")
+
+
+def answer(conn: socket.socket, status: bytes, body: bytes, headers: bytes = b"") -> None:
+    """An HTTP answer to a visitor the relay serves itself (no route, refused). What it
+    sent is read first (its head was only peeked at): closing with unread data sends a
+    RST, which may lose the answer. ``headers``: extra lines, each ending in CRLF."""
+    with contextlib.suppress(OSError):
+        for _ in range(8):
+            if not conn.recv(65536):
+                break
+    with contextlib.suppress(OSError):
+        conn.send(b"HTTP/1.1 %s\r\nConnection: close\r\nContent-Length: %d\r\n%s\r\n%s"
+                  % (status, len(body), headers, body))  # fmt: skip

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import functools
 import ipaddress
@@ -36,6 +35,7 @@ from natkit.errors import ProtocolError
 from natkit.net.certs import ensure_self_signed, fingerprint_file, server_context
 from natkit.relay import control, metrics, routing, seal, sniff
 from natkit.relay import messages as M
+from natkit.relay.access import ACCESS_VERSION
 from natkit.relay.entry import ListenPort
 from natkit.relay.limits import AddressLimits
 from natkit.relay.listeners import Acceptor, listen
@@ -103,6 +103,7 @@ class RelayServer:
         self.tenants = {control.token_id(t.token): t for t in tenants}
         self.pool_size, self.max_pending_visitors = cfg.pool_size, cfg.max_pending_visitors
         self.stats: collections.Counter[str] = collections.Counter()
+        self.refusals: collections.Counter[str] = collections.Counter()  # by access policy
         self.names: TunnelNames[ServedTunnel] = TunnelNames(
             time.monotonic, cfg.grace, self._reserved_hosts(tenants)
         )
@@ -327,6 +328,11 @@ class RelayServer:
         if msg.tunnel in s.tunnels:
             refuse("exists", f"tunnel {msg.tunnel} is already open on this connection")
             return
+        if msg.access is not None and msg.access.version != ACCESS_VERSION:
+            # Never serve a tunnel with a policy this relay cannot enforce.
+            refuse("refused", f"this relay knows access policy version {ACCESS_VERSION}, "
+                   f"the agent sent version {msg.access.version}: upgrade the relay")  # fmt: skip
+            return
         if msg.plaintext and not self.cfg.allow_plaintext_data:
             refuse("refused", "this relay refuses plaintext data connections: drop "
                    "--plaintext-data (data connections are sealed by default)")  # fmt: skip
@@ -345,6 +351,8 @@ class RelayServer:
         s.send(M.Opened(tunnel=msg.tunnel, public=tunnel.public))
         tunnel.refill()
         log.info("tunnel %s (%s) for %s at %s", msg.tunnel, msg.kind, tenant.label, tunnel.public)
+        if tunnel.gate is not None:
+            log.info("tunnel %s access: %s", msg.tunnel, tunnel.gate.policy.describe())
 
     def _room_for(self, s: AgentSession, key: str, kind: str, quota: int) -> None:
         """Make room under the tenant's quota for a new ``key``: its oldest reservation
@@ -437,9 +445,8 @@ class RelayServer:
                 sock.close()
                 raise
             host = self.public_host_for(s)
-            tunnel = ServedTunnel(
-                self, s, msg.tunnel, "tcp", key, f"{host}:{p}", plaintext=msg.plaintext
-            )
+            tunnel = ServedTunnel(self, s, msg.tunnel, "tcp", key, f"{host}:{p}",
+                                  plaintext=msg.plaintext, access=msg.access)  # fmt: skip
             tunnel.acceptor = Acceptor(sock, tunnel.visitor, self.stats)
             self.names.claim(key, s.holder, tunnel, takeover=takeover)
             return tunnel
@@ -465,7 +472,8 @@ class RelayServer:
         self._displace(key, s, msg.takeover)
         scheme, default = ("http", 80) if msg.kind == "http" else ("https", 443)
         public = f"{scheme}://{host}" + ("" if port == default else f":{port}")
-        tunnel = ServedTunnel(self, s, msg.tunnel, msg.kind, key, public, plaintext=msg.plaintext)
+        tunnel = ServedTunnel(self, s, msg.tunnel, msg.kind, key, public,
+                              plaintext=msg.plaintext, access=msg.access)  # fmt: skip
         self.names.claim(key, s.holder, tunnel, takeover=msg.takeover)
         return tunnel
 
@@ -519,7 +527,7 @@ class RelayServer:
         if tunnel is None or tunnel.kind != kind:
             self.stats["unrouted_visitors"] += 1
             if kind == "http":
-                _answer(conn, b"404 Not Found", b"no tunnel for this host\n")
+                routing.answer(conn, b"404 Not Found", b"no tunnel for this host\n")
             conn.close()
             return
         tunnel.visitor(conn, addr)
@@ -531,7 +539,7 @@ class RelayServer:
             log.info("refusing a %s visitor: %s", kind, why)
             self.stats["bad_visitors"] += 1
             if kind == "http":
-                _answer(conn, b"400 Bad Request", b"")
+                routing.answer(conn, b"400 Bad Request", b"")
         conn.close()
 
     # ---- housekeeping --------------------------------------------------------------------------
@@ -580,18 +588,6 @@ def trim_heap() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
-
-
-def _answer(conn: socket.socket, status: bytes, body: bytes) -> None:
-    """An HTTP answer to a visitor we do not route. What it sent is read first (its head
-    was only peeked at): closing with unread data sends a RST, which may lose the answer."""
-    with contextlib.suppress(OSError):
-        for _ in range(8):
-            if not conn.recv(65536):
-                break
-    with contextlib.suppress(OSError):
-        conn.send(b"HTTP/1.1 %s\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-                  % (status, len(body), body))  # fmt: skip
 
 
 __all__ = ["RelayConfig", "RelayServer"]

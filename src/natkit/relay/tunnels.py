@@ -15,13 +15,17 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import socket
+import time
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from natkit.net.sockets import reset_on_close
+from natkit.relay import gate as G
 from natkit.relay import messages as M
-from natkit.relay import sealpump
+from natkit.relay import routing, sealpump, sniff
+from natkit.relay.access import AccessPolicy
 from natkit.relay.listeners import Acceptor
 from natkit.relay.pump import start_join
 from natkit.relay.tickets import TicketBook
@@ -49,6 +53,7 @@ class Hub(Protocol):
     pool_size: int
     max_pending_visitors: int
     stats: collections.Counter[str]
+    refusals: collections.Counter[str]  # visitors refused by access policies, by reason
     tickets: TicketBook[ServedTunnel]
     joins: set[Any]
 
@@ -85,6 +90,7 @@ class ServedTunnel:
         public: str,
         *,
         plaintext: bool,
+        access: AccessPolicy | None = None,
     ) -> None:
         self.hub, self.session = hub, session
         self.id, self.kind, self.key, self.public = tid, kind, key, public
@@ -97,6 +103,12 @@ class ServedTunnel:
         self.visitors = 0
         self.last_notice = -1e9  # when the agent was last told of interference
         self.notices_held = 0
+        # Who may in (None: anyone, and no check at all); refusals told to the agent.
+        self.gate: G.Gate | None = None
+        self.reports: G.RefusalReports | None = None
+        if access is not None and not access.empty:
+            self.gate = G.Gate(access, time.monotonic)
+            self.reports = G.RefusalReports(time.monotonic)
 
     def __repr__(self) -> str:
         return f"<ServedTunnel {self.id} {self.public}>"
@@ -109,6 +121,8 @@ class ServedTunnel:
 
     def visitor(self, conn: socket.socket, addr: Any) -> None:
         """Join a visitor to a pooled data connection now, or wait for one (a task)."""
+        if self.gate is not None and not self._admitted(conn, addr, self.gate):
+            return
         hub = self.hub
         hub.stats["visitors"] += 1
         self.visitors += 1
@@ -123,6 +137,34 @@ class ServedTunnel:
             reset(conn)
             return
         hub.spawn(self._wait_for_data_conn(conn, addr))
+
+    def _admitted(self, conn: socket.socket, addr: Any, gate: G.Gate) -> bool:
+        """The access policy's word on a visitor, before anything goes to the agent. An
+        HTTP visitor's request head is complete here (it was routed by it) and still
+        unread: for basic auth it is peeked at again."""
+        host = str(addr[0]) if isinstance(addr, tuple) and addr else ""
+        head = None
+        if gate.needs_head:
+            try:
+                head = conn.recv(sniff.MAX_HTTP_HEAD + 1, socket.MSG_PEEK)
+            except OSError:
+                head = b""
+        reason = gate.check(host, head)
+        if not reason:
+            return True
+        self.hub.refusals[reason] += 1
+        if self.kind == "http":
+            routing.answer(conn, *_REFUSAL_ANSWERS[reason](gate))
+            conn.close()
+        else:
+            reset(conn)
+        assert self.reports is not None
+        more = self.reports.report()
+        if more is not None:
+            visitor = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else "?"
+            self.session.send(M.Refused(tunnel=self.id, visitor=visitor[: M.MAX_DIAL_HOST + 8],
+                                        reason=reason, at=time.time(), more=more))  # fmt: skip
+        return False
 
     async def _wait_for_data_conn(self, conn: socket.socket, addr: Any) -> None:
         fut: asyncio.Future[ParkedConn] = asyncio.get_running_loop().create_future()
@@ -271,6 +313,37 @@ class ServedTunnel:
             if not fut.done():
                 fut.cancel()
         self.hub.tickets.drop(self)
+
+
+def _forbidden(gate: G.Gate) -> tuple[bytes, bytes, bytes]:
+    return b"403 Forbidden", b"this address may not reach this tunnel\n", b""
+
+
+def _too_many(gate: G.Gate) -> tuple[bytes, bytes, bytes]:
+    rate = gate.policy.rate
+    wait = 1 if rate is None else max(1, math.ceil(rate.per / rate.count))
+    return (
+        b"429 Too Many Requests",
+        b"too many connections: slow down\n",
+        b"Retry-After: %d\r\n" % wait,
+    )
+
+
+def _unauthorized(gate: G.Gate) -> tuple[bytes, bytes, bytes]:
+    challenge = (
+        b'WWW-Authenticate: Basic realm="%s", charset="UTF-8"\r\n' % gate.policy.realm.encode()
+    )
+    return b"401 Unauthorized", b"this tunnel needs a user name and password\n", challenge
+
+
+# The relay's own answer to a refused HTTP visitor, by reason (other kinds get a reset).
+_REFUSAL_ANSWERS = {
+    G.DENIED: _forbidden,
+    G.NOT_ALLOWED: _forbidden,
+    G.RATE_LIMITED: _too_many,
+    G.AUTH_MISSING: _unauthorized,
+    G.AUTH_WRONG: _unauthorized,
+}
 
 
 def reset(conn: socket.socket) -> None:
