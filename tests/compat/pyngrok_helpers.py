@@ -83,23 +83,27 @@ def loopback_service(text: str) -> Iterator[Service]:
         service.close()
 
 
-def http_get(ip: str, port: int, host: str, path: str = "/", timeout: float = 5.0) -> bytes:
-    """GET ``path`` from ``ip:port`` with ``Host: host``; the whole answer (until close)."""
+def http_get(
+    ip: str, port: int, host: str, path: str = "/", timeout: float = 5.0, extra: str = ""
+) -> bytes:
+    """GET ``path`` from ``ip:port`` with ``Host: host`` (and ``extra`` header lines, each
+    ending in CRLF); the whole answer (until close)."""
     with socket.create_connection((ip, port), timeout=timeout) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        head = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
+        s.sendall(head.encode())
         chunks = []
         while data := s.recv(65536):
             chunks.append(data)
     return b"".join(chunks)
 
 
-def visit_url(public_url: str, ip: str, path: str = "/") -> bytes:
+def visit_url(public_url: str, ip: str, path: str = "/", extra: str = "") -> bytes:
     """Fetch ``public_url`` (http://NAME.DOMAIN:PORT or tcp://HOST:PORT) by connecting to
     ``ip`` (the relay: the lab has no DNS for NAME.DOMAIN)."""
     scheme, _, rest = public_url.partition("://")
     port = rest.rpartition(":")[2]
     if scheme == "http":
-        return http_get(ip, int(port) if port else 80, rest, path)
+        return http_get(ip, int(port) if port else 80, rest, path, extra=extra)
     assert scheme == "tcp", public_url
     return http_get(ip, int(port), "tcp-visitor", path)
 

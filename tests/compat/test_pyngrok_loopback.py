@@ -167,8 +167,8 @@ def test_captured_requests_get_replay_and_delete(cfg: conf.PyngrokConfig, servic
 def test_an_option_natkit_cannot_honour_opens_nothing(
     cfg: conf.PyngrokConfig, service: Service
 ) -> None:
-    with pytest.raises(PyngrokNgrokHTTPError, match="basic auth") as caught:
-        ngrok.connect(service.port, "http", pyngrok_config=cfg, auth="user:secret")
+    with pytest.raises(PyngrokNgrokHTTPError, match="OAuth") as caught:
+        ngrok.connect(service.port, "http", pyngrok_config=cfg, oauth={"provider": "google"})
     assert caught.value.status_code == 400
     with pytest.raises(PyngrokNgrokHTTPError, match="does not terminate TLS"):
         ngrok.connect(service.port, "http", pyngrok_config=cfg, url="https://x.lab.test")
@@ -178,6 +178,40 @@ def test_an_option_natkit_cannot_honour_opens_nothing(
         ngrok.connect(service.port, "http", name="one", pyngrok_config=cfg)
     assert dup.value.status_code == 409
     assert [x.public_url for x in ngrok.get_tunnels(pyngrok_config=cfg)] == [t.public_url]
+
+
+def _basic(credentials: str) -> str:
+    return f"Authorization: Basic {base64.b64encode(credentials.encode()).decode()}\r\n"
+
+
+def test_pyngrok_basic_auth_and_ip_restriction_are_enforced_at_the_relay(
+    cfg: conf.PyngrokConfig, service: Service
+) -> None:
+    """pyngrok's own tunnel options become natkit's access policy (docs/relay-access.md):
+    the relay answers 401 without the password and resets a denied address, before a byte
+    reaches natkit-ngrok or the service."""
+    web = ngrok.connect(service.port, "http", pyngrok_config=cfg, auth="ada:correct-horse")
+    missing = visit_url(web.public_url, LOOPBACK, "/private")
+    assert missing.startswith(b"HTTP/1.1 401") and b"WWW-Authenticate: Basic" in missing
+    wrong = visit_url(web.public_url, LOOPBACK, "/private", extra=_basic("ada:wrong"))
+    assert wrong.startswith(b"HTTP/1.1 401"), wrong
+    assert service.seen == []  # neither reached the service
+    right = visit_url(web.public_url, LOOPBACK, "/private", extra=_basic("ada:correct-horse"))
+    assert right.startswith(b"HTTP/1.0 200") and service.seen == ["GET /private HTTP/1.1"]
+
+    raw = ngrok.connect(service.port, "tcp", pyngrok_config=cfg,
+                        ip_restriction={"deny_cidrs": ["127.0.0.0/8"]})  # fmt: skip
+    try:
+        answer = visit_url(raw.public_url, LOOPBACK)
+    except ConnectionResetError:
+        answer = b""
+    assert b"hello from the service" not in answer
+    assert service.seen == ["GET /private HTTP/1.1"]
+
+    with pytest.raises(PyngrokNgrokHTTPError, match="CIDR|network") as bad:
+        ngrok.connect(service.port, "tcp", pyngrok_config=cfg,
+                      ip_restriction={"allow_cidrs": ["not-a-network"]})  # fmt: skip
+    assert bad.value.status_code == 400
 
 
 def test_a_refused_token_fails_the_start_with_the_relays_words(

@@ -60,8 +60,9 @@ def test_pyngrok_v2_bodies() -> None:
 @pytest.mark.parametrize(
     ("body", "words"),
     [
-        ({"addr": "80", "basic_auth": ["u:p"]}, "basic auth"),
-        ({"addr": "80", "auth": "u:p"}, "basic auth"),
+        ({"addr": "80", "basic_auth": "u"}, "USER:PASS"),
+        ({"addr": "80", "ip_restriction": {"allow_cidrs": "10.0.0.0/8"}}, "list of CIDRs"),
+        ({"addr": "80", "proto": "tcp", "auth": "u:p"}, "HTTP"),
         ({"addr": "80", "oauth": {"provider": "google"}}, "OAuth"),
         ({"addr": "80", "traffic_policy": {}}, "traffic policies"),
         ({"addr": "80", "url": "https://x.lab.test"}, "does not terminate TLS"),
@@ -150,3 +151,13 @@ def test_log_lines_parse_as_pyngrok_parses_them() -> None:
     parsed = log.NgrokLog(err)
     assert parsed.lvl == "ERROR" and parsed.err == 'relay "r" said: no second line'
     assert log.NgrokLog(line).addr == "127.0.0.1:4040"
+
+
+def test_basic_auth_and_ip_restrictions_become_the_relays_access_policy() -> None:
+    r = tunnel_request({"addr": "80", "auth": "ada:correct-horse"}, v3=False)
+    assert r.access is not None and len(r.access.credentials) == 1
+    r = tunnel_request({"addr": "22", "proto": "tcp",
+                        "ip_restriction": {"allow_cidrs": ["10.0.0.0/8"],
+                                           "deny_cidrs": ["10.9.0.0/16"]}}, v3=False)  # fmt: skip
+    assert r.access is not None and r.access.allow and r.access.deny
+    assert tunnel_request({"addr": "80"}, v3=False).access is None

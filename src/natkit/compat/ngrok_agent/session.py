@@ -132,7 +132,7 @@ class Session:
                 proxy = CaptureProxy(target, req.name, self.store, self._logged)
                 target = ("127.0.0.1", await proxy.start())
             spec = TunnelSpec(target[1], kind=req.proto, name=req.hostname, port=req.port,
-                              exact=bool(req.port), local_host=target[0],
+                              exact=bool(req.port), local_host=target[0], access=req.access,
                               id=f"t{next(self._ids)}")  # fmt: skip
             if spec.local_host == "localhost":
                 # One address, no lookup per visitor: "localhost" may come back as ::1 first,

@@ -4,7 +4,9 @@ pyngrok posts v2 definitions to ``/api/tunnels`` (``addr``, ``proto``, ``subdoma
 v3 ones to ``/api/endpoints`` (``upstream: {url}``, ``url: tcp://``); both are read here,
 checked, and turned into a :class:`TunnelRequest`. An option natkit cannot honour is
 refused with a message, never dropped: a tunnel asked to be protected (basic auth, OAuth,
-IP restrictions, a traffic policy) must not open unprotected. Pure code, no I/O.
+IP restrictions, a traffic policy) must not open unprotected. Basic auth and IP
+restrictions are natkit's own access control (:mod:`natkit.relay.access`), enforced by the
+relay before a visitor reaches this agent. Pure code, no I/O.
 """
 
 from __future__ import annotations
@@ -15,16 +17,14 @@ from typing import Any
 from urllib.parse import quote
 
 from natkit.errors import NatkitError
+from natkit.relay.access import AccessPolicy, from_pyngrok_options
 
 PROTOS = ("http", "tcp", "tls")
 # Options that would protect or change the tunnel: refused until natkit's relay enforces them.
 UNSUPPORTED = {
-    "auth": "basic auth",
-    "basic_auth": "basic auth",
     "oauth": "OAuth",
     "oidc": "OpenID Connect",
-    "ip_restriction": "IP restrictions",
-    "ip_restrictions": "IP restrictions",
+    "ip_restrictions": "IP restrictions in this form (use ip_restriction)",
     "mutual_tls_cas": "mutual TLS",
     "webhook_verification": "webhook verification",
     "traffic_policy": "traffic policies",
@@ -45,6 +45,8 @@ UNSUPPORTED = {
 KNOWN = {"name", "addr", "proto", "upstream", "url", "inspect", "schemes", "subdomain",
          "hostname", "domain", "remote_addr", "metadata", "description", "pooling_enabled",
          "bindings", "host_header"}  # fmt: skip
+# Access control, enforced by the natkit relay (natkit.relay.access.from_pyngrok_options).
+ACCESS = {"auth", "basic_auth", "ip_restriction"}
 
 
 class BadTunnel(NatkitError):
@@ -62,6 +64,7 @@ class TunnelRequest:
     port: int = 0  # the public port wanted for tcp (0: any)
     inspect: bool = True
     metadata: str = ""
+    access: AccessPolicy | None = None  # basic auth, IP rules: enforced at the relay
 
 
 def _port(text: str, what: str) -> int:
@@ -130,7 +133,7 @@ def tunnel_request(body: dict[str, Any], *, v3: bool) -> TunnelRequest:
                 f"natkit-ngrok does not support {UNSUPPORTED[key]} ('{key}') yet: the tunnel "
                 "was not opened, rather than opened without it"
             )
-        if key not in KNOWN:
+        if key not in KNOWN | ACCESS:
             raise BadTunnel(f"natkit-ngrok does not know the tunnel option '{key}'")
     url = str(body.get("url") or "")
     proto = str(body.get("proto") or "").lower()
@@ -165,11 +168,15 @@ def tunnel_request(body: dict[str, Any], *, v3: bool) -> TunnelRequest:
     host, upstream_port, shown = parse_upstream(target, proto)
     name = str(body.get("name") or f"{proto}-{upstream_port}-{uuid.uuid4()}")
     inspect = body.get("inspect", proto == "http")
+    try:
+        access = from_pyngrok_options(body, kind=proto)
+    except ValueError as exc:
+        raise BadTunnel(str(exc)) from None
     return TunnelRequest(
         name=name, proto=proto, upstream_host=host, upstream_port=upstream_port,
         upstream_url=shown, hostname=hostname, port=port,
         inspect=proto == "http" and str(inspect).lower() not in ("false", "0"),
-        metadata=str(body.get("metadata") or ""),
+        metadata=str(body.get("metadata") or ""), access=access,
     )  # fmt: skip
 
 
