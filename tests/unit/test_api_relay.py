@@ -164,3 +164,16 @@ async def test_blocking_expose_via_relay(relay: str, echo: int) -> None:
     finally:
         await asyncio.to_thread(exposed.close)
     assert isinstance(seen[-1], events.Closed)
+
+
+async def test_expose_remembers_its_relay_port_as_the_cli_does(
+    relay: str, echo: int, tmp_path: Path
+) -> None:
+    # The relay keeps a closed tunnel's port reserved for its token and hands out free ones
+    # first: only a remembered preference gives the same address back.
+    async with natkit.expose_async(echo, via="relay", relay=relay, token=TOKEN) as first:
+        address = first.public_address
+    assert (tmp_path / "state" / "relay_ports.json").exists()
+    async with natkit.expose_async(echo, via="relay", relay=relay, token=TOKEN) as second:
+        assert second.public_address == address
+        assert await _visit(second.public_address) == b"hello through the relay"
