@@ -87,9 +87,12 @@ async def test_connect_async_in_async_with_without_await(relay: str, echo: int) 
         assert isinstance(t, natkit.RelayTunnel) and not t.closed
         assert await _visit(t.public_url) == b"hello through the relay"
     assert t.closed
-    pinned, ready = seen  # trust on first use, then public
+    pinned, ready, closed = seen  # trust on first use, public, closed
     assert isinstance(pinned, events.Pinned) and pinned.fingerprint.startswith("sha256:")
     assert ready == events.Ready(t.public_url, "relay")
+    assert closed == events.Closed(t.public_url, "relay")
+    await t.close()  # a second close says nothing more
+    assert len(seen) == 3
 
 
 async def test_async_with_await_still_works_and_env_defaults_are_read(
@@ -108,9 +111,11 @@ async def test_an_unreachable_relay_is_a_relay_error_at_once(
     monkeypatch.setenv("NATKIT_RELAY", f"{LOOPBACK}:{_closed_port()}")
     monkeypatch.setenv("NATKIT_TOKEN", TOKEN)
     # Not RelayTimeoutError after the 30 s timeout: the refused connection is the answer.
+    seen: list[events.Event] = []
     with pytest.raises(natkit.RelayError, match="cannot reach relay") as caught:
-        await natkit.connect_async(8080)
+        await natkit.connect_async(8080, on_event=seen.append)
     assert not isinstance(caught.value, natkit.RelayTimeoutError)
+    assert not any(isinstance(e, events.Closed) for e in seen), seen  # it never opened
     with pytest.raises(natkit.RelayError, match="cannot reach relay"):
         await natkit.expose_async(8080, via="relay")
 
@@ -177,3 +182,23 @@ async def test_expose_remembers_its_relay_port_as_the_cli_does(
     async with natkit.expose_async(echo, via="relay", relay=relay, token=TOKEN) as second:
         assert second.public_address == address
         assert await _visit(second.public_address) == b"hello through the relay"
+
+
+async def test_closed_reaches_listeners_added_later_and_older_ones(relay: str, echo: int) -> None:
+    typed: list[events.Event] = []
+    legacy: list[tuple[str, dict[str, object]]] = []
+    tunnel = await natkit.connect_async(echo, relay=relay, token=TOKEN)
+    tunnel.on_event(typed.append)
+    tunnel.on_event(lambda name, info: legacy.append((name, info)))
+    await tunnel.close()
+    assert typed == [events.Closed(tunnel.public_url, "relay")]
+    assert legacy == [("closed", {"tunnel": "t0", "public": tunnel.public_url})]
+
+
+async def test_blocking_connect_says_closed(relay: str, echo: int) -> None:
+    seen: list[events.Event] = []
+    tunnel = await asyncio.to_thread(
+        natkit.connect, echo, relay=relay, token=TOKEN, on_event=seen.append
+    )
+    await asyncio.to_thread(tunnel.close)
+    assert seen[-1] == events.Closed(tunnel.public_url, "relay"), seen
