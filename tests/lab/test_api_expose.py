@@ -188,3 +188,19 @@ def test_expose_opens_the_ipv6_pinhole_beside_the_mapping(
             assert without.public_address_v6 == "" and pinhole_rules(lab, port) == []
         finally:
             without.close()
+
+
+def test_asyncio_run_takes_open_port_async(lab: Lab, state: Path) -> None:
+    wait_router_uptime(lab)
+    import asyncio
+
+    try:
+        port = call_in_node(
+            lab, "lan", lambda: asyncio.run(natkit.open_port_async(45004, via="pcp", lease=120))
+        )
+        assert isinstance(port, natkit.OpenPort)
+        assert port.public_address == f"{C.RTR_WAN_IP}:45004" and port.method == "pcp"
+        assert "dport 45004 dnat" in lab.router_rules()  # made; kept until its lease ends
+    finally:
+        call_in_node(lab, "lan", lambda: natkit.delete_mapping(45004))
+    assert "dport 45004 dnat" not in lab.router_rules()

@@ -202,3 +202,15 @@ async def test_blocking_connect_says_closed(relay: str, echo: int) -> None:
     )
     await asyncio.to_thread(tunnel.close)
     assert seen[-1] == events.Closed(tunnel.public_url, "relay"), seen
+
+
+async def test_asyncio_run_takes_the_openers_directly(relay: str, echo: int) -> None:
+    # asyncio.run in a worker thread (its own loop): this loop serves the relay meanwhile.
+    tunnel = await asyncio.to_thread(
+        asyncio.run, natkit.connect_async(echo, relay=relay, token=TOKEN)
+    )
+    assert isinstance(tunnel, natkit.RelayTunnel) and tunnel.public_url.startswith("127.0.0.1:")
+    exposure = await asyncio.to_thread(
+        asyncio.run, natkit.expose_async(echo, via="relay", relay=relay, token=TOKEN)
+    )
+    assert isinstance(exposure, natkit.Exposure) and exposure.method == "relay"
