@@ -117,7 +117,8 @@ async def test_an_unreachable_relay_is_a_relay_error_at_once(
     assert not isinstance(caught.value, natkit.RelayTimeoutError)
     assert not any(isinstance(e, events.Closed) for e in seen), seen  # it never opened
     with pytest.raises(natkit.RelayError, match="cannot reach relay"):
-        await natkit.expose_async(8080, via="relay")
+        await natkit.expose_async(8080, via="relay", on_event=seen.append)
+    assert not any(isinstance(e, events.Closed) for e in seen), seen
 
 
 async def test_a_wrong_token_and_an_untrusted_relay_are_typed(relay: str, echo: int) -> None:
