@@ -101,6 +101,7 @@ class Exposure:
     async def _start(self, timeout: float | None) -> Exposure:
         """Run the engine until the port is public (or it fails: raised)."""
         self._run = asyncio.get_running_loop().create_task(self._core.run(self._stop))
+        self._run.add_done_callback(_seen)
         ready = asyncio.ensure_future(self._core.ready.wait())
         try:
             done, _ = await asyncio.wait({self._run, ready}, timeout=timeout,
@@ -154,6 +155,13 @@ class Exposure:
 
     def __repr__(self) -> str:
         return f"<Exposure {self.public_address or '(not public)'} via {self.method}>"
+
+
+def _seen(run: asyncio.Task[None]) -> None:
+    """Retrieve how the engine ended, even if nobody closes the exposure (else asyncio logs
+    "Task exception was never retrieved"); a final error was told by its events already."""
+    if not run.cancelled() and (exc := run.exception()) is not None:
+        log.debug("natkit.expose ended: %r", exc)
 
 
 def typed_event(ev: CoreEvent, core: ExposeCore) -> Event | None:
