@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from natkit.portmap.mapping import PortMapping
+    from natkit.portmap.pinhole_mappers import Pinhole
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +118,37 @@ class LocalReachable(Event):
 
 
 @dataclasses.dataclass(frozen=True)
+class PinholeEvent(Event):
+    """The IPv6 pinhole beside a mapping (``public_address``: its ``[ADDR]:PORT``, ``method``:
+    upnp or pcp); one of :class:`PinholeRenewed`, :class:`PinholeLost` (``reason``; natkit
+    restores it) and :class:`PinholeRestored`."""
+
+    name: ClassVar[str] = "pinhole"
+    reason: str = ""
+    pinhole: Pinhole | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:  # the CLI's pinhole_* line
+        obj: dict[str, Any] = {"event": self.name}
+        obj.update(self.pinhole.to_json() if self.pinhole is not None else {})
+        return {**obj, **({"reason": self.reason} if self.reason else {})}
+
+
+@dataclasses.dataclass(frozen=True)
+class PinholeRenewed(PinholeEvent):
+    name: ClassVar[str] = "pinhole_renewed"
+
+
+@dataclasses.dataclass(frozen=True)
+class PinholeLost(PinholeEvent):
+    name: ClassVar[str] = "pinhole_lost"
+
+
+@dataclasses.dataclass(frozen=True)
+class PinholeRestored(PinholeEvent):
+    name: ClassVar[str] = "pinhole_restored"
+
+
+@dataclasses.dataclass(frozen=True)
 class Interference(Event):
     """The relay warns that something between it and the visitors interferes."""
 
@@ -187,6 +219,10 @@ __all__ = [
     "LocalReachable",
     "LocalUnreachable",
     "Lost",
+    "PinholeEvent",
+    "PinholeLost",
+    "PinholeRenewed",
+    "PinholeRestored",
     "Pinned",
     "Ready",
     "Renewed",

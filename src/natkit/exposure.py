@@ -27,6 +27,9 @@ from natkit.events import (
     Fallback,
     LocalReachable,
     LocalUnreachable,
+    PinholeLost,
+    PinholeRenewed,
+    PinholeRestored,
     Ready,
     Switched,
     from_mapping,
@@ -198,7 +201,12 @@ def typed_event(ev: CoreEvent, core: ExposeCore) -> Event | None:
         if ev.name == "local_reachable":
             return LocalReachable(core.public_address, core.method,
                                   local_address=str(info["local_address"]))  # fmt: skip
-    return None  # the IPv6 pinhole's renewals: kept by natkit, no typed event yet
+    if ev.source == "pinhole" and ev.pinhole is not None:
+        kind = {"renewed": PinholeRenewed, "lost": PinholeLost, "restored": PinholeRestored}
+        if (cls := kind.get(ev.name)) is not None:
+            p = ev.pinhole
+            return cls(p.public_address, p.method, reason=str(info.get("reason", "")), pinhole=p)
+    return None
 
 
 def expose_async(
