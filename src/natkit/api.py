@@ -8,6 +8,7 @@ at half the lease, restored after a router reboot) and deleted when it is closed
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import concurrent.futures
 import inspect
 import os
@@ -164,9 +165,16 @@ class _Closable(Protocol):
 H = TypeVar("H", bound=_Closable)
 
 
-class Opening(Generic[H]):
-    """What the ``*_async`` openers return: ``await`` it for the handle, or enter it
-    directly: ``async with natkit.open_port_async(8080) as port`` (closed on exit)."""
+class Opening(collections.abc.Coroutine[Any, Any, H], Generic[H]):
+    """What the ``*_async`` openers return: a coroutine object for the handle. ``await`` it,
+    hand it to ``asyncio.run()`` (or ``create_task``), or enter it directly:
+    ``async with natkit.open_port_async(8080) as port`` (closed on exit).
+
+    ``send``/``throw``/``close`` drive the wrapped coroutine, so asyncio treats it as the
+    coroutine it stands for. (``asyncio.run(natkit.open_port_async(8080))`` returns the
+    handle once the loop has ended: nothing keeps it then, and the mapping lasts until its
+    lease runs out.)
+    """
 
     def __init__(self, coro: Coroutine[Any, Any, H]) -> None:
         self._coro = coro
@@ -174,6 +182,19 @@ class Opening(Generic[H]):
 
     def __await__(self) -> Generator[Any, None, H]:
         return self._coro.__await__()
+
+    def send(self, value: Any) -> Any:
+        return self._coro.send(value)
+
+    def throw(
+        self, typ: Any, val: Any = None, tb: TracebackType | None = None, /
+    ) -> Any:  # ``typ`` an exception (or, the older form, its class with a value)
+        if val is None and tb is None:
+            return self._coro.throw(typ)
+        return self._coro.throw(typ, val, tb)
+
+    def close(self) -> None:
+        self._coro.close()
 
     async def __aenter__(self) -> H:
         self._handle = await self._coro
@@ -184,6 +205,9 @@ class Opening(Generic[H]):
     ) -> None:
         if self._handle is not None:
             await self._handle.close()
+
+    def __repr__(self) -> str:
+        return f"<Opening {getattr(self._coro, '__qualname__', self._coro)!s}>"
 
 
 def open_port_async(

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from natkit.portmap.mapping import PortMapping
+    from natkit.portmap.pinhole_mappers import Pinhole
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +37,16 @@ class Event:
 
 @dataclasses.dataclass(frozen=True)
 class Ready(Event):
-    """Public. ``verified``: the relay reached the mapping from outside (auto mode)."""
+    """Public. ``verified``: the relay reached the mapping from outside (auto mode).
+    ``public_address_v6``: the IPv6 pinhole beside a mapping, when there is one. Via the
+    relay in auto mode, ``mapping_state`` says whether the router's mapping may still take
+    over: ``probing`` (still being tried) or ``waiting_for_service`` (tried again once the
+    local service listens); the CLI's ``"mapping"`` field."""
 
     name: ClassVar[str] = "ready"
     verified: bool = False
+    public_address_v6: str = ""
+    mapping_state: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +82,70 @@ class Fallback(Event):
 
     name: ClassVar[str] = "fallback"
     reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Switched(Event):
+    """Auto mode: a mapping proven after the relay went ahead takes over (the tunnel's
+    Closed, then the mapping's Ready follow). ``previous_address``: the relay's."""
+
+    name: ClassVar[str] = "switched"
+    previous_address: str = ""
+    previous_method: str = "relay"
+
+    def to_json(self) -> dict[str, Any]:
+        # The CLI's line: ``from`` (a keyword in Python, hence previous_method here).
+        return {"event": self.name, "from": self.previous_method,
+                "previous_address": self.previous_address}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalUnreachable(Event):
+    """Nothing answers on the local port (visitors are refused until the service listens).
+    ``public_address``/``method``: empty, nothing is public yet when it is said at start."""
+
+    name: ClassVar[str] = "local_unreachable"
+    local_address: str = ""
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalReachable(Event):
+    """The local service that was down listens now (auto mode then tries the mapping again)."""
+
+    name: ClassVar[str] = "local_reachable"
+    local_address: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class PinholeEvent(Event):
+    """The IPv6 pinhole beside a mapping (``public_address``: its ``[ADDR]:PORT``, ``method``:
+    upnp or pcp); one of :class:`PinholeRenewed`, :class:`PinholeLost` (``reason``; natkit
+    restores it) and :class:`PinholeRestored`."""
+
+    name: ClassVar[str] = "pinhole"
+    reason: str = ""
+    pinhole: Pinhole | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:  # the CLI's pinhole_* line
+        obj: dict[str, Any] = {"event": self.name}
+        obj.update(self.pinhole.to_json() if self.pinhole is not None else {})
+        return {**obj, **({"reason": self.reason} if self.reason else {})}
+
+
+@dataclasses.dataclass(frozen=True)
+class PinholeRenewed(PinholeEvent):
+    name: ClassVar[str] = "pinhole_renewed"
+
+
+@dataclasses.dataclass(frozen=True)
+class PinholeLost(PinholeEvent):
+    name: ClassVar[str] = "pinhole_lost"
+
+
+@dataclasses.dataclass(frozen=True)
+class PinholeRestored(PinholeEvent):
+    name: ClassVar[str] = "pinhole_restored"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,10 +232,17 @@ __all__ = [
     "Event",
     "Fallback",
     "Interference",
+    "LocalReachable",
+    "LocalUnreachable",
     "Lost",
+    "PinholeEvent",
+    "PinholeLost",
+    "PinholeRenewed",
+    "PinholeRestored",
     "Pinned",
     "Ready",
     "Refused",
     "Renewed",
     "Restored",
+    "Switched",
 ]

@@ -1,10 +1,12 @@
 """``natkit.expose(8080, relay=..., token=...)``: the Python twin of ``natkit expose``
 
-The same options and the same events (as :mod:`natkit.events` objects). With a relay in
-auto mode the router is asked for a mapping first and the relay proves it from outside
-(it dials the public address: :func:`prove_reachable`); a mapping that is not proven
-gives way to a relay tunnel (event :class:`~natkit.events.Fallback`). Without a relay it
-is a kept router mapping; with ``via="relay"``, ``http`` or ``tls`` a relay tunnel.
+The same options and the same events (as :mod:`natkit.events` objects), on the same engine
+(:mod:`natkit.expose_core`). With a relay in auto mode the router is asked for a mapping
+while the relay tunnel opens, and the relay proves the mapping from outside (it dials the
+public address); a mapping not proven within a short head start leaves the relay to serve
+first, and takes over when proven (event :class:`~natkit.events.Switched`); one that is not
+proven gives way to the relay (:class:`~natkit.events.Fallback`). Without a relay it is a
+kept router mapping; with ``via="relay"``, ``http`` or ``tls`` a relay tunnel.
 (Not ``natkit/expose.py``: a submodule of that name would hide ``natkit.expose``.)
 """
 
@@ -12,75 +14,78 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from natkit.api import EventListener, Opening, SyncHandle, _LoopThread, check_port, relay_settings
-from natkit.errors import NatkitError, NotPubliclyReachableError, RelayError
-from natkit.events import Closed, Event, Fallback, from_mapping
-from natkit.relay.access import AccessPolicy, build_policy
-from natkit.relay.api import open_tunnel, typed_relay_listener
+from natkit.errors import NotPubliclyReachableError
+from natkit.events import (
+    Closed,
+    Event,
+    Fallback,
+    LocalReachable,
+    LocalUnreachable,
+    PinholeLost,
+    PinholeRenewed,
+    PinholeRestored,
+    Ready,
+    Switched,
+    from_mapping,
+)
+from natkit.expose_core import CoreEvent, ExposeCore, Settings
+from natkit.net.local_service import is_this_machine
+from natkit.relay.access import build_policy
+from natkit.relay.api import RelayTimeoutError
+from natkit.state import state_dir
 
 if TYPE_CHECKING:
-    from natkit.portmap.manager import KeptMapping
     from natkit.portmap.mapping import PortMapping
-    from natkit.relay.agent import Agent, TunnelSpec
 
+log = logging.getLogger(__name__)
 VIAS = ("auto", "upnp", "natpmp", "pcp", "relay")
-# How long the relay gets to connect to a fresh mapping from outside (as the CLI).
-DIAL_TIMEOUT = 15.0
-
-
-async def prove_reachable(
-    agent: Agent, task: asyncio.Task[None], host: str, port: int, timeout: float = DIAL_TIMEOUT
-) -> tuple[bool, str]:
-    """Have the relay connect to ``host:port`` from outside: (reached, why not). A final
-    error of the agent (bad token, untrusted relay) is raised."""
-    dial = asyncio.ensure_future(agent.dial(host, port, timeout=timeout))
-    done, _ = await asyncio.wait({dial, task}, return_when=asyncio.FIRST_COMPLETED)
-    if dial not in done:
-        dial.cancel()
-        task.result()  # the agent ended: raise its final error
-        return False, "relay unavailable"
-    try:
-        return dial.result()
-    except (NatkitError, asyncio.TimeoutError) as exc:  # no relay connection in time
-        return False, str(exc) or f"the relay did not answer within {timeout:g} s"
 
 
 class Exposure:
     """A service made public (async): by a kept router mapping or a relay tunnel.
 
-    ``public_address`` and ``method`` (upnp, natpmp, pcp or relay) stay current;
-    ``on_event`` gets :mod:`natkit.events` objects; ``close()`` removes the mapping or
-    closes the tunnel.
+    ``public_address``, ``public_address_v6`` (the IPv6 pinhole beside a mapping) and
+    ``method`` (upnp, natpmp, pcp or relay) stay current: in auto mode a mapping proven after
+    the relay went ahead takes over (event :class:`~natkit.events.Switched`). ``on_event``
+    gets :mod:`natkit.events` objects; ``close()`` removes the mapping or closes the tunnel.
     """
 
-    def __init__(self, on_event: EventListener | None) -> None:
+    def __init__(self, settings: Settings, on_event: EventListener | None) -> None:
         self._listeners: list[EventListener] = [on_event] if on_event else []
-        self.keeper: KeptMapping | None = None
-        self.agent: Agent | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._spec: TunnelSpec | None = None
-        self.verified = False  # the relay reached the mapping from outside
+        self._core = ExposeCore(settings, self._typed)
+        self._stop = asyncio.Event()
+        self._run: asyncio.Task[None] | None = None
         self.closed = False
 
     @property
     def mapping(self) -> PortMapping | None:
         """The router mapping (None when the relay carries the service)."""
-        return self.keeper.mapping if self.keeper is not None else None
+        return self._core.mapping
 
     @property
     def method(self) -> str:
-        return self.mapping.method if self.mapping is not None else "relay"
+        return self._core.method
 
     @property
     def public_address(self) -> str:
-        if self.mapping is not None:
-            return self.mapping.public_address
-        return self._spec.public if self._spec is not None else ""
+        return self._core.public_address
+
+    @property
+    def public_address_v6(self) -> str:
+        """``[ADDR]:PORT`` of the IPv6 pinhole beside the mapping ("" when there is none)."""
+        return self._core.public_address_v6
+
+    @property
+    def verified(self) -> bool:
+        """The relay reached the mapping from outside (auto mode)."""
+        return self._core.verified and self._core.mapping is not None
 
     def on_event(self, callback: EventListener) -> None:
         """Call ``callback(event)`` for each later :mod:`natkit.events` object."""
@@ -88,39 +93,62 @@ class Exposure:
 
     def _emit(self, event: Event) -> None:
         for listener in list(self._listeners):
-            listener(event)
+            try:
+                listener(event)
+            except Exception:  # a listener's bug must not stop the service
+                log.exception("natkit.expose event listener failed")
 
-    def _use_mapping(self, keeper: KeptMapping, *, verified: bool) -> None:
-        self.keeper, self.verified = keeper, verified
+    def _typed(self, ev: CoreEvent) -> None:
+        event = typed_event(ev, self._core)
+        if event is not None:
+            self._emit(event)
 
-        def typed(name: str, mapping: PortMapping, info: dict[str, object]) -> None:
-            event = from_mapping(name, mapping, {**info, "verified": verified})
-            if event is not None:
-                self._emit(event)
+    async def _start(self, timeout: float | None) -> Exposure:
+        """Run the engine until the port is public (or it fails: raised)."""
+        self._run = asyncio.get_running_loop().create_task(self._core.run(self._stop))
+        self._run.add_done_callback(_seen)
+        ready = asyncio.ensure_future(self._core.ready.wait())
+        try:
+            done, _ = await asyncio.wait({self._run, ready}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            if self._run in done:
+                self._run.result()  # its error (a relay's, a router's)
+            if ready not in done:
+                raise RelayTimeoutError(
+                    f"relay {self._core.s.relay} did not open the tunnel within {timeout:g} s"
+                )
+        except NotPubliclyReachableError as exc:
+            await self._abort(ready)
+            # The CLI warns and stays; a program asked for a public service and has no
+            # screen to warn on: no relay to fall back on, so it is an error.
+            raise NotPubliclyReachableError(
+                f"{exc}; give relay= and token= (or set NATKIT_RELAY and NATKIT_TOKEN) to use "
+                "a relay instead"
+            ) from None
+        except BaseException:
+            await self._abort(ready)
+            raise
+        return self
 
-        keeper.on_event(typed)
-        assert keeper.mapping is not None
-        typed("ready", keeper.mapping, {})
-
-    async def _use_relay(
-        self, agent: Agent, task: asyncio.Task[None], spec: TunnelSpec, timeout: float
-    ) -> None:
-        self.agent, self._task, self._spec = agent, task, spec
-        agent.on_event(typed_relay_listener(self._emit, spec))
-        await open_tunnel(agent, task, spec, timeout)
+    async def _abort(self, ready: asyncio.Future[Any]) -> None:
+        ready.cancel()
+        self.closed = True
+        if self._run is not None:
+            self._run.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._run
 
     async def close(self) -> None:
+        """Remove the mapping (and pinhole) or close the tunnel. Safe to call twice."""
         if self.closed:
             return
         self.closed = True
-        if self.keeper is not None:
-            await self.keeper.close()  # its own Closed event: whether the router removed it
-        if self.agent is not None and self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            await self.agent.close()
-            self._emit(Closed(public_address=self.public_address, method="relay"))
+        self._stop.set()
+        if self._run is not None:
+            try:
+                await self._run
+            except Exception as exc:  # it had ended already (taken over…): said by Lost
+                log.debug("natkit.expose had ended: %r", exc)
 
     async def __aenter__(self) -> Exposure:
         return self
@@ -132,6 +160,55 @@ class Exposure:
 
     def __repr__(self) -> str:
         return f"<Exposure {self.public_address or '(not public)'} via {self.method}>"
+
+
+def _seen(run: asyncio.Task[None]) -> None:
+    """Retrieve how the engine ended, even if nobody closes the exposure (else asyncio logs
+    "Task exception was never retrieved"); a final error was told by its events already."""
+    if not run.cancelled() and (exc := run.exception()) is not None:
+        log.debug("natkit.expose ended: %r", exc)
+
+
+def typed_event(ev: CoreEvent, core: ExposeCore) -> Event | None:
+    """The :mod:`natkit.events` object for an event of the engine (None: not one of them)."""
+    from natkit.events import from_relay
+
+    info = ev.info
+    if ev.source == "mapping":
+        assert ev.mapping is not None
+        if ev.name == "ready":
+            m = ev.mapping
+            return Ready(m.public_address, m.method, m, verified=bool(info.get("verified")),
+                         public_address_v6=core.public_address_v6)  # fmt: skip
+        return from_mapping(ev.name, ev.mapping, info)
+    if ev.source == "relay":
+        public = core.spec.public if core.spec is not None else ""
+        if ev.name == "closed":  # only for a tunnel that opened
+            return Closed(str(info["public"]), "relay") if info["opened"] else None
+        if ev.name == "ready":
+            return Ready(str(info["public"]), "relay", mapping_state=str(info.get("mapping", "")))
+        return from_relay(ev.name, info, public)
+    if ev.source == "core":
+        if ev.name == "fallback":
+            return Fallback(core.public_address, "relay", reason=str(info["reason"]))
+        if ev.name == "switched":
+            new = ev.mapping
+            return Switched(new.public_address if new else "", new.method if new else "", new,
+                            previous_address=str(info["previous_address"]),
+                            previous_method=str(info["from"]))  # fmt: skip
+        if ev.name == "local_unreachable":
+            return LocalUnreachable(core.public_address, core.method,
+                                    local_address=str(info["local_address"]),
+                                    reason=str(info["reason"]))  # fmt: skip
+        if ev.name == "local_reachable":
+            return LocalReachable(core.public_address, core.method,
+                                  local_address=str(info["local_address"]))  # fmt: skip
+    if ev.source == "pinhole" and ev.pinhole is not None:
+        kind = {"renewed": PinholeRenewed, "lost": PinholeLost, "restored": PinholeRestored}
+        if (cls := kind.get(ev.name)) is not None:
+            p = ev.pinhole
+            return cls(p.public_address, p.method, reason=str(info.get("reason", "")), pinhole=p)
+    return None
 
 
 def expose_async(
@@ -156,151 +233,85 @@ def expose_async(
     deny: Sequence[str] = (),
     basic_auth: str | Sequence[str] | None = None,
     rate_limit: str | None = None,
+    ipv6: bool = True,
     timeout: float = 30.0,
     on_event: EventListener | None = None,
 ) -> Opening[Exposure]:
     """Make local ``port`` public and keep it so until closed (``natkit expose PORT``).
 
     ``relay``/``token`` default to ``$NATKIT_RELAY``/``$NATKIT_TOKEN``; without a relay
-    only a router mapping is tried. ``on_event`` gets every event from Ready (or Fallback)
-    on. ``async with natkit.expose_async(8080) as e:`` or ``e = await ...``.
+    only a router mapping is tried. With a relay in auto mode the router is asked while the
+    relay tunnel opens: a mapping the relay proves from outside is used; otherwise the
+    relay serves (ready within a blink on a router with no mapping protocol) and a mapping
+    proven later takes over (Switched), also once a local service that was down listens.
+    ``allow``/``deny`` (CIDRs), ``basic_auth`` ("USER:PASS", http), ``rate_limit`` ("10/s"):
+    who may reach the tunnel, enforced by the relay (so the relay alone serves; see
+    docs/relay-access.md). ``ipv6``: an IPv6 pinhole beside the mapping (``public_address_v6``) when this host has
+    global IPv6. ``timeout``: how long the relay may take to open the tunnel. ``on_event``
+    gets every :mod:`natkit.events` object. ``async with natkit.expose_async(8080) as e:``,
+    ``e = await ...``, or ``asyncio.run(natkit.expose_async(...))``.
     """
-    opts = _Options(port, protocol=protocol, via=via, external_port=external_port, lease=lease,
-                    gateway=gateway, check_interval=check_interval, relay=relay, token=token,
-                    http=http, tls=tls, hostname=hostname, local_host=local_host,
-                    plaintext_data=plaintext_data, fingerprint=fingerprint, takeover=takeover,
-                    timeout=timeout)  # fmt: skip
-    opts.access = build_policy(allow=allow, deny=deny, basic_auth=basic_auth,
-                               rate_limit=rate_limit, kind=opts.kind)  # fmt: skip
-    if opts.access is not None:  # enforced by the relay: a router's mapping would bypass it
-        if not opts.relay:
+    settings = _settings(port, protocol=protocol, via=via, external_port=external_port,
+                         lease=lease, gateway=gateway, check_interval=check_interval,
+                         relay=relay, token=token, http=http, tls=tls, hostname=hostname,
+                         local_host=local_host, plaintext_data=plaintext_data,
+                         fingerprint=fingerprint, takeover=takeover, ipv6=ipv6)  # fmt: skip
+    access = build_policy(allow=allow, deny=deny, basic_auth=basic_auth, rate_limit=rate_limit,
+                          kind=settings.kind)  # fmt: skip
+    if access is not None:  # enforced by the relay: a router's mapping would bypass it
+        if not settings.relay:
             raise ValueError("allow/deny/basic_auth/rate_limit are enforced by a relay: give relay")
-        if opts.via not in ("auto", "relay") or opts.protocol != "tcp":
+        if settings.via not in ("auto", "relay") or settings.protocol != "tcp":
             raise ValueError("access control needs via='relay' and protocol='tcp'")
-        opts.via = "relay"
-    return Opening(_expose(opts, Exposure(on_event)))
+        settings.via, settings.access, settings.ipv6 = "relay", access, False
+    uses_relay = settings.relay is not None
+    return Opening(_expose(settings, on_event, timeout if uses_relay else None))
 
 
-class _Options:
+async def _expose(
+    settings: Settings, on_event: EventListener | None, timeout: float | None
+) -> Exposure:
+    return await Exposure(settings, on_event)._start(timeout)
+
+
+def _settings(port: int, *, protocol: str, via: str, external_port: int | None, lease: int,
+              gateway: str | None, check_interval: float, relay: str | None, token: str | None,
+              http: bool, tls: bool, hostname: str, local_host: str, plaintext_data: bool,
+              fingerprint: str | None, takeover: bool, ipv6: bool) -> Settings:  # fmt: skip
     """expose's arguments, checked as the CLI checks its options."""
-
-    def __init__(self, port: int, *, protocol: str, via: str, external_port: int | None,
-                 lease: int, gateway: str | None, check_interval: float, relay: str | None,
-                 token: str | None, http: bool, tls: bool, hostname: str, local_host: str,
-                 plaintext_data: bool, fingerprint: str | None, takeover: bool,
-                 timeout: float) -> None:  # fmt: skip
-        self.port = check_port(port)
-        self.external_port = None if external_port is None else check_port(external_port)
-        self.protocol = protocol.lower()
-        if self.protocol not in ("tcp", "udp"):
-            raise ValueError(f"protocol must be tcp or udp, not {protocol!r}")
-        if via not in VIAS:
-            raise ValueError(f"via must be one of {', '.join(VIAS)}, not {via!r}")
-        if http and tls:
-            raise ValueError("choose one of http and tls")
-        self.via, self.lease, self.gateway = via, lease, gateway
-        self.check_interval, self.timeout = check_interval, timeout
-        self.kind = "http" if http else "tls" if tls else "tcp"
-        self.hostname, self.local_host, self.takeover = hostname, local_host, takeover
-        self.plaintext_data, self.fingerprint = plaintext_data, fingerprint
-        self.access: AccessPolicy | None = None  # set by expose_async
-        relay = relay or os.environ.get("NATKIT_RELAY") or None
-        if relay or via == "relay" or self.kind != "tcp":
-            relay, token = relay_settings(relay, token)  # names what is missing
-        self.relay, self.token = relay, token
-        if relay and self.protocol == "udp" and via == "relay":
-            raise ValueError("relay tunnels carry TCP; UDP needs a router mapping")
-
-    def keeper(self) -> KeptMapping:
-        from natkit.portmap.manager import KeptMapping  # only when a router mapping is tried
-
-        return KeptMapping(self.port, protocol=self.protocol, external_port=self.external_port,
-                           lease=self.lease, via="auto" if self.via == "relay" else self.via,
-                           gateway_ip=self.gateway, check_interval=self.check_interval)  # fmt: skip
-
-    def agent(self) -> tuple[Agent, asyncio.Task[None]]:
-        from natkit.relay.agent import Agent
-
-        assert self.relay and self.token
-        try:
-            agent = Agent(self.relay, self.token, [], plaintext_data=self.plaintext_data,
-                          fingerprint=self.fingerprint)  # fmt: skip
-        except ValueError as exc:  # not HOST:PORT
-            raise RelayError(f"relay {self.relay!r}: {exc}") from None
-        return agent, asyncio.get_running_loop().create_task(agent.run())
-
-    def spec(self) -> TunnelSpec:
-        from natkit.relay.agent import TunnelSpec
-
-        return TunnelSpec(self.port, kind=self.kind, name=self.hostname,
-                          local_host=self.local_host, port=self.external_port or 0,
-                          exact=bool(self.external_port) and self.via == "relay",
-                          takeover=self.takeover, access=self.access)  # fmt: skip
-
-
-async def _expose(opts: _Options, exposure: Exposure) -> Exposure:
-    if not opts.relay or (opts.protocol == "udp" and opts.via != "relay"):
-        keeper = opts.keeper()
-        mapping = await keeper.start()
-        if not mapping.publicly_reachable:
-            # The CLI warns and stays; a program asked for a public service and has no
-            # screen to warn on: no relay to fall back on, so it is an error.
-            await keeper.close()
-            raise NotPubliclyReachableError(
-                f"{mapping.reachability_note}; give relay= and token= (or set NATKIT_RELAY "
-                "and NATKIT_TOKEN) to use a relay instead"
-            )
-        exposure._use_mapping(keeper, verified=False)
-        return exposure
-    agent, task = opts.agent()
-    if opts.via != "relay" and opts.kind == "tcp":
-        try:
-            reason = await _try_mapping(opts, exposure, agent, task)
-        except BaseException:
-            await _stop(agent, task)
-            raise
-        if not reason:
-            await _stop(agent, task)  # the mapping is proven: the relay is not needed
-            return exposure
-        exposure._emit(Fallback(public_address="", method="relay", reason=reason))
-    spec = opts.spec()
-    agent.open(spec)
-    await exposure._use_relay(agent, task, spec, opts.timeout)
-    return exposure
-
-
-async def _try_mapping(
-    opts: _Options, exposure: Exposure, agent: Agent, task: asyncio.Task[None]
-) -> str:
-    """Map and have the relay prove it: '' when it is in use, else why not."""
-    keeper = opts.keeper()
-    try:
-        mapping = await keeper.start()
-    except NatkitError as exc:
-        return f"port mapping failed: {exc}"
-    try:
-        if not mapping.publicly_reachable:
-            reason = mapping.reachability_note
-        else:
-            ok, error = await prove_reachable(
-                agent, task, mapping.external_ip, mapping.external_port
-            )
-            if ok:
-                exposure._use_mapping(keeper, verified=True)
-                return ""
-            reason = f"the relay could not reach {mapping.public_address} from outside: {error}"
-    except BaseException:
-        await keeper.close()  # a final relay error (bad token…): leave no mapping behind
-        raise
-    await keeper.close()
-    return reason
-
-
-async def _stop(agent: Agent, task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
-    await agent.close()
+    port = check_port(port)
+    if external_port is not None:
+        check_port(external_port, "external_port")
+    protocol = protocol.lower()
+    if protocol not in ("tcp", "udp"):
+        raise ValueError(f"protocol must be tcp or udp, not {protocol!r}")
+    if via not in VIAS:
+        raise ValueError(f"via must be one of {', '.join(VIAS)}, not {via!r}")
+    if http and tls:
+        raise ValueError("choose one of http and tls")
+    kind = "http" if http else "tls" if tls else "tcp"
+    relay = relay or os.environ.get("NATKIT_RELAY") or None
+    if relay or via == "relay" or kind != "tcp":
+        relay, token = relay_settings(relay, token)  # names what is missing
+    if relay and protocol == "udp" and via == "relay":
+        raise ValueError("relay tunnels carry TCP; UDP needs a router mapping")
+    no_mapping = ""
+    maps = via != "relay" and (kind == "tcp" or not relay)
+    if maps and not is_this_machine(local_host):
+        # A router's mapping forwards to the machine that asked for it, never to another.
+        why = (f"{local_host} is not this machine, and a router's mapping forwards only to "
+               "the machine that makes it")  # fmt: skip
+        if not (relay and via == "auto"):
+            raise ValueError(f"local_host: {why}: expose on {local_host}, or use via='relay'")
+        no_mapping = f"{why}: the relay is used"
+    return Settings(
+        port, protocol=protocol, via=via, external_port=external_port, lease=lease,
+        gateway=gateway, check_interval=check_interval, relay=relay, token=token, kind=kind,
+        hostname=hostname, local_host=local_host, plaintext_data=plaintext_data,
+        fingerprint=fingerprint, takeover=takeover, ipv6=ipv6, no_mapping=no_mapping,
+        remember_ports=state_dir() / "relay_ports.json" if relay else None,
+        require_public=not relay, fail_fast=True,
+    )  # fmt: skip
 
 
 class Exposed(SyncHandle[Exposure]):
@@ -313,6 +324,10 @@ class Exposed(SyncHandle[Exposure]):
     @property
     def method(self) -> str:
         return self._handle.method
+
+    @property
+    def public_address_v6(self) -> str:
+        return self._handle.public_address_v6
 
     @property
     def mapping(self) -> PortMapping | None:
@@ -349,6 +364,7 @@ def expose(
     deny: Sequence[str] = (),
     basic_auth: str | Sequence[str] | None = None,
     rate_limit: str | None = None,
+    ipv6: bool = True,
     timeout: float = 30.0,
     on_event: EventListener | None = None,
 ) -> Exposed:
@@ -358,8 +374,8 @@ def expose(
                            relay=relay, token=token, http=http, tls=tls, hostname=hostname,
                            local_host=local_host, plaintext_data=plaintext_data,
                            fingerprint=fingerprint, takeover=takeover, allow=allow, deny=deny,
-                           basic_auth=basic_auth, rate_limit=rate_limit, timeout=timeout,
-                           on_event=on_event)  # fmt: skip
+                           basic_auth=basic_auth, rate_limit=rate_limit, ipv6=ipv6,
+                           timeout=timeout, on_event=on_event)  # fmt: skip
     runner = _LoopThread()
     try:
         handle = runner.run(opening)

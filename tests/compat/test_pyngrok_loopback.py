@@ -208,7 +208,7 @@ def test_pyngrok_basic_auth_and_ip_restriction_are_enforced_at_the_relay(
     assert b"hello from the service" not in answer
     assert service.seen == ["GET /private HTTP/1.1"]
 
-    with pytest.raises(PyngrokNgrokHTTPError, match="CIDR|network") as bad:
+    with pytest.raises(PyngrokNgrokHTTPError, match=r"CIDR|network") as bad:
         ngrok.connect(service.port, "tcp", pyngrok_config=cfg,
                       ip_restriction={"allow_cidrs": ["not-a-network"]})  # fmt: skip
     assert bad.value.status_code == 400

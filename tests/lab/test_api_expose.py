@@ -3,7 +3,9 @@
 
 * ``natkit.expose`` in auto mode with a relay: the mapping is proven from outside by the
   relay's dial-back (``Ready(verified=True)``), visitors reach it, closing removes it.
-* With a router that offers no mapping: ``Fallback`` then ``Ready`` via the relay.
+* With a router that offers no mapping: ``Ready`` via the relay at once (the mapping still
+  ``probing``), then ``Fallback`` when the router's verdict comes.
+* The IPv6 pinhole beside the mapping (``public_address_v6``; none with ``ipv6=False``).
 * ``natkit.list_mappings`` / ``delete_mapping`` see and delete what ``natkit map add`` made
   (UPnP from the router's table, NAT-PMP from natkit's records).
 * ``async with natkit.open_port_async(...)`` without ``await``; typed and older listeners.
@@ -22,7 +24,7 @@ from natkit import events
 from natkit.lab import Lab
 from natkit.lab import config as C
 from tests.conftest import call_in_node, run_in_node
-from tests.lab.helpers import http_server, wait_router_uptime
+from tests.lab.helpers import http_server, wait_for, wait_router_uptime
 from tests.lab.test_relay_control import NATKIT, RELAY, RELAY_IP, TOKEN_A, Procs, visit
 
 pytestmark = pytest.mark.lab
@@ -95,8 +97,14 @@ def test_expose_auto_falls_back_to_the_relay(
             try:
                 assert exposed.method == "relay" and exposed.mapping is None
                 assert exposed.public_address.startswith(f"{RELAY_IP}:")
+                # Relay first: public (returned) while UPnP's discovery still waits its 2 s;
+                # the router's verdict follows.
                 kinds = [type(e) for e in seen if not isinstance(e, events.Pinned)]
-                assert kinds == [events.Fallback, events.Ready], seen
+                assert kinds == [events.Ready], seen
+                ready = next(e for e in seen if isinstance(e, events.Ready))
+                assert ready.mapping_state == "probing", ready
+                wait_for(lambda: any(isinstance(e, events.Fallback) for e in seen), 10,
+                         lambda: str(seen))  # fmt: skip
                 fallback = next(e for e in seen if isinstance(e, events.Fallback))
                 assert fallback.reason.startswith("port mapping failed"), fallback
                 assert visit(none, exposed.public_address) == "relayed from python"
@@ -150,3 +158,49 @@ def test_open_port_async_with_without_await_and_typed_events(lab: Lab) -> None:
     assert seen[0].method == "pcp" and isinstance(seen[1], events.Closed) and seen[1].removed
     assert legacy == ["closed"]
     assert "dport 45003" not in lab.router_rules()
+
+
+def test_expose_opens_the_ipv6_pinhole_beside_the_mapping(
+    lab: Lab, state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.lab.test_ipv6_pinholes import connect_from_wan, pinhole_rules
+
+    monkeypatch.delenv("NATKIT_RELAY", raising=False)  # a kept router mapping, no relay
+    wait_router_uptime(lab)
+    seen: list[events.Event] = []
+    with http_server(lab, "lan", C.LAN_IP6, 0, "hello over IPv6") as port:
+        exposed = call_in_node(
+            lab, "lan", lambda: natkit.expose(port, via="upnp", lease=120, on_event=seen.append)
+        )
+        try:
+            assert exposed.public_address == f"{C.RTR_WAN_IP}:{port}"
+            assert exposed.public_address_v6 == f"[{C.LAN_IP6}]:{port}"
+            ready = next(e for e in seen if isinstance(e, events.Ready))
+            assert ready.public_address_v6 == exposed.public_address_v6, ready
+            assert connect_from_wan(lab, C.LAN_IP6, port) == "open"
+        finally:
+            exposed.close()
+        assert pinhole_rules(lab, port) == []
+        assert connect_from_wan(lab, C.LAN_IP6, port) == "timeout"
+
+        without = call_in_node(lab, "lan", lambda: natkit.expose(port, via="upnp", ipv6=False))
+        try:
+            assert without.public_address_v6 == "" and pinhole_rules(lab, port) == []
+        finally:
+            without.close()
+
+
+def test_asyncio_run_takes_open_port_async(lab: Lab, state: Path) -> None:
+    wait_router_uptime(lab)
+    import asyncio
+
+    try:
+        port = call_in_node(
+            lab, "lan", lambda: asyncio.run(natkit.open_port_async(45004, via="pcp", lease=120))
+        )
+        assert isinstance(port, natkit.OpenPort)
+        assert port.public_address == f"{C.RTR_WAN_IP}:45004" and port.method == "pcp"
+        assert "dport 45004 dnat" in lab.router_rules()  # made; kept until its lease ends
+    finally:
+        call_in_node(lab, "lan", lambda: natkit.delete_mapping(45004))
+    assert "dport 45004 dnat" not in lab.router_rules()

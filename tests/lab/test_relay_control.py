@@ -705,6 +705,13 @@ def test_auto_uses_a_mapping_the_relay_can_reach(lab: Lab, procs: Procs) -> None
         agent = procs.agent(port, "--check-interval", "1", via_relay=False)
         ready = agent.next_event(30)
         assert ready["event"] == "ready", (ready, agent.why())
+        if ready["method"] == "relay":
+            # A loaded machine: the proof took longer than the 0.15 s head start, so the
+            # relay went ahead; the proven mapping then takes over.
+            assert ready["mapping"] == "probing", ready
+            later = agent.events_until("ready", 30)
+            assert [e["event"] for e in later] == ["switched", "closed", "ready"], later
+            ready = later[-1]
         assert ready["method"] in ("pcp", "natpmp", "upnp"), ready
         assert ready["verified"] is True, ready
         public = f"{C.RTR_WAN_IP}:{port}"

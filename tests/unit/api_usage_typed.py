@@ -13,8 +13,12 @@ def on_event(event: events.Event) -> None:
     match event:
         case events.Lost(reason=reason):
             print("lost:", reason)
-        case events.Ready(public_address=address, verified=verified):
-            print("ready at", address, verified)
+        case events.Ready(public_address=address, verified=verified, mapping_state=state):
+            print("ready at", address, verified, state)
+        case events.Switched(public_address=address, previous_address=previous):
+            print("switched from", previous, "to", address)
+        case events.LocalUnreachable(local_address=where, reason=why):
+            print("nothing answers on", where, why)
         case _:
             print(event.name, event.to_json())
 
@@ -55,6 +59,17 @@ async def nonblocking() -> None:
     print(conn.path)
 
 
+def run_directly() -> None:
+    port: natkit.OpenPort = asyncio.run(natkit.open_port_async(8080))
+    tunnel: natkit.RelayTunnel = asyncio.run(natkit.connect_async(8080, relay="r:7835", token="t"))
+    exposure: natkit.Exposure = asyncio.run(natkit.expose_async(8080, ipv6=False))
+    print(port.public_address, tunnel.public_url, exposure.public_address_v6)
+    with natkit.expose(8080, ipv6=True) as exposed:
+        v6: str = exposed.public_address_v6
+        print(v6)
+
+
 if __name__ == "__main__":
     blocking()
     asyncio.run(nonblocking())
+    run_directly()

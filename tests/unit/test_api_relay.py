@@ -87,9 +87,12 @@ async def test_connect_async_in_async_with_without_await(relay: str, echo: int) 
         assert isinstance(t, natkit.RelayTunnel) and not t.closed
         assert await _visit(t.public_url) == b"hello through the relay"
     assert t.closed
-    pinned, ready = seen  # trust on first use, then public
+    pinned, ready, closed = seen  # trust on first use, public, closed
     assert isinstance(pinned, events.Pinned) and pinned.fingerprint.startswith("sha256:")
     assert ready == events.Ready(t.public_url, "relay")
+    assert closed == events.Closed(t.public_url, "relay")
+    await t.close()  # a second close says nothing more
+    assert len(seen) == 3
 
 
 async def test_async_with_await_still_works_and_env_defaults_are_read(
@@ -108,11 +111,14 @@ async def test_an_unreachable_relay_is_a_relay_error_at_once(
     monkeypatch.setenv("NATKIT_RELAY", f"{LOOPBACK}:{_closed_port()}")
     monkeypatch.setenv("NATKIT_TOKEN", TOKEN)
     # Not RelayTimeoutError after the 30 s timeout: the refused connection is the answer.
+    seen: list[events.Event] = []
     with pytest.raises(natkit.RelayError, match="cannot reach relay") as caught:
-        await natkit.connect_async(8080)
+        await natkit.connect_async(8080, on_event=seen.append)
     assert not isinstance(caught.value, natkit.RelayTimeoutError)
+    assert not any(isinstance(e, events.Closed) for e in seen), seen  # it never opened
     with pytest.raises(natkit.RelayError, match="cannot reach relay"):
-        await natkit.expose_async(8080, via="relay")
+        await natkit.expose_async(8080, via="relay", on_event=seen.append)
+    assert not any(isinstance(e, events.Closed) for e in seen), seen
 
 
 async def test_a_wrong_token_and_an_untrusted_relay_are_typed(relay: str, echo: int) -> None:
@@ -164,3 +170,48 @@ async def test_blocking_expose_via_relay(relay: str, echo: int) -> None:
     finally:
         await asyncio.to_thread(exposed.close)
     assert isinstance(seen[-1], events.Closed)
+
+
+async def test_expose_remembers_its_relay_port_as_the_cli_does(
+    relay: str, echo: int, tmp_path: Path
+) -> None:
+    # The relay keeps a closed tunnel's port reserved for its token and hands out free ones
+    # first: only a remembered preference gives the same address back.
+    async with natkit.expose_async(echo, via="relay", relay=relay, token=TOKEN) as first:
+        address = first.public_address
+    assert (tmp_path / "state" / "relay_ports.json").exists()
+    async with natkit.expose_async(echo, via="relay", relay=relay, token=TOKEN) as second:
+        assert second.public_address == address
+        assert await _visit(second.public_address) == b"hello through the relay"
+
+
+async def test_closed_reaches_listeners_added_later_and_older_ones(relay: str, echo: int) -> None:
+    typed: list[events.Event] = []
+    legacy: list[tuple[str, dict[str, object]]] = []
+    tunnel = await natkit.connect_async(echo, relay=relay, token=TOKEN)
+    tunnel.on_event(typed.append)
+    tunnel.on_event(lambda name, info: legacy.append((name, info)))
+    await tunnel.close()
+    assert typed == [events.Closed(tunnel.public_url, "relay")]
+    assert legacy == [("closed", {"tunnel": "t0", "public": tunnel.public_url})]
+
+
+async def test_blocking_connect_says_closed(relay: str, echo: int) -> None:
+    seen: list[events.Event] = []
+    tunnel = await asyncio.to_thread(
+        natkit.connect, echo, relay=relay, token=TOKEN, on_event=seen.append
+    )
+    await asyncio.to_thread(tunnel.close)
+    assert seen[-1] == events.Closed(tunnel.public_url, "relay"), seen
+
+
+async def test_asyncio_run_takes_the_openers_directly(relay: str, echo: int) -> None:
+    # asyncio.run in a worker thread (its own loop): this loop serves the relay meanwhile.
+    tunnel = await asyncio.to_thread(
+        asyncio.run, natkit.connect_async(echo, relay=relay, token=TOKEN)
+    )
+    assert isinstance(tunnel, natkit.RelayTunnel) and tunnel.public_url.startswith("127.0.0.1:")
+    exposure = await asyncio.to_thread(
+        asyncio.run, natkit.expose_async(echo, via="relay", relay=relay, token=TOKEN)
+    )
+    assert isinstance(exposure, natkit.Exposure) and exposure.method == "relay"

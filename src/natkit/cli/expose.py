@@ -5,41 +5,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import signal
 import time
-from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.live import Live
-from rich.markup import escape
-from rich.table import Table
 
 from natkit.cli.common import emit_event, emit_json, err, fail_with, out, run_loop
-from natkit.cli.expose_local import (
-    is_this_machine,
-    local_problem,
-    nothing_bound,
-    resolve_local_host,
-)
-from natkit.errors import EXIT_INTERRUPTED, NatkitError
+from natkit.cli.expose_local import is_this_machine, resolve_local_host
+from natkit.errors import EXIT_INTERRUPTED
+from natkit.expose_core import CoreEvent, ExposeCore, Settings
 from natkit.net.fdlimit import raise_fd_limit
-from natkit.relay.agent import Agent, TunnelSpec
 from natkit.relay.pump import small_tls_buffers
 from natkit.state import state_dir, writable_state_dir
 
 if TYPE_CHECKING:
-    from natkit.portmap.manager import KeptMapping
+    from rich.live import Live
+    from rich.table import Table
+
     from natkit.portmap.mapping import PortMapping
     from natkit.relay.access import AccessPolicy
-
-# How long the router's mapping may take to be proven before an open relay tunnel is
-# announced: PCP and NAT-PMP answer within milliseconds, the relay's dial-back proof as fast;
-# only UPnP's discovery waits its full 2 s on a router without it.
-# (NATKIT_EXPOSE_HEAD_START: the tests' way to have the relay go first, and the mapping take
-# over.)
-HEAD_START = float(os.environ.get("NATKIT_EXPOSE_HEAD_START", "0.15"))
 
 
 class _Status:
@@ -54,6 +39,8 @@ class _Status:
         self.v6_address = ""  # the IPv6 pinhole's address, when there is one
 
     def render(self) -> Table:
+        from rich.table import Table  # only for humans: a --json run never loads rich
+
         t = Table.grid(padding=(0, 2))
         t.add_column(style="bold")
         t.add_column()
@@ -166,7 +153,7 @@ def expose(**kw: Any) -> None:
                 f"{why}: run natkit expose on {opts.local_host}, or use --via relay",
                 param_hint="--local-host",
             )
-        opts.no_mapping = f"{why}: the relay is used"
+        opts.no_mapping = opts.no_mapping or f"{why}: the relay is used"
     run_loop(_main(opts))
 
 
@@ -218,13 +205,23 @@ class ExposeOptions:
     as_json: bool
     access: AccessPolicy | None = None  # from --allow/--deny/--basic-auth/--rate-limit
     local_ip: str = ""  # --local-host as an address
-    local_down: bool = False  # nothing answered on the local port at start
     no_mapping: str = ""  # why a router's mapping cannot serve (--local-host elsewhere)
-    ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # public once
 
     @property
     def kind(self) -> str:
         return "http" if self.http_mode else "tls" if self.tls_mode else "tcp"
+
+    def settings(self) -> Settings:
+        return Settings(
+            self.port, protocol=self.protocol, via=self.via, external_port=self.external_port,
+            lease=self.lease, gateway=self.gateway, check_interval=self.check_interval,
+            relay=self.relay, token=self.token, kind=self.kind, hostname=self.hostname,
+            local_host=self.local_host, local_ip=self.local_ip,
+            plaintext_data=self.plaintext_data, fingerprint=self.fingerprint,
+            takeover=self.takeover, ipv6=not self.no_ipv6, no_mapping=self.no_mapping,
+            access=self.access,
+            remember_ports=state_dir() / "relay_ports.json",
+        )  # fmt: skip
 
 
 async def _main(opts: ExposeOptions) -> None:
@@ -236,341 +233,141 @@ async def _main(opts: ExposeOptions) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     writable_state_dir()  # pins and ports are saved there: say so before the relay is used
-    if opts.protocol == "tcp" and not opts.relay:  # the mapping forwards to the LAN address
-        if nothing_bound(opts.port):
-            opts.local_down = True
-            _warn_local(opts, f"port {opts.port}", "nothing listens on it")
-    elif opts.protocol == "tcp":  # the relay forwards to --local-host
-        problem = await local_problem(opts.local_ip, opts.port)
-        if problem:
-            opts.local_down = True
-            _warn_local(opts, f"{opts.local_host}:{opts.port}", problem)
-    work = loop.create_task(_run(opts, stop))
+    if opts.relay:
+        small_tls_buffers()  # this process is natkit's own agent (see pump.small_tls_buffers)
+        raise_fd_limit()
+    view = _View(opts)
+    core = view.core = ExposeCore(opts.settings(), view.on_event)
+    work = loop.create_task(core.run(stop))
     stopper = asyncio.ensure_future(stop.wait())
     try:
-        await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if not work.done() and not core.ready.is_set():
+            # Stopped before anything was public: end at once (whatever was made is undone
+            # by the work's own cleanup), no fallback, exit 130.
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            fail_with(KeyboardInterrupt("interrupted before the port was public"),
+                      EXIT_INTERRUPTED, as_json=opts.as_json)  # fmt: skip
+        await work
     finally:
-        stopper.cancel()
-    if not work.done() and not opts.ready.is_set():
-        # Stopped before anything was public: end at once (whatever was made is undone by
-        # the work's own cleanup), no fallback, exit 130.
-        work.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await work
-        fail_with(KeyboardInterrupt("interrupted before the port was public"), EXIT_INTERRUPTED,
-                  as_json=opts.as_json)  # fmt: skip
-    await work
+        view.finish()
 
 
-def _warn_local(opts: ExposeOptions, where: str, problem: str) -> None:
-    text = (f"nothing answers on {where} ({problem}): start the service there (or fix "
-            "--local-host); visitors are refused until it listens")  # fmt: skip
-    if opts.as_json:
-        emit_event("local_unreachable", local_address=where, reason=problem)
-    else:
-        err.print(f"[yellow]warning:[/] {text}", soft_wrap=True)
+class _View:
+    """Renders the engine's events: JSON lines (docs/cli.md), or the status block and a line
+    per event for humans."""
 
+    def __init__(self, opts: ExposeOptions) -> None:
+        self.opts = opts
+        self.core: ExposeCore | None = None
+        self.status = _Status(opts.port)
+        self.live: Live | None = None
+        self.relay_shown = False  # the relay's ready was rendered
+        # Not a terminal (a pipe, a log file): rich's Live would show nothing until the end,
+        # so print the block once mapped and a line per event instead.
+        self.plain = not opts.as_json and not out.is_terminal
 
-async def _run(opts: ExposeOptions, stop: asyncio.Event) -> None:
-    if not opts.relay or (opts.protocol == "udp" and opts.via != "relay"):
-        await _run_mapping(opts, stop, None)
-    elif opts.via == "relay" or opts.kind != "tcp":
-        await _run_relay(opts, stop, None, None)
-    elif opts.no_mapping:
-        _say(opts, {"event": "fallback", "reason": opts.no_mapping},
-             f"using the relay: {opts.no_mapping}")  # fmt: skip
-        await _run_relay(opts, stop, None, None)
-    else:
-        await _auto(opts, stop)
+    def say(self, obj: dict[str, Any], text: str) -> None:
+        if self.opts.as_json:
+            emit_json(obj)
+        else:
+            out.print(text, markup=False, soft_wrap=True)
 
+    def on_event(self, ev: CoreEvent) -> None:
+        if ev.source == "mapping":
+            assert ev.mapping is not None
+            self.mapping_event(ev.name, ev.mapping, ev.info)
+        elif ev.source == "relay":
+            self.relay_event(ev.name, ev.info)
+        elif ev.source == "pinhole":
+            assert ev.pinhole is not None
+            self.say({"event": f"pinhole_{ev.name}", **ev.pinhole.to_json(), **ev.info},
+                     f"IPv6 pinhole {ev.name}")  # fmt: skip
+        else:
+            self.core_event(ev.name, ev.info)
 
-async def _auto(opts: ExposeOptions, stop: asyncio.Event) -> None:
-    """The router's mapping if the relay proves it from outside, else the relay tunnel —
-    both tried at once. The mapping gets HEAD_START to be proven; after that an open relay
-    tunnel is announced (``ready`` with ``"mapping": "probing"``) and a mapping proven
-    later takes over (``switched``, then the mapping's ``ready``); a mapping that fails is
-    reported as ``fallback`` (its reason) whenever it fails."""
-    loop = asyncio.get_running_loop()
-    spec = _spec(opts)
-    agent = _agent(opts, [spec])
-    task = loop.create_task(agent.run())
-    keeper = _keeper(opts)
-    trying = loop.create_task(_try_mapping(opts, keeper, agent, task))
-    opened = asyncio.ensure_future(agent.wait_open(spec.id))
-    relay_stop = asyncio.Event()
-    relay_run: asyncio.Task[None] | None = None  # it ends the agent when it ends
-    agent_ended = interrupted = False
-    try:
-        deadline = loop.time() + HEAD_START
-        while not trying.done():
-            left = deadline - loop.time()
-            if opened.done() and left <= 0:
-                break
-            await asyncio.wait({trying, task, opened}, return_when=asyncio.FIRST_COMPLETED,
-                               timeout=left if left > 0 else None)  # fmt: skip
-            if task.done():
-                task.result()  # a final relay error (bad token, unresolvable name…)
-        if trying.done() and not trying.result():
-            opened.cancel()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-            await agent.close()
-            agent_ended = True
-            await _run_mapping(opts, stop, keeper, verified=True)
-            return
-        if trying.done():
-            _say(opts, {"event": "fallback", "reason": trying.result()},
-                 f"falling back to the relay: {trying.result()}")  # fmt: skip
-        relay_run = loop.create_task(
-            _run_relay(opts, relay_stop, agent, task, spec, probing=not trying.done())
-        )
-        stopper = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({trying, relay_run, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if trying.done() and not stop.is_set() and not relay_run.done():
-            reason = trying.result()
-            if not reason:  # proven after the relay went ahead: the mapping takes over
-                _say(opts, {"event": "switched", "from": "relay", "previous_address": spec.public},
-                     f"the router's mapping is proven: switching from the relay ({spec.public})")  # fmt: skip
-                relay_stop.set()
-                await relay_run
-                stopper.cancel()
-                await _run_mapping(opts, stop, keeper, verified=True)
-                return
-            _say(opts, {"event": "fallback", "reason": reason},
-                 f"staying on the relay: {reason}")  # fmt: skip
-            await asyncio.wait({relay_run, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        relay_stop.set()
-        await relay_run
-    except asyncio.CancelledError:
-        interrupted = True
-        raise
-    finally:
-        opened.cancel()
-        for job in (trying, relay_run):
-            if job is not None and not job.done():
-                if interrupted or job is relay_run:
-                    job.cancel()  # Ctrl-C: at once (a mapping request in flight may stay)
-                # else a final relay error: the mapping attempt sees the agent ended, and
-                # removes a mapping it made (cancelled mid-request, it could not)
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await job
-        if relay_run is None and not agent_ended:  # the relay never served: end the agent
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-            await agent.close()
-        await keeper.close()  # a no-op when closed already (or when the mapping took over)
+    def core_event(self, name: str, info: dict[str, Any]) -> None:
+        if name == "local_unreachable":
+            where, problem = info["local_address"], info["reason"]
+            if self.opts.as_json:
+                emit_event("local_unreachable", local_address=where, reason=problem)
+            else:
+                err.print(f"[yellow]warning:[/] nothing answers on {where} ({problem}): start "
+                          "the service there (or fix --local-host); visitors are refused until "
+                          "it listens", soft_wrap=True)  # fmt: skip
+        elif name == "local_reachable":
+            self.say({"event": name, "local_address": info["local_address"]},
+                     f"{info['local_address']} answers now: trying the router's mapping again")  # fmt: skip
+        elif name == "fallback":
+            reason = info["reason"]
+            how = ("using the relay" if info.get("unusable") else
+                   "staying on the relay" if self.relay_shown else "falling back to the relay")  # fmt: skip
+            self.say({"event": "fallback", "reason": reason}, f"{how}: {reason}")
+        elif name == "switched":
+            self.say({"event": "switched", "from": info["from"],
+                      "previous_address": info["previous_address"]},
+                     f"the router's mapping is proven: switching from the relay ({info['previous_address']})")  # fmt: skip
 
-
-async def _try_mapping(
-    opts: ExposeOptions, keeper: KeptMapping, agent: Agent, task: asyncio.Task[None]
-) -> str:
-    """Make the mapping and have the relay prove it from outside: "" when it works, else
-    why not (the mapping is then removed)."""
-    try:
-        mapping = await keeper.start()
-    except NatkitError as exc:
-        return f"port mapping failed: {exc}"
-    try:
-        reason = mapping.reachability_note if not mapping.publicly_reachable else ""
-        if not reason and opts.protocol == "tcp":
-            # The router forwards to this host's LAN address: if nothing answers there,
-            # the service is to blame, not the mapping.
-            where = f"{mapping.internal_ip}:{opts.port}"
-            problem = await local_problem(mapping.internal_ip, opts.port)
-            if problem and opts.local_down:
-                reason = (f"the service on port {opts.port} is down ({problem}), so the mapping "
-                          "could not be proven from outside")  # fmt: skip
-            elif problem:
-                reason = (f"nothing answers on {where}, where the router's mapping forwards "
-                          f"({problem}): the service listens on {opts.local_host} only")  # fmt: skip
-        if not reason:
-            ok, error = await _dial(agent, task, mapping.external_ip, mapping.external_port)
-            if not ok:
-                reason = f"the relay could not reach {mapping.public_address} from outside: {error}"
-    except BaseException:
-        await keeper.close()  # cancelled, or a final relay error: leave no mapping
-        raise
-    if reason:
-        await keeper.close()
-    return reason
-
-
-async def _dial(agent: Agent, task: asyncio.Task[None], host: str, port: int) -> tuple[bool, str]:
-    dial = asyncio.ensure_future(agent.dial(host, port, timeout=15.0))
-    done, _ = await asyncio.wait({dial, task}, return_when=asyncio.FIRST_COMPLETED)
-    if dial not in done:
-        dial.cancel()
-        task.result()  # the agent hit a final error (bad token…): raise it
-        return False, "relay unavailable"
-    return dial.result()
-
-
-def _say(opts: ExposeOptions, obj: dict[str, Any], text: str) -> None:
-    if opts.as_json:
-        emit_json(obj)
-    else:
-        out.print(text, markup=False, soft_wrap=True)
-
-
-def _keeper(opts: ExposeOptions) -> KeptMapping:
-    from natkit.portmap.manager import KeptMapping  # only when router mapping is tried
-
-    return KeptMapping(
-        opts.port, protocol=opts.protocol, external_port=opts.external_port, lease=opts.lease,
-        via="auto" if opts.via == "relay" else opts.via, gateway_ip=opts.gateway,
-        check_interval=opts.check_interval,
-    )  # fmt: skip
-
-
-def _agent(opts: ExposeOptions, specs: list[TunnelSpec]) -> Agent:
-    assert opts.relay and opts.token
-    agent = Agent(opts.relay, opts.token, specs, plaintext_data=opts.plaintext_data,
-                  fingerprint=opts.fingerprint, remember_ports=state_dir() / "relay_ports.json")  # fmt: skip
-
-    def pinned(event: str, info: dict[str, Any]) -> None:
-        if event == "pinned":
-            err.print(f"pinned relay {info['relay']} certificate {info['fingerprint']}",
-                      soft_wrap=True)  # fmt: skip
-
-    agent.on_event(pinned)
-    return agent
-
-
-def _spec(opts: ExposeOptions) -> TunnelSpec:
-    return TunnelSpec(opts.port, kind=opts.kind, name=opts.hostname, local_host=opts.local_host,
-                      port=opts.external_port or 0,
-                      exact=bool(opts.external_port) and opts.via == "relay",
-                      takeover=opts.takeover, access=opts.access)  # fmt: skip
-
-
-async def _run_relay(
-    opts: ExposeOptions,
-    stop: asyncio.Event,
-    agent: Agent | None,
-    task: asyncio.Task[None] | None,
-    spec: TunnelSpec | None = None,
-    *,
-    probing: bool = False,
-) -> None:
-    """Serve through the relay until ``stop``. ``probing``: the router's mapping is still
-    being tried (said in ``ready``); it may take over, and then this ends without closing
-    anything but the tunnel."""
-    small_tls_buffers()  # this process is natkit's own agent (see pump.small_tls_buffers)
-    raise_fd_limit()
-    if agent is None or task is None or spec is None:
-        spec = _spec(opts)
-        agent = _agent(opts, [spec])
-        task = asyncio.get_running_loop().create_task(agent.run())
-    scheme = {"tcp": "tcp", "http": "http", "tls": "https"}[opts.kind]
-    base = {"method": "relay", "protocol": scheme, "relay": opts.relay,
-            "internal_port": opts.port, "internal_host": opts.local_host}  # fmt: skip
-
-    def on_event(event: str, info: dict[str, Any]) -> None:
+    def relay_event(self, event: str, info: dict[str, Any]) -> None:
+        opts = self.opts
+        scheme = {"tcp": "tcp", "http": "http", "tls": "https"}[opts.kind]
+        base = {"method": "relay", "protocol": scheme, "relay": opts.relay,
+                "internal_port": opts.port, "internal_host": opts.local_host}  # fmt: skip
+        public = self.core.spec.public if self.core and self.core.spec else ""
         if event == "ready":
-            opts.ready.set()
-            extra = {"mapping": "probing"} if probing else {}
-            if opts.access is not None:
-                extra["access"] = opts.access.describe()
+            self.relay_shown = True
+            mapping = info.get("mapping", "")
             if opts.as_json:
+                extra = {"mapping": mapping} if mapping else {}
+                if "access" in info:
+                    extra["access"] = info["access"]
                 emit_event("ready", **base, public_address=info["public"], **extra)
             else:
-                out.print(_relay_block(opts, info["public"], probing))
+                out.print(_relay_block(opts, info["public"], mapping))
         elif event == "reconnecting":
-            _say(opts, {"event": "lost", **base, "public_address": spec.public, "reason": info["reason"],
-                        "retry_in": info["delay"]},
-                 f"relay connection lost ({info['reason']}); retrying in {info['delay']} s")  # fmt: skip
+            self.say({"event": "lost", **base, "public_address": public, "reason": info["reason"],
+                      "retry_in": info["delay"]},
+                     f"relay connection lost ({info['reason']}); retrying in {info['delay']} s")  # fmt: skip
         elif event == "restored":
-            _say(opts, {"event": "restored", **base, "public_address": info["public"],
-                        "changed": info["changed"]},
-                 f"relay connection restored: {info['public']}")  # fmt: skip
+            self.say({"event": "restored", **base, "public_address": info["public"],
+                      "changed": info["changed"]},
+                     f"relay connection restored: {info['public']}")  # fmt: skip
         elif event == "lost":  # taken over by another agent of the token
             final = bool(info.get("final"))
-            _say(opts, {"event": "lost", **base, "public_address": info["public"],
-                        "reason": info["reason"], "final": final},
-                 f"tunnel lost: {info['reason']}" + ("" if final else f"; asking again in {info.get('retry_in', 0):g} s"))  # fmt: skip
+            self.say({"event": "lost", **base, "public_address": info["public"],
+                      "reason": info["reason"], "final": final},
+                     f"tunnel lost: {info['reason']}" + ("" if final else f"; asking again in {info.get('retry_in', 0):g} s"))  # fmt: skip
         elif event == "interference":
-            _say(opts, {"event": "interference", **base, "message": info["message"]},
-                 f"warning: {info['message']}")  # fmt: skip
+            self.say({"event": "interference", **base, "message": info["message"]},
+                     f"warning: {info['message']}")  # fmt: skip
         elif event == "refused":  # the relay kept a visitor out (already rate-limited there)
             more = f" (and {info['more']} more)" if info["more"] else ""
-            _say(opts, {"event": "refused", **base, "public_address": spec.public,
-                        "visitor": info["visitor"], "reason": info["reason"],
-                        "time": info["at"], "more": info["more"]},
-                 f"refused visitor {info['visitor']}: {info['reason']}{more}")  # fmt: skip
+            self.say({"event": "refused", **base, "public_address": public,
+                      "visitor": info["visitor"], "reason": info["reason"],
+                      "time": info["at"], "more": info["more"]},
+                     f"refused visitor {info['visitor']}: {info['reason']}{more}")  # fmt: skip
+        elif event == "pinned":
+            err.print(f"pinned relay {info['relay']} certificate {info['fingerprint']}",
+                      soft_wrap=True)  # fmt: skip
+        elif event == "closed":
+            if info["opened"]:  # a tunnel that never opened is not "closed": the error says why
+                self.say({"event": "closed", **base, "public_address": info["public"]},
+                         "tunnel closed")  # fmt: skip
+            elif not opts.as_json:
+                err.print("stopped: the relay tunnel never opened")
 
-    agent.on_event(on_event)
-    if spec.public and agent.connected.is_set():  # it opened while the router was probed
-        on_event("ready", {"public": spec.public})
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({stopper, task}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()  # final errors (bad token, refused name, untrusted relay) surface here
-    finally:
-        stopper.cancel()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        await agent.close()
-        if spec.public:  # a tunnel that never opened is not "closed": the error line says why
-            _say(opts, {"event": "closed", **base, "public_address": spec.public},
-                 "tunnel closed")  # fmt: skip
-        elif not opts.as_json:
-            err.print("stopped: the relay tunnel never opened")
-
-
-def _relay_block(opts: ExposeOptions, public: str, probing: bool) -> Table:
-    """The relay's status block (printed once: later events are lines under it)."""
-    t = Table.grid(padding=(0, 2))
-    t.add_column(style="bold")
-    t.add_column()
-    t.add_row("state", "[green]public[/] via the relay")
-    t.add_row("public address", f"[b green]{escape(public)}[/]")
-    t.add_row("forwards to", escape(f"{opts.local_host}:{opts.port}"))
-    t.add_row("via", escape(f"relay {opts.relay}"))
-    if opts.access is not None:
-        t.add_row("access", escape(opts.access.describe()))
-    if probing:
-        t.add_row("", "[dim]still trying the router: a mapping proven from outside takes over[/]")
-    t.add_row("", "[dim]Ctrl-C to stop[/]")
-    return t
-
-
-async def _both(mapped: Awaitable[PortMapping], pinhole: Awaitable[None]) -> PortMapping:
-    """Both at once; a failure is raised only once both are over, so that the caller's
-    cleanup also sees a pinhole made meanwhile."""
-    m, p = await asyncio.gather(mapped, pinhole, return_exceptions=True)
-    for result in (m, p):
-        if isinstance(result, BaseException):
-            raise result
-    assert not isinstance(m, BaseException)
-    return m
-
-
-async def _run_mapping(
-    opts: ExposeOptions, stop: asyncio.Event, keeper: KeptMapping | None, *, verified: bool = False
-) -> None:
-    started = keeper is not None
-    keeper = keeper or _keeper(opts)
-    as_json = opts.as_json
-    status = _Status(opts.port)
-    live: Live | None = None
-    # Not a terminal (a pipe, a log file): rich's Live would show nothing until the end, so
-    # print the block once mapped and a line per event instead.
-    plain = not as_json and not out.is_terminal
-
-    from natkit.cli.expose_v6 import ExposeV6  # only when router mapping is tried
-
-    v6 = ExposeV6(opts.port, protocol=opts.protocol, lease=opts.lease, gateway=opts.gateway,
-                  check_interval=opts.check_interval)  # fmt: skip
-
-    def on_event(event: str, m: PortMapping, info: dict[str, Any]) -> None:
-        if as_json:
-            emit_json({**_event_json(event, m, info), **v6.fields(event)})
+    def mapping_event(self, event: str, m: PortMapping, info: dict[str, Any]) -> None:
+        assert self.core is not None
+        v6 = self.core.v6
+        if self.opts.as_json:
+            emit_json({**_event_json(event, m, info), **(v6.fields(event) if v6 else {})})
             return
+        status = self.status
         status.mapping = m
         stamp = time.strftime("%H:%M:%S")
         if event == "ready":
@@ -578,7 +375,10 @@ async def _run_mapping(
                 "[green]public[/]" if m.publicly_reachable else "[yellow]mapped, not public[/]"
             )
             status.history.append(f"{stamp} mapped via {m.method}")
-        elif event == "renewed":
+            status.v6_address = self.core.public_address_v6
+            self.show_mapping(m)
+            return
+        if event == "renewed":
             status.renewals += 1
         elif event == "lost":
             status.state = "[red]lost — restoring…[/]"
@@ -590,9 +390,9 @@ async def _run_mapping(
             status.history.append(f"{stamp} restored via {m.method} at {m.public_address}")
         elif event == "closed":
             status.state = "closed, mapping removed" if info.get("removed") else "closed"
-        if live is not None:
-            live.update(status.render())
-        elif plain and event != "ready":  # ready: the whole block is printed after start
+        if self.live is not None:
+            self.live.update(status.render())
+        elif self.plain:
             if event in ("lost", "restored"):
                 line = status.history[-1]
             elif event == "renewed":
@@ -601,37 +401,46 @@ async def _run_mapping(
                 line = status.state
             out.print(line, markup=False, soft_wrap=True)
 
-    try:
-        # The IPv6 pinhole is made beside the mapping; "ready" then reports both.
-        pinhole_made = v6.start() if not opts.no_ipv6 else asyncio.sleep(0)
-        if started:
-            assert keeper.mapping is not None
-            await pinhole_made
-            mapping = keeper.mapping
-            ready_info = {"probe": keeper.probe_result, "verified": verified,
-                          "loss_check": keeper.loss_check}  # fmt: skip
-        else:
-            mapping = await _both(keeper.start(), pinhole_made)
-            ready_info = {"probe": keeper.probe_result, "loss_check": keeper.loss_check}
-        status.v6_address = v6.pinhole.public_address if v6.pinhole else ""
-        keeper.on_event(on_event)
-        on_event("ready", mapping, ready_info)
-        opts.ready.set()
-        v6.on_event(lambda event, line: _say(opts, line, f"IPv6 pinhole {event}"))
-        if plain:
-            out.print(status.render())
-        elif not as_json:
-            live = Live(status.render(), auto_refresh=False, transient=False)
-            live.start()
-            live.update(status.render(), refresh=True)
-            if not mapping.publicly_reachable:
-                err.print(f"[yellow]warning:[/] {mapping.reachability_note}")
-            if v6.error:
-                err.print(f"[yellow]no IPv6 pinhole:[/] {v6.error}")
-        await stop.wait()
-    finally:
-        await v6.close()
-        await keeper.close()
-        if live is not None:
-            live.update(status.render(), refresh=True)
-            live.stop()
+    def show_mapping(self, m: PortMapping) -> None:
+        """The status block once mapped: printed once (not a terminal), else kept live."""
+        if self.plain:
+            out.print(self.status.render())
+            return
+        from rich.live import Live
+
+        self.live = Live(self.status.render(), auto_refresh=False, transient=False)
+        self.live.start()
+        self.live.update(self.status.render(), refresh=True)
+        if not m.publicly_reachable:
+            err.print(f"[yellow]warning:[/] {m.reachability_note}")
+        v6 = self.core.v6 if self.core is not None else None
+        if v6 is not None and v6.error:
+            err.print(f"[yellow]no IPv6 pinhole:[/] {v6.error}")
+
+    def finish(self) -> None:
+        if self.live is not None:
+            self.live.update(self.status.render(), refresh=True)
+            self.live.stop()
+            self.live = None
+
+
+def _relay_block(opts: ExposeOptions, public: str, mapping: str) -> Table:
+    """The relay's status block (printed once: later events are lines under it)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table.grid(padding=(0, 2))
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("state", "[green]public[/] via the relay")
+    t.add_row("public address", f"[b green]{escape(public)}[/]")
+    t.add_row("forwards to", escape(f"{opts.local_host}:{opts.port}"))
+    t.add_row("via", escape(f"relay {opts.relay}"))
+    if opts.access is not None:
+        t.add_row("access", escape(opts.access.describe()))
+    if mapping == "probing":
+        t.add_row("", "[dim]still trying the router: a mapping proven from outside takes over[/]")
+    elif mapping == "waiting_for_service":
+        t.add_row("", "[dim]the router's mapping is tried again once the service listens[/]")
+    t.add_row("", "[dim]Ctrl-C to stop[/]")
+    return t

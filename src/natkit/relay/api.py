@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -26,10 +27,11 @@ from natkit.api import (
     takes_event_object,
 )
 from natkit.errors import RelayError
-from natkit.events import from_relay
+from natkit.events import Closed, from_relay
 from natkit.relay.access import build_policy
 from natkit.relay.agent import Agent, TunnelSpec
 
+log = logging.getLogger(__name__)
 _open: list[Tunnel] = []
 RelayListener = Callable[[str, dict[str, Any]], None]
 # pyngrok's ``proto`` values and natkit's tunnel kind for each (None: natkit has none).
@@ -77,10 +79,18 @@ def tunnel_kind(proto: str | None, kind: str) -> str:
 
 
 class RelayTunnel:
-    """A live tunnel (async). The agent reconnects by itself; ``public_url`` stays current."""
+    """A live tunnel (async). The agent reconnects by itself; ``public_url`` stays current.
+    ``close()`` ends it, and tells every listener (:class:`~natkit.events.Closed`)."""
 
-    def __init__(self, agent: Agent, task: asyncio.Task[None], spec: TunnelSpec) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        task: asyncio.Task[None],
+        spec: TunnelSpec,
+        listeners: list[Callable[..., object]] | None = None,
+    ) -> None:
         self.agent, self._task, self.spec = agent, task, spec
+        self._listeners: list[Callable[..., object]] = list(listeners or [])  # for Closed
         self.closed = False
 
     @property
@@ -97,8 +107,10 @@ class RelayTunnel:
     def on_event(self, callback: Callable[[str, dict[str, Any]], object]) -> None: ...
     def on_event(self, callback: Callable[..., object]) -> None:
         """``callback(event)`` with :mod:`natkit.events` objects (Lost, Restored,
-        Interference, Pinned); a callback of two arguments gets the older ``(name, info)``."""
+        Interference, Pinned, Closed); a callback of two arguments gets the older
+        ``(name, info)``."""
         self.agent.on_event(typed_relay_listener(callback, self.spec))
+        self._listeners.append(callback)
 
     async def close(self) -> None:
         if self.closed:
@@ -108,6 +120,17 @@ class RelayTunnel:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._task
         await self.agent.close()
+        # A RelayTunnel exists only once its tunnel opened (a failed connect raises and
+        # says nothing more): so it is always "closed" here.
+        public = self.spec.public
+        for callback in self._listeners:
+            try:
+                if takes_event_object(callback):
+                    callback(Closed(public, "relay"))
+                else:
+                    callback("closed", {"tunnel": self.spec.id, "public": public})
+            except Exception:  # a listener's bug must not stop the others
+                log.exception("tunnel event listener failed")
 
     async def __aenter__(self) -> RelayTunnel:
         return self
@@ -246,7 +269,7 @@ async def _connect(
         agent.on_event(typed_relay_listener(on_event, spec))
     task = asyncio.get_running_loop().create_task(agent.run())
     await open_tunnel(agent, task, spec, timeout)
-    return RelayTunnel(agent, task, spec)
+    return RelayTunnel(agent, task, spec, [on_event] if on_event is not None else [])
 
 
 class Tunnel(SyncHandle[RelayTunnel]):

@@ -1,6 +1,7 @@
-"""The IPv6 side of ``natkit expose``: beside the IPv4 mapping, a kept pinhole for this host's
-global IPv6 address when it has one (``public_address_v6``). Best effort: a host without
-global IPv6, or a router that offers no pinholes, leaves the IPv4 side as it was."""
+"""The IPv6 side of ``natkit expose`` and ``natkit.expose`` (:mod:`natkit.expose_core`):
+beside the IPv4 mapping, a kept pinhole for this host's global IPv6 address when it has one
+(``public_address_v6``). Best effort: a host without global IPv6, or a router that offers no
+pinholes, leaves the IPv4 side as it was."""
 
 from __future__ import annotations
 
@@ -73,13 +74,13 @@ class ExposeV6:
             if info.get("closes_in"):
                 self.closed["pinhole_closes_in"] = info["closes_in"]
 
-    def on_event(self, say: Callable[[str, dict[str, Any]], None]) -> None:
-        """Tell ``say(event, json_line)`` when the pinhole is renewed, lost or restored (its
-        opening and closing ride on the mapping's ready and closed events)."""
+    def on_event(self, listener: Callable[[str, Pinhole, dict[str, Any]], None]) -> None:
+        """Call ``listener(event, pinhole, info)`` when the pinhole is renewed, lost or
+        restored (its opening and closing ride on the mapping's ready and closed events)."""
 
-        def relay(event: str, pinhole: Pinhole, info: dict[str, Any]) -> None:
+        def passed_on(event: str, pinhole: Pinhole, info: dict[str, Any]) -> None:
             if event in ("renewed", "lost", "restored"):
-                say(event, {"event": f"pinhole_{event}", **pinhole.to_json(), **info})
+                listener(event, pinhole, info)
 
         if self.keeper is not None:
-            self.keeper.on_event(relay)
+            self.keeper.on_event(passed_on)
