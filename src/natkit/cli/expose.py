@@ -115,6 +115,10 @@ def _event_json(event: str, m: PortMapping, info: dict[str, Any]) -> dict[str, A
     "--tls", "tls_mode", is_flag=True, help="Relay HTTPS by SNI, TLS passed through untouched."
 )
 @click.option("--hostname", default="", help="NAME for --http/--tls (default: a random one).")
+@click.option("--inspect", "inspect_addr", metavar="ADDR",
+              help="--http: serve the inspector (requests, replay) here "
+                   "[default: 127.0.0.1:4040, or the next free port].")  # fmt: skip
+@click.option("--no-inspect", is_flag=True, help="--http: no inspector, no capture.")
 @click.option(
     "--local-host", default="127.0.0.1", show_default=True, help="Where the service listens."
 )
@@ -141,6 +145,17 @@ def expose(**kw: Any) -> None:
         raise click.UsageError("--http/--tls need --relay HOST:PORT")
     if opts.http_mode and opts.tls_mode:
         raise click.UsageError("choose one of --http and --tls")
+    if (opts.inspect_addr or opts.no_inspect) and not opts.http_mode:
+        raise click.UsageError("--inspect/--no-inspect are for --http tunnels")
+    if opts.inspect_addr and opts.no_inspect:
+        raise click.UsageError("choose one of --inspect and --no-inspect")
+    if opts.inspect_addr:
+        from natkit.cli.expose_inspect import parse_inspect_addr
+
+        try:
+            parse_inspect_addr(opts.inspect_addr)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--inspect") from None
     if opts.relay and not opts.token:
         raise click.UsageError("--relay needs --token (or $NATKIT_TOKEN)")
     if opts.relay and opts.protocol == "udp" and opts.via == "relay":
@@ -174,6 +189,8 @@ class ExposeOptions:
     http_mode: bool
     tls_mode: bool
     hostname: str
+    inspect_addr: str | None
+    no_inspect: bool
     local_host: str
     plaintext_data: bool
     fingerprint: str | None
@@ -430,8 +447,21 @@ async def _run_relay(
     scheme = {"tcp": "tcp", "http": "http", "tls": "https"}[opts.kind]
     base = {"method": "relay", "protocol": scheme, "relay": opts.relay,
             "internal_port": opts.port, "internal_host": opts.local_host}  # fmt: skip
+    inspector = None
+    if opts.kind == "http" and not opts.no_inspect:
+        from natkit.cli.expose_inspect import start_inspector, tunnel_opened
+
+        try:
+            inspector = await start_inspector(agent, spec, opts.inspect_addr)
+        except BaseException:
+            task.cancel()
+            raise
+        _say(opts, {"event": "inspector", "url": inspector.url, "tunnel": spec.id},
+             f"inspector: {inspector.url}")  # fmt: skip
 
     def on_event(event: str, info: dict[str, Any]) -> None:
+        if inspector is not None and event in ("ready", "restored"):
+            tunnel_opened(inspector, info["public"])
         if event == "ready":
             opts.ready.set()
             extra = {"mapping": "probing"} if probing else {}
@@ -470,6 +500,8 @@ async def _run_relay(
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
         await agent.close()
+        if inspector is not None:
+            await inspector.close()
         if spec.public:  # a tunnel that never opened is not "closed": the error line says why
             _say(opts, {"event": "closed", **base, "public_address": spec.public},
                  "tunnel closed")  # fmt: skip
