@@ -82,18 +82,31 @@ class _Reader:
         self.buf = bytearray()
         self.msg: Message | None = None  # the message being read (its head is done)
         self.remaining = 0  # bytes of the body (or of the current chunk) still to come
+        self.head_at = 0.0  # when the first byte of the head being read came
         self.step = "head"  # head | length | chunk-size | chunk-data | chunk-end | trailer | close
 
     def feed(self, data: bytes, now: float, request_for: _RequestFor) -> list[Message]:
         """The messages ``data`` completed, in order. Raises :class:`Stop`."""
-        self.buf += data
+        self.add(data, now)
         done: list[Message] = []
+        while (msg := self.next_message(now, request_for)) is not None:
+            done.append(msg)
+        return done
+
+    def add(self, data: bytes, now: float) -> None:
+        if not self.buf and self.msg is None:
+            self.head_at = now  # a message's time is that of its first byte
+        self.buf += data
+
+    def next_message(self, now: float, request_for: _RequestFor) -> Message | None:
+        """The next message the bytes fed so far complete, None when more are needed (one
+        at a time: a response's framing depends on the request it answers)."""
         while self.buf:
             msg = self.msg
             if msg is None:
                 msg = self._head(now, request_for)
                 if msg is None:
-                    break
+                    return None
             elif self.step == "length":
                 self._body(msg, self.remaining)
                 if not self.remaining:
@@ -105,11 +118,11 @@ class _Reader:
             elif self.step == "close":
                 self._body(msg, len(self.buf))
             elif not self._chunk_line(msg, now):
-                break
+                return None
             if msg.complete:
-                done.append(msg)
                 self.msg = None
-        return done
+                return msg
+        return None
 
     def eof(self, now: float) -> Message | None:
         """The connection ended: a response read until close is complete now."""
@@ -135,7 +148,7 @@ class _Reader:
         head = bytes(self.buf[: end + 4])
         del self.buf[: end + 4]
         start, headers = _parse_head(head[:end], self.is_response)
-        msg = Message(start, headers, raw=bytearray(head), started=now)
+        msg = Message(start, headers, raw=bytearray(head), started=self.head_at)
         if self.is_response:
             request = request_for(start)
             msg.framing = _response_framing(request, start, headers)
@@ -158,6 +171,7 @@ class _Reader:
     def _finish(self, msg: Message, now: float) -> None:
         msg.complete, msg.ended = True, now
         self.step, self.remaining = "head", 0
+        self.head_at = now  # for bytes of the next message that came with this one's last
 
     # -- bodies -------------------------------------------------------------------------
     def _body(self, msg: Message, n: int) -> None:
@@ -322,8 +336,10 @@ class ExchangeParser:
     def response_data(self, data: bytes, now: float) -> None:
         if not self.following:
             return
+        reader = self._responses
+        reader.add(data, now)
         try:
-            for msg in self._responses.feed(data, now, self._request_for):
+            while (msg := reader.next_message(now, self._request_for)) is not None:
                 self._answered(msg)
         except Stop as stop:
             self._stop(str(stop), self._responses.msg)
