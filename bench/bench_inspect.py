@@ -71,7 +71,8 @@ def _http_tunnel(env: Env, target: int, *, plaintext: bool, inspect: bool) -> Ro
             raise BenchError("the agent started no inspector (is this checkout's natkit used?)")
         info["inspector"] = json.loads(found.group(0))["url"]
     label = ("plaintext data (splice)" if plaintext else "sealed data") + (
-        ", inspector on" if inspect else ", --no-inspect")
+        ", inspector on" if inspect else ", --no-inspect"
+    )
     return Route(f"natkit_{mode}", f"natkit HTTP tunnel, {label}", int(ready["http_port"]),
                  {"relay": relay, "agent": agent}, info)  # fmt: skip
 
@@ -83,10 +84,14 @@ def _wrk_host(port: int, seconds: float) -> dict[str, Any]:
     rps = re.search(r"Requests/sec:\s+([\d.]+)", p.stdout)
     total = re.search(r"(\d+) requests in", p.stdout)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", p.stdout)
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", p.stdout)
+    sock = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", p.stdout
+    )
     if p.returncode != 0 or rps is None:
         raise BenchError(f"wrk exited {p.returncode}: {(p.stdout + p.stderr).strip()[-300:]}")
-    errors = (sum(int(x) for x in sock.groups()) if sock else 0) + (int(non2xx.group(1)) if non2xx else 0)
+    errors = (sum(int(x) for x in sock.groups()) if sock else 0) + (
+        int(non2xx.group(1)) if non2xx else 0
+    )
     return {"rps": float(rps.group(1)), "requests": int(total.group(1)) if total else 0,
             "errors": errors}  # fmt: skip
 
@@ -120,7 +125,7 @@ def run(lab: Any, opts: Options) -> RelayReport:
             for p in paths:
                 _wrk_host(p.port, 1)
             for rnd in range(rounds):
-                order = paths[rnd % len(paths):] + paths[: rnd % len(paths)]
+                order = paths[rnd % len(paths) :] + paths[: rnd % len(paths)]
                 print(f"  round {rnd + 1}/{rounds} (req/s):", end="", flush=True)
                 for p in order:
                     cpu0, s0 = p.cpu(), _steal_s()
@@ -156,7 +161,9 @@ def _report(started: Any, elapsed: float, machine: dict[str, Any], rounds: int,
                      str(sum(r["errors"] for r in rs)), f"{captured.get(key, 0):,}"])  # fmt: skip
         if key != base:
             ratio = statistics.median(per_round)
-            ratios.append(Ratio(f"{labels[key]} / --no-inspect (per round, median)", key, base, ratio))
+            ratios.append(
+                Ratio(f"{labels[key]} / --no-inspect (per round, median)", key, base, ratio)
+            )
             goals.append((f"{labels[key]}: ≥ {GOAL_COST:g}x the requests/s of --no-inspect",
                           ratio >= GOAL_COST))  # fmt: skip
     table = Table(

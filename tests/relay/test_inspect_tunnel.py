@@ -254,6 +254,25 @@ async def test_the_api_refuses_other_sites(relay: RelayServer, service: Service,
         assert status == 200
 
 
+async def test_a_tunnel_nobody_inspects_is_not_tapped(
+    relay: RelayServer, service: Service, tmp_path: Path
+) -> None:
+    """Capture pauses after ``idle`` with nobody looking; the API's next use resumes it."""
+    assert relay.http_port
+    async with inspected(relay, service, tmp_path, plaintext=False) as inspector:
+        inspector.store.idle = 0.2
+        await asyncio.sleep(1.3)  # the inspector's idle check runs every second
+        assert not inspector.store.capturing
+        await visit(relay.http_port, [req("GET", "/unseen")], len(Service.answer("/unseen", b"")))
+        await asyncio.sleep(0.1)
+        assert inspector.store.list() == [] and service.got[-1].startswith(b"GET /unseen")
+        status, info = await api(inspector, "GET", "/api/inspect/status")
+        assert status == 200 and info["capturing"] and info["paused"][0]["to"] is not None, info
+        await visit(relay.http_port, [req("GET", "/seen")], len(Service.answer("/seen", b"")))
+        (record,) = await settled(inspector, 1)
+        assert record.exchange.request.start[1] == "/seen"
+
+
 async def test_events_stream_tells_each_request_as_it_comes(
     relay: RelayServer, service: Service, tmp_path: Path
 ) -> None:

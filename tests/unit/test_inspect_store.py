@@ -196,3 +196,41 @@ def test_changes_from_the_page() -> None:
     for bad in ([], {"method": 1}, {"headers": [["a"]]}, {"headers": "x"}, {"body_base64": "!"}):
         with pytest.raises(ReplayError):
             changes_from_json(bad)
+
+
+# ---- capture pauses when nobody looks ------------------------------------------------------
+
+
+async def test_capture_pauses_when_nobody_looks_and_resumes_at_a_look() -> None:
+    from natkit.inspect.tap import tap_factory
+
+    store = CaptureStore(idle=0.05)
+    make = tap_factory(store, "demo")
+    open_tap = make("198.51.100.1:1")  # a fresh store captures (a look is assumed at start)
+    assert open_tap is not None and open_tap.on
+    open_tap.request(REQ)
+    await asyncio.sleep(0.1)
+    assert make("198.51.100.1:2") is None  # nobody looked for 50 ms: no tap, no cost
+    assert not store.capturing and store.paused[-1][1] is None
+    assert not open_tap.on  # a connection open across the pause stops being copied
+    (record,) = store.list()
+    assert "capture paused" in record.note  # its request was whole; its answer never seen
+    store.look()
+    assert store.capturing and store.paused[-1][1] is not None
+    assert make("198.51.100.1:3") is not None
+
+
+async def test_an_open_subscription_keeps_capture_on() -> None:
+    store = CaptureStore(idle=0.01)
+    sub = store.subscribe()
+    await asyncio.sleep(0.05)
+    assert store.check_idle()
+    sub.close()
+    await asyncio.sleep(0.05)
+    assert not store.check_idle()
+
+
+def test_capture_without_idle_never_pauses() -> None:
+    store = CaptureStore(idle=None)
+    store._last_look -= 10**6
+    assert store.check_idle() and store.paused == []

@@ -119,6 +119,10 @@ def _event_json(event: str, m: PortMapping, info: dict[str, Any]) -> dict[str, A
               help="--http: serve the inspector (requests, replay) here "
                    "[default: 127.0.0.1:4040, or the next free port].")  # fmt: skip
 @click.option("--no-inspect", is_flag=True, help="--http: no inspector, no capture.")
+@click.option("--inspect-idle", type=click.FloatRange(0), default=600.0, show_default=True,
+              metavar="SECONDS",
+              help="--http: capture pauses after this long with nobody using the inspector "
+                   "(0: never); the next look resumes it.")  # fmt: skip
 @click.option(
     "--local-host", default="127.0.0.1", show_default=True, help="Where the service listens."
 )
@@ -191,6 +195,7 @@ class ExposeOptions:
     hostname: str
     inspect_addr: str | None
     no_inspect: bool
+    inspect_idle: float
     local_host: str
     plaintext_data: bool
     fingerprint: str | None
@@ -452,11 +457,12 @@ async def _run_relay(
         from natkit.cli.expose_inspect import start_inspector, tunnel_opened
 
         try:
-            inspector = await start_inspector(agent, spec, opts.inspect_addr)
+            inspector = await start_inspector(agent, spec, opts.inspect_addr, opts.inspect_idle)
         except BaseException:
             task.cancel()
             raise
-        _say(opts, {"event": "inspector", "url": inspector.url, "tunnel": spec.id},
+        _say(opts, {"event": "inspector", "url": inspector.url, "tunnel": spec.id,
+                    "idle": opts.inspect_idle or None},
              f"inspector: {inspector.url}")  # fmt: skip
 
     def on_event(event: str, info: dict[str, Any]) -> None:

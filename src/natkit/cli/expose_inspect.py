@@ -27,14 +27,18 @@ def parse_inspect_addr(text: str) -> tuple[str, int]:
     return parse_hostport(text, allow_zero=True)
 
 
-async def start_inspector(agent: Agent, spec: TunnelSpec, addr: str | None) -> Inspector:
+async def start_inspector(
+    agent: Agent, spec: TunnelSpec, addr: str | None, idle: float = 600.0
+) -> Inspector:
     """Serve the inspector at ``addr`` (None: 127.0.0.1:4040 or the next free port) and
-    capture the tunnel's visitors. Raises NatkitError when the address cannot be had."""
+    capture the tunnel's visitors, pausing after ``idle`` seconds with nobody looking (0:
+    never). Raises NatkitError when the address cannot be had."""
     from natkit.inspect.server import Inspector
+    from natkit.inspect.store import CaptureStore
     from natkit.inspect.tap import tap_factory
 
     host, port = parse_inspect_addr(addr or DEFAULT_ADDR)
-    inspector = Inspector()
+    inspector = Inspector(CaptureStore(idle=idle or None))
     tries = TRIES if addr is None else 1
     for i in range(tries):
         try:

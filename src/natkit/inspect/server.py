@@ -9,8 +9,12 @@ Routes (ngrok's agent API where it has one):
 - ``DELETE /api/requests/http`` forgets them all (204);
 - ``POST /api/requests/http/ID/replay`` (natkit) replays with changes (``method``,
   ``uri``, ``headers``, ``body``/``body_base64``), answers the new record (201);
-- ``GET /api/events`` (natkit) server-sent events: ``request``, ``response``, ``clear``;
-- ``GET /api/tunnels`` the tunnels the inspector watches.
+- ``GET /api/events`` (natkit) server-sent events: ``request``, ``response`` (a record's
+  summary: no headers, no bytes), ``clear``;
+- ``GET /api/tunnels`` the tunnels the inspector watches;
+- ``GET /api/inspect/status`` (natkit) whether it captures, when it paused, the buffer.
+
+Every request counts as someone looking (capture goes on, see :mod:`natkit.inspect.store`).
 
 The server listens on loopback by default. A web page elsewhere must not read or drive
 it: a request whose Host is not the inspector's own address (DNS rebinding) is refused,
@@ -34,12 +38,21 @@ from urllib.parse import parse_qs, urlsplit
 from natkit.inspect.exchange import Message, RequestReader, Stop
 from natkit.inspect.replay import ReplayError
 from natkit.inspect.store import CaptureStore, Service, Subscription
-from natkit.inspect.views import API_REQUESTS, changes_from_json, dumps, record_json, records_json
+from natkit.inspect.views import (
+    API_REQUESTS,
+    changes_from_json,
+    dumps,
+    iso_time,
+    record_json,
+    records_json,
+    summary_json,
+)
 
 log = logging.getLogger("natkit.inspect")
 MAX_API_BODY = 2 * 1024 * 1024  # a replay's changed body fits
 IDLE_TIMEOUT = 60.0  # a kept-alive API connection with no request for this long is closed
 SSE_PING = 15.0  # a comment line this often keeps an event stream through idle proxies
+IDLE_CHECK = 1.0  # how often to see whether anyone still looks
 _STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
            "app.css": "text/css; charset=utf-8"}  # fmt: skip
 
@@ -66,6 +79,7 @@ class Inspector:
         self.server: asyncio.Server | None = None
         self.address: tuple[str, int] = ("", 0)
         self._streams: set[Subscription] = set()
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def watch(self, name: str, public_url: str, host: str, port: int) -> None:
         """Tunnel ``name`` (its public URL; visitors go to host:port) is captured."""
@@ -83,8 +97,16 @@ class Inspector:
         self.server = await asyncio.start_server(self._client, host, port, limit=65536)
         sockname = self.server.sockets[0].getsockname()
         self.address = (str(sockname[0]), int(sockname[1]))
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        """Pause capture once nobody looks (open connections' taps stop too)."""
+        self.store.check_idle()
+        self._idle_timer = asyncio.get_running_loop().call_later(IDLE_CHECK, self._check_idle)
 
     async def close(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         for sub in list(self._streams):
             sub.close()
         if self.server is not None:
@@ -124,6 +146,7 @@ class Inspector:
         )
         try:
             self._check_origin(request)
+            self.store.look()  # someone looks: capture goes on (again)
             result = await self._route(request, writer)
         except _HTTPError as exc:
             body = dumps({"error_code": exc.status, "status_code": exc.status, "msg": str(exc)})
@@ -187,6 +210,14 @@ class Inspector:
         if path == "/api/events" and method == "GET":
             await self._events(writer)
             return None
+        if path == "/api/inspect/status" and method == "GET":
+            store = self.store
+            return 200, "application/json", dumps({
+                "capturing": store.capturing, "idle": store.idle,
+                "paused": [{"from": iso_time(a or 0), "to": iso_time(b) if b else None}
+                           for a, b in store.paused],
+                "records": len(store.list()), "bytes": store.bytes, "max_bytes": store.max_bytes,
+                "max_body": store.max_body, "dropped": store.dropped})  # fmt: skip
         if path == "/api/tunnels" and method == "GET":
             return 200, "application/json", dumps({"uri": "/api/tunnels", "tunnels": [
                 {"name": t.name, "uri": f"/api/tunnels/{t.name}", "public_url": t.public_url,
@@ -256,7 +287,7 @@ class Inspector:
                     continue
                 except EOFError:
                     return
-                data = dumps(record_json(record)) if record is not None else b"{}"
+                data = dumps(summary_json(record)) if record is not None else b"{}"
                 writer.write(b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n")
                 await writer.drain()
         finally:

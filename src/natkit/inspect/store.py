@@ -10,10 +10,16 @@ The interface other parts use (the inspector's API, the pyngrok-compatible agent
   is captured too and returned;
 - ``subscribe()``: a :class:`Subscription` whose ``await get()`` gives ``(kind, record)``
   as records are added (``"request"``: the request is whole, the response still to come),
-  completed (``"response"``) and when the store is cleared (``"clear"``, None).
+  completed (``"response"``) and when the store is cleared (``"clear"``, None);
+- ``look()``: someone used the API (call it on every request an API serves).
 
 Records are added by :class:`~natkit.inspect.tap.ConnectionTap` (one per visitor
 connection) and by replays. The oldest go when the records' bytes exceed ``max_bytes``.
+
+Capture is watched, not free: copying and parsing every exchange costs a Python agent
+about as much CPU as relaying it. So capture pauses when nobody has looked for ``idle``
+seconds (no open subscription, no ``look()``), and resumes at the next look: a tunnel
+nobody inspects pays nothing (no tap at all on its connections). ``paused`` keeps when.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import dataclasses
 import itertools
 import os
 import time
-from typing import TYPE_CHECKING
+import weakref
+from typing import TYPE_CHECKING, Protocol
 
 from natkit.inspect.exchange import MAX_BODY, Exchange
 
@@ -32,6 +39,7 @@ if TYPE_CHECKING:
     from natkit.inspect.replay import Changes
 
 MAX_BYTES = 32 * 1024 * 1024  # default cap of the whole buffer
+IDLE = 600.0  # default: capture pauses after this long with nobody looking
 _RECORD_OVERHEAD = 512  # bytes counted per record beside its messages (its fields)
 SUBSCRIBER_BACKLOG = 1000  # events a slow subscriber may have waiting before it is dropped
 
@@ -73,6 +81,10 @@ class Record:
         return n + _RECORD_OVERHEAD
 
 
+class _Stoppable(Protocol):
+    def stop(self, why: str) -> None: ...
+
+
 class Subscription:
     """Events of a :class:`CaptureStore` as they happen; ``close()`` when done. A
     subscriber that falls :data:`SUBSCRIBER_BACKLOG` events behind is closed (``get``
@@ -83,6 +95,7 @@ class Subscription:
         self._queue: collections.deque[tuple[str, Record | None]] = collections.deque()
         self._wake = asyncio.Event()
         self.closed = False
+        store.look()  # an open subscription keeps capture on
 
     def _put(self, kind: str, record: Record | None) -> None:
         if self.closed:
@@ -102,6 +115,8 @@ class Subscription:
         return self._queue.popleft()
 
     def close(self) -> None:
+        if not self.closed:
+            self._store.look()  # the idle time counts from here
         self.closed = True
         self._store._subscribers.discard(self)
         self._wake.set()
@@ -111,8 +126,14 @@ class CaptureStore:
     """Captured exchanges, oldest dropped beyond ``max_bytes``; bodies are kept up to
     ``max_body`` bytes each (a connection with a larger one is no longer followed)."""
 
-    def __init__(self, max_bytes: int = MAX_BYTES, max_body: int = MAX_BODY) -> None:
+    def __init__(
+        self, max_bytes: int = MAX_BYTES, max_body: int = MAX_BODY, idle: float | None = IDLE
+    ) -> None:
         self.max_bytes, self.max_body = max_bytes, max_body
+        self.idle = idle  # None: capture never pauses
+        self._last_look = time.monotonic()  # a fresh store captures for ``idle`` seconds
+        self.paused: list[list[float | None]] = []  # [from, to] wall times; to None: now
+        self._taps: weakref.WeakSet[_Stoppable] = weakref.WeakSet()  # live connection taps
         self._records: collections.OrderedDict[str, Record] = collections.OrderedDict()
         self._sizes: dict[str, int] = {}
         self.bytes = 0
@@ -157,7 +178,36 @@ class CaptureStore:
         self._subscribers.add(sub)
         return sub
 
+    def look(self) -> None:
+        """Someone looked (an API request): capture goes on (again) for ``idle`` seconds."""
+        self._last_look = time.monotonic()
+        if self.paused and self.paused[-1][1] is None:
+            self.paused[-1][1] = time.time()
+
+    @property
+    def capturing(self) -> bool:
+        return not self.paused or self.paused[-1][1] is not None
+
+    def check_idle(self) -> bool:
+        """Pause capture when nobody has looked for ``idle`` seconds (call it now and then);
+        True when capturing. Pausing stops the taps of connections already open."""
+        if not self.capturing:
+            return False
+        if self.idle is None or self._subscribers:
+            return True
+        if time.monotonic() - self._last_look < self.idle:
+            return True
+        self.paused.append([time.time(), None])
+        for tap in list(self._taps):
+            tap.stop("capture paused: nobody was looking")
+        self._taps.clear()
+        return False
+
     # -- for the taps ---------------------------------------------------------------------
+    def tapped(self, tap: _Stoppable) -> None:
+        """A connection's tap exists (stopped when capture pauses)."""
+        self._taps.add(tap)
+
     def new_id(self) -> str:
         return f"{self._prefix}{next(self._seq):08x}"
 

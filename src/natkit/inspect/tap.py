@@ -22,8 +22,8 @@ _REQUEST, _RESPONSE, _CLOSED = 0, 1, 2
 
 
 class ConnectionTap:
-    __slots__ = ("_chunks", "_loop", "_parser", "_records", "_scheduled", "first", "on",
-                 "replay_of", "store", "tunnel", "visitor")  # fmt: skip
+    __slots__ = ("__weakref__", "_chunks", "_loop", "_parser", "_records", "_scheduled",
+                 "first", "on", "replay_of", "store", "tunnel", "visitor")  # fmt: skip
 
     def __init__(self, store: CaptureStore, tunnel: str, visitor: str, replay_of: str = "") -> None:
         self.store, self.tunnel, self.visitor = store, tunnel, visitor
@@ -96,6 +96,13 @@ class ConnectionTap:
             record.note = f"response body over {self.store.max_body} bytes: capture stopped"
         self.store.completed(record)
 
+    def stop(self, why: str) -> None:
+        """Stop capturing this connection (capture paused): what was whole is kept."""
+        if self.on:
+            self._parse()
+            if self.on:
+                self._give_up(why)
+
     def _give_up(self, why: str) -> None:
         """Stop following: the records still waiting for a response say why."""
         self.on = False
@@ -111,10 +118,15 @@ TapFactory = Callable[[str], "ConnectionTap | None"]
 
 
 def tap_factory(store: CaptureStore, tunnel: str) -> TapFactory:
-    """What the agent calls with each visitor's address to get that connection's tap."""
+    """What the agent calls with each visitor's address to get that connection's tap (None
+    while capture is paused)."""
 
-    def make(visitor: str) -> ConnectionTap:
-        return ConnectionTap(store, tunnel, visitor)
+    def make(visitor: str) -> ConnectionTap | None:
+        if not store.check_idle():
+            return None  # nobody is looking: this connection costs nothing
+        tap = ConnectionTap(store, tunnel, visitor)
+        store.tapped(tap)
+        return tap
 
     return make
 

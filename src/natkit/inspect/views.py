@@ -38,7 +38,7 @@ def _b64(data: bytes | bytearray) -> str:
     return base64.b64encode(bytes(data)).decode("ascii")
 
 
-def _start(wall: float) -> str:
+def iso_time(wall: float) -> str:
     return datetime.datetime.fromtimestamp(wall, datetime.timezone.utc).isoformat()
 
 
@@ -53,7 +53,7 @@ def record_json(record: Record) -> dict[str, Any]:
         "id": record.id,
         "tunnel_name": record.tunnel,
         "remote_addr": host.strip("[]") if host else record.visitor,
-        "start": _start(record.wall_start),
+        "start": iso_time(record.wall_start),
         "duration": round(duration * 1e9) if duration is not None else 0,
         "request": {
             "method": request.start[0],
@@ -85,6 +85,17 @@ def record_json(record: Record) -> dict[str, Any]:
         out["natkit"] |= {"response_body": _b64(response.body),
                           "response_truncated": response.truncated}  # fmt: skip
     return out
+
+
+def summary_json(record: Record) -> dict[str, Any]:
+    """What the page's list needs of a record (the live events carry this: no bytes)."""
+    full = record_json(record)
+    full["request"] = {k: full["request"][k] for k in ("method", "proto", "uri")}
+    if full["response"] is not None:
+        full["response"] = {k: full["response"][k] for k in ("status", "status_code", "proto")}
+    keep = ("visitor", "replay_of", "note", "complete")
+    full["natkit"] = {k: full["natkit"][k] for k in keep}
+    return full
 
 
 def records_json(records: list[Record]) -> dict[str, Any]:

@@ -1,10 +1,12 @@
 // natkit inspector page: lists captured requests live (server-sent events from
-// /api/events), shows one in detail, replays it (as captured or changed).
+// /api/events carry summaries), shows one in detail (fetched when selected), replays it
+// (as captured or changed).
 "use strict";
 
 const API = "/api/requests/http";
-const records = new Map(); // id -> record (ngrok's JSON shape plus .natkit)
+const records = new Map(); // id -> record or its summary (ngrok's JSON shape plus .natkit)
 let selected = null;
+let shown = 0; // a counter: a late answer for an earlier selection is not shown
 
 const $ = (id) => document.getElementById(id);
 const el = (tag, attrs = {}, ...children) => {
@@ -97,7 +99,7 @@ function upsert(rec, fresh) {
   else tbody.prepend(tr);
   if (fresh && !had) tr.classList.add("new");
   $("empty").hidden = records.size > 0;
-  if (rec.id === selected) show(rec);
+  if (rec.id === selected) detail(rec.id);
 }
 
 function messageView(msg, body, ctype, truncated, raw) {
@@ -142,12 +144,24 @@ function show(rec) {
     : el("p", { class: "pending" }, n.complete ? "No response was captured." : "Waiting for the response…"));
 }
 
+// The whole record (headers, bodies, bytes) of the selected row, then shown.
+async function detail(id) {
+  const mine = ++shown;
+  try {
+    const rec = await api("GET", `${API}/${id}`);
+    records.set(id, rec);
+    if (mine === shown && selected === id) show(rec);
+  } catch (e) {
+    if (mine === shown) $("summary").textContent = "gone from the buffer: " + e.message;
+  }
+}
+
 function select(id) {
   selected = id;
   for (const tr of $("requests").tBodies[0].rows) tr.classList.toggle("sel", tr.dataset.id === id);
   $("editor").hidden = true;
   $("replay-result").textContent = "";
-  show(records.get(id));
+  detail(id);
 }
 
 async function api(method, path, body) {
@@ -214,16 +228,27 @@ function clearAll() {
 }
 
 async function load() {
-  const [list, tunnels] = await Promise.all([api("GET", `${API}?limit=500`), api("GET", "/api/tunnels")]);
+  const [list, tunnels, status] = await Promise.all([api("GET", `${API}?limit=500`), api("GET", "/api/tunnels"), api("GET", "/api/inspect/status")]);
   $("tunnels").replaceChildren(...tunnels.tunnels.map((t) => el("li", {}, `${t.public_url} → ${t.config.addr}`)));
   for (const rec of list.requests.reverse()) upsert(rec, false);
+  const last = status.paused[status.paused.length - 1];
+  $("paused").hidden = !last;
+  if (last) {
+    const t = (iso) => new Date(iso).toLocaleString();
+    $("paused").textContent = `Capture was paused (nobody looked for ${status.idle} s) from ${t(last.from)} to ${last.to ? t(last.to) : "now"}; connections opened meanwhile are not captured.`;
+  }
 }
 
 function live() {
   const es = new EventSource("/api/events");
+  let lost = false;
   const on = (state) => { $("live").className = state ? "on" : "off"; $("live").textContent = state ? "live" : "reconnecting…"; };
-  es.onopen = () => on(true);
-  es.onerror = () => on(false);
+  es.onopen = () => {
+    on(true);
+    if (lost) load().catch(() => {}); // what came while the stream was down
+    lost = false;
+  };
+  es.onerror = () => { on(false); lost = true; };
   for (const kind of ["request", "response"]) es.addEventListener(kind, (ev) => upsert(JSON.parse(ev.data), true));
   es.addEventListener("clear", clearAll);
 }
