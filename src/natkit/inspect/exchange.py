@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections.abc import Callable
 
 MAX_HEAD = 64 * 1024  # a request or response head larger than this is not followed
 MAX_BODY = 1024 * 1024  # a body captured beyond this ends the capture of the connection
 _MAX_CHUNK_LINE = 4096
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_TCHAR = r"!#$%&'*+\-.^_`|~0-9A-Za-z"  # RFC 9110 5.6.2 token characters
+_TOKEN_RE = re.compile(f"[{_TCHAR}]+")
+_HEADERS_RE = re.compile(f"(?:[{_TCHAR}]+:[^\r\n]*\r\n)*".encode())
+_HEADER_RE = re.compile(f"([{_TCHAR}]+):[ \t]*([^\r\n]*?)[ \t]*\r\n".encode())
 
 
 class Framing(enum.Enum):
@@ -232,8 +236,10 @@ class _Reader:
 def _parse_head(
     head: bytes, is_response: bool
 ) -> tuple[tuple[str, str, str], list[tuple[str, str]]]:
-    lines = head.split(b"\r\n")
-    first = lines[0].decode("latin-1")
+    """The start line and the headers of a head (without its final CRLF CRLF). Regular
+    expressions do the per-byte work: this runs for every captured message."""
+    first_end = head.find(b"\r\n")
+    first = (head if first_end < 0 else head[:first_end]).decode("latin-1")
     if is_response:
         version, _, rest = first.partition(" ")
         status, _, reason = rest.partition(" ")
@@ -242,19 +248,19 @@ def _parse_head(
         start = (version, status, reason)
     else:
         parts = first.split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[0] or not parts[1]:
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1]:
             raise Stop(f"not an HTTP/1.x request line: {first[:60]!r}")
-        if any(c not in _TOKEN for c in parts[0].encode("latin-1")):
+        if not _TOKEN_RE.fullmatch(parts[0]):
             raise Stop(f"not an HTTP method: {parts[0][:30]!r}")
         start = (parts[0], parts[1], parts[2])
-    headers: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or any(c not in _TOKEN for c in name):
-            # RFC 9112 5.1/5.2: no space before the colon, no obsolete line folding.
-            raise Stop(f"a malformed header line: {line[:60]!r}")
-        headers.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
-    return start, headers
+    if first_end < 0:
+        return start, []
+    block = head[first_end + 2 :] + b"\r\n"
+    if not _HEADERS_RE.fullmatch(block):
+        # RFC 9112 5.1/5.2: no space before the colon, no obsolete line folding.
+        bad = next(line for line in block.split(b"\r\n") if not _HEADERS_RE.fullmatch(line + b"\r\n"))
+        raise Stop(f"a malformed header line: {bad[:60]!r}")
+    return start, [(n.decode("latin-1"), v.decode("latin-1")) for n, v in _HEADER_RE.findall(block)]
 
 
 def _values(headers: list[tuple[str, str]], name: str) -> list[str]:
