@@ -258,7 +258,9 @@ def _parse_head(
     block = head[first_end + 2 :] + b"\r\n"
     if not _HEADERS_RE.fullmatch(block):
         # RFC 9112 5.1/5.2: no space before the colon, no obsolete line folding.
-        bad = next(line for line in block.split(b"\r\n") if not _HEADERS_RE.fullmatch(line + b"\r\n"))
+        bad = next(
+            line for line in block.split(b"\r\n") if not _HEADERS_RE.fullmatch(line + b"\r\n")
+        )
         raise Stop(f"a malformed header line: {bad[:60]!r}")
     return start, [(n.decode("latin-1"), v.decode("latin-1")) for n, v in _HEADER_RE.findall(block)]
 

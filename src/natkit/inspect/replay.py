@@ -12,14 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from natkit.errors import NatkitError
 from natkit.inspect.exchange import Message
-from natkit.inspect.store import CaptureStore, Record
-
-if TYPE_CHECKING:
-    from natkit.inspect.tap import ConnectionTap
+from natkit.inspect.records import Record, Service
+from natkit.inspect.tap import ConnectionTap, Sink
 
 REPLAY_TIMEOUT = 30.0  # the whole exchange, connect to the response's last byte
 _HOP_BY_HOP = {"content-length", "transfer-encoding"}
@@ -66,11 +64,15 @@ def request_bytes(request: Message, changes: Changes | None) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-async def replay(store: CaptureStore, record: Record, changes: Changes | None) -> Record:
+class ReplaySink(Sink, Protocol):
+    """A sink that knows where each tunnel's visitors go."""
+
+    services: dict[str, Service]
+
+
+async def replay(store: ReplaySink, record: Record, changes: Changes | None) -> Record:
     """Send ``record``'s request (changed by ``changes``) to its tunnel's service and
     capture the exchange in ``store``; returns the new record once its response is whole."""
-    from natkit.inspect.tap import ConnectionTap
-
     service = store.services.get(record.tunnel)
     if service is None:
         raise LookupError(f"tunnel {record.tunnel!r} has no local service now")

@@ -36,8 +36,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from natkit.inspect.exchange import Message, RequestReader, Stop
+from natkit.inspect.records import Service
 from natkit.inspect.replay import ReplayError
-from natkit.inspect.store import CaptureStore, Service, Subscription
+from natkit.inspect.store import CaptureStore, Subscription
 from natkit.inspect.views import (
     API_REQUESTS,
     changes_from_json,

@@ -26,59 +26,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import itertools
 import os
 import time
 import weakref
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from natkit.inspect.exchange import MAX_BODY, Exchange
-
-if TYPE_CHECKING:
-    from natkit.inspect.replay import Changes
+from natkit.inspect.exchange import MAX_BODY
+from natkit.inspect.records import Record, Service
+from natkit.inspect.replay import Changes, replay
 
 MAX_BYTES = 32 * 1024 * 1024  # default cap of the whole buffer
 IDLE = 600.0  # default: capture pauses after this long with nobody looking
-_RECORD_OVERHEAD = 512  # bytes counted per record beside its messages (its fields)
 SUBSCRIBER_BACKLOG = 1000  # events a slow subscriber may have waiting before it is dropped
-
-
-@dataclasses.dataclass
-class Service:
-    """Where a tunnel's visitors are sent: replays go there too."""
-
-    host: str
-    port: int
-
-
-@dataclasses.dataclass
-class Record:
-    """One captured exchange with what the tunnel knew of it."""
-
-    id: str
-    tunnel: str
-    visitor: str  # "ADDRESS:PORT" as the relay saw it, or "replay"
-    exchange: Exchange
-    wall_start: float  # time.time() of the request's first byte
-    replay_of: str = ""  # the record this one replays
-    note: str = ""  # why the capture of its connection stopped early, when it did
-
-    @property
-    def duration(self) -> float | None:
-        """Seconds from the request's first byte to the response's last; None while open."""
-        response = self.exchange.response
-        if response is None or not response.complete:
-            return None
-        return max(0.0, response.ended - self.exchange.request.started)
-
-    @property
-    def size(self) -> int:
-        response = self.exchange.response
-        n = len(self.exchange.request.raw) + len(self.exchange.request.body)
-        if response is not None:
-            n += len(response.raw) + len(response.body)
-        return n + _RECORD_OVERHEAD
 
 
 class _Stoppable(Protocol):
@@ -169,8 +129,6 @@ class CaptureStore:
         """Send record ``record_id``'s request to its tunnel's service again (changed by
         ``changes``); the new exchange is captured and returned. Raises KeyError (no such
         record), LookupError (its tunnel has no service now), OSError, ReplayError."""
-        from natkit.inspect.replay import replay
-
         return await replay(self, self.get(record_id), changes)
 
     def subscribe(self) -> Subscription:

@@ -14,18 +14,35 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from natkit.inspect.exchange import Exchange, ExchangeParser
-from natkit.inspect.store import CaptureStore, Record
+from natkit.inspect.records import Record
 
 _REQUEST, _RESPONSE, _CLOSED = 0, 1, 2
+
+
+class Sink(Protocol):
+    """Where a tap's records go (:class:`natkit.inspect.store.CaptureStore`)."""
+
+    max_body: int
+
+    def new_id(self) -> str: ...
+
+    def add(self, record: Record) -> None: ...
+
+    def completed(self, record: Record) -> None: ...
+
+    def check_idle(self) -> bool: ...
+
+    def tapped(self, tap: ConnectionTap) -> None: ...
 
 
 class ConnectionTap:
     __slots__ = ("__weakref__", "_chunks", "_loop", "_parser", "_records", "_scheduled",
                  "first", "on", "replay_of", "store", "tunnel", "visitor")  # fmt: skip
 
-    def __init__(self, store: CaptureStore, tunnel: str, visitor: str, replay_of: str = "") -> None:
+    def __init__(self, store: Sink, tunnel: str, visitor: str, replay_of: str = "") -> None:
         self.store, self.tunnel, self.visitor = store, tunnel, visitor
         self.replay_of = replay_of
         self.first: Record | None = None  # the connection's first record (a replay's)
@@ -117,7 +134,7 @@ class ConnectionTap:
 TapFactory = Callable[[str], "ConnectionTap | None"]
 
 
-def tap_factory(store: CaptureStore, tunnel: str) -> TapFactory:
+def tap_factory(store: Sink, tunnel: str) -> TapFactory:
     """What the agent calls with each visitor's address to get that connection's tap (None
     while capture is paused)."""
 

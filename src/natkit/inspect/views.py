@@ -16,8 +16,8 @@ import json
 from typing import Any
 
 from natkit.inspect.exchange import Message
+from natkit.inspect.records import Record
 from natkit.inspect.replay import Changes, ReplayError
-from natkit.inspect.store import Record
 
 API_REQUESTS = "/api/requests/http"
 
