@@ -10,6 +10,8 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -310,3 +312,14 @@ def test_expose_flags(tmp_path: Path) -> None:
     p = subprocess.run([*run, "--http", "--inspect", "nope"], capture_output=True, text=True,
                        timeout=30, check=False)  # fmt: skip
     assert p.returncode == 2 and "--inspect" in p.stderr, p.stderr
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        taken.listen()
+        where = f"{LOOPBACK}:{taken.getsockname()[1]}"
+        p = subprocess.run([*run, "--http", "--inspect", where, "--json"], capture_output=True,
+                           text=True, timeout=30, check=False, env={**os.environ,
+                           "NATKIT_STATE_DIR": str(tmp_path)})  # fmt: skip
+    error = json.loads(p.stdout.strip().splitlines()[-1])
+    assert p.returncode == 1 and error["event"] == "error", (p.stdout, p.stderr)
+    assert error["message"] == (f"cannot serve the inspector on {where}: Address already in use; "
+                                "choose another address with --inspect HOST:PORT, or --no-inspect")  # fmt: skip

@@ -7,6 +7,7 @@ loads none of it.
 from __future__ import annotations
 
 import errno
+import os
 from typing import TYPE_CHECKING
 
 from natkit.errors import NatkitError
@@ -48,8 +49,9 @@ async def start_inspector(
             if exc.errno == errno.EADDRINUSE and i + 1 < tries:
                 continue
             where = f"{host}:{port}" if tries == 1 else f"{host}:{port}-{port + tries - 1}"
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise NatkitError(
-                f"cannot serve the inspector on {where}: {exc.strerror or exc}; choose "
+                f"cannot serve the inspector on {where}: {reason}; choose "
                 "another address with --inspect HOST:PORT, or --no-inspect"
             ) from None
     name = spec.name or TUNNEL_NAME
