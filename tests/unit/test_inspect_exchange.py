@@ -253,3 +253,14 @@ def test_garbage_after_good_requests_keeps_what_was_whole(prefix: bytes, tail: b
     p.request_data(prefix + tail, 1.0)
     events = p.events()
     assert events and bytes(events[0][1].request.raw) == prefix
+
+
+def test_requests_piling_up_unanswered_stop_the_capture() -> None:
+    from natkit.inspect.exchange import MAX_WAITING
+
+    p = ExchangeParser()
+    p.request_data(GET * MAX_WAITING, 1.0)
+    assert p.following
+    p.request_data(GET, 2.0)
+    assert not p.following and "waiting for responses" in p.stopped
+    assert len(p.events()) == MAX_WAITING + 1  # all told; none will be answered

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 MAX_HEAD = 64 * 1024  # a request or response head larger than this is not followed
 MAX_BODY = 1024 * 1024  # a body captured beyond this ends the capture of the connection
+MAX_WAITING = 256  # requests waiting for their responses (pipelined) before capture stops
 _MAX_CHUNK_LINE = 4096
 _TCHAR = r"!#$%&'*+\-.^_`|~0-9A-Za-z"  # RFC 9110 5.6.2 token characters
 _TOKEN_RE = re.compile(f"[{_TCHAR}]+")
@@ -338,6 +339,8 @@ class ExchangeParser:
                 ex = Exchange(msg)
                 self._waiting.append(ex)
                 self._events.append(("request", ex))
+                if len(self._waiting) > MAX_WAITING:
+                    raise Stop(f"more than {MAX_WAITING} requests waiting for responses")
         except Stop as stop:
             self._stop(str(stop), self._requests.msg)
 
