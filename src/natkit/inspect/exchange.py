@@ -25,8 +25,8 @@ MAX_WAITING = 256  # requests waiting for their responses (pipelined) before cap
 _MAX_CHUNK_LINE = 4096
 _TCHAR = r"!#$%&'*+\-.^_`|~0-9A-Za-z"  # RFC 9110 5.6.2 token characters
 _TOKEN_RE = re.compile(f"[{_TCHAR}]+")
-_HEADERS_RE = re.compile(f"(?:[{_TCHAR}]+:[^\r\n]*\r\n)*".encode())
-_HEADER_RE = re.compile(f"([{_TCHAR}]+):[ \t]*([^\r\n]*?)[ \t]*\r\n".encode())
+_HEADERS_RE = re.compile(f"(?:[{_TCHAR}]+:[^\r\n]*\r\n)*")
+_HEADER_RE = re.compile(f"([{_TCHAR}]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
 
 
 class Framing(enum.Enum):
@@ -154,16 +154,17 @@ class _Reader:
         del self.buf[: end + 4]
         start, headers = _parse_head(head[:end], self.is_response)
         msg = Message(start, headers, raw=bytearray(head), started=self.head_at)
+        coding, lengths = _body_headers(headers)
         if self.is_response:
             request = request_for(start)
-            msg.framing = _response_framing(request, start, headers)
+            msg.framing = _response_framing(request, int(start[1]), coding, lengths)
         else:
-            msg.framing = _request_framing(headers)
+            msg.framing = _request_framing(coding, lengths)
         self.msg = msg
         if msg.framing is Framing.NONE:
             self._finish(msg, now)
         elif msg.framing is Framing.LENGTH:
-            self.remaining = _content_length(headers)
+            self.remaining = _content_length(lengths)
             self.step = "length"
             if not self.remaining:
                 self._finish(msg, now)
@@ -239,8 +240,9 @@ def _parse_head(
 ) -> tuple[tuple[str, str, str], list[tuple[str, str]]]:
     """The start line and the headers of a head (without its final CRLF CRLF). Regular
     expressions do the per-byte work: this runs for every captured message."""
-    first_end = head.find(b"\r\n")
-    first = (head if first_end < 0 else head[:first_end]).decode("latin-1")
+    text = head.decode("latin-1")  # (one byte, one character: raw stays the truth)
+    first_end = text.find("\r\n")
+    first = text if first_end < 0 else text[:first_end]
     if is_response:
         version, _, rest = first.partition(" ")
         status, _, reason = rest.partition(" ")
@@ -256,22 +258,33 @@ def _parse_head(
         start = (parts[0], parts[1], parts[2])
     if first_end < 0:
         return start, []
-    block = head[first_end + 2 :] + b"\r\n"
+    block = text[first_end + 2 :] + "\r\n"
     if not _HEADERS_RE.fullmatch(block):
         # RFC 9112 5.1/5.2: no space before the colon, no obsolete line folding.
-        bad = next(
-            line for line in block.split(b"\r\n") if not _HEADERS_RE.fullmatch(line + b"\r\n")
-        )
+        bad = next(line for line in block.split("\r\n") if not _HEADERS_RE.fullmatch(line + "\r\n"))
         raise Stop(f"a malformed header line: {bad[:60]!r}")
-    return start, [(n.decode("latin-1"), v.decode("latin-1")) for n, v in _HEADER_RE.findall(block)]
+    return start, _HEADER_RE.findall(block)
 
 
-def _values(headers: list[tuple[str, str]], name: str) -> list[str]:
-    return [v for n, v in headers if n.lower() == name]
+def _body_headers(headers: list[tuple[str, str]]) -> tuple[str | None, list[str]]:
+    """The last transfer coding (None: none) and the Content-Length values, in one pass
+    (names are compared only when their length could match: this runs per message)."""
+    coding: str | None = None
+    lengths: list[str] = []
+    for name, value in headers:
+        size = len(name)
+        if size == 14 and name.lower() == "content-length":
+            lengths.append(value)
+        elif size == 17 and name.lower() == "transfer-encoding":
+            for part in value.split(","):
+                part = part.strip().lower()
+                if part:
+                    coding = part
+    return coding, lengths
 
 
-def _content_length(headers: list[tuple[str, str]]) -> int:
-    found = {part.strip() for v in _values(headers, "content-length") for part in v.split(",")}
+def _content_length(values: list[str]) -> int:
+    found = {part.strip() for v in values for part in v.split(",")}
     if len(found) != 1:
         raise Stop("conflicting Content-Length headers")
     (text,) = found
@@ -280,40 +293,24 @@ def _content_length(headers: list[tuple[str, str]]) -> int:
     return int(text)
 
 
-def _transfer_coding(headers: list[tuple[str, str]]) -> str | None:
-    """The last transfer coding ('chunked' or another), None when there is none."""
-    codings = [
-        c.strip().lower() for v in _values(headers, "transfer-encoding") for c in v.split(",")
-    ]
-    codings = [c for c in codings if c]
-    return codings[-1] if codings else None
-
-
-def _request_framing(headers: list[tuple[str, str]]) -> Framing:
-    coding = _transfer_coding(headers)
+def _request_framing(coding: str | None, lengths: list[str]) -> Framing:
     if coding is not None:  # RFC 9112 6.3 (3, 4): chunked last, else the request is bad
         if coding != "chunked":
             raise Stop(f"a request body in transfer coding {coding!r}")
         return Framing.CHUNKED
-    if _values(headers, "content-length"):
-        return Framing.LENGTH
-    return Framing.NONE
+    return Framing.LENGTH if lengths else Framing.NONE
 
 
 def _response_framing(
-    request: tuple[str, str, str], start: tuple[str, str, str], headers: list[tuple[str, str]]
+    request: tuple[str, str, str], status: int, coding: str | None, lengths: list[str]
 ) -> Framing:
-    status = int(start[1])
     if status == 101 or (request[0] == "CONNECT" and 200 <= status < 300):
         raise Stop("the connection switched protocols")
     if request[0] == "HEAD" or status < 200 or status in (204, 304):
         return Framing.NONE
-    coding = _transfer_coding(headers)
     if coding is not None:
         return Framing.CHUNKED if coding == "chunked" else Framing.CLOSE
-    if _values(headers, "content-length"):
-        return Framing.LENGTH
-    return Framing.CLOSE
+    return Framing.LENGTH if lengths else Framing.CLOSE
 
 
 class ExchangeParser:
