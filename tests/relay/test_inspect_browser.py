@@ -135,8 +135,8 @@ def tunnel(tmp_path: Path) -> Iterator[tuple[int, str]]:
         agent = Proc("expose", str(service.server_address[1]), "--via", "relay", "--relay",
                      ready["listen"], "--token", TOKEN, "--http", "--hostname", "shop",
                      "--inspect", "127.0.0.1:0", "--json", state=tmp_path / "agent")  # fmt: skip
-        inspector = agent.event("inspector")
         up = agent.event("ready")
+        inspector = agent.event("inspector")  # right after ready
         assert up["public_address"] == f"http://{HOST}:{ready['http_port']}", up
         yield int(ready["http_port"]), str(inspector["url"])
     finally:

@@ -203,6 +203,7 @@ class ExposeOptions:
     no_ipv6: bool
     as_json: bool
     local_ip: str = ""  # --local-host as an address
+    inspector_url: str = ""  # --http: where the inspector serves
     local_down: bool = False  # nothing answered on the local port at start
     no_mapping: str = ""  # why a router's mapping cannot serve (--local-host elsewhere)
     ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # public once
@@ -461,9 +462,7 @@ async def _run_relay(
         except BaseException:
             task.cancel()
             raise
-        _say(opts, {"event": "inspector", "url": inspector.url, "tunnel": spec.id,
-                    "idle": opts.inspect_idle or None},
-             f"inspector: {inspector.url}")  # fmt: skip
+        opts.inspector_url = inspector.url
 
     def on_event(event: str, info: dict[str, Any]) -> None:
         if inspector is not None and event in ("ready", "restored"):
@@ -473,6 +472,9 @@ async def _run_relay(
             extra = {"mapping": "probing"} if probing else {}
             if opts.as_json:
                 emit_event("ready", **base, public_address=info["public"], **extra)
+                if inspector is not None:  # (after ready: a first line of ready stays so)
+                    emit_event("inspector", url=inspector.url, tunnel=spec.id,
+                               idle=opts.inspect_idle or None)  # fmt: skip
             else:
                 out.print(_relay_block(opts, info["public"], probing))
         elif event == "reconnecting":
@@ -524,6 +526,8 @@ def _relay_block(opts: ExposeOptions, public: str, probing: bool) -> Table:
     t.add_row("public address", f"[b green]{escape(public)}[/]")
     t.add_row("forwards to", escape(f"{opts.local_host}:{opts.port}"))
     t.add_row("via", escape(f"relay {opts.relay}"))
+    if opts.inspector_url:
+        t.add_row("inspector", escape(opts.inspector_url))
     if probing:
         t.add_row("", "[dim]still trying the router: a mapping proven from outside takes over[/]")
     t.add_row("", "[dim]Ctrl-C to stop[/]")
