@@ -234,3 +234,24 @@ def test_capture_without_idle_never_pauses() -> None:
     store = CaptureStore(idle=None)
     store._last_look -= 10**6
     assert store.check_idle() and store.paused == []
+
+
+@pytest.mark.parametrize(
+    ("host", "bound", "allowed"),
+    [
+        ("127.0.0.1:4040", "127.0.0.1", True),
+        ("localhost:4040", "127.0.0.1", True),
+        ("app.localhost", "127.0.0.1", True),
+        ("[::1]:4040", "::1", True),
+        ("127.9.9.9", "127.0.0.1", True),
+        ("evil.example:4040", "127.0.0.1", False),
+        ("evil.example", "::1", False),
+        ("10.0.0.5:4040", "127.0.0.1", False),
+        ("", "127.0.0.1", False),
+        ("anything.example", "192.0.2.10", True),  # bound beyond loopback: the user's choice
+    ],
+)
+def test_only_loopback_names_reach_a_loopback_inspector(host: str, bound: str, allowed: bool) -> None:  # fmt: skip
+    from natkit.inspect.server import _host_allowed
+
+    assert _host_allowed(host, (bound, 4040)) is allowed

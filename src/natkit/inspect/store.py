@@ -13,8 +13,8 @@ The interface other parts use (the inspector's API, the pyngrok-compatible agent
   completed (``"response"``) and when the store is cleared (``"clear"``, None);
 - ``look()``: someone used the API (call it on every request an API serves).
 
-Records are added by :class:`~natkit.inspect.tap.ConnectionTap` (one per visitor
-connection) and by replays. The oldest go when the records' bytes exceed ``max_bytes``.
+All of it runs on the agent's event loop (not thread-safe). Records are added by
+:class:`~natkit.inspect.tap.ConnectionTap` (one per visitor connection) and by replays. The oldest go when the records' bytes exceed ``max_bytes``.
 
 Capture is watched, not free: copying and parsing every exchange costs a Python agent
 about as much CPU as relaying it. So capture pauses when nobody has looked for ``idle``
