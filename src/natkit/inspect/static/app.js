@@ -4,6 +4,7 @@
 "use strict";
 
 const API = "/api/requests/http";
+const MAX_ROWS = 1000; // the page keeps the newest; the API holds what the buffer holds
 const records = new Map(); // id -> record or its summary (ngrok's JSON shape plus .natkit)
 let selected = null;
 let shown = 0; // a counter: a late answer for an earlier selection is not shown
@@ -98,6 +99,12 @@ function upsert(rec, fresh) {
   if (old) old.replaceWith(tr);
   else tbody.prepend(tr);
   if (fresh && !had) tr.classList.add("new");
+  while (tbody.rows.length > MAX_ROWS) {
+    const last = tbody.rows[tbody.rows.length - 1];
+    if (last.dataset.id === selected) break;
+    records.delete(last.dataset.id);
+    last.remove();
+  }
   $("empty").hidden = records.size > 0;
   if (rec.id === selected) detail(rec.id);
 }
