@@ -188,6 +188,12 @@ def test_a_request_appears_live_and_is_replayed_from_the_page(
     until(detail.is_displayed, "the detail")
     bodies = [pre.text for pre in browser.find_elements(By.CSS_SELECTOR, "#req pre.body")]
     assert bodies == ['{\n  "item": "tea",\n  "qty": 2\n}'], bodies  # JSON pretty-printed
+    browser.find_element(By.CSS_SELECTOR, "#req button[data-view=raw]").click()
+    raw = browser.find_element(By.CSS_SELECTOR, "#req pre.body").text
+    assert raw.startswith("POST /orders?x=1 HTTP/1.1\\r\\n\nHost: shop.lab.test\\r\\n"), raw
+    browser.find_element(By.CSS_SELECTOR, "#req button[data-view=hex]").click()
+    hexdump = browser.find_element(By.CSS_SELECTOR, "#req pre.body").text
+    assert hexdump.startswith("00000000  50 4f 53 54 20 2f 6f 72"), hexdump  # "POST /or"
 
     # Replay: the service gets the same request again; the replay is listed too.
     browser.find_element(By.ID, "replay").click()

@@ -275,6 +275,21 @@ async def test_a_tunnel_nobody_inspects_is_not_tapped(
         assert record.exchange.request.start[1] == "/seen"
 
 
+async def test_garbage_to_the_api_gets_a_400_and_the_api_goes_on(
+    relay: RelayServer, service: Service, tmp_path: Path
+) -> None:
+    async with inspected(relay, service, tmp_path, plaintext=False) as inspector:
+        for garbage in (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n",
+                        b"GET / HTTP/1.1\r\nBad Header\r\n\r\n", b"X" * 70_000):  # fmt: skip
+            reader, writer = await asyncio.open_connection(LOOPBACK, inspector.address[1])
+            writer.write(garbage)
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 400 "), answer[:80]
+        status, listing = await api(inspector, "GET", "/api/requests/http")
+        assert status == 200 and listing == {"uri": "/api/requests/http", "requests": []}
+
+
 async def test_events_stream_tells_each_request_as_it_comes(
     relay: RelayServer, service: Service, tmp_path: Path
 ) -> None:
