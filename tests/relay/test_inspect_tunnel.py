@@ -161,10 +161,18 @@ async def api(inspector: Inspector, method: str, path: str, body: Any = None,
     return status, json.loads(payload) if payload else None
 
 
-@pytest.mark.parametrize("plaintext", [False, True], ids=["sealed", "plain"])
+@pytest.mark.parametrize(
+    ("plaintext", "splice"),
+    [(False, True), (True, True), (True, False)],
+    ids=["sealed", "plain-splice", "plain-protocols"],  # protocols: where there is no splice
+)
 async def test_exchanges_through_the_tunnel_are_captured_byte_for_byte(
-    relay: RelayServer, service: Service, tmp_path: Path, plaintext: bool
-) -> None:
+    relay: RelayServer, service: Service, tmp_path: Path, plaintext: bool, splice: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from natkit.relay import pump
+
+    monkeypatch.setattr(pump, "USE_SPLICE", pump.USE_SPLICE and splice)
     assert relay.http_port
     async with inspected(relay, service, tmp_path, plaintext=plaintext) as inspector:
         sent = [req("GET", "/a?x=1"), req("POST", "/items", b'{"n": [1, 2]}',
