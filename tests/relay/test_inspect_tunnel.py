@@ -242,6 +242,10 @@ async def test_replay_and_replay_with_changes_reach_the_service(
         assert len(inspector.store.list()) == 3
         status, err = await api(inspector, "POST", "/api/requests/http/nosuch/replay", {})
         assert status == 404 and "nosuch" in err["msg"]
+        status, err = await api(inspector, "POST", f"/api/requests/http/{record.id}/replay",
+                                {"headers": [["Bad Name", "x"]]})  # fmt: skip
+        assert status == 400 and "not a header name" in err["msg"]
+        assert len(service.got) == 3  # nothing sent
         status, _ = await api(inspector, "DELETE", "/api/requests/http")
         assert status == 204 and inspector.store.list() == []
 

@@ -146,7 +146,8 @@ async def test_replay_with_changes_sets_the_length_and_drops_chunking() -> None:
 @pytest.mark.parametrize("changes", [
     Changes(target="/a HTTP/1.1\r\nX-Injected: 1"), Changes(method="GET /x"),
     Changes(headers=[("X", "a\r\nInjected: yes")]), Changes(headers=[("Bad\nName", "v")]),
-    Changes(method=""),
+    Changes(method=""), Changes(headers=[("X Y", "v")]), Changes(headers=[("A:B", "v")]),
+    Changes(headers=[("X", "€")]), Changes(target="/a b"),
 ])  # fmt: skip
 async def test_replay_refuses_changes_that_would_split_the_request(changes: Changes) -> None:
     record = await captured(CaptureStore())

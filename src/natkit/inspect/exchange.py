@@ -24,7 +24,7 @@ MAX_BODY = 1024 * 1024  # a body captured beyond this ends the capture of the co
 MAX_WAITING = 256  # requests waiting for their responses (pipelined) before capture stops
 _MAX_CHUNK_LINE = 4096
 _TCHAR = r"!#$%&'*+\-.^_`|~0-9A-Za-z"  # RFC 9110 5.6.2 token characters
-_TOKEN_RE = re.compile(f"[{_TCHAR}]+")
+TOKEN_RE = re.compile(f"[{_TCHAR}]+")  # a method or a header name
 _HEADERS_RE = re.compile(f"(?:[{_TCHAR}]+:[^\r\n]*\r\n)*")
 _HEADER_RE = re.compile(f"([{_TCHAR}]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
 
@@ -253,7 +253,7 @@ def _parse_head(
         parts = first.split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1]:
             raise Stop(f"not an HTTP/1.x request line: {first[:60]!r}")
-        if not _TOKEN_RE.fullmatch(parts[0]):
+        if not TOKEN_RE.fullmatch(parts[0]):
             raise Stop(f"not an HTTP method: {parts[0][:30]!r}")
         start = (parts[0], parts[1], parts[2])
     if first_end < 0:

@@ -15,7 +15,7 @@ import dataclasses
 from typing import Protocol
 
 from natkit.errors import NatkitError
-from natkit.inspect.exchange import Message
+from natkit.inspect.exchange import TOKEN_RE, Message
 from natkit.inspect.records import Record, Service
 from natkit.inspect.tap import ConnectionTap, Sink
 
@@ -25,6 +25,10 @@ _HOP_BY_HOP = {"content-length", "transfer-encoding"}
 
 class ReplayError(NatkitError):
     """A replay could not be made or got no complete response."""
+
+
+class BadChangesError(ReplayError):
+    """The request cannot be sent as asked (the changes, or a request cut at the cap)."""
 
 
 @dataclasses.dataclass
@@ -41,7 +45,7 @@ def request_bytes(request: Message, changes: Changes | None) -> bytes:
     """The request to send: the captured bytes, or the changed request."""
     if changes is None or changes == Changes():
         if request.truncated or not request.complete:
-            raise ReplayError("the captured request is incomplete (its body was over the cap)")
+            raise BadChangesError("the captured request is incomplete (its body was over the cap)")
         return bytes(request.raw)
     method = changes.method if changes.method is not None else request.start[0]
     target = changes.target if changes.target is not None else request.start[1]
@@ -49,19 +53,28 @@ def request_bytes(request: Message, changes: Changes | None) -> bytes:
     if changes.body is not None:
         body = changes.body
     elif request.truncated:
-        raise ReplayError("the captured request body was cut at the cap: give a body")
+        raise BadChangesError("the captured request body was cut at the cap: give a body")
     else:
         body = bytes(request.body)
-    for text in (method, target, *(part for pair in headers for part in pair)):
+    for text in (target, *(value for _, value in headers)):
         if any(c in text for c in "\r\n\0"):
-            raise ReplayError("a method, target or header with a line break or NUL")
-    if not method or " " in method or not target or " " in target:
-        raise ReplayError("the method and the target must be one word each")
+            raise BadChangesError("a target or header value with a line break or NUL")
+    if not TOKEN_RE.fullmatch(method) or not target or " " in target:
+        raise BadChangesError(f"{method!r} {target!r}: a method is one word, a target has no space")
+    bad = [name for name, _ in headers if not TOKEN_RE.fullmatch(name)]
+    if bad:
+        raise BadChangesError(f"not a header name: {bad[0][:40]!r}")
     lines = [f"{method} {target} {request.start[2]}"]
     lines += [f"{name}: {value}" for name, value in headers if name.lower() not in _HOP_BY_HOP]
     if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS", "TRACE"):
         lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    try:
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    except UnicodeEncodeError:
+        raise BadChangesError(
+            "HTTP/1.1 heads are Latin-1: a character beyond it was given"
+        ) from None
+    return head + body
 
 
 class ReplaySink(Sink, Protocol):

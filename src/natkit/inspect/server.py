@@ -37,7 +37,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from natkit.inspect.exchange import Message, RequestReader, Stop
 from natkit.inspect.records import Service
-from natkit.inspect.replay import ReplayError
+from natkit.inspect.replay import BadChangesError, ReplayError
 from natkit.inspect.store import CaptureStore, Subscription
 from natkit.inspect.views import (
     API_REQUESTS,
@@ -154,6 +154,14 @@ class Inspector:
             self._write(writer, exc.status, "application/json", body, keep=keep)
             await writer.drain()
             return keep
+        except (OSError, asyncio.CancelledError):
+            raise
+        except Exception:  # a bug: said once in the log, the page gets a 500, the server goes on
+            log.exception("inspector: %s %s failed", request.start[0], request.start[1][:80])
+            body = dumps({"error_code": 500, "status_code": 500, "msg": "internal error"})
+            self._write(writer, 500, "application/json", body, keep=False)
+            await writer.drain()
+            return False
         if result is None:  # an event stream: it held the connection until it ended
             return False
         status, ctype, body = result
@@ -266,6 +274,8 @@ class Inspector:
             raise _HTTPError(404, f"no captured request {record_id[:40]!r}") from None
         except LookupError as exc:
             raise _HTTPError(409, str(exc)) from None
+        except BadChangesError as exc:
+            raise _HTTPError(400, str(exc)) from None
         except ReplayError as exc:
             raise _HTTPError(502, str(exc)) from None
         except OSError as exc:
@@ -337,6 +347,6 @@ def _static(name: str) -> bytes:
 
 _REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 403: "Forbidden",
             404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-            415: "Unsupported Media Type", 502: "Bad Gateway"}  # fmt: skip
+            415: "Unsupported Media Type", 500: "Internal Server Error", 502: "Bad Gateway"}  # fmt: skip
 
 __all__ = ["Inspector", "WatchedTunnel"]
