@@ -232,6 +232,10 @@ async def test_replay_and_replay_with_changes_reach_the_service(
         status, _ = await api(inspector, "POST", "/api/requests/http",
                               {"id": record.id, "tunnel_name": "shop"})  # fmt: skip
         assert status == 204
+        for _ in range(100):  # ngrok's replay answers 204 at once and goes on
+            if len(service.got) == 2:
+                break
+            await asyncio.sleep(0.02)
         status, made = await api(inspector, "POST", f"/api/requests/http/{record.id}/replay",
                                  {"uri": "/orders/2", "body": "two", "headers": [["Host", HOST]]})  # fmt: skip
         assert status == 201 and made["natkit"]["replay_of"] == record.id
@@ -242,6 +246,11 @@ async def test_replay_and_replay_with_changes_reach_the_service(
         assert len(inspector.store.list()) == 3
         status, err = await api(inspector, "POST", "/api/requests/http/nosuch/replay", {})
         assert status == 404 and "nosuch" in err["msg"]
+        status, err = await api(inspector, "POST", "/api/requests/http", {"id": "nosuch"})
+        assert status == 404 and "nosuch" in err["msg"]
+        status, err = await api(inspector, "POST", "/api/requests/http",
+                                {"id": record.id, "tunnel_name": "other"})  # fmt: skip
+        assert status == 409 and "'other' has no local service" in err["msg"]
         status, err = await api(inspector, "POST", f"/api/requests/http/{record.id}/replay",
                                 {"headers": [["Bad Name", "x"]]})  # fmt: skip
         assert status == 400 and "not a header name" in err["msg"]

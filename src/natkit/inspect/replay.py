@@ -83,14 +83,18 @@ class ReplaySink(Sink, Protocol):
     services: dict[str, Service]
 
 
-async def replay(store: ReplaySink, record: Record, changes: Changes | None) -> Record:
-    """Send ``record``'s request (changed by ``changes``) to its tunnel's service and
-    capture the exchange in ``store``; returns the new record once its response is whole."""
-    service = store.services.get(record.tunnel)
+async def replay(
+    store: ReplaySink, record: Record, changes: Changes | None, tunnel: str | None = None
+) -> Record:
+    """Send ``record``'s request (changed by ``changes``) to its tunnel's service (or
+    ``tunnel``'s) and capture the exchange in ``store``; returns the new record once its
+    response is whole."""
+    tunnel = tunnel or record.tunnel
+    service = store.services.get(tunnel)
     if service is None:
-        raise LookupError(f"tunnel {record.tunnel!r} has no local service now")
+        raise LookupError(f"tunnel {tunnel!r} has no local service now")
     data = request_bytes(record.exchange.request, changes)
-    tap = ConnectionTap(store, record.tunnel, "replay", replay_of=record.id)
+    tap = ConnectionTap(store, tunnel, "replay", replay_of=record.id)
     try:
         await asyncio.wait_for(_exchange(service.host, service.port, data, tap), REPLAY_TIMEOUT)
     except asyncio.TimeoutError:

@@ -5,7 +5,8 @@ Routes (ngrok's agent API where it has one):
 - ``GET /`` the page; ``GET /static/NAME`` its script and style (package data);
 - ``GET /api/requests/http[?limit=N&tunnel_name=NAME]`` captured requests, newest first;
 - ``GET /api/requests/http/ID`` one;
-- ``POST /api/requests/http`` ``{"id": ID, "tunnel_name": NAME}`` replays it (204);
+- ``POST /api/requests/http`` ``{"id": ID, "tunnel_name": NAME}`` replays it (to NAME's
+  service when given): 204 at once, the replay goes on (as ngrok's);
 - ``DELETE /api/requests/http`` forgets them all (204);
 - ``POST /api/requests/http/ID/replay`` (natkit) replays with changes (``method``,
   ``uri``, ``headers``, ``body``/``body_base64``), answers the new record (201);
@@ -37,7 +38,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from natkit.inspect.exchange import Message, RequestReader, Stop
 from natkit.inspect.records import Service
-from natkit.inspect.replay import BadChangesError, ReplayError
+from natkit.inspect.replay import BadChangesError, ReplayError, request_bytes
 from natkit.inspect.store import CaptureStore, Subscription
 from natkit.inspect.views import (
     API_REQUESTS,
@@ -81,6 +82,7 @@ class Inspector:
         self.address: tuple[str, int] = ("", 0)
         self._streams: set[Subscription] = set()
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._replays: set[asyncio.Task[Any]] = set()  # ngrok's replays, answered before done
 
     def watch(self, name: str, public_url: str, host: str, port: int) -> None:
         """Tunnel ``name`` (its public URL; visitors go to host:port) is captured."""
@@ -108,6 +110,8 @@ class Inspector:
     async def close(self) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+        for task in list(self._replays):
+            task.cancel()
         for sub in list(self._streams):
             sub.close()
         if self.server is not None:
@@ -245,7 +249,8 @@ class Inspector:
                 obj = _json_body(request)
                 if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
                     raise _HTTPError(400, 'send {"id": ID, "tunnel_name": NAME}')
-                await self._replay(obj["id"], None)
+                tunnel = obj.get("tunnel_name")
+                self._replay_later(obj["id"], tunnel if isinstance(tunnel, str) else None)
                 return 204, "", b""
         prefix = API_REQUESTS + "/"
         if path.startswith(prefix):
@@ -266,6 +271,29 @@ class Inspector:
             return changes_from_json(obj)
         except ReplayError as exc:
             raise _HTTPError(400, str(exc)) from None
+
+    def _replay_later(self, record_id: str, tunnel: str | None) -> None:
+        """ngrok's replay: what can be checked now is (404, 409, 400), the rest goes on after
+        the 204 (ngrok's clients wait a few seconds at most; a service may take longer)."""
+        try:
+            record = self.store.get(record_id)
+        except KeyError:
+            raise _HTTPError(404, f"no captured request {record_id[:40]!r}") from None
+        name = tunnel or record.tunnel
+        if name not in self.store.services:
+            raise _HTTPError(409, f"tunnel {name!r} has no local service now")
+        try:
+            request_bytes(record.exchange.request, None)
+        except BadChangesError as exc:
+            raise _HTTPError(400, str(exc)) from None
+        task = asyncio.get_running_loop().create_task(self.store.replay(record_id, None, name))
+        self._replays.add(task)
+        task.add_done_callback(self._replayed)
+
+    def _replayed(self, task: asyncio.Task[Any]) -> None:
+        self._replays.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("inspector: a replay failed: %s", exc)
 
     async def _replay(self, record_id: str, changes: Any) -> Any:
         try:

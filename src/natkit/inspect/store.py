@@ -5,9 +5,9 @@ The interface other parts use (the inspector's API, the pyngrok-compatible agent
 - ``list(limit=None, tunnel=None)``: the records, newest first;
 - ``get(id)``: one record (KeyError when it is gone);
 - ``clear()``: forget every record;
-- ``await replay(id, changes=None)``: send the request again to its tunnel's local
-  service (changed by ``changes``, a :class:`~natkit.inspect.replay.Changes`); the replay
-  is captured too and returned;
+- ``await replay(id, changes=None, tunnel=None)``: send the request again to its
+  tunnel's local service (or ``tunnel``'s), changed by ``changes`` (a
+  :class:`~natkit.inspect.replay.Changes`); the replay is captured too and returned;
 - ``subscribe()``: a :class:`Subscription` whose ``await get()`` gives ``(kind, record)``
   as records are added (``"request"``: the request is whole, the response still to come),
   completed (``"response"``) and when the store is cleared (``"clear"``, None);
@@ -125,11 +125,14 @@ class CaptureStore:
         self.bytes = 0
         self._publish("clear", None)
 
-    async def replay(self, record_id: str, changes: Changes | None = None) -> Record:
-        """Send record ``record_id``'s request to its tunnel's service again (changed by
-        ``changes``); the new exchange is captured and returned. Raises KeyError (no such
-        record), LookupError (its tunnel has no service now), OSError, ReplayError."""
-        return await replay(self, self.get(record_id), changes)
+    async def replay(
+        self, record_id: str, changes: Changes | None = None, tunnel: str | None = None
+    ) -> Record:
+        """Send record ``record_id``'s request to its tunnel's service (or ``tunnel``'s)
+        again, changed by ``changes``; the new exchange is captured and returned. Raises
+        KeyError (no such record), LookupError (the tunnel has no service now), OSError,
+        ReplayError (BadChangesError: the request cannot be made as asked)."""
+        return await replay(self, self.get(record_id), changes, tunnel)
 
     def subscribe(self) -> Subscription:
         sub = Subscription(self)
