@@ -30,7 +30,7 @@ from benchlib import LAB_PREFIX, RESULTS_DIR, BenchError, Benchmark, Options
 
 MODULES = (
     "bench_upnp", "bench_portmap", "bench_relay", "bench_hostile", "bench_check", "bench_p2p",
-    "bench_pinhole", "bench_startup", "bench_quic", "bench_ngrok",
+    "bench_pinhole", "bench_startup", "bench_quic", "bench_ngrok", "bench_inspect",
 )  # fmt: skip
 
 

@@ -149,9 +149,18 @@ class ExposeCore:
     """Makes ``settings.port`` public until ``stop`` is set (:meth:`run`); ``ready`` is set
     once it is. ``mapping``/``method``/``public_address`` say how it is public now."""
 
-    def __init__(self, settings: Settings, listener: CoreListener) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        listener: CoreListener,
+        *,
+        prepare_relay: Callable[[Agent, TunnelSpec], Awaitable[None]] | None = None,
+    ) -> None:
+        """``prepare_relay``: called with the agent and its tunnel before the agent runs (the
+        CLI's inspector starts there, so that no visitor goes uncaptured)."""
         self.s = settings
         self._listener = listener
+        self._prepare_relay = prepare_relay
         self.ready = asyncio.Event()
         self.keeper: KeptMapping | None = None  # the mapping that serves
         self.v6: ExposeV6 | None = None  # its IPv6 side
@@ -195,10 +204,10 @@ class ExposeCore:
         if not s.relay or (s.protocol == "udp" and s.via != "relay"):
             await self._serve_mapping(stop, None)
         elif s.via == "relay" or s.kind != "tcp":
-            await self._serve_relay(stop, *self._start_agent())
+            await self._serve_relay(stop, *(await self._start_agent()))
         elif s.no_mapping:
             self._emit("core", "fallback", {"reason": s.no_mapping, "unusable": True})
-            await self._serve_relay(stop, *self._start_agent())
+            await self._serve_relay(stop, *(await self._start_agent()))
         else:
             await self._auto(stop)
 
@@ -219,7 +228,7 @@ class ExposeCore:
     async def _auto(self, stop: asyncio.Event) -> None:
         """Both at once (see the module's docstring)."""
         loop = asyncio.get_running_loop()
-        agent, task, spec = self._start_agent()
+        agent, task, spec = await self._start_agent()
         trying = loop.create_task(self._try_mapping(self._keeper(), agent, task))
         opened = asyncio.ensure_future(agent.wait_open(spec.id))
         relay_stop = asyncio.Event()
@@ -405,7 +414,7 @@ class ExposeCore:
 
     # ---- the relay ------------------------------------------------------------------------
 
-    def _start_agent(self) -> tuple[Agent, asyncio.Task[None], TunnelSpec]:
+    async def _start_agent(self) -> tuple[Agent, asyncio.Task[None], TunnelSpec]:
         s = self.s
         assert s.relay and s.token
         spec = TunnelSpec(s.port, kind=s.kind, name=s.hostname, local_host=s.local_host,
@@ -418,6 +427,12 @@ class ExposeCore:
         except ValueError as exc:  # not HOST:PORT
             raise RelayError(f"relay {s.relay!r}: {exc}") from None
         agent.on_event(self._relay_event)
+        if self._prepare_relay is not None:
+            try:
+                await self._prepare_relay(agent, spec)
+            except BaseException:
+                await agent.close()
+                raise
         return agent, asyncio.get_running_loop().create_task(self._run_agent(agent)), spec
 
     async def _run_agent(self, agent: Agent) -> None:

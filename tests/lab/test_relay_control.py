@@ -203,6 +203,9 @@ class Procs:
         proc = self.agent(port, *extra, **kw)
         ready = proc.next_event(20)
         assert ready["event"] == "ready" and ready["method"] == "relay", (ready, proc.why())
+        if "--http" in extra and "--no-inspect" not in extra:  # the inspector's line follows
+            inspector = proc.next_event(20)
+            assert inspector["event"] == "inspector", (inspector, proc.why())
         return proc, ready["public_address"]
 
     def kill_all(self) -> None:

@@ -23,8 +23,10 @@ if TYPE_CHECKING:
     from rich.live import Live
     from rich.table import Table
 
+    from natkit.inspect.server import Inspector
     from natkit.portmap.mapping import PortMapping
     from natkit.relay.access import AccessPolicy
+    from natkit.relay.agent import Agent, TunnelSpec
 
 
 class _Status:
@@ -103,6 +105,14 @@ def _event_json(event: str, m: PortMapping, info: dict[str, Any]) -> dict[str, A
     "--tls", "tls_mode", is_flag=True, help="Relay HTTPS by SNI, TLS passed through untouched."
 )
 @click.option("--hostname", default="", help="NAME for --http/--tls (default: a random one).")
+@click.option("--inspect", "inspect_addr", metavar="ADDR",
+              help="--http: serve the inspector (requests, replay) here "
+                   "[default: 127.0.0.1:4040, or the next free port].")  # fmt: skip
+@click.option("--no-inspect", is_flag=True, help="--http: no inspector, no capture.")
+@click.option("--inspect-idle", type=click.FloatRange(0), default=600.0, show_default=True,
+              metavar="SECONDS",
+              help="--http: capture pauses after this long with nobody using the inspector "
+                   "(0: never); the next look resumes it.")  # fmt: skip
 @click.option(
     "--local-host", default="127.0.0.1", show_default=True, help="Where the service listens."
 )
@@ -137,6 +147,17 @@ def expose(**kw: Any) -> None:
         raise click.UsageError("--http/--tls need --relay HOST:PORT")
     if opts.http_mode and opts.tls_mode:
         raise click.UsageError("choose one of --http and --tls")
+    if (opts.inspect_addr or opts.no_inspect) and not opts.http_mode:
+        raise click.UsageError("--inspect/--no-inspect are for --http tunnels")
+    if opts.inspect_addr and opts.no_inspect:
+        raise click.UsageError("choose one of --inspect and --no-inspect")
+    if opts.inspect_addr:
+        from natkit.cli.expose_inspect import parse_inspect_addr
+
+        try:
+            parse_inspect_addr(opts.inspect_addr)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--inspect") from None
     if opts.relay and not opts.token:
         raise click.UsageError("--relay needs --token (or $NATKIT_TOKEN)")
     if opts.relay and opts.protocol == "udp" and opts.via == "relay":
@@ -193,6 +214,9 @@ class ExposeOptions:
     http_mode: bool
     tls_mode: bool
     hostname: str
+    inspect_addr: str | None
+    no_inspect: bool
+    inspect_idle: float
     local_host: str
     plaintext_data: bool
     fingerprint: str | None
@@ -205,6 +229,7 @@ class ExposeOptions:
     as_json: bool
     access: AccessPolicy | None = None  # from --allow/--deny/--basic-auth/--rate-limit
     local_ip: str = ""  # --local-host as an address
+    inspector_url: str = ""  # --http: where the inspector serves
     no_mapping: str = ""  # why a router's mapping cannot serve (--local-host elsewhere)
 
     @property
@@ -237,7 +262,9 @@ async def _main(opts: ExposeOptions) -> None:
         small_tls_buffers()  # this process is natkit's own agent (see pump.small_tls_buffers)
         raise_fd_limit()
     view = _View(opts)
-    core = view.core = ExposeCore(opts.settings(), view.on_event)
+    inspecting = opts.kind == "http" and not opts.no_inspect
+    core = view.core = ExposeCore(opts.settings(), view.on_event,
+                                  prepare_relay=view.start_inspector if inspecting else None)  # fmt: skip
     work = loop.create_task(core.run(stop))
     stopper = asyncio.ensure_future(stop.wait())
     try:
@@ -255,7 +282,7 @@ async def _main(opts: ExposeOptions) -> None:
                       EXIT_INTERRUPTED, as_json=opts.as_json)  # fmt: skip
         await work
     finally:
-        view.finish()
+        await view.close()
 
 
 class _View:
@@ -268,6 +295,8 @@ class _View:
         self.status = _Status(opts.port)
         self.live: Live | None = None
         self.relay_shown = False  # the relay's ready was rendered
+        self.inspector: Inspector | None = None  # --http: requests and replay (docs/inspector.md)
+        self.inspected = ""  # the id of the tunnel it watches
         # Not a terminal (a pipe, a log file): rich's Live would show nothing until the end,
         # so print the block once mapped and a line per event instead.
         self.plain = not opts.as_json and not out.is_terminal
@@ -319,6 +348,10 @@ class _View:
         base = {"method": "relay", "protocol": scheme, "relay": opts.relay,
                 "internal_port": opts.port, "internal_host": opts.local_host}  # fmt: skip
         public = self.core.spec.public if self.core and self.core.spec else ""
+        if self.inspector is not None and event in ("ready", "restored"):
+            from natkit.cli.expose_inspect import tunnel_opened
+
+            tunnel_opened(self.inspector, info["public"])
         if event == "ready":
             self.relay_shown = True
             mapping = info.get("mapping", "")
@@ -327,6 +360,9 @@ class _View:
                 if "access" in info:
                     extra["access"] = info["access"]
                 emit_event("ready", **base, public_address=info["public"], **extra)
+                if self.inspector is not None:  # (after ready: a first line of ready stays so)
+                    emit_event("inspector", url=self.inspector.url, tunnel=self.inspected,
+                               idle=opts.inspect_idle or None)  # fmt: skip
             else:
                 out.print(_relay_block(opts, info["public"], mapping))
         elif event == "reconnecting":
@@ -417,6 +453,19 @@ class _View:
         if v6 is not None and v6.error:
             err.print(f"[yellow]no IPv6 pinhole:[/] {v6.error}")
 
+    async def start_inspector(self, agent: Agent, spec: TunnelSpec) -> None:
+        """--http: the inspector, serving and tapping the tunnel before it opens."""
+        from natkit.cli.expose_inspect import start_inspector
+
+        opts = self.opts
+        self.inspector = await start_inspector(agent, spec, opts.inspect_addr, opts.inspect_idle)
+        opts.inspector_url, self.inspected = self.inspector.url, spec.id
+
+    async def close(self) -> None:
+        self.finish()
+        if self.inspector is not None:
+            await self.inspector.close()
+
     def finish(self) -> None:
         if self.live is not None:
             self.live.update(self.status.render(), refresh=True)
@@ -436,6 +485,8 @@ def _relay_block(opts: ExposeOptions, public: str, mapping: str) -> Table:
     t.add_row("public address", f"[b green]{escape(public)}[/]")
     t.add_row("forwards to", escape(f"{opts.local_host}:{opts.port}"))
     t.add_row("via", escape(f"relay {opts.relay}"))
+    if opts.inspector_url:
+        t.add_row("inspector", escape(opts.inspector_url))
     if opts.access is not None:
         t.add_row("access", escape(opts.access.describe()))
     if mapping == "probing":

@@ -40,7 +40,8 @@ from natkit.net.loops import require_socket_watching
 from natkit.relay import control, seal
 from natkit.relay import messages as M
 from natkit.relay.access import AccessPolicy
-from natkit.relay.dataconn import DataConn, Opening
+from natkit.relay.dataconn import DataConn, Opening, TapFor
+from natkit.relay.pump import Tap
 from natkit.relay.resolve import RelayNameError, resolve_relay
 from natkit.rendezvous.client import P2PRoom, RoomClient
 from natkit.state import state_dir, state_error
@@ -142,6 +143,7 @@ class Agent:
         self._lost_all: TunnelRefusedError | None = None  # every tunnel taken over
         self._refusals: dict[str, int] = {}  # tunnel -> refusals in a row since it was open
         self._rendezvous = RoomClient(self._send, (self.relay_host, self.relay_port), self.relay)
+        self._taps: dict[str, TapFor] = {}  # tunnel id -> its visitors' captures (inspector)
         for spec in tunnels:
             self._add(spec)
 
@@ -150,6 +152,24 @@ class Agent:
         if self.remembered is not None and spec.kind == "tcp" and not spec.port:
             spec.port = self.remembered.get(spec)  # a preference: another port if it is taken
         self.tunnels[spec.id] = spec
+
+    def capture(self, tunnel_id: str, tap_for: TapFor | None) -> None:
+        """Give each visitor of HTTP tunnel ``tunnel_id`` the capture ``tap_for`` returns
+        for its address (see :mod:`natkit.inspect`); None stops capturing. Visitors that
+        arrive after the call are captured."""
+        if tap_for is None:
+            self._taps.pop(tunnel_id, None)
+        else:
+            self._taps[tunnel_id] = tap_for
+
+    def _tap_for(self, tunnel_id: str, visitor: str) -> Tap | None:
+        tap_for = self._taps.get(tunnel_id)
+        return tap_for(visitor) if tap_for is not None else None
+
+    def _tapper(self, t: TunnelSpec) -> TapFor | None:
+        """What a data connection of ``t`` asks for its visitor's capture (HTTP only: a
+        capture parses HTTP)."""
+        return functools.partial(self._tap_for, t.id) if t.kind == "http" else None
 
     def on_event(self, listener: Listener) -> None:
         self.listeners.append(listener)
@@ -342,7 +362,7 @@ class Agent:
                 return
             local = _service_ip(t.local_host, t.local_port)
             if local is not None:
-                self._open_data_conns(local, msg.tickets)
+                self._open_data_conns(local, msg.tickets, self._tapper(t))
             else:  # a service named by host name: look it up first (off the loop)
                 task = asyncio.get_running_loop().create_task(
                     self._resolve_then_open(t, msg.tickets)
@@ -483,14 +503,16 @@ class Agent:
         (self._parked_conns.add if state == "parked" else self._parked_conns.discard)(conn)
         (self._active_conns.add if state == "active" else self._active_conns.discard)(conn)
 
-    def _open_data_conns(self, local: tuple[str, int], tickets: tuple[str, ...]) -> None:
+    def _open_data_conns(
+        self, local: tuple[str, int], tickets: tuple[str, ...], tap_for: TapFor | None = None
+    ) -> None:
         """A data connection per ticket, parked once open (:mod:`natkit.relay.dataconn`)."""
         key = None if self.plaintext_data else self._data_key
         for ticket in tickets:
             try:
                 opening = Opening(
                     self._relay_addr, ticket, key, local, self._data_conn_state,
-                    self._openings.discard, self._cipher,
+                    self._openings.discard, self._cipher, tap_for,
                 )  # fmt: skip
             except OSError as exc:  # out of file descriptors: the relay's ticket expires
                 log.debug("data connection failed: %s", exc)
@@ -504,7 +526,7 @@ class Agent:
         except OSError as exc:
             log.warning("cannot find the service %s: %s", t.local_host, exc)
             return
-        self._open_data_conns(local, tickets)
+        self._open_data_conns(local, tickets, self._tapper(t))
 
     async def close(self) -> None:
         self._rendezvous.close()

@@ -26,13 +26,15 @@ from natkit.errors import ProtocolError
 from natkit.net.sockets import reset_on_close
 from natkit.relay import messages as M
 from natkit.relay import seal
-from natkit.relay.pump import start_join
+from natkit.relay.pump import Tap, start_join
 from natkit.relay.sealpump import Bridge, SealedSocket, begin_sealed
 
 log = logging.getLogger("natkit.relay")
 
 # What a data connection tells its owner: "parked", "active" (carries a visitor), "gone".
 Owner = Callable[["DataConn", str], None]
+# Given a visitor's address (from START): the capture of its connection, or None.
+TapFor = Callable[[str], "Tap | None"]
 OPEN_TIMEOUT = 10.0  # connect and send the ticket within this, or give the ticket up
 
 
@@ -53,6 +55,7 @@ class Opening:
         "owner",
         "sealed",
         "sock",
+        "tap_for",
         "timer",
     )
 
@@ -65,9 +68,11 @@ class Opening:
         owner: Owner,
         ended: Callable[[Opening], None],
         cipher: str = seal.CHACHA,
+        tap_for: TapFor | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.local_addr, self.owner, self.ended = local_addr, owner, ended
+        self.tap_for = tap_for
         sock = socket.socket(socket.AF_INET6 if ":" in relay_addr[0] else socket.AF_INET)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -115,7 +120,7 @@ class Opening:
             return
         self._stop_watching()
         self.finished = True
-        DataConn(self.sock, self.sealed, self.local_addr, self.owner).park()
+        DataConn(self.sock, self.sealed, self.local_addr, self.owner, self.tap_for).park()
         self.ended(self)
 
     def _stop_watching(self) -> None:
@@ -143,7 +148,8 @@ class DataConn:
     """A data connection (plain ``sock``, or ``sealed`` on it) for the service at ``local``
     (an IP address and port)."""
 
-    __slots__ = ("frame", "join", "local", "local_addr", "loop", "owner", "sealed", "sock", "state")
+    __slots__ = ("frame", "join", "local", "local_addr", "loop", "owner", "sealed", "sock", "state",
+                 "tap_for", "visitor")  # fmt: skip
 
     def __init__(
         self,
@@ -151,9 +157,12 @@ class DataConn:
         sealed: SealedSocket | None,
         local_addr: tuple[str, int],
         owner: Owner,
+        tap_for: TapFor | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.sock, self.sealed, self.local_addr, self.owner = sock, sealed, local_addr, owner
+        self.tap_for = tap_for  # an HTTP tunnel with the inspector on
+        self.visitor = ""  # the visitor's address, from START
         self.frame = b""  # START as it arrives
         self.local: socket.socket | None = None
         self.join: Any = None  # the Bridge or splice pair while a visitor is carried
@@ -182,6 +191,7 @@ class DataConn:
         if not isinstance(start, M.Start):
             self._fail(ProtocolError(f"expected START, got {type(start).__name__}"))
             return
+        self.visitor = start.visitor
         self._set_state("active")
         try:
             self._connect_local()
@@ -250,8 +260,11 @@ class DataConn:
     def _join(self) -> None:
         local = self.local
         assert local is not None
+        tap = self.tap_for(self.visitor) if self.tap_for is not None else None
         join = (
-            Bridge(self.sealed, local, keep=True) if self.sealed else start_join(self.sock, local)
+            Bridge(self.sealed, local, keep=True, tap=tap)
+            if self.sealed
+            else start_join(self.sock, local, tap)
         )
         self.local, self.join = None, join  # the join owns the service connection now
         join.done.add_done_callback(self._joined)

@@ -16,8 +16,9 @@ import asyncio
 import contextlib
 import os
 import socket
+import threading
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 from natkit.net.sockets import reset_on_close
 
@@ -27,6 +28,30 @@ PIPE_SIZE = 1 << 20
 HAVE_SPLICE = hasattr(os, "splice") and hasattr(os, "pipe2")
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _F_SETPIPE_SZ = 1031
+TAP_PEEK = 256 * 1024  # a tapped direction moves at most this per read (it is copied)
+_local = threading.local()
+
+
+def _peek_buffer() -> memoryview:
+    """This thread's buffer for peeking at tapped bytes (callbacks never hold it)."""
+    view: memoryview | None = getattr(_local, "peek", None)
+    if view is None:
+        view = _local.peek = memoryview(bytearray(TAP_PEEK))
+    return view
+
+
+class Tap(Protocol):
+    """What the data path tells a capture (:class:`natkit.inspect.tap.ConnectionTap`):
+    bytes it passed to the service (``request``), bytes it passed back (``response``), the
+    end. The pumps call it only while ``on``; it must copy what it keeps and return."""
+
+    on: bool
+
+    def request(self, data: bytes | memoryview) -> None: ...
+
+    def response(self, data: bytes | memoryview) -> None: ...
+
+    def closed(self) -> None: ...
 
 
 def _abort(transport: asyncio.Transport) -> None:
@@ -79,8 +104,12 @@ class _Direction:
     def __init__(
         self, loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket,
         done: Callable[[BaseException | None], None],
+        tap: Callable[[bytes | memoryview], None] | None = None, tapping: Tap | None = None,
     ) -> None:  # fmt: skip
         self.loop, self.src, self.dst, self.done = loop, src, dst, done
+        # With a tap, each read is first peeked (MSG_PEEK) and copied to it: one more
+        # system call and a copy per read, only on tapped connections, only while it follows.
+        self.tap, self.tapping = tap, tapping
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
         self.r = self.w = -1  # a pipe from the pool while bytes are in flight
         self.pending = 0
@@ -102,14 +131,30 @@ class _Direction:
             except OSError as exc:
                 self._finish(exc)
                 return
+        peeked = 0
+        if self.tap is not None:
+            if self.tapping is not None and self.tapping.on:
+                try:
+                    peeked = self.src.recv_into(_peek_buffer(), TAP_PEEK, socket.MSG_PEEK)
+                except BlockingIOError:
+                    self._release_pipe()
+                    return
+                except OSError as exc:
+                    self._finish(exc)
+                    return
+            else:
+                self.tap = None  # the capture gave this connection up
         try:
-            n = os.splice(self.src_fd, self.w, CHUNK, flags=_SPLICE_FLAGS)
+            n = os.splice(self.src_fd, self.w, peeked or CHUNK, flags=_SPLICE_FLAGS)
         except BlockingIOError:
             self._release_pipe()
             return
         except OSError as exc:
             self._finish(exc)
             return
+        if peeked and n:
+            assert self.tap is not None
+            self.tap(_peek_buffer()[:n])  # (the tap copies it)
         if n == 0:
             self.eof = True
             self.loop.remove_reader(self.src_fd)
@@ -175,17 +220,20 @@ class SplicePair:
     are closed. ``done`` gets the bytes moved (a→b, b→a). Driven by callbacks alone: a
     joined pair costs no task."""
 
-    __slots__ = ("a", "ab", "b", "ba", "broken", "done", "left")
+    __slots__ = ("a", "ab", "b", "ba", "broken", "done", "left", "tap")
 
-    def __init__(self, a: socket.socket, b: socket.socket) -> None:
+    def __init__(self, a: socket.socket, b: socket.socket, tap: Tap | None = None) -> None:
         loop = asyncio.get_running_loop()
         a.setblocking(False)
         b.setblocking(False)
         self.a, self.b = a, b
         self.done: asyncio.Future[tuple[int, int]] = loop.create_future()
         self.left, self.broken = 2, False
-        self.ab = _Direction(loop, a, b, self._direction_done)
-        self.ba = _Direction(loop, b, a, self._direction_done)
+        self.tap = tap  # a→b is the request, b→a the response
+        self.ab = _Direction(loop, a, b, self._direction_done,
+                             tap.request if tap else None, tap)  # fmt: skip
+        self.ba = _Direction(loop, b, a, self._direction_done,
+                             tap.response if tap else None, tap)  # fmt: skip
         self.ab.start()
         self.ba.start()
         # Bytes already waiting (a visitor's request, which came with its connection) go now,
@@ -210,6 +258,8 @@ class SplicePair:
     def _close(self) -> None:
         if self.a.fileno() < 0:  # closed already
             return
+        if self.tap is not None and self.tap.on:
+            self.tap.closed()
         self.ab.stop()
         self.ba.stop()
         if self.broken:
@@ -247,6 +297,10 @@ class _Half(asyncio.Protocol):
         self.eof_in = False  # our remote finished sending
         self.eof_out = False  # we told our remote we finished
         self.bytes = 0
+        self.tap: Callable[[bytes | memoryview], None] | None = (
+            None  # what we receive is copied to it
+        )
+        self.tapping: Tap | None = None
 
     # -- sending to our own remote (called by the peer) --
     def send(self, data: bytes) -> None:
@@ -274,6 +328,8 @@ class _Half(asyncio.Protocol):
 
     def deliver(self, data: bytes) -> None:
         self.bytes += len(data)
+        if self.tap is not None and self.tapping is not None and self.tapping.on:
+            self.tap(data)
         peer = self.peer
         if peer is None or not self.linked:
             self.pending.append(data)
@@ -304,6 +360,8 @@ class _Half(asyncio.Protocol):
             self.peer.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.tapping is not None and self.tapping.on:
+            self.tapping.closed()
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.transport.is_closing():
             if exc is not None or not self.eof_in:
@@ -344,10 +402,16 @@ def link(a: _Half, b: _Half) -> None:
             side.deliver_eof()
 
 
-async def bridge_sockets(a: socket.socket, b: socket.socket) -> tuple[int, int]:
-    """Join two sockets through a Protocol bridge (no splice); returns bytes moved."""
+async def bridge_sockets(
+    a: socket.socket, b: socket.socket, tap: Tap | None = None
+) -> tuple[int, int]:
+    """Join two sockets through a Protocol bridge (no splice); returns bytes moved.
+    ``tap``: what a sends is its request, what b sends its response."""
     loop = asyncio.get_running_loop()
     ha, hb, fa, fb = bridge_protocols(loop)
+    if tap is not None:
+        ha.tap, hb.tap = tap.request, tap.response
+        ha.tapping = hb.tapping = tap
     await loop.connect_accepted_socket(lambda: ha, a)
     await loop.connect_accepted_socket(lambda: hb, b)
     link(ha, hb)
@@ -368,16 +432,21 @@ async def join_sockets(a: socket.socket, b: socket.socket) -> tuple[int, int]:
 class _TaskJoin:
     """The Protocol bridge (no splice here) as a task, with the SplicePair interface."""
 
-    def __init__(self, a: socket.socket, b: socket.socket) -> None:
-        self.done: asyncio.Future[tuple[int, int]] = asyncio.ensure_future(bridge_sockets(a, b))
+    def __init__(self, a: socket.socket, b: socket.socket, tap: Tap | None = None) -> None:
+        self.done: asyncio.Future[tuple[int, int]] = asyncio.ensure_future(
+            bridge_sockets(a, b, tap)
+        )
 
     def abort(self) -> None:
         self.done.cancel()
 
 
-def start_join(a: socket.socket, b: socket.socket) -> SplicePair | _TaskJoin:
-    """Join two plain TCP sockets now; the result has ``done`` (a future) and ``abort()``."""
-    return SplicePair(a, b) if USE_SPLICE else _TaskJoin(a, b)
+def start_join(
+    a: socket.socket, b: socket.socket, tap: Tap | None = None
+) -> SplicePair | _TaskJoin:
+    """Join two plain TCP sockets now; the result has ``done`` (a future) and ``abort()``.
+    ``tap`` is told what a sends (its request) and what b sends (its response)."""
+    return SplicePair(a, b, tap) if USE_SPLICE else _TaskJoin(a, b, tap)
 
 
 TLS_READ_BUFFER = 16 * 1024

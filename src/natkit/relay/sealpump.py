@@ -28,6 +28,7 @@ from natkit.net.sockets import reset_on_close
 from natkit.relay import messages as M
 from natkit.relay import seal
 from natkit.relay.control import ticket_handle
+from natkit.relay.pump import Tap
 from natkit.relay.sockframes import recv_exact, wait_ready
 
 CHUNK = seal.RECORD_MAX - 4  # a chunk and its length prefix fill one record
@@ -246,13 +247,16 @@ class Bridge:
     __slots__ = (
         "buf", "done", "down", "finished", "header", "keep", "loop", "need", "out_p", "pfd",
         "plain", "plain_eof", "plain_in", "registered", "sealed", "sealed_eof", "sfd",
-        "shutdown_pending", "up",
+        "shutdown_pending", "tap", "up",
     )  # fmt: skip
 
     def __init__(
-        self, sealed: SealedSocket, plain: socket.socket, prefix: bytes = b"", keep: bool = False
-    ) -> None:
+        self, sealed: SealedSocket, plain: socket.socket, prefix: bytes = b"", keep: bool = False,
+        tap: Tap | None = None,
+    ) -> None:  # fmt: skip
         self.loop = asyncio.get_running_loop()
+        # The inspector's copy of what passes (natkit.inspect.tap), only while it follows.
+        self.tap = tap
         self.sealed, self.plain, self.keep = sealed, plain, keep
         self.done: asyncio.Future[tuple[int, int]] = self.loop.create_future()
         self.finished = False  # not done.done(): a cancelled ``done`` must not stop the cleanup
@@ -351,6 +355,9 @@ class Bridge:
             return
         if n:
             self.up += n
+            tap = self.tap
+            if tap is not None and tap.on:
+                tap.response(self.plain_in[:n])  # before sealing: it overwrites the buffer
             _LEN.pack_into(buf, 0, n)
             chan = sealed.chan
             if not chan.has_output():  # the usual case: one record, sent now
@@ -437,6 +444,9 @@ class Bridge:
         except OSError as exc:
             self._finish(exc)
             return
+        tap = self.tap
+        if tap is not None and tap.on:
+            tap.request(memoryview(plain)[_LEN.size :])
         if sent < size:
             self.out_p += memoryview(plain)[_LEN.size + sent :]
             self._update()  # plain is full: stop reading sealed, wait to write
@@ -524,6 +534,10 @@ class Bridge:
         (which is empty here: nothing is read while it holds bytes)."""
         total = sum(map(len, parts)) if len(parts) > 1 else len(parts[0])
         self.down += total
+        tap = self.tap
+        if tap is not None and tap.on:
+            for part in parts:
+                tap.request(part)
         try:
             if len(parts) == 1:
                 sent = self.plain.send(parts[0])
@@ -573,6 +587,8 @@ class Bridge:
         if self.finished:
             return
         self.finished = True
+        if self.tap is not None:
+            self.tap.closed()
         for bit in (_READ_P, _WRITE_P, _READ_S, _WRITE_S):
             self._want(bit, False)
         if exc is not None:  # an abrupt end is passed on as one, both ways
