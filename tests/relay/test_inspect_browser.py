@@ -24,6 +24,7 @@ import pytest
 
 TOKEN = "inspect-browser-token-0123456789"
 HOST = "shop.lab.test"
+DENIED = "127.0.0.2"  # a visitor the tunnel's access policy keeps out (--deny)
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 T = TypeVar("T")
@@ -110,8 +111,9 @@ def until(check: Callable[[], T], what: str, timeout: float = 15) -> T:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def visit(port: int, method: str, path: str, body: bytes = b"") -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+def visit(port: int, method: str, path: str, body: bytes = b"", source: str = "") -> bytes:
+    address = (source, 0) if source else None
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=address) as s:
         s.sendall(f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {len(body)}\r\n"
                   f"Connection: close\r\n\r\n".encode() + body)  # fmt: skip
         out = b""
@@ -134,7 +136,8 @@ def tunnel(tmp_path: Path) -> Iterator[tuple[int, str]]:
         ready = relay.event("ready")
         agent = Proc("expose", str(service.server_address[1]), "--via", "relay", "--relay",
                      ready["listen"], "--token", TOKEN, "--http", "--hostname", "shop",
-                     "--inspect", "127.0.0.1:0", "--json", state=tmp_path / "agent")  # fmt: skip
+                     "--inspect", "127.0.0.1:0", "--deny", DENIED, "--json",
+                     state=tmp_path / "agent")  # fmt: skip
         up = agent.event("ready")
         inspector = agent.event("inspector")  # right after ready
         assert up["public_address"] == f"http://{HOST}:{ready['http_port']}", up
@@ -220,6 +223,18 @@ def test_a_request_appears_live_and_is_replayed_from_the_page(
         lambda: len(rows()) == 3 and "/orders/changed" in rows()[0].text,
         "the changed replay listed",
     )
+    # A visitor the relay keeps out (--deny) is shown among the refused, live.
+    assert not browser.find_element(By.ID, "refused-box").is_displayed()
+    kept_out = visit(http_port, "GET", "/secret", source=DENIED)
+    assert kept_out.startswith(b"HTTP/1.1 403"), kept_out
+    assert len(Recorder.got) == 3  # the service never saw it
+    box = until(lambda: browser.find_element(By.ID, "refused-box"), "the refused visitors")
+    until(box.is_displayed, "the refused box shown")
+    box.find_element(By.TAG_NAME, "summary").click()
+    refusal = until(lambda: [r for r in browser.find_elements(By.CSS_SELECTOR, "#refused tbody tr")
+                             if DENIED in r.text], "the refused visitor's row")[0]  # fmt: skip
+    assert "denied" in refusal.text, refusal.text
+    assert browser.find_element(By.ID, "refused-count").text == "1"
     browser.save_screenshot(str(tmp_path / "inspector.png"))
     if shot := os.environ.get("NATKIT_INSPECTOR_SCREENSHOT"):
         shutil.copy(tmp_path / "inspector.png", shot)

@@ -256,3 +256,25 @@ def test_only_loopback_names_reach_a_loopback_inspector(host: str, bound: str, a
     from natkit.inspect.server import _host_allowed
 
     assert _host_allowed(host, (bound, 4040)) is allowed
+
+
+async def test_refused_visitors_are_kept_bounded_and_told() -> None:
+    from natkit.inspect.records import Refusal
+    from natkit.inspect.store import MAX_REFUSALS
+    from natkit.inspect.views import refusal_json
+
+    store = CaptureStore()
+    sub = store.subscribe()
+    first = Refusal("web", "203.0.113.9:40000", "denied", 1_700_000_000.5, more=3)
+    store.refused(first)
+    assert await sub.get() == ("refused", first)
+    assert refusal_json(first) == {"tunnel_name": "web", "remote_addr": "203.0.113.9:40000",
+                                   "reason": "denied", "time": refusal_json(first)["time"],
+                                   "more": 3}  # fmt: skip
+    assert refusal_json(first)["time"].startswith("2023-11-14T22:13:20")
+    for i in range(MAX_REFUSALS + 10):
+        store.refused(Refusal("web", f"198.51.100.1:{i}", "rate-limited", 1.0))
+    assert len(store.refusals) == MAX_REFUSALS
+    assert store.refusals[-1].visitor == f"198.51.100.1:{MAX_REFUSALS + 9}"
+    assert store.list() == []  # refusals are not captured requests
+    sub.close()

@@ -382,6 +382,13 @@ class _View:
             self.say({"event": "interference", **base, "message": info["message"]},
                      f"warning: {info['message']}")  # fmt: skip
         elif event == "refused":  # the relay kept a visitor out (already rate-limited there)
+            if self.inspector is not None:
+                from natkit.inspect.records import Refusal
+
+                tunnel = next(iter(self.inspector.tunnels), "")  # the name its records carry
+                self.inspector.store.refused(Refusal(tunnel, str(info["visitor"]),
+                                                     str(info["reason"]), float(info["at"]),
+                                                     int(info["more"])))  # fmt: skip
             more = f" (and {info['more']} more)" if info["more"] else ""
             self.say({"event": "refused", **base, "public_address": public,
                       "visitor": info["visitor"], "reason": info["reason"],

@@ -1,4 +1,5 @@
-"""A captured exchange with what the tunnel knew of it, and a tunnel's local service."""
+"""A captured exchange with what the tunnel knew of it, a visitor the relay refused, and a
+tunnel's local service."""
 
 from __future__ import annotations
 
@@ -44,3 +45,15 @@ class Record:
         if response is not None:
             n += len(response.raw) + len(response.body)
         return n + _RECORD_OVERHEAD
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """A visitor the relay kept out by the tunnel's access policy (docs/relay-access.md);
+    ``more``: refusals the relay did not report one by one (it rate-limits the reports)."""
+
+    tunnel: str
+    visitor: str  # "ADDRESS:PORT" as the relay saw it
+    reason: str  # denied, not-allowed, rate-limited, auth-missing, auth-wrong
+    wall: float  # the relay's time.time()
+    more: int = 0

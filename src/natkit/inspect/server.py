@@ -11,7 +11,8 @@ Routes (ngrok's agent API where it has one):
 - ``POST /api/requests/http/ID/replay`` (natkit) replays with changes (``method``,
   ``uri``, ``headers``, ``body``/``body_base64``), answers the new record (201);
 - ``GET /api/events`` (natkit) server-sent events: ``request``, ``response`` (a record's
-  summary: no headers, no bytes), ``clear``;
+  summary: no headers, no bytes), ``clear``, ``refused`` (a visitor the relay kept out);
+- ``GET /api/refused`` (natkit) the visitors the relay refused (access policy), newest first;
 - ``GET /api/tunnels`` the tunnels the inspector watches;
 - ``GET /api/inspect/status`` (natkit) whether it captures, when it paused, the buffer.
 
@@ -37,7 +38,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from natkit.inspect.exchange import Message, RequestReader, Stop
-from natkit.inspect.records import Service
+from natkit.inspect.records import Record, Service
 from natkit.inspect.replay import BadChangesError, ReplayError, request_bytes
 from natkit.inspect.store import CaptureStore, Subscription
 from natkit.inspect.views import (
@@ -47,6 +48,7 @@ from natkit.inspect.views import (
     iso_time,
     record_json,
     records_json,
+    refusal_json,
     summary_json,
 )
 
@@ -230,7 +232,14 @@ class Inspector:
                 "paused": [{"from": iso_time(a or 0), "to": iso_time(b) if b else None}
                            for a, b in store.paused],
                 "records": len(store.list()), "bytes": store.bytes, "max_bytes": store.max_bytes,
-                "max_body": store.max_body, "dropped": store.dropped})  # fmt: skip
+                "max_body": store.max_body, "dropped": store.dropped,
+                "refused": len(store.refusals)})  # fmt: skip
+        if path == "/api/refused" and method == "GET":
+            return (
+                200,
+                "application/json",
+                dumps({"refused": [refusal_json(r) for r in reversed(self.store.refusals)]}),
+            )
         if path == "/api/tunnels" and method == "GET":
             return 200, "application/json", dumps({"uri": "/api/tunnels", "tunnels": [
                 {"name": t.name, "uri": f"/api/tunnels/{t.name}", "public_url": t.public_url,
@@ -326,7 +335,12 @@ class Inspector:
                     continue
                 except EOFError:
                     return
-                data = dumps(summary_json(record)) if record is not None else b"{}"
+                if record is None:
+                    data = b"{}"
+                elif isinstance(record, Record):
+                    data = dumps(summary_json(record))
+                else:
+                    data = dumps(refusal_json(record))
                 writer.write(b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n")
                 await writer.drain()
         finally:

@@ -33,12 +33,16 @@ import weakref
 from typing import Protocol
 
 from natkit.inspect.exchange import MAX_BODY
-from natkit.inspect.records import Record, Service
+from natkit.inspect.records import Record, Refusal, Service
 from natkit.inspect.replay import Changes, replay
 
 MAX_BYTES = 32 * 1024 * 1024  # default cap of the whole buffer
 IDLE = 600.0  # default: capture pauses after this long with nobody looking
-SUBSCRIBER_BACKLOG = 1000  # events a slow subscriber may have waiting before it is dropped
+MAX_REFUSALS = 500  # refused visitors kept (the newest)
+SUBSCRIBER_BACKLOG = 1000
+# What a subscriber gets with each event's kind: the record (request, response), the refusal
+# (refused), or nothing (clear).
+Event = Record | Refusal | None  # events a slow subscriber may have waiting before it is dropped
 
 
 class _Stoppable(Protocol):
@@ -52,12 +56,12 @@ class Subscription:
 
     def __init__(self, store: CaptureStore) -> None:
         self._store = store
-        self._queue: collections.deque[tuple[str, Record | None]] = collections.deque()
+        self._queue: collections.deque[tuple[str, Event]] = collections.deque()
         self._wake = asyncio.Event()
         self.closed = False
         store.look()  # an open subscription keeps capture on
 
-    def _put(self, kind: str, record: Record | None) -> None:
+    def _put(self, kind: str, record: Event) -> None:
         if self.closed:
             return
         if len(self._queue) >= SUBSCRIBER_BACKLOG:
@@ -66,7 +70,7 @@ class Subscription:
         self._queue.append((kind, record))
         self._wake.set()
 
-    async def get(self) -> tuple[str, Record | None]:
+    async def get(self) -> tuple[str, Event]:
         while not self._queue:
             if self.closed:
                 raise EOFError("the subscription is closed")
@@ -100,6 +104,7 @@ class CaptureStore:
         self.dropped = 0  # records dropped to stay under max_bytes
         self.services: dict[str, Service] = {}  # tunnel name -> its local service
         self._subscribers: set[Subscription] = set()
+        self.refusals: collections.deque[Refusal] = collections.deque(maxlen=MAX_REFUSALS)
         # ids sort by time and do not repeat across runs (ngrok's are hex strings too)
         self._prefix = f"{int(time.time()) & 0xFFFFFFFF:08x}{os.urandom(2).hex()}"
         self._seq = itertools.count(1)
@@ -196,9 +201,14 @@ class CaptureStore:
             self.bytes -= self._sizes.pop(old_id)
             self.dropped += 1
 
-    def _publish(self, kind: str, record: Record | None) -> None:
+    def refused(self, refusal: Refusal) -> None:
+        """The relay kept a visitor out (event ``refused``; the newest MAX_REFUSALS kept)."""
+        self.refusals.append(refusal)
+        self._publish("refused", refusal)
+
+    def _publish(self, kind: str, record: Event) -> None:
         for sub in list(self._subscribers):
             sub._put(kind, record)
 
 
-__all__ = ["MAX_BYTES", "CaptureStore", "Record", "Service", "Subscription"]
+__all__ = ["MAX_BYTES", "CaptureStore", "Record", "Refusal", "Service", "Subscription"]

@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from natkit.inspect.exchange import Message
-from natkit.inspect.records import Record
+from natkit.inspect.records import Record, Refusal
 from natkit.inspect.replay import Changes, ReplayError
 
 API_REQUESTS = "/api/requests/http"
@@ -96,6 +96,12 @@ def summary_json(record: Record) -> dict[str, Any]:
     keep = ("visitor", "replay_of", "note", "complete")
     full["natkit"] = {k: full["natkit"][k] for k in keep}
     return full
+
+
+def refusal_json(refusal: Refusal) -> dict[str, Any]:
+    """natkit's own: a visitor the relay refused (``GET /api/refused``, event ``refused``)."""
+    return {"tunnel_name": refusal.tunnel, "remote_addr": refusal.visitor,
+            "reason": refusal.reason, "time": iso_time(refusal.wall), "more": refusal.more}  # fmt: skip
 
 
 def records_json(records: list[Record]) -> dict[str, Any]:

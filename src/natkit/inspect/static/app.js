@@ -234,8 +234,27 @@ function clearAll() {
   $("empty").hidden = false;
 }
 
+const MAX_REFUSED_ROWS = 500;
+let refusedTotal = 0;
+
+// A visitor the relay refused (natkit's access control): newest on top, with the reason.
+function refused(r, fresh) {
+  refusedTotal += 1 + (r.more || 0);
+  $("refused-box").hidden = false;
+  $("refused-count").textContent = String(refusedTotal);
+  const tr = el("tr", fresh ? { class: "new" } : {},
+    el("td", {}, new Date(r.time).toLocaleTimeString()), el("td", {}, r.remote_addr),
+    el("td", { class: "s4" }, r.reason), el("td", {}, r.more ? `+${r.more}` : ""));
+  const body = $("refused").tBodies[0];
+  body.prepend(tr);
+  while (body.rows.length > MAX_REFUSED_ROWS) body.deleteRow(-1);
+}
+
 async function load() {
-  const [list, tunnels, status] = await Promise.all([api("GET", `${API}?limit=500`), api("GET", "/api/tunnels"), api("GET", "/api/inspect/status")]);
+  const [list, tunnels, status, refusals] = await Promise.all([api("GET", `${API}?limit=500`), api("GET", "/api/tunnels"), api("GET", "/api/inspect/status"), api("GET", "/api/refused")]);
+  refusedTotal = 0;
+  $("refused").tBodies[0].replaceChildren();
+  for (const r of refusals.refused.reverse()) refused(r, false);
   $("tunnels").replaceChildren(...tunnels.tunnels.map((t) => el("li", {}, `${t.public_url} → ${t.config.addr}`)));
   for (const rec of list.requests.reverse()) upsert(rec, false);
   const last = status.paused[status.paused.length - 1];
@@ -258,6 +277,7 @@ function live() {
   es.onerror = () => { on(false); lost = true; };
   for (const kind of ["request", "response"]) es.addEventListener(kind, (ev) => upsert(JSON.parse(ev.data), true));
   es.addEventListener("clear", clearAll);
+  es.addEventListener("refused", (ev) => refused(JSON.parse(ev.data), true));
 }
 
 document.addEventListener("DOMContentLoaded", () => {
