@@ -369,3 +369,106 @@ async def test_a_stream_the_listener_opens_does_not_end_p2p_connect(
             task.cancel()
         await conn.close()
         service.close()
+
+
+class CuttableProxy:
+    """A TCP proxy to the relay whose connections can all be cut at once (a blip)."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.base_events.Server | None = None
+        self.address = ""
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._pipe, "127.0.0.1", 0)
+        self.address = f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, _, port = self.relay.address.rpartition(":")
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        self.writers += [writer, up_writer]
+
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
+
+    def cut(self) -> None:
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers.clear()
+
+    def close(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_blip_on_the_connectors_relay_connection_does_not_end_the_session(
+    relay: Relay,
+) -> None:
+    # Before: the connector's room saw the peer leave (its own relay connection was lost)
+    # and come back (rejoined), took that for a new peer and ended a working session.
+    proxy = CuttableProxy(relay)
+    await proxy.start()
+    host, _, port = relay.address.rpartition(":")
+    connecting = relay.api_options() | {"relay": proxy.address, "stun": (host, int(port))}
+    server, client = await bounded(
+        asyncio.gather(
+            natkit.p2p.listen(ROOM, **relay.api_options()),
+            natkit.p2p.connect(ROOM, **connecting),
+        )
+    )
+    try:
+        assert client.path == "direct"  # both on loopback: the relay carries no data
+        room = client._peer.room  # read only: to know when the agent is back
+        proxy.cut()
+        await bounded(room.wait_peer_left())
+        await bounded(room.wait_peer())  # reconnected and rejoined
+        await asyncio.sleep(1)  # what ended the session before did so at once
+
+        async def echo() -> None:
+            stream = await server.accept_stream()
+            stream.write(await stream.read())
+            stream.write_eof()
+
+        answering = asyncio.ensure_future(echo())
+        stream = await bounded(client.open_stream())
+        stream.write(b"after the blip")
+        stream.write_eof()
+        assert await bounded(stream.read()) == b"after the blip"
+        await bounded(answering)
+    finally:
+        await client.close()
+        await server.close()
+        proxy.close()
+
+
+async def test_a_restarted_connector_gets_a_new_session_at_once(
+    relay: Relay, tmp_path: Path, peers: list[CliPeer]
+) -> None:
+    # What the presence check did and the hello check must keep doing: a peer process
+    # killed outright (no QUIC close) and started again meets the listener again at once.
+    service, port = await echo_service()
+    listener = await CliPeer.start(tmp_path, relay, "listen", ROOM, "--secret", SECRET,
+                                   "--allow", str(port))  # fmt: skip
+    first = await CliPeer.start(tmp_path, relay, "connect", ROOM, "--secret", SECRET,
+                                "--forward", f"0:{port}")  # fmt: skip
+    peers += [listener, first]
+    await first.expect("forwarding")
+    await listener.expect("ready")
+    first.proc.kill()
+    await first.proc.wait()
+    conn = await bounded(natkit.p2p.connect(ROOM, **relay.api_options()), 20)
+    try:
+        await listener.expect("closed", 20)  # the old session, for the new peer's hello
+        await listener.expect("ready", 20)
+        assert await forward_round_trip(conn, port) == b"ping through the session"
+    finally:
+        await conn.close()
+        service.close()

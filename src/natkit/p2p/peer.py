@@ -103,6 +103,14 @@ class _Signals:
         self.guard = auth.ReplayGuard()
         self.pending: list[dict[str, Any]] = []
         self.ignored = ""  # why the last message was not taken (for a timeout's message)
+        # Once the session id is agreed, one reader takes every signal: sealed messages
+        # queue for recv(); a hello with a nonce not of this session (a new peer process)
+        # sets new_peer.
+        self.new_peer = asyncio.Event()
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self._nonces: set[str] = set()
+        self._reader: asyncio.Task[None] | None = None
+        self._ended = ""
 
     def _open(self, text: str, session: str, guard: auth.ReplayGuard | None) -> Any:
         """The body of a sealed message of the peer, or None for one to ignore (another
@@ -151,9 +159,40 @@ class _Signals:
             if isinstance(theirs, str) and 0 < len(theirs) <= MAX_HELLO_NONCE and theirs != mine:
                 break
         self.session = ".".join(sorted((mine, theirs)))
+        self._nonces = {mine, theirs}
+        self._reader = asyncio.ensure_future(self._read())
         self.room.send_signal(sealed)
         self.send({"t": "auth"})
         await self.recv("auth", max(0.1, deadline - time.monotonic()))
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                text = await self.room.recv_signal()
+                if text.startswith(SEALED):
+                    if self._queue.qsize() >= MAX_PENDING:
+                        log.warning("dropping a signalling message: %d unread", MAX_PENDING)
+                        continue
+                    self._queue.put_nowait(text)
+                elif text.startswith(HELLO):
+                    self._hello_later(text[len(HELLO) :])
+        except NatkitError as exc:  # the room closed
+            self._ended = str(exc)
+        finally:
+            self._queue.put_nowait(None)
+
+    def _hello_later(self, text: str) -> None:
+        try:
+            body = self._open(text, self.HELLO_SESSION, None)
+        except P2PAuthError as exc:
+            log.warning("ignoring a hello: %s", exc)
+            return
+        if isinstance(body, dict) and body.get("n") not in self._nonces:
+            self.new_peer.set()
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
 
     def send(self, body: dict[str, Any]) -> None:
         self.room.send_signal(
@@ -170,11 +209,12 @@ class _Signals:
             if left <= 0:
                 raise self._late(repr(kind), timeout)
             try:
-                text = await self.room.recv_signal(left)
-            except RendezvousTimeoutError:
+                text = await asyncio.wait_for(self._queue.get(), left)
+            except asyncio.TimeoutError:
                 raise self._late(repr(kind), timeout) from None
-            if not text.startswith(SEALED):
-                continue  # a late hello of this session, or noise
+            if text is None:
+                self._queue.put_nowait(None)  # for the next reader too
+                raise P2PError(f"signalling in room {self.name!r} ended: {self._ended}")
             body = self._open(text[len(SEALED) :], self.session, self.guard)
             if body is None:
                 continue
@@ -326,16 +366,16 @@ class _Peer:
         return self.session
 
     async def _watch_peer(self) -> None:
-        """A room holds one peer per role: a new peer arriving after ours left means ours is
-        gone for good (a restarted process), so this session ends and its owner meets the
-        new one. (A peer whose relay connection only blinked comes back the same way; its
-        session is then renewed too.)"""
-        with contextlib.suppress(NatkitError, asyncio.TimeoutError):
-            await self.room.wait_peer_left(None)
-            await self.room.wait_peer(None)
-            log.info("the peer left the room and another arrived: ending this session")
-            if self.session is not None:
-                await self.session.close("the peer was replaced")
+        """A new peer process in the room says hello (sealed, with a nonce not of this
+        session): ours is gone for good (restarted), so this session ends and its owner
+        meets the new one. A peer whose relay connection only blinked rejoins the room
+        without a hello, and the session goes on; a peer gone for good without a successor
+        shows in the session itself (it times out)."""
+        assert self.signals is not None
+        await self.signals.new_peer.wait()
+        log.info("a new peer said hello in the room: ending this session")
+        if self.session is not None:
+            await self.session.close("the peer was replaced")
 
     def _progress(self, event: str, **info: Any) -> None:
         if self.on_event is not None:
@@ -511,6 +551,8 @@ class _Peer:
         if self.ice is not None:
             with contextlib.suppress(Exception):
                 await self.ice.close()
+        if self.signals is not None:
+            self.signals.close()
         if self.room is not None:
             with contextlib.suppress(Exception):
                 self.room.leave()
