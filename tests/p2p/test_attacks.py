@@ -26,6 +26,7 @@ from natkit.p2p import auth
 from natkit.p2p.forward import ForwardRefusedError, open_forward, serve_forward
 from natkit.relay.agent import Agent
 from natkit.rendezvous.client import P2PRoom, RendezvousTimeoutError
+from tests.tcp_proxy import TcpProxy
 from tests.unit.cli_run import env, relay_serve
 from tests.unit.cli_run import natkit as run_natkit
 
@@ -371,53 +372,14 @@ async def test_a_stream_the_listener_opens_does_not_end_p2p_connect(
         service.close()
 
 
-class CuttableProxy:
-    """A TCP proxy to the relay whose connections can all be cut at once (a blip)."""
-
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-        self.writers: list[asyncio.StreamWriter] = []
-        self.server: asyncio.base_events.Server | None = None
-        self.address = ""
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._pipe, "127.0.0.1", 0)
-        self.address = f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        host, _, port = self.relay.address.rpartition(":")
-        up_reader, up_writer = await asyncio.open_connection(host, int(port))
-        self.writers += [writer, up_writer]
-
-        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
-
-    def cut(self) -> None:
-        for writer in self.writers:
-            writer.transport.abort()
-        self.writers.clear()
-
-    def close(self) -> None:
-        self.cut()
-        if self.server is not None:
-            self.server.close()
-
-
 async def test_a_blip_on_the_connectors_relay_connection_does_not_end_the_session(
     relay: Relay,
 ) -> None:
     # Before: the connector's room saw the peer leave (its own relay connection was lost)
     # and come back (rejoined), took that for a new peer and ended a working session.
-    proxy = CuttableProxy(relay)
-    await proxy.start()
     host, _, port = relay.address.rpartition(":")
-    connecting = relay.api_options() | {"relay": proxy.address, "stun": (host, int(port))}
+    proxy = TcpProxy(host, int(port))
+    connecting = relay.api_options() | {"relay": await proxy.start(), "stun": (host, int(port))}
     server, client = await bounded(
         asyncio.gather(
             natkit.p2p.listen(ROOM, **relay.api_options()),
