@@ -24,7 +24,9 @@ import natkit.p2p
 from natkit.errors import EXIT_USAGE
 from natkit.p2p import auth
 from natkit.p2p.forward import ForwardRefusedError, open_forward, serve_forward
+from natkit.p2p.peer import P2POptions, connect_peer
 from natkit.relay.agent import Agent
+from natkit.relay.server import RelayConfig, RelayServer
 from natkit.rendezvous.client import P2PRoom, RendezvousTimeoutError
 from tests.tcp_proxy import TcpProxy
 from tests.unit.cli_run import env, relay_serve
@@ -434,3 +436,45 @@ async def test_a_restarted_connector_gets_a_new_session_at_once(
     finally:
         await conn.close()
         service.close()
+
+
+async def test_a_listener_waits_out_a_token_whose_room_limit_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: a listener whose JOIN the relay refused (any token holder can fill the
+    # token's room limit) ended with that error; now it says so and tries again.
+    monkeypatch.setenv("NATKIT_STATE_DIR", str(tmp_path / "state"))
+    server = RelayServer(RelayConfig(listen_host="127.0.0.1", listen_port=0,
+                                     tokens={"t": TOKEN}, state_dir=tmp_path / "relay",
+                                     max_rooms_per_token=2))  # fmt: skip
+    await server.start()
+    relay = Relay({"listen": f"127.0.0.1:{server.listen_port}",
+                   "fingerprint": server.fingerprint})  # fmt: skip
+    events: list[tuple[str, dict[str, Any]]] = []
+    rejected = asyncio.Event()
+
+    def progress(event: str, info: dict[str, Any]) -> None:
+        events.append((event, info))
+        if event == "rejected":
+            rejected.set()
+
+    options = relay.api_options() | {"relay": relay.address}
+    opts = P2POptions(**options)
+    squatter = Agent(relay.address, TOKEN, [], fingerprint=relay.fingerprint)
+    runner = asyncio.ensure_future(squatter.run())
+    try:
+        squatted = [await bounded(squatter.join_p2p(f"junk-{i}", "listen")) for i in range(2)]
+        listening = asyncio.ensure_future(connect_peer(ROOM, "listen", opts, on_event=progress))
+        await bounded(rejected.wait())
+        assert "2 P2P rooms" in dict(events)["rejected"]["reason"], events
+        squatted[0].leave()  # a slot frees: the listener gets in at its next try
+        conn = await bounded(natkit.p2p.connect(ROOM, **options))
+        server_side = await bounded(listening)
+        await conn.close()
+        await server_side.close()
+    finally:
+        runner.cancel()
+        with contextlib.suppress(BaseException):
+            await runner
+        await squatter.close()
+        await server.close()

@@ -41,7 +41,7 @@ from natkit.p2p.ice import IceAgent, TurnServer
 from natkit.p2p.paths import DatagramPath, IcePath, PathEvent, PathSwitch, StreamPath
 from natkit.p2p.session import P2PSession
 from natkit.relay.agent import Agent, parse_hostport
-from natkit.rendezvous.client import RendezvousTimeoutError
+from natkit.rendezvous.client import RendezvousError, RendezvousTimeoutError
 
 log = logging.getLogger("natkit.p2p")
 
@@ -52,8 +52,9 @@ Listener = Callable[[str, dict[str, Any]], None]
 #            (seconds it will wait; None: for ever)
 #   peer     the other peer is in the room: room
 #   rejected (listener only) a peer came but the session could not be set up (no hello, a
-#            wrong secret, a reflected or forged message, a failed proof): reason, retry_in
-#            (seconds before the listener waits in the room again)
+#            wrong secret, a reflected or forged message, a failed proof), or the relay
+#            refused the room (the token's room limit, the room taken): reason, retry_in
+#            (seconds before the listener tries again)
 Progress = Callable[[str, dict[str, Any]], None]
 
 HELLO = "H:"
@@ -72,6 +73,7 @@ REJECT_BACKOFF = 1.0
 REJECT_BACKOFF_MAX = 30.0
 MAX_HELLO_NONCE = 64
 MAX_PENDING = 64  # sealed messages kept until asked for
+ROOM_REFUSALS = ("limit", "busy", "rate")  # the relay's refusals of a JOIN that may clear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,7 +315,14 @@ class _Peer:
     async def start(self) -> P2PSession:
         started = time.monotonic()
         runner = self._spawn(self.agent.run())
-        self.room = await self._joined(runner)
+        try:
+            self.room = await self._joined(runner)
+        except RendezvousError as exc:
+            # The token's room limit filled (by any holder of the token), the room taken,
+            # JOINs too fast: a listener waits for it to clear rather than end.
+            if self.role != "listen" or exc.code not in ROOM_REFUSALS:
+                raise
+            raise _PeerRejectedError(str(exc)) from exc
         wait = self.opts.peer_timeout
         if wait is None and self.role == "connect":
             wait = CONNECT_PEER_TIMEOUT  # a listener waits for ever; a connector does not
