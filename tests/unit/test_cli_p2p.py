@@ -96,3 +96,37 @@ def test_an_empty_room_says_it_waits_and_for_whom(
     else:
         assert line.startswith(f"waiting in room 'room' on relay {relay}"), line
         assert "natkit p2p listen room" in line and "up to 60 s" in line, line
+
+
+@pytest.mark.parametrize(
+    ("to", "allow", "expected"),
+    [
+        (None, (22,), ("127.0.0.1", {22})),
+        (None, (22, 80), ("127.0.0.1", {22, 80})),
+        ("10.0.0.5", (22,), ("10.0.0.5", {22})),
+        ("10.0.0.5:8080", (), ("10.0.0.5", {8080})),
+        ("10.0.0.5:8080", (22,), ("10.0.0.5", {8080, 22})),
+        ("[::1]:22", (), ("::1", {22})),
+        ("fd00::5", (443,), ("fd00::5", {443})),
+    ],
+)
+def test_listen_forwards_only_what_it_was_told(
+    to: str | None, allow: tuple[int, ...], expected: tuple[str, set[int]]
+) -> None:
+    from natkit.cli.p2p import _target
+
+    assert _target(to, allow) == (expected[0], frozenset(expected[1]))
+
+
+@pytest.mark.parametrize(
+    ("to", "allow"), [(None, ()), ("10.0.0.5", ()), ("fd00::5", ()), (None, (0,)), ("h:x", ())]
+)
+def test_listen_refuses_to_expose_what_was_not_named(
+    to: str | None, allow: tuple[int, ...]
+) -> None:
+    import click
+
+    from natkit.cli.p2p import _target
+
+    with pytest.raises(click.UsageError):
+        _target(to, allow)
