@@ -596,7 +596,9 @@ async def connect_peer(
             await peer.close()
             failures += 1
             delay = min(REJECT_BACKOFF * 2 ** (failures - 1), REJECT_BACKOFF_MAX)
-            log.warning("room %r: peer rejected (%s); waiting again in %g s", name, exc, delay)
+            cause = exc.__cause__
+            log.warning("room %r: peer rejected (%s); waiting again in %g s", name, exc, delay,
+                        exc_info=not isinstance(cause, (NatkitError, OSError, TimeoutError)))  # fmt: skip
             peer._progress("rejected", room=name, reason=str(exc), retry_in=delay)
             await asyncio.sleep(delay)
             continue
