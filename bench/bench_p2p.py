@@ -50,6 +50,7 @@ from natkit.lab import config as C
 
 NAME = "p2p"
 TOKEN = "bench-p2p-token-0123456789abcdef"
+SECRET = "bench-p2p-secret-0123456789"  # the peers' own (never the token)
 RELAY_HOST, RELAY_PORT = C.WAN_IPS[0], 7835
 RELAY = f"{RELAY_HOST}:{RELAY_PORT}"
 NATKIT = str(Path(sys.executable).parent / "natkit")
@@ -112,7 +113,9 @@ def _session_case(
     ends: dict[str, float] = {}
 
     async def listen() -> Any:
-        conn = await natkit.p2p.listen(room, relay=RELAY, token=TOKEN, port_mapping=False)
+        conn = await natkit.p2p.listen(
+            room, relay=RELAY, token=TOKEN, secret=SECRET, port_mapping=False
+        )
         ends["listen"] = time.monotonic()
         try:
             return await work(conn, "listen") if work else conn.path
@@ -120,7 +123,9 @@ def _session_case(
             await conn.close()
 
     async def connect() -> Any:
-        conn = await natkit.p2p.connect(room, relay=RELAY, token=TOKEN, port_mapping=False)
+        conn = await natkit.p2p.connect(
+            room, relay=RELAY, token=TOKEN, secret=SECRET, port_mapping=False
+        )
         ends["connect"] = time.monotonic()
         try:
             return (await work(conn, "connect") if work else conn.path), conn.path
@@ -283,10 +288,10 @@ def _forwarded(lab: Lab, state: Path) -> float:
     """MB/s of a TCP download through ``natkit p2p connect --forward`` (separate processes,
     as deployed), on the same direct path."""
     env = {**os.environ, "NATKIT_STATE_DIR": str(state)}
-    common = ["--relay", RELAY, "--token", TOKEN, "--no-portmap", "--json"]
+    common = ["--relay", RELAY, "--token", TOKEN, "--secret", SECRET, "--no-portmap", "--json"]
     listen = lab.popen(
         "lan2",
-        [NATKIT, "p2p", "listen", "fwd", *common],
+        [NATKIT, "p2p", "listen", "fwd", *common, "--allow", str(PLAIN_PORT)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=env,

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench_p2p import NATKIT, RELAY, TOKEN, RelayProc
+from bench_p2p import NATKIT, RELAY, SECRET, TOKEN, RelayProc
 from benchlib import (
     BenchError,
     Benchmark,
@@ -212,8 +212,8 @@ def natkit_expose(ctx: Ctx, port: int) -> Sample:
 
 def natkit_p2p(ctx: Ctx, port: int) -> Sample:
     room = f"s{next(ctx.rooms)}"
-    common = ["--relay", RELAY, "--token", TOKEN, "--no-portmap", "--json"]
-    listen = _start(ctx, "lan2", [NATKIT, "p2p", "listen", room, *common])
+    common = ["--relay", RELAY, "--token", TOKEN, "--secret", SECRET, "--no-portmap", "--json"]
+    listen = _start(ctx, "lan2", [NATKIT, "p2p", "listen", room, *common, "--allow", "5201"])
     connect: subprocess.Popen[bytes] | None = None
     try:
         _until_event(listen, "waiting")  # untimed: the peer is there before connect starts

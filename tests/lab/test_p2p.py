@@ -28,6 +28,7 @@ from tests.lab.relay_helpers import NatkitProc, start_relay
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 and not IN_CI, reason="the lab needs root")
 
 TOKEN = "p2p-lab-token-0123456789abcdef"
+SECRET = "p2p-lab-secret-0123456789"  # the peers' own (issue 16: never the token)
 RELAY = f"{C.WAN_IPS[0]}:7835"
 TURN = [
     "--turn", f"{C.STUN_PRIMARY[0]}:{C.STUN_PRIMARY[1]}",
@@ -82,8 +83,9 @@ class Peers:
         self.procs.append(self.relay)
         self.web = lab.popen("lan2", [sys.executable, "-m",
                                       "natkit.lab.webserver", "127.0.0.1", str(WEB_PORT)])  # fmt: skip
-        common = ["--relay", RELAY, "--token", TOKEN, "--json", *extra]
-        self.listen = NatkitProc(lab, "lan2", ["p2p", "listen", "room", *common],
+        common = ["--relay", RELAY, "--token", TOKEN, "--secret", SECRET, "--json", *extra]
+        allow = [x for f in forwards for x in ("--allow", f.rpartition(":")[2])]
+        self.listen = NatkitProc(lab, "lan2", ["p2p", "listen", "room", *common, *allow],
                                  state_dir=tmp / "l", label="p2p listen")  # fmt: skip
         self.procs.append(self.listen)
         self.connect = NatkitProc(

@@ -25,10 +25,11 @@ async def sessions() -> AsyncIterator[tuple[P2PSession, P2PSession]]:
     await server.close()
 
 
-async def _serve(server: P2PSession, allowed: tuple[int, ...] = ()) -> None:
+async def _serve(server: P2PSession, allowed: tuple[int, ...]) -> None:
     while True:
         stream = await server.accept_stream()
-        asyncio.ensure_future(serve_forward(stream, allowed=allowed))  # noqa: RUF006
+        task = serve_forward(stream, target_host="127.0.0.1", allowed=allowed)
+        asyncio.ensure_future(task)  # noqa: RUF006
 
 
 async def _service(upper: bool = True) -> tuple[socket.socket, int, asyncio.Task[bytes]]:
@@ -55,8 +56,8 @@ async def test_a_forwarded_connection_carries_bytes_both_ways_with_half_close(
     sessions: tuple[P2PSession, P2PSession],
 ) -> None:
     client, server = sessions
-    serving = asyncio.ensure_future(_serve(server))
     listener, port, service = await _service()
+    serving = asyncio.ensure_future(_serve(server, allowed=(port,)))
     a, b = socket.socketpair()  # a: the local application, b: what the forwarder accepted
     a.setblocking(False)
     stream = await bounded(open_forward(client, port))
@@ -76,11 +77,13 @@ async def test_a_forwarded_connection_carries_bytes_both_ways_with_half_close(
     a.close()
 
 
+# An empty allow-list used to mean "every port of the target host" (issue 16).
+@pytest.mark.parametrize("allowed", [(1,), ()], ids=["another-port", "no-port"])
 async def test_a_port_outside_the_allowed_ones_is_refused(
-    sessions: tuple[P2PSession, P2PSession],
+    sessions: tuple[P2PSession, P2PSession], allowed: tuple[int, ...]
 ) -> None:
     client, server = sessions
-    serving = asyncio.ensure_future(_serve(server, allowed=(1,)))
+    serving = asyncio.ensure_future(_serve(server, allowed=allowed))
     listener, port, service = await _service()
     with pytest.raises(ForwardRefusedError, match="not allowed"):
         await bounded(open_forward(client, port))
@@ -93,10 +96,10 @@ async def test_a_port_where_nothing_listens_is_reported(
     sessions: tuple[P2PSession, P2PSession],
 ) -> None:
     client, server = sessions
-    serving = asyncio.ensure_future(_serve(server))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         free = probe.getsockname()[1]  # closed again: nothing listens there
+    serving = asyncio.ensure_future(_serve(server, allowed=(free,)))
     with pytest.raises(ForwardRefusedError, match="nothing answers"):
         await bounded(open_forward(client, free))
     serving.cancel()

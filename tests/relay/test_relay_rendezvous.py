@@ -26,11 +26,13 @@ from typing import Any
 import pytest
 
 from natkit.errors import NatkitError
+from natkit.relay import messages as M
 from natkit.relay.agent import Agent, RelayAuthError
 from natkit.relay.server import RelayConfig, RelayServer
 from natkit.rendezvous import rooms
 from natkit.rendezvous.client import P2PRoom, RendezvousError, RendezvousTimeoutError
 from natkit.stun import StunTimeoutError, binding_udp
+from tests.tcp_proxy import TcpProxy
 
 NATKIT = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "natkit")
 TOKEN_A = "alice-token-0123456789abcdef"
@@ -312,6 +314,45 @@ async def test_the_relay_path_moves_bytes_both_ways_with_half_close(
     assert await loop.sock_recv(s1, 5) == b"again"
     s1.close()
     s2.close()
+
+
+async def test_the_relay_path_ticket_never_travels_in_clear(
+    relay: RelayProc, make_agent: MakeAgent
+) -> None:
+    # Issue 16: DATA {ticket} went in clear, so anyone on the way could take the ticket and
+    # be joined to the peer's path in its place. Now the opening names the ticket by its
+    # handle and proves it sealed under the agent's session secret.
+    loop = asyncio.get_running_loop()
+    proxy = TcpProxy(LOOPBACK, relay.port)
+    via_proxy = await proxy.start()
+    try:
+        a = await make_agent(via_proxy, fp=relay.ready["fingerprint"])
+        b = await make_agent(relay)
+        ra, rb = await meet(a, b)
+        ticket_a = ra.ticket
+        sa, sb = await asyncio.gather(ra.open_relay_path(), rb.open_relay_path())
+        await loop.sock_sendall(sa, b"through the relay")
+        assert await loop.sock_recv(sb, 17) == b"through the relay"
+        assert proxy.seen and ticket_a.encode() not in proxy.seen
+        sa.close()
+        sb.close()
+
+        # A ticket shown in a plain DATA frame (as a thief would) is refused and stays
+        # good for its holder.
+        t1, t2 = await asyncio.gather(ra.new_ticket(), rb.new_ticket())
+        thief = socket.create_connection((LOOPBACK, relay.port))
+        thief.sendall(M.encode(M.Data(ticket=t1)))
+        thief.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):
+            assert thief.recv(1) == b""
+        thief.close()
+        s1, s2 = await asyncio.gather(ra.open_relay_path(t1), rb.open_relay_path(t2))
+        await loop.sock_sendall(s2, b"again")
+        assert await loop.sock_recv(s1, 5) == b"again"
+        s1.close()
+        s2.close()
+    finally:
+        proxy.close()
 
 
 @pytest.fixture

@@ -55,7 +55,9 @@ async def nonblocking() -> None:
     await tunnel.close()
     mappings = await natkit.list_mappings_async()
     print(len(mappings), await natkit.delete_mapping_async(8080, "udp"))
-    conn = await natkit.p2p.connect("room", relay="r:7835", token="t")
+    conn = await natkit.p2p.connect(
+        "room", relay="r:7835", token="t", secret=natkit.p2p.new_secret()
+    )
     print(conn.path)
 
 

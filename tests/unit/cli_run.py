@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +42,26 @@ def failed_json(proc: subprocess.CompletedProcess[str], exit_code: int) -> dict[
     error = json_lines(proc)[-1]
     assert error["event"] == "error" and error["exit_code"] == exit_code, error
     return error
+
+
+@contextlib.contextmanager
+def relay_serve(tmp_path: Path, *tokens: str) -> Iterator[dict[str, Any]]:
+    """``natkit relay serve --json`` on loopback for ``tokens``; yields its ready event."""
+    first = random.randrange(41000, 49000, 10)
+    argv = [sys.executable, "-m", "natkit", "relay", "serve", "--listen", "127.0.0.1:0",
+            "--json", "--ports", f"{first}-{first + 9}"]  # fmt: skip
+    for token in tokens:
+        argv += ["--token", token]
+    state = tmp_path / "relay"
+    state.mkdir()
+    with (tmp_path / "relay.log").open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True,
+                                env=env(NATKIT_STATE_DIR=str(state), PYTHONUNBUFFERED="1"))  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        ready: dict[str, Any] = json.loads(proc.stdout.readline() or "{}")
+        assert ready.get("event") == "ready", (tmp_path / "relay.log").read_text()
+        yield ready
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -6,20 +6,19 @@ real relay, on loopback."""
 from __future__ import annotations
 
 import json
-import random
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from natkit.errors import EXIT_RELAY, EXIT_USAGE
-from tests.unit.cli_run import env, failed_json, natkit
+from tests.unit.cli_run import env, failed_json, natkit, relay_serve
 
 TOKEN = "p2p-cli-token-0123456789abcdef"
+SECRET = "p2p-cli-secret-0123456789"
 LOOPBACK = "127.0.0.1"
 
 
@@ -32,7 +31,7 @@ def closed_port() -> int:
 
 def connect_args(relay: str, *extra: str) -> list[str]:
     return ["p2p", "connect", "room", "--relay", relay, "--token", TOKEN, "--no-portmap",
-            "--forward", "0:8080", *extra]  # fmt: skip
+            "--secret", SECRET, "--forward", "0:8080", *extra]  # fmt: skip
 
 
 @pytest.mark.parametrize("as_json", [True, False])
@@ -73,22 +72,8 @@ def test_a_forward_port_out_of_range_is_a_usage_error() -> None:
 @pytest.fixture
 def relay(tmp_path: Path) -> Iterator[str]:
     """``natkit relay serve`` on loopback; yields its HOST:PORT."""
-    first = random.randrange(41000, 49000, 10)
-    argv = [sys.executable, "-m", "natkit", "relay", "serve", "--listen", f"{LOOPBACK}:0",
-            "--json", "--token", TOKEN, "--ports", f"{first}-{first + 9}"]  # fmt: skip
-    state = tmp_path / "relay"
-    state.mkdir()
-    with (tmp_path / "relay.log").open("wb") as log:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True,
-                                env=env(NATKIT_STATE_DIR=str(state), PYTHONUNBUFFERED="1"))  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        ready: dict[str, Any] = json.loads(proc.stdout.readline() or "{}")
-        assert ready.get("event") == "ready", (tmp_path / "relay.log").read_text()
+    with relay_serve(tmp_path, TOKEN) as ready:
         yield f"{LOOPBACK}:{ready['listen'].rsplit(':', 1)[1]}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.mark.parametrize("as_json", [True, False])
@@ -111,3 +96,37 @@ def test_an_empty_room_says_it_waits_and_for_whom(
     else:
         assert line.startswith(f"waiting in room 'room' on relay {relay}"), line
         assert "natkit p2p listen room" in line and "up to 60 s" in line, line
+
+
+@pytest.mark.parametrize(
+    ("to", "allow", "expected"),
+    [
+        (None, (22,), ("127.0.0.1", {22})),
+        (None, (22, 80), ("127.0.0.1", {22, 80})),
+        ("10.0.0.5", (22,), ("10.0.0.5", {22})),
+        ("10.0.0.5:8080", (), ("10.0.0.5", {8080})),
+        ("10.0.0.5:8080", (22,), ("10.0.0.5", {8080, 22})),
+        ("[::1]:22", (), ("::1", {22})),
+        ("fd00::5", (443,), ("fd00::5", {443})),
+    ],
+)
+def test_listen_forwards_only_what_it_was_told(
+    to: str | None, allow: tuple[int, ...], expected: tuple[str, set[int]]
+) -> None:
+    from natkit.cli.p2p import _target
+
+    assert _target(to, allow) == (expected[0], frozenset(expected[1]))
+
+
+@pytest.mark.parametrize(
+    ("to", "allow"), [(None, ()), ("10.0.0.5", ()), ("fd00::5", ()), (None, (0,)), ("h:x", ())]
+)
+def test_listen_refuses_to_expose_what_was_not_named(
+    to: str | None, allow: tuple[int, ...]
+) -> None:
+    import click
+
+    from natkit.cli.p2p import _target
+
+    with pytest.raises(click.UsageError):
+        _target(to, allow)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
 
 import pytest
@@ -20,63 +19,79 @@ SECRET = "correct horse battery staple"
 OFFER = {"ufrag": "abcd", "pwd": "x" * 22, "fingerprint": "sha256:" + "ab" * 32, "n": [1, 2]}
 
 
+L, C = "listen", "connect"
+
+
 def test_seal_round_trip() -> None:
     sid = auth.new_session_nonce()
-    text = auth.seal(SECRET, OFFER, session=sid)
-    assert auth.unseal(SECRET, text, session=sid) == OFFER
-    assert auth.unseal(SECRET.encode(), text, session=sid) == OFFER  # str or bytes
+    text = auth.seal(SECRET, OFFER, session=sid, sender=C)
+    assert auth.unseal(SECRET, text, session=sid, sender=C) == OFFER
+    assert auth.unseal(SECRET.encode(), text, session=sid, sender=C) == OFFER  # str or bytes
 
 
 def test_two_seals_of_one_message_differ() -> None:
     # A per-message nonce: equal messages do not give equal texts (replay detection needs it).
-    assert auth.seal(SECRET, OFFER, session="s") != auth.seal(SECRET, OFFER, session="s")
+    one, two = (auth.seal(SECRET, OFFER, session="s", sender=L) for _ in range(2))
+    assert one != two
+
+
+def _decoded_parts(text: str) -> list[bytes]:
+    return [base64.urlsafe_b64decode(p + "=" * (-len(p) % 4)) for p in text.split(".")[1:]]
+
+
+def test_a_sealed_message_cannot_be_read_without_the_secret() -> None:
+    # Issue 16: signalling was signed but readable by the relay (addresses, ICE
+    # credentials, fingerprints). Nothing of the body shows in the sealed text.
+    text = auth.seal(SECRET, OFFER, session="s", sender=L)
+    for part in [text.encode(), *_decoded_parts(text)]:
+        for secret_bit in (b"abcd", b"xxxxxxxx", b"ab" * 8, b"ufrag", b"fingerprint", b"listen"):
+            assert secret_bit not in part
 
 
 def test_wrong_secret_is_refused() -> None:
-    text = auth.seal(SECRET, OFFER, session="s")
-    with pytest.raises(ProtocolError, match="same secret"):
-        auth.unseal("another secret", text, session="s")
+    text = auth.seal(SECRET, OFFER, session="s", sender=C)
+    with pytest.raises(auth.WrongSecretError, match="same secret"):
+        auth.unseal("another secret", text, session="s", sender=C)
 
 
-def _tamper_payload(text: str) -> str:
-    version, payload, mac = text.split(".")
-    envelope = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    envelope["body"]["fingerprint"] = "sha256:" + "cd" * 32  # a MITM's own certificate
-    forged = base64.urlsafe_b64encode(json.dumps(envelope).encode()).rstrip(b"=").decode()
-    return f"{version}.{forged}.{mac}"
+def test_a_message_sent_back_to_its_sender_is_refused() -> None:
+    # Reflection: the listener's own offer returned to it by a token holder in the room.
+    text = auth.seal(SECRET, OFFER, session="s", sender=L)
+    with pytest.raises(auth.ReflectedMessageError, match="reflected"):
+        auth.unseal(SECRET, text, session="s", sender=C)
+    assert auth.unseal(SECRET, text, session="s", sender=L) == OFFER
 
 
-def test_tampered_payload_is_refused() -> None:
-    text = auth.seal(SECRET, OFFER, session="s")
-    with pytest.raises(ProtocolError, match="HMAC"):
-        auth.unseal(SECRET, _tamper_payload(text), session="s")
+def test_roles_are_checked() -> None:
+    with pytest.raises(ValueError, match="role"):
+        auth.seal(SECRET, OFFER, session="s", sender="relay")
 
 
 @pytest.mark.parametrize("part", [1, 2])
 def test_flipped_character_is_refused(part: int) -> None:
-    text = auth.seal(SECRET, OFFER, session="s")
+    text = auth.seal(SECRET, OFFER, session="s", sender=C)
     pieces = text.split(".")
     c = pieces[part][5]
     pieces[part] = pieces[part][:5] + ("A" if c != "A" else "B") + pieces[part][6:]
     with pytest.raises(ProtocolError):
-        auth.unseal(SECRET, ".".join(pieces), session="s")
+        auth.unseal(SECRET, ".".join(pieces), session="s", sender=C)
 
 
 def test_replay_into_another_session_is_refused() -> None:
     old, new = auth.new_session_nonce(), auth.new_session_nonce()
-    text = auth.seal(SECRET, OFFER, session=old)
+    text = auth.seal(SECRET, OFFER, session=old, sender=C)
     with pytest.raises(ProtocolError, match="another session"):
-        auth.unseal(SECRET, text, session=new)
+        auth.unseal(SECRET, text, session=new, sender=C)
 
 
 def test_replay_within_a_session_is_refused_by_the_guard() -> None:
     guard = auth.ReplayGuard()
-    first = auth.seal(SECRET, OFFER, session="s")
-    second = auth.seal(SECRET, OFFER, session="s")
-    auth.unseal(SECRET, first, session="s", guard=guard)
-    auth.unseal(SECRET, second, session="s", guard=guard)
+    first = auth.seal(SECRET, OFFER, session="s", sender=C)
+    second = auth.seal(SECRET, OFFER, session="s", sender=C)
+    auth.unseal(SECRET, first, session="s", sender=C, guard=guard)
+    auth.unseal(SECRET, second, session="s", sender=C, guard=guard)
     with pytest.raises(ProtocolError, match="replayed"):
-        auth.unseal(SECRET, first, session="s", guard=guard)
+        auth.unseal(SECRET, first, session="s", sender=C, guard=guard)
 
 
 def test_replay_guard_is_bounded() -> None:
@@ -90,22 +105,42 @@ def test_replay_guard_is_bounded() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "nk1", "nk1.abc", "nk2.abc.def", "nk1.a.b.c", "nk1.!!!.abc", "nk1.abc.%%%", "x" * 70000],
-)
+    ["", "nk2", "nk2.abc", "nk1.abc.def", "nk2.a.b.c", "nk2.!!!.abc", "nk2.abc.%%%",
+     "nk2.AAAAAAAAAAAAAAAA.AAAA", "x" * 70000],
+)  # fmt: skip
 def test_malformed_texts_raise_protocol_error(text: str) -> None:
     with pytest.raises(ProtocolError):
-        auth.unseal(SECRET, text, session="s")
+        auth.unseal(SECRET, text, session="s", sender=C)
 
 
 @given(st.text(max_size=300))
 def test_open_sealed_raises_only_protocol_error(text: str) -> None:
     with pytest.raises(ProtocolError):
-        auth.unseal(SECRET, text, session="s")
+        auth.unseal(SECRET, text, session="s", sender=C)
 
 
 def test_empty_secret_is_refused() -> None:
     with pytest.raises(P2PAuthError, match="empty"):
-        auth.seal("", OFFER, session="s")
+        auth.seal("", OFFER, session="s", sender=C)
+
+
+@pytest.mark.parametrize("secret", [None, "", "short", "x" * 15])
+def test_a_missing_or_short_secret_is_refused(secret: str | None) -> None:
+    with pytest.raises(P2PAuthError, match=r"16 characters|offline"):
+        auth.check_peer_secret(secret)
+    auth.check_peer_secret("x" * 16)
+
+
+def test_new_secrets_are_long_and_fresh() -> None:
+    made = {auth.new_secret() for _ in range(100)}
+    assert len(made) == 100 and all(len(s) >= 32 for s in made)
+
+
+def test_room_ids_hide_the_name_and_depend_on_the_secret() -> None:
+    one = auth.room_id(SECRET, "office")
+    assert one == auth.room_id(SECRET, "office") and "office" not in one
+    assert one != auth.room_id(SECRET + "!", "office") != auth.room_id(SECRET, "office2")
+    assert len(one) <= 128  # the relay's room-name limit
 
 
 def test_fingerprints_normalize() -> None:

@@ -18,6 +18,7 @@ from natkit.p2p.candidates import (
     classify_path,
     host_candidate,
     port_mapped_candidate,
+    reachable_remote,
     relay_candidate,
     srflx_candidate,
     without_redundant,
@@ -257,3 +258,52 @@ def test_paths_are_classified(
     local: IceCandidate, remote: IceCandidate, seen_as: tuple[str, int] | None, expected: str
 ) -> None:
     assert classify_path(local, remote, seen_as, OURS, THEIRS) == expected
+
+
+# ---- which of the peer's candidates are worth checks (issue 16) ----------------------------
+
+
+def _cand(host: str, kind: str = "host", port: int = 5000) -> IceCandidate:
+    return IceCandidate("1", 100, host, port, kind)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "kept"),
+    [
+        # loopback, unspecified, broadcast: this machine only, so never a remote peer's ...
+        (["192.168.1.5"], "127.0.0.1", False),
+        (["192.168.1.5"], "127.8.9.10", False),
+        (["192.168.1.5"], "0.0.0.0", False),
+        (["192.168.1.5"], "255.255.255.255", False),
+        (["fd00::5"], "::1", False),
+        (["fd00::5"], "::ffff:127.0.0.1", False),
+        # ... unless we gather on loopback ourselves: two peers on one machine
+        (["127.0.0.1"], "127.0.0.1", True),
+        # a private address: only when we have one (a peer on our LAN, or one like it)
+        (["100.200.0.7"], "192.168.1.1", False),
+        (["100.200.0.7"], "fd12::1", False),
+        (["10.0.0.2"], "192.168.1.9", True),
+        # link-local: only with a link-local address of ours
+        (["10.0.0.2"], "169.254.1.1", False),
+        (["169.254.7.7"], "169.254.1.1", True),
+        # a global address: always
+        (["127.0.0.1"], "100.200.0.1", True),
+        (["10.0.0.2"], "2001:db8::1", True),
+    ],
+)
+def test_only_candidates_that_can_be_the_peers_are_checked(
+    ours: list[str], theirs: str, kept: bool
+) -> None:
+    candidate = _cand(theirs, "srflx")
+    got, dropped = reachable_remote([candidate], [_cand(a) for a in ours])
+    assert got == ([candidate] if kept else [])
+    assert bool(dropped) is not kept
+    if dropped:
+        assert theirs in dropped[0] and "scope" in dropped[0]
+
+
+def test_only_our_host_candidates_decide_the_scopes_we_reach() -> None:
+    # A reflexive candidate of ours on loopback (a relay on this machine) is no loopback host.
+    ours = [_cand("10.0.0.2"), _cand("127.0.0.1", "srflx")]
+    got, dropped = reachable_remote([_cand("127.0.0.1")], ours)
+    assert got == [] and len(dropped) == 1

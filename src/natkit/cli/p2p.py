@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
+import shlex
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -29,21 +31,52 @@ def _emit(as_json: bool, event: str, **info: Any) -> None:
         how_long = "for ever" if info["timeout"] is None else f"up to {info['timeout']:g} s"
         text = (f"waiting in room {info['room']!r} on relay {info['relay']} for the peer that "
                 f"runs 'natkit p2p {info['peer_role']} {info['room']}' ({how_long})")  # fmt: skip
+        if "secret" in info:
+            text += (f"\nthe P2P secret (made now; give it to the peer, and keep it from "
+                     f"others): {info['secret']}\nthe peer runs (with the relay token in "
+                     f"$NATKIT_TOKEN): {info['connect']}")  # fmt: skip
+    elif event == "rejected":
+        text = (f"rejected a peer in room {info['room']!r}: {info['reason']} (waiting again "
+                f"in {info['retry_in']:g} s)")  # fmt: skip
     else:
         text = f"{event}: " + " ".join(f"{k}={v}" for k, v in info.items())
     click.echo(text, err=event != "ready")
 
 
+# At least natkit.p2p.auth.MIN_SECRET_LENGTH (not imported: it loads cryptography).
+MIN_SECRET_LENGTH = 16
+
+
+def _secret(secret: str | None, *, make: bool) -> str:
+    """The peers' own secret: the one given (long enough), else a new one (``make``)."""
+    if secret is None or secret == "":
+        if make:
+            return secrets.token_urlsafe(24)  # 192 bits, as natkit.p2p.new_secret()
+        raise click.UsageError(
+            "give the P2P secret with --secret or $NATKIT_P2P_SECRET: the one 'natkit p2p "
+            "listen' printed (or the one you gave it); the relay token is not a P2P secret"
+        )
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise click.BadParameter(
+            f"{len(secret)} characters; at least {MIN_SECRET_LENGTH} are needed, because the "
+            "relay sees messages sealed with it and could guess a short one offline (leave "
+            "it out on 'natkit p2p listen' to get a strong random one)",
+            param_hint="--secret",
+        )
+    return secret
+
+
 def _options(
     relay: str,
     token: str,
-    secret: str | None,
+    secret: str,
     stun: str | None,
     turn: str | None,
     turn_user: str | None,
     turn_password: str | None,
     no_portmap: bool,
     fingerprint: str | None,
+    local_addresses: tuple[str, ...] = (),
 ) -> P2POptions:
     from natkit.p2p.ice import TurnServer
     from natkit.p2p.peer import P2POptions
@@ -62,6 +95,7 @@ def _options(
         turn=turn_server,
         port_mapping=not no_portmap,
         fingerprint=fingerprint,
+        host_addresses=local_addresses or None,
     )
 
 
@@ -73,7 +107,11 @@ def _common(f: Any) -> Any:
         click.option(
             "--secret",
             envvar="NATKIT_P2P_SECRET",
-            help="The secret both peers share (default: the token).",
+            help=(
+                f"The secret both peers share, at least {MIN_SECRET_LENGTH} characters (or "
+                "$NATKIT_P2P_SECRET). Required to connect; listen makes and prints one when "
+                "none is given. Never the relay token."
+            ),
         ),
         click.option("--stun", metavar="HOST:PORT", help="STUN server (default: the relay)."),
         click.option(
@@ -85,6 +123,14 @@ def _common(f: Any) -> Any:
         click.option("--turn-user", envvar="NATKIT_TURN_USER"),
         click.option("--turn-password", envvar="NATKIT_TURN_PASSWORD"),
         click.option("--no-portmap", is_flag=True, help="Do not ask the router for a mapping."),
+        click.option(
+            "--local-address",
+            "local_addresses",
+            multiple=True,
+            metavar="ADDRESS",
+            help="Gather host candidates only on this local address (repeatable; "
+            "default: every address of this machine).",
+        ),
         click.option("--fingerprint", help="The relay's certificate fingerprint."),
         click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout."),
     ]
@@ -93,12 +139,17 @@ def _common(f: Any) -> Any:
     return f
 
 
-async def _session(name: str, role: Role, opts: P2POptions, as_json: bool) -> P2PConnection:
+async def _session(
+    name: str, role: Role, opts: P2POptions, as_json: bool, shown: dict[str, str] | None = None
+) -> P2PConnection:
+    """Meet the peer; ``shown``: fields added to each ``waiting`` event (a made secret)."""
     from natkit.p2p.peer import connect_peer
 
-    conn = await connect_peer(
-        name, role, opts, on_event=lambda event, info: _emit(as_json, event, **info)
-    )
+    def progress(event: str, info: dict[str, Any]) -> None:
+        extra = shown if event == "waiting" and shown else {}
+        _emit(as_json, event, **info, **extra)
+
+    conn = await connect_peer(name, role, opts, on_event=progress)
     _emit(as_json, "ready", path=conn.path, elapsed_ms=round(conn.elapsed * 1000, 1))
 
     def moved(kind: str, reason: str) -> None:
@@ -113,31 +164,66 @@ def p2p() -> None:
     """Peer to peer: two hosts behind NAT, connected directly when possible."""
 
 
+def _target(to: str | None, allow: tuple[int, ...]) -> tuple[str, frozenset[int]]:
+    """What the peer may reach: the host and the ports the listener named, never more."""
+    host, ports = "127.0.0.1", set(allow)
+    if to is not None:
+        bare_ipv6 = to.count(":") > 1 and not to.startswith("[")
+        try:
+            host, port = (to, 0) if bare_ipv6 else parse_hostport(to, 0)
+        except ValueError:
+            raise click.BadParameter(
+                f"{to!r} is not HOST or HOST:PORT", param_hint="--to"
+            ) from None
+        if port:
+            ports.add(port)
+    for port in ports:
+        if not 1 <= port <= 65535:
+            raise click.BadParameter(f"{port}: ports are 1-65535", param_hint="--allow")
+    if not ports:
+        raise click.UsageError(
+            "name what the peer may reach: --allow PORT (repeatable; on 127.0.0.1, or on the "
+            "--to host) or --to HOST:PORT; nothing is forwarded that was not named"
+        )
+    return host, frozenset(ports)
+
+
 @p2p.command()
 @_common
-@click.option("--to", "target", default="127.0.0.1", help="Forward only to this host.")
-@click.option("--allow", multiple=True, type=int, help="Allow only these ports (repeatable).")
+@click.option("--to", "to", metavar="HOST[:PORT]",
+              help="Forward to this host (default 127.0.0.1); with :PORT, that port is allowed.")  # fmt: skip
+@click.option("--allow", multiple=True, type=int, metavar="PORT",
+              help="A port the peer may reach (repeatable). --allow or --to HOST:PORT is required.")  # fmt: skip
 def listen(
     name: str, relay: str, token: str, secret: str | None, stun: str | None, turn: str | None,
     turn_user: str | None, turn_password: str | None, no_portmap: bool,
-    fingerprint: str | None, as_json: bool, target: str, allow: tuple[int, ...],
+    local_addresses: tuple[str, ...], fingerprint: str | None, as_json: bool, to: str | None, allow: tuple[int, ...],
 ) -> None:  # fmt: skip
     """Wait for the peer NAME and serve its forwarded connections (again after it leaves)."""
+    target, allowed = _target(to, allow)
+    made = not secret
+    secret = _secret(secret, make=True)
     opts = _options(relay, token, secret, stun, turn, turn_user, turn_password, no_portmap,
-                    fingerprint)  # fmt: skip
+                    fingerprint, local_addresses)  # fmt: skip
+    shown: dict[str, str] = {}
+    if made:  # the only way the peer can learn it: say it, with the command to paste
+        port = min(allowed)
+        argv = ["natkit", "p2p", "connect", name, "--relay", relay, "--secret", secret,
+                "--forward", f"{port}:{port}"]  # fmt: skip
+        shown = {"secret": secret, "connect": shlex.join(argv)}
 
     async def main() -> None:
         from natkit.p2p.errors import P2PError
         from natkit.p2p.forward import serve_forward
 
         while True:
-            conn = await _session(name, "listen", opts, as_json)
+            conn = await _session(name, "listen", opts, as_json, shown)
             tasks: set[asyncio.Task[None]] = set()
             try:
                 while True:
                     stream = await conn.accept_stream()
                     task = asyncio.ensure_future(serve_forward(stream, target_host=target,
-                                                               allowed=allow))  # fmt: skip
+                                                               allowed=allowed))  # fmt: skip
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
             except P2PError as exc:
@@ -151,6 +237,14 @@ def listen(
         asyncio.run(main())
     except KeyboardInterrupt:  # Ctrl-C: the session is closed; exit 130 (docs/cli.md)
         raise SystemExit(EXIT_INTERRUPTED) from None
+
+
+async def _refuse_streams(conn: P2PConnection) -> None:
+    """Streams the listening peer opens: the connector serves nothing, so each is reset.
+    Returns (with the session's error) when the session ends."""
+    while True:
+        stream = await conn.accept_stream()
+        stream.abort()
 
 
 def _listen(bind: str, port: int) -> socket.socket:
@@ -178,11 +272,12 @@ def _listen(bind: str, port: int) -> socket.socket:
 def connect(
     name: str, relay: str, token: str, secret: str | None, stun: str | None, turn: str | None,
     turn_user: str | None, turn_password: str | None, no_portmap: bool,
-    fingerprint: str | None, as_json: bool, forwards: tuple[str, ...], bind: str,
+    local_addresses: tuple[str, ...], fingerprint: str | None, as_json: bool, forwards: tuple[str, ...], bind: str,
 ) -> None:  # fmt: skip
     """Connect to the peer NAME and forward local ports to ports on its side."""
+    secret = _secret(secret, make=False)
     opts = _options(relay, token, secret, stun, turn, turn_user, turn_password, no_portmap,
-                    fingerprint)  # fmt: skip
+                    fingerprint, local_addresses)  # fmt: skip
     pairs: list[tuple[int, int]] = []
     for spec in forwards:
         local, sep, remote = spec.partition(":")
@@ -237,7 +332,8 @@ def connect(
                 asyncio.ensure_future(serve(s, r))
                 for s, (_, r) in zip(listeners, pairs, strict=True)
             ]
-            closed = asyncio.ensure_future(conn.accept_stream())  # ends when the session does
+            # ends when the session does; a stream the peer opens is refused, not an end
+            closed = asyncio.ensure_future(_refuse_streams(conn))
             await asyncio.wait([closed, *serving], return_when=asyncio.FIRST_COMPLETED)
             with contextlib.suppress(Exception):
                 closed.result()

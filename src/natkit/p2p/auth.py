@@ -1,9 +1,17 @@
 """Who the peer is: certificates, sealed signalling messages and the in-QUIC secret proof.
 
-Each peer has a self-signed ECDSA certificate. Fingerprints travel through the relay's
-signalling channel inside messages sealed with HMAC-SHA256 under the secret the two peers
-share, so a relay (or anyone on the way) can neither forge nor alter them, and a session
-nonce inside every seal stops a message of an earlier session from being replayed.
+The two peers share a secret of their own (never the relay token: anyone holding the token
+could then pose as a peer). Everything they tell each other through the relay is sealed
+with it: encrypted and authenticated (ChaCha20-Poly1305 under a key derived from the secret),
+so the relay and other token holders can neither read (local addresses, ICE credentials,
+fingerprints) nor forge nor alter it. Each sealed message names the session (both peers'
+nonces) and its sender's role, so a message of an earlier session, a repeat, or a peer's
+own message reflected back to it is refused. The room name the relay sees is an HMAC of
+the name under the secret, so nobody without the secret can find, join or squat the room.
+
+The relay sees sealed messages; whoever runs it could try to guess the secret offline by
+trying candidates against them. That is why a secret is at least :data:`MIN_SECRET_LENGTH`
+characters, and ``natkit p2p listen`` makes a random one (192 bits) when given none.
 
 In QUIC the client pins the server's certificate to the fingerprint it received sealed; then
 it proves it knows the secret on the first stream: an HMAC over both fingerprints and a
@@ -27,8 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from natkit.errors import ProtocolError
 from natkit.net.certs import fingerprint_der, self_signed
@@ -36,22 +46,59 @@ from natkit.p2p.errors import P2PAuthError
 
 #: The largest sealed signalling message accepted (ICE candidates and fingerprints fit easily).
 MAX_SEALED = 64 * 1024
+#: The shortest secret accepted: the relay sees sealed messages and could test guesses of a
+#: short one offline against them.
+MIN_SECRET_LENGTH = 16
 NONCE_SIZE = 32  # the server's per-connection nonce in the QUIC proof
 PROOF_SIZE = 32  # HMAC-SHA256
-_VERSION = "nk1"
+_AEAD_NONCE = 12
+_VERSION = "nk2"
+ROLES = ("listen", "connect")
 
 
-def _key(secret: bytes | str, purpose: bytes) -> bytes:
-    """A key per purpose, so a MAC made for signalling can never pass as a QUIC proof."""
-    raw = secret.encode() if isinstance(secret, str) else secret
-    if not raw:
-        raise P2PAuthError("the shared secret is empty; give both peers the same non-empty secret")
-    return hmac.new(raw, b"natkit-p2p " + purpose, hashlib.sha256).digest()
+def _raw(secret: bytes | str) -> bytes:
+    return secret.encode() if isinstance(secret, str) else secret
 
 
 def check_secret(secret: bytes | str) -> None:
     """Raise :class:`P2PAuthError` now for a secret that cannot work (an empty one)."""
     _key(secret, b"check")
+
+
+def check_peer_secret(secret: bytes | str | None) -> None:
+    """Raise :class:`P2PAuthError` for a peers' secret that is missing or too short to be
+    safe to seal signalling with (the relay sees the sealed messages)."""
+    if not secret:
+        raise P2PAuthError(
+            "the peers need a secret of their own (not the relay token): give both the same "
+            f"secret of at least {MIN_SECRET_LENGTH} characters (natkit p2p listen makes one "
+            "when given none; natkit.p2p.new_secret() in Python)"
+        )
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise P2PAuthError(
+            f"the P2P secret has {len(secret)} characters; at least {MIN_SECRET_LENGTH} are "
+            "needed, because the relay sees messages sealed with it and could guess a short "
+            "one offline (natkit p2p listen makes a strong one when given none)"
+        )
+
+
+def new_secret() -> str:
+    """A fresh random secret for two peers (192 bits, 32 URL-safe characters)."""
+    return secrets.token_urlsafe(24)
+
+
+def _key(secret: bytes | str, purpose: bytes) -> bytes:
+    """A key per purpose, so a MAC made for one use can never pass for another."""
+    raw = _raw(secret)
+    if not raw:
+        raise P2PAuthError("the shared secret is empty; give both peers the same non-empty secret")
+    return hmac.new(raw, b"natkit-p2p " + purpose, hashlib.sha256).digest()
+
+
+def room_id(secret: bytes | str, name: str) -> str:
+    """The room name the relay sees for ``name``: an HMAC under the secret, so only peers
+    holding the secret can find (or squat) the room."""
+    return "p2p-" + hmac.new(_key(secret, b"room"), name.encode(), hashlib.sha256).hexdigest()[:40]
 
 
 def _b64(data: bytes) -> str:
@@ -66,7 +113,12 @@ def _unb64(text: str, what: str) -> bytes:
 
 
 class WrongSecretError(P2PAuthError, ProtocolError):
-    """A sealed message failed its HMAC check: the peers hold different secrets."""
+    """A sealed message failed its authentication: the peers hold different secrets (or
+    someone altered or forged it)."""
+
+
+class ReflectedMessageError(ProtocolError):
+    """A sealed message names the receiver's own role as its sender: it was sent back."""
 
 
 def new_session_nonce() -> str:
@@ -74,48 +126,75 @@ def new_session_nonce() -> str:
     return secrets.token_urlsafe(16)
 
 
-def seal(secret: bytes | str, obj: Mapping[str, Any], *, session: str) -> str:
-    """Seal a JSON-able signalling message for ``session`` under ``secret``.
+def _check_role(role: str) -> None:
+    if role not in ROLES:
+        raise ValueError(f"a peer's role is 'listen' or 'connect', not {role!r}")
 
-    The text is ``nk1.<payload>.<mac>``; the payload carries the session nonce and a
-    message nonce, so :func:`unseal` can refuse other sessions and (with a
-    :class:`ReplayGuard`) repeats within one.
+
+def seal(secret: bytes | str, obj: Mapping[str, Any], *, session: str, sender: str) -> str:
+    """Encrypt and authenticate a JSON-able signalling message of ``sender`` (its role) for
+    ``session`` under ``secret``.
+
+    The text is ``nk2.<nonce>.<ciphertext>``; the sealed envelope carries the session, the
+    sender's role and a message nonce, so :func:`unseal` can refuse other sessions,
+    reflected messages and (with a :class:`ReplayGuard`) repeats within one session.
     """
-    envelope = {"sid": session, "mid": secrets.token_urlsafe(12), "body": dict(obj)}
-    payload = _b64(json.dumps(envelope, separators=(",", ":"), sort_keys=True).encode())
-    signed = f"{_VERSION}.{payload}"
-    mac = hmac.new(_key(secret, b"signalling"), signed.encode(), hashlib.sha256).digest()
-    return f"{signed}.{_b64(mac)}"
+    _check_role(sender)
+    envelope = {"sid": session, "from": sender, "mid": secrets.token_urlsafe(12), "body": dict(obj)}
+    plain = json.dumps(envelope, separators=(",", ":"), sort_keys=True).encode()
+    nonce = os.urandom(_AEAD_NONCE)
+    sealed = ChaCha20Poly1305(_key(secret, b"signalling aead")).encrypt(
+        nonce, plain, _VERSION.encode()
+    )
+    return f"{_VERSION}.{_b64(nonce)}.{_b64(sealed)}"
 
 
 def unseal(
-    secret: bytes | str, text: str, *, session: str, guard: ReplayGuard | None = None
+    secret: bytes | str,
+    text: str,
+    *,
+    session: str,
+    sender: str,
+    guard: ReplayGuard | None = None,
 ) -> dict[str, Any]:
-    """Check and open a message made by :func:`seal`; raise :class:`ProtocolError` if it is
-    malformed, sealed under another secret, altered, for another session or (with
+    """Check and open a message made by :func:`seal` by the peer whose role is ``sender``.
+
+    Raises :class:`WrongSecretError` when it was not sealed under ``secret`` (or was
+    altered), :class:`ReflectedMessageError` when the other role sealed it (our own message
+    sent back), and :class:`ProtocolError` when it is malformed, of another session or (with
     ``guard``) a repeat."""
+    _check_role(sender)
     if len(text) > MAX_SEALED:
         raise ProtocolError(f"sealed signalling message of {len(text)} bytes (limit {MAX_SEALED})")
     parts = text.split(".")
     if len(parts) != 3 or parts[0] != _VERSION:
         raise ProtocolError(
-            "not a natkit sealed signalling message (expected nk1.<payload>.<mac>); "
+            f"not a natkit sealed signalling message (expected {_VERSION}.<nonce>.<data>); "
             "is the peer running a compatible natkit?"
         )
-    mac = _unb64(parts[2], "the MAC")
-    signed = f"{parts[0]}.{parts[1]}".encode()
-    want = hmac.new(_key(secret, b"signalling"), signed, hashlib.sha256).digest()
-    if not hmac.compare_digest(mac, want):
-        raise WrongSecretError(
-            "signalling message failed its HMAC check: the peers do not share the same "
-            "secret, or the message was altered on the way"
-        )
+    nonce = _unb64(parts[1], "the nonce")
+    if len(nonce) != _AEAD_NONCE:
+        raise ProtocolError("sealed signalling message: the nonce is not 12 bytes")
     try:
-        envelope = json.loads(_unb64(parts[1], "the payload"))
-    except ValueError as exc:  # only our own seal gets here, but stay strict
+        plain = ChaCha20Poly1305(_key(secret, b"signalling aead")).decrypt(
+            nonce, _unb64(parts[2], "the data"), _VERSION.encode()
+        )
+    except InvalidTag:
+        raise WrongSecretError(
+            "signalling message failed its authentication: the peers do not share the same "
+            "secret, or the message was forged or altered on the way"
+        ) from None
+    try:
+        envelope = json.loads(plain)
+    except ValueError as exc:  # only a holder of the secret gets here, but stay strict
         raise ProtocolError("sealed signalling message: the payload is not JSON") from exc
     if not isinstance(envelope, dict) or not isinstance(envelope.get("body"), dict):
         raise ProtocolError("sealed signalling message: the payload is not an object")
+    if envelope.get("from") != sender:
+        raise ReflectedMessageError(
+            f"signalling message sealed by the {envelope.get('from')!r} peer, not the "
+            f"{sender!r} one: our own message reflected back; refused"
+        )
     if envelope.get("sid") != session:
         raise ProtocolError(
             "signalling message belongs to another session (replayed or stale); ignore it"

@@ -360,3 +360,39 @@ def without_redundant(
             kept_srflx.append(c)
             taken.add((c.host, c.port))
     return kept_srflx, kept_mapped
+
+
+def _scope(host: str) -> str:
+    """Where an address can be reached from: ``machine`` (this host only), ``link``,
+    ``private`` (a private network) or ``global``."""
+    ip = ipaddress.ip_address(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback or ip.is_unspecified or ip == ipaddress.IPv4Address("255.255.255.255"):
+        return "machine"
+    if ip.is_link_local:
+        return "link"
+    return "private" if ip.is_private else "global"
+
+
+def reachable_remote(
+    remote: Iterable[IceCandidate], local: Iterable[IceCandidate]
+) -> tuple[list[IceCandidate], list[str]]:
+    """The peer's announced candidates we may check, and why each of the others was dropped.
+
+    The rule: an address that is only reachable within a scope (this machine: loopback,
+    unspecified, broadcast; a link: link-local; a private network: RFC 1918, ULA) can only
+    be the peer's when we ourselves have a host candidate in that scope. Otherwise a peer
+    (or whoever altered its description) could make us send checks to our own services or
+    our network's private hosts. Peers on one machine (gathering on loopback) keep theirs.
+    """
+    scopes = {_scope(c.host) for c in local if c.type == "host"}
+    kept: list[IceCandidate] = []
+    dropped: list[str] = []
+    for candidate in remote:
+        scope = _scope(candidate.host)
+        if scope == "global" or scope in scopes:
+            kept.append(candidate)
+        else:
+            dropped.append(f"{candidate.label} ({scope} scope; we have no {scope} address)")
+    return kept, dropped

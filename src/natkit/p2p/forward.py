@@ -3,7 +3,8 @@
 Each forwarded TCP connection is one QUIC stream. The connecting side opens it with a
 request ``b"NKF1" + u16 port``; the listening side answers one byte (0: connected, else
 refused) and then both sides copy bytes, honouring half-close both ways. The listening
-side connects only to its own ``target_host`` and, when given, only to allowed ports.
+side connects only to its own ``target_host`` and only to the ports it allows: nothing the
+listener did not name is reachable.
 """
 
 from __future__ import annotations
@@ -88,17 +89,16 @@ async def open_forward(conn: Any, port: int) -> Any:
     return stream
 
 
-async def serve_forward(
-    stream: Any, *, target_host: str = "127.0.0.1", allowed: Collection[int] = ()
-) -> None:
-    """Answer one forwarding request on ``stream`` (the listening side)."""
+async def serve_forward(stream: Any, *, target_host: str, allowed: Collection[int]) -> None:
+    """Answer one forwarding request on ``stream`` (the listening side): a port not in
+    ``allowed`` is refused (an empty ``allowed`` refuses all)."""
     loop = asyncio.get_running_loop()
     try:
         magic, port = _REQUEST.unpack(await stream.readexactly(_REQUEST.size))
     except (NatkitError, asyncio.IncompleteReadError, struct.error):
         stream.close()
         return
-    if magic != MAGIC or (allowed and port not in allowed) or port == 0:
+    if magic != MAGIC or port not in allowed or port == 0:
         stream.write(bytes([REFUSED]))
         stream.write_eof()
         log.info("refused a forward to port %s", port)

@@ -49,6 +49,7 @@ from natkit.p2p.candidates import (
     SelectedPair,
     classify_path,
     describe,
+    reachable_remote,
 )
 from natkit.p2p.errors import P2PError
 from natkit.p2p.ice_conn import DownReason, IceConnection, mapped_address
@@ -239,7 +240,10 @@ class IceAgent:
         self._remote = remote
         conn = self._conn
         conn.remote_username, conn.remote_password = remote.ufrag, remote.pwd
-        for candidate in remote.candidates:
+        candidates, dropped = reachable_remote(remote.candidates, local.candidates)
+        if dropped:
+            log.warning("ignoring the peer's candidates that cannot be its: %s", "; ".join(dropped))
+        for candidate in candidates:
             await conn.add_remote_candidate(candidate.to_aioice())
         await conn.add_remote_candidate(None)  # all were signalled at once: end-of-candidates
         conn.relay_grace_until = asyncio.get_running_loop().time() + self.options.relay_grace

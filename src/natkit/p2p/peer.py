@@ -3,14 +3,17 @@
 The order of things, on both sides at once:
 
 1. Connect to the relay (an :class:`~natkit.relay.agent.Agent` with no tunnels), join the
-   room ``name`` as ``listen`` or ``connect`` and wait for the other peer.
-2. Say hello with a fresh nonce (plain text); the session id is both nonces, sorted, so a
-   sealed message of another session is refused. ICE gathering runs meanwhile: host,
-   server-reflexive (the relay answers STUN on its listen port), port-mapped (the router),
-   relayed (TURN, when configured).
-3. Send the ICE description and the certificate fingerprint, sealed with the shared secret;
-   open the relay's fallback path at the same time (both peers must, for the relay to join
-   them); run ICE checks.
+   room as ``listen`` or ``connect`` and wait for the other peer. The relay sees the room
+   as an HMAC of ``name`` under the secret (:func:`natkit.p2p.auth.room_id`).
+2. Say hello with a fresh nonce, sealed (encrypted, authenticated, naming our role) with
+   the shared secret; the session id is both nonces, sorted, so a sealed message of another
+   session is refused. Then each peer proves it holds the secret *in this session* (a
+   sealed ``auth`` message under the session id) before the other does anything for it.
+3. Only then ICE gathering: host, server-reflexive (the relay answers STUN on its listen
+   port), port-mapped (the router), relayed (TURN, when configured): no router mapping for
+   a peer that has not authenticated. Send the ICE description and the certificate
+   fingerprint, sealed; open the relay's fallback path at the same time (both peers must,
+   for the relay to join them); run ICE checks.
 4. QUIC over a :class:`~natkit.p2p.paths.PathSwitch`: the ICE path when it connected, else
    the relay path; the relay path stays as the standby the switch falls back to when the
    direct path dies. While on the relay, ICE is retried now and then, and the session moves
@@ -38,7 +41,7 @@ from natkit.p2p.ice import IceAgent, TurnServer
 from natkit.p2p.paths import DatagramPath, IcePath, PathEvent, PathSwitch, StreamPath
 from natkit.p2p.session import P2PSession
 from natkit.relay.agent import Agent, parse_hostport
-from natkit.rendezvous.client import RendezvousTimeoutError
+from natkit.rendezvous.client import RendezvousError, RendezvousTimeoutError
 
 log = logging.getLogger("natkit.p2p")
 
@@ -48,6 +51,10 @@ Listener = Callable[[str, dict[str, Any]], None]
 #   waiting  in the room, the other peer not there yet: room, role, peer_role, relay, timeout
 #            (seconds it will wait; None: for ever)
 #   peer     the other peer is in the room: room
+#   rejected (listener only) a peer came but the session could not be set up (no hello, a
+#            wrong secret, a reflected or forged message, a failed proof), or the relay
+#            refused the room (the token's room limit, the room taken): reason, retry_in
+#            (seconds before the listener tries again)
 Progress = Callable[[str, dict[str, Any]], None]
 
 HELLO = "H:"
@@ -59,13 +66,23 @@ HELLO_REPEAT = 1.0
 CONNECT_PEER_TIMEOUT = 60.0
 RELAY_PROBE = 3.0  # the TCP connect that tells an unreachable relay after a failed attempt
 RETRY_DIRECT = 10.0  # seconds between attempts to get back from the relay to a direct path
+# A listener that failed to set up a session with a peer waits this long before it waits in
+# the room again, doubling for each failure in a row up to the maximum: a peer that keeps
+# failing (or an attacker) costs it at most one attempt per REJECT_BACKOFF_MAX.
+REJECT_BACKOFF = 1.0
+REJECT_BACKOFF_MAX = 30.0
+MAX_HELLO_NONCE = 64
+MAX_PENDING = 64  # sealed messages kept until asked for
+ROOM_REFUSALS = ("limit", "busy", "rate")  # the relay's refusals of a JOIN that may clear
 
 
 @dataclasses.dataclass(frozen=True)
 class P2POptions:
     relay: str
     token: str
-    secret: str | None = None  # default: the token (both peers hold it)
+    secret: str = (
+        ""  # the peers' own secret (never the token); required, see auth.check_peer_secret
+    )
     stun: tuple[str, int] | None = None  # default: the relay (it answers STUN)
     turn: TurnServer | None = None
     port_mapping: bool = True
@@ -73,43 +90,116 @@ class P2POptions:
     ice_timeout: float = ICE_TIMEOUT
     peer_timeout: float | None = None  # how long to wait for the other peer (None: forever)
     use_ipv6: bool = False
-
-    @property
-    def shared_secret(self) -> str:
-        return self.secret or self.token
+    host_addresses: tuple[str, ...] | None = None  # host candidates only on these (default: all)
 
 
 class _Signals:
-    """The room's signalling channel, sealed once the session id is known."""
+    """The room's signalling channel: every message sealed with the secret and our role."""
 
-    def __init__(self, room: Any, secret: str) -> None:
-        self.room, self.secret = room, secret
+    HELLO_SESSION = "hello"  # hellos come before the session id exists
+
+    def __init__(self, room: Any, name: str, secret: str, role: Role) -> None:
+        self.room, self.name, self.secret, self.role = room, name, secret, role
+        self.peer_role: Role = "connect" if role == "listen" else "listen"
         self.session = ""
         self.guard = auth.ReplayGuard()
         self.pending: list[dict[str, Any]] = []
+        self.ignored = ""  # why the last message was not taken (for a timeout's message)
+        # Once the session id is agreed, one reader takes every signal: sealed messages
+        # queue for recv(); a hello with a nonce not of this session (a new peer process)
+        # sets new_peer.
+        self.new_peer = asyncio.Event()
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self._nonces: set[str] = set()
+        self._reader: asyncio.Task[None] | None = None
+        self._ended = ""
+
+    def _open(self, text: str, session: str, guard: auth.ReplayGuard | None) -> Any:
+        """The body of a sealed message of the peer, or None for one to ignore (another
+        session's, a repeat, our own reflected). A message under another secret raises."""
+        try:
+            return auth.unseal(self.secret, text, session=session, sender=self.peer_role,
+                               guard=guard)  # fmt: skip
+        except auth.WrongSecretError:
+            raise P2PAuthError(
+                f"a message in room {self.name!r} is not sealed with our secret: the peer "
+                "holds another secret, or someone forged it"
+            ) from None
+        except ProtocolError as exc:
+            log.warning("ignoring a signalling message: %s", exc)
+            self.ignored = str(exc)
+            return None
+
+    def _late(self, what: str, timeout: float) -> P2PError:
+        why = f" (the last message ignored: {self.ignored})" if self.ignored else ""
+        return P2PError(f"the peer sent no {what} within {timeout:g} s{why}")
 
     async def hello(self, timeout: float = SIGNAL_TIMEOUT) -> None:
-        """Agree on the session id. Our hello is repeated until the peer's arrives (a peer
-        that joined after our first one never saw it), and once more after."""
+        """Agree on the session id, then make sure the peer holds the secret now.
+
+        Our sealed hello is repeated until the peer's arrives (a peer that joined after our
+        first one never saw it), and once more after. A hello proves the secret but not
+        that it is fresh (the relay could replay an old one), so each side then sends a
+        sealed ``auth`` under the new session id and waits for the peer's."""
         mine = secrets.token_urlsafe(16)
+        sealed = HELLO + auth.seal(self.secret, {"t": "hello", "n": mine},
+                                   session=self.HELLO_SESSION, sender=self.role)  # fmt: skip
         deadline = time.monotonic() + timeout
         while True:
-            self.room.send_signal(HELLO + mine)
+            self.room.send_signal(sealed)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise P2PError(f"the peer did not say hello within {timeout:g} s")
+                raise self._late("hello", timeout)
             try:
                 text = await self.room.recv_signal(min(HELLO_REPEAT, left))
             except NatkitError:
                 continue  # nothing yet: say it again
-            if text.startswith(HELLO):
-                theirs = text[len(HELLO) :]
-                self.session = ".".join(sorted((mine, theirs)))
-                self.room.send_signal(HELLO + mine)
-                return
+            if not text.startswith(HELLO):
+                continue
+            body = self._open(text[len(HELLO) :], self.HELLO_SESSION, None)
+            theirs = body.get("n") if isinstance(body, dict) else None
+            if isinstance(theirs, str) and 0 < len(theirs) <= MAX_HELLO_NONCE and theirs != mine:
+                break
+        self.session = ".".join(sorted((mine, theirs)))
+        self._nonces = {mine, theirs}
+        self._reader = asyncio.ensure_future(self._read())
+        self.room.send_signal(sealed)
+        self.send({"t": "auth"})
+        await self.recv("auth", max(0.1, deadline - time.monotonic()))
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                text = await self.room.recv_signal()
+                if text.startswith(SEALED):
+                    if self._queue.qsize() >= MAX_PENDING:
+                        log.warning("dropping a signalling message: %d unread", MAX_PENDING)
+                        continue
+                    self._queue.put_nowait(text)
+                elif text.startswith(HELLO):
+                    self._hello_later(text[len(HELLO) :])
+        except NatkitError as exc:  # the room closed
+            self._ended = str(exc)
+        finally:
+            self._queue.put_nowait(None)
+
+    def _hello_later(self, text: str) -> None:
+        try:
+            body = self._open(text, self.HELLO_SESSION, None)
+        except P2PAuthError as exc:
+            log.warning("ignoring a hello: %s", exc)
+            return
+        if isinstance(body, dict) and body.get("n") not in self._nonces:
+            self.new_peer.set()
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
 
     def send(self, body: dict[str, Any]) -> None:
-        self.room.send_signal(SEALED + auth.seal(self.secret, body, session=self.session))
+        self.room.send_signal(
+            SEALED + auth.seal(self.secret, body, session=self.session, sender=self.role)
+        )
 
     async def recv(self, kind: str, timeout: float = SIGNAL_TIMEOUT) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -119,24 +209,21 @@ class _Signals:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise P2PError(f"the peer sent no {kind!r} within {timeout:g} s")
-            text = await self.room.recv_signal(left)
-            if not text.startswith(SEALED):
-                continue  # a late hello of this session, or noise
+                raise self._late(repr(kind), timeout)
             try:
-                body = auth.unseal(
-                    self.secret, text[len(SEALED) :], session=self.session, guard=self.guard
-                )
-            except auth.WrongSecretError:
-                raise P2PAuthError(
-                    f"the peer in room {self.room.name!r} holds another secret: its messages "
-                    "fail the HMAC check (give both sides the same --secret, or none)"
-                ) from None
-            except ProtocolError as exc:  # another session's, or a repeat: not for us
-                log.warning("ignoring a signalling message: %s", exc)
+                text = await asyncio.wait_for(self._queue.get(), left)
+            except asyncio.TimeoutError:
+                raise self._late(repr(kind), timeout) from None
+            if text is None:
+                self._queue.put_nowait(None)  # for the next reader too
+                raise P2PError(f"signalling in room {self.name!r} ended: {self._ended}")
+            body = self._open(text[len(SEALED) :], self.session, self.guard)
+            if body is None:
                 continue
             if body.get("t") == kind:
-                return body
+                return dict(body)
+            if len(self.pending) >= MAX_PENDING:
+                raise P2PError(f"the peer sent over {MAX_PENDING} messages nobody asked for")
             self.pending.append(body)
 
 
@@ -213,6 +300,7 @@ class _Peer:
             turn=self.opts.turn,
             port_mapping=self.opts.port_mapping,
             use_ipv6=self.opts.use_ipv6,
+            host_addresses=self.opts.host_addresses,
         )
 
     async def _exchange(self, ice: IceAgent, kind: str) -> IceDescription:
@@ -227,16 +315,30 @@ class _Peer:
     async def start(self) -> P2PSession:
         started = time.monotonic()
         runner = self._spawn(self.agent.run())
-        self.room = await self._joined(runner)
+        try:
+            self.room = await self._joined(runner)
+        except RendezvousError as exc:
+            # The token's room limit filled (by any holder of the token), the room taken,
+            # JOINs too fast: a listener waits for it to clear rather than end.
+            if self.role != "listen" or exc.code not in ROOM_REFUSALS:
+                raise
+            raise _PeerRejectedError(str(exc)) from exc
         wait = self.opts.peer_timeout
         if wait is None and self.role == "connect":
             wait = CONNECT_PEER_TIMEOUT  # a listener waits for ever; a connector does not
         await self._wait_peer(wait)
-        self.signals = _Signals(self.room, self.opts.shared_secret)
-        ice = self.ice = self._ice_agent()
-        gathering = self._spawn(ice.gather())
+        try:
+            return await self._set_up(started)
+        except Exception as exc:
+            if self.role != "listen":
+                raise
+            raise _PeerRejectedError(str(exc) or type(exc).__name__) from exc
+
+    async def _set_up(self, started: float) -> P2PSession:
+        """Everything after the peer came: it must prove the secret before we gather."""
+        self.signals = _Signals(self.room, self.name, self.opts.secret, self.role)
         await self.signals.hello()
-        await gathering
+        ice = self.ice = self._ice_agent()
         remote = await self._exchange(ice, "offer")
         # The ticket of the peer we said hello to (a peer that came and went before got
         # another one).
@@ -265,7 +367,7 @@ class _Peer:
             role="client" if self.role == "connect" else "server",
             identity=self.identity,
             peer_fingerprint=self.peer_fp,
-            secret=self.opts.shared_secret,
+            secret=self.opts.secret,
         )
         self.elapsed = time.monotonic() - started
         self._spawn(self._keep_direct())
@@ -273,16 +375,16 @@ class _Peer:
         return self.session
 
     async def _watch_peer(self) -> None:
-        """A room holds one peer per role: a new peer arriving after ours left means ours is
-        gone for good (a restarted process), so this session ends and its owner meets the
-        new one. (A peer whose relay connection only blinked comes back the same way; its
-        session is then renewed too.)"""
-        with contextlib.suppress(NatkitError, asyncio.TimeoutError):
-            await self.room.wait_peer_left(None)
-            await self.room.wait_peer(None)
-            log.info("the peer left the room and another arrived: ending this session")
-            if self.session is not None:
-                await self.session.close("the peer was replaced")
+        """A new peer process in the room says hello (sealed, with a nonce not of this
+        session): ours is gone for good (restarted), so this session ends and its owner
+        meets the new one. A peer whose relay connection only blinked rejoins the room
+        without a hello, and the session goes on; a peer gone for good without a successor
+        shows in the session itself (it times out)."""
+        assert self.signals is not None
+        await self.signals.new_peer.wait()
+        log.info("a new peer said hello in the room: ending this session")
+        if self.session is not None:
+            await self.session.close("the peer was replaced")
 
     def _progress(self, event: str, **info: Any) -> None:
         if self.on_event is not None:
@@ -299,7 +401,7 @@ class _Peer:
             raise P2PTimeoutError(
                 f"no peer came to room {self.name!r} on relay {self.opts.relay} within "
                 f"{timeout:g} s: start the other side (natkit p2p {other} {self.name}) with the "
-                "same relay and token"
+                "same relay, token and secret (a peer with another secret waits in another room)"
             ) from None
         self._progress("peer", room=self.name)
 
@@ -316,7 +418,8 @@ class _Peer:
                 first_failure.set_result(None)
 
         self.agent.on_event(on_agent_event)
-        join = asyncio.ensure_future(self.agent.join_p2p(self.name, self.role))
+        room = auth.room_id(self.opts.secret, self.name)
+        join = asyncio.ensure_future(self.agent.join_p2p(room, self.role))
         waiting: set[asyncio.Future[Any]] = {join, runner, first_failure}
         try:
             while True:
@@ -457,6 +560,8 @@ class _Peer:
         if self.ice is not None:
             with contextlib.suppress(Exception):
                 await self.ice.close()
+        if self.signals is not None:
+            self.signals.close()
         if self.room is not None:
             with contextlib.suppress(Exception):
                 self.room.leave()
@@ -466,19 +571,38 @@ class _Peer:
             await self.agent.close()
 
 
+class _PeerRejectedError(P2PError):
+    """A listener could not set up a session with the peer that came (the reason)."""
+
+
 async def connect_peer(
     name: str, role: Role, opts: P2POptions, *, on_event: Progress | None = None
 ) -> P2PConnection:
     """Meet the peer named ``name`` through the relay and open an authenticated session.
 
     ``role`` is ``listen`` on one side and ``connect`` on the other; ``on_event`` hears of
-    the progress before the session is up (see :data:`Progress`). Raises
-    :class:`~natkit.p2p.errors.P2PError` (or the relay's own errors, a
-    :class:`~natkit.errors.RelayError` when it cannot be reached) when it cannot."""
-    peer = _Peer(name, role, opts, on_event)
-    try:
-        session = await peer.start()
-    except BaseException:
-        await peer.close()
-        raise
-    return P2PConnection(session, peer, peer.elapsed)
+    the progress before the session is up (see :data:`Progress`). A listener survives a
+    peer that fails before the session is up (``rejected``, then it waits again, slower
+    after each failure in a row). Raises :class:`~natkit.p2p.errors.P2PError` (or the
+    relay's own errors, a :class:`~natkit.errors.RelayError` when it cannot be reached)
+    when it cannot."""
+    auth.check_peer_secret(opts.secret)
+    failures = 0
+    while True:
+        peer = _Peer(name, role, opts, on_event)
+        try:
+            session = await peer.start()
+        except _PeerRejectedError as exc:
+            await peer.close()
+            failures += 1
+            delay = min(REJECT_BACKOFF * 2 ** (failures - 1), REJECT_BACKOFF_MAX)
+            cause = exc.__cause__
+            log.warning("room %r: peer rejected (%s); waiting again in %g s", name, exc, delay,
+                        exc_info=not isinstance(cause, (NatkitError, OSError, TimeoutError)))  # fmt: skip
+            peer._progress("rejected", room=name, reason=str(exc), retry_in=delay)
+            await asyncio.sleep(delay)
+            continue
+        except BaseException:
+            await peer.close()
+            raise
+        return P2PConnection(session, peer, peer.elapsed)

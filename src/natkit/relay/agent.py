@@ -142,7 +142,8 @@ class Agent:
         self._pings: dict[float, asyncio.Future[None]] = {}
         self._lost_all: TunnelRefusedError | None = None  # every tunnel taken over
         self._refusals: dict[str, int] = {}  # tunnel -> refusals in a row since it was open
-        self._rendezvous = RoomClient(self._send, (self.relay_host, self.relay_port), self.relay)
+        self._rendezvous = RoomClient(self._send, (self.relay_host, self.relay_port), self.relay,
+                                      lambda: (self._data_key, self._cipher))  # fmt: skip
         self._taps: dict[str, TapFor] = {}  # tunnel id -> its visitors' captures (inspector)
         for spec in tunnels:
             self._add(spec)

@@ -43,6 +43,7 @@ class Hub(Protocol):
     def new_session(self, peer_ip: str, deadline: float) -> AgentSession: ...
     def session_ended(self, s: AgentSession) -> None: ...
     def p2p_data_conn(self, conn: socket.socket, ticket: str) -> bool: ...
+    def p2p_sealed_key(self, handle: str) -> tuple[str, bytes] | None: ...
     def interference(self, tunnel: ServedTunnel, what: str) -> None: ...
 
 
@@ -129,12 +130,11 @@ class ListenPort:
         conn.close()
 
     def _plain_data(self, conn: socket.socket, ip: str, msg: M.Message) -> None:
-        """A plain connection's first frame: a P2P relay path, or a plaintext tunnel's data
-        connection (parked until a visitor comes)."""
+        """A plain connection's first frame: a plaintext tunnel's data connection (parked
+        until a visitor comes). A P2P relay path opens sealed: its ticket never travels in
+        clear, so one seen on the wire is worth nothing."""
         if not isinstance(msg, M.Data):
             self._garbage(conn, ip, ProtocolError(f"expected DATA, got {type(msg).__name__}"))
-            return
-        if self.hub.p2p_data_conn(conn, msg.ticket):
             return
         try:
             tunnel = self.hub.tickets.take_plain(msg.ticket)
@@ -152,8 +152,13 @@ class ListenPort:
 
     async def _sealed(self, conn: socket.socket, ip: str) -> None:
         found: list[ServedTunnel] = []
+        p2p: list[str] = []
 
         def key_for(handle: str) -> tuple[str, bytes] | None:
+            p2p_key = self.hub.p2p_sealed_key(handle)
+            if p2p_key is not None:
+                p2p.append(p2p_key[0])
+                return p2p_key
             try:
                 ticket, tunnel = self.hub.tickets.take_sealed(handle)
             except TicketRefused as exc:
@@ -180,6 +185,13 @@ class ListenPort:
                 self.hub.interference(found[0], f"a sealed data connection from {ip} failed "
                                       f"to authenticate ({exc})")  # fmt: skip
             self._garbage(conn, ip, exc)
+            return
+        if p2p:  # a relay path: sealed opening, then the peers' own (end-to-end) bytes
+            if sealed.pushback or sealed.chan.has_input():  # spoke too early
+                self.hub.stats["bad_tickets"] += 1
+                sealed.close()
+            else:
+                self.hub.p2p_data_conn(sealed.sock, p2p[0])
             return
         tunnel = found[0]
         if sealed.pushback or sealed.chan.has_input():  # speaks before START

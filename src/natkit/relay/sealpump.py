@@ -155,7 +155,7 @@ class SealedSocket:
 _IOV_MAX = 512
 
 
-async def _flush_all(sealed: SealedSocket) -> None:
+async def flush_all(sealed: SealedSocket) -> None:
     while not sealed.flush():
         await wait_ready(sealed.sock, write=True)
 
@@ -181,7 +181,7 @@ def begin_sealed(
 async def open_sealed(sock: socket.socket, data_key: bytes, ticket: str) -> SealedSocket:
     """:func:`begin_sealed`, sent."""
     sealed = begin_sealed(sock, data_key, ticket)
-    await _flush_all(sealed)
+    await flush_all(sealed)
     return sealed
 
 
@@ -210,7 +210,7 @@ async def accept_sealed(
 
 async def send_all(sealed: SealedSocket, data: bytes) -> None:
     sealed.chan.seal(data)
-    await _flush_all(sealed)
+    await flush_all(sealed)
 
 
 async def _recv_exact(sealed: SealedSocket, n: int) -> bytes:

@@ -300,6 +300,9 @@ class RelayServer:
         self.rooms.data_conn(conn, ticket)
         return True
 
+    def p2p_sealed_key(self, handle: str) -> tuple[str, bytes] | None:
+        return self.rooms.sealed_key(handle)
+
     def interference(self, tunnel: ServedTunnel, what: str) -> None:
         """Someone on the path between an agent and the relay meddles with its data
         connections: tell the agent (over its TLS control connection)."""

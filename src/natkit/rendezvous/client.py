@@ -23,6 +23,8 @@ from typing import Any
 
 from natkit.errors import NatkitError, ProtocolError
 from natkit.relay import messages as M
+from natkit.relay import seal
+from natkit.relay.sealpump import begin_sealed, flush_all
 from natkit.relay.sockframes import read_frame
 
 log = logging.getLogger("natkit.relay")
@@ -32,6 +34,8 @@ PATH_TIMEOUT = 20.0  # a little more than the relay waits for the second peer (1
 CONNECT_TIMEOUT = 10.0
 
 Listener = Callable[[str, dict[str, Any]], None]
+# The agent's session secret for sealed data connections and its AEAD (from WELCOME).
+DataKey = tuple[bytes, str]
 
 
 class RendezvousError(NatkitError):
@@ -134,7 +138,9 @@ class P2PRoom:
             )
         if ticket == self.ticket:
             self.ticket = ""  # one-time: the relay forgets it now
-        return await open_relay_path(self._owner.relay_addr, ticket, timeout)
+        return await open_relay_path(
+            self._owner.relay_addr, ticket, timeout, key=self._owner.data_key()
+        )
 
     def leave(self) -> None:
         """Leave the room (the peer is told); idempotent."""
@@ -225,10 +231,15 @@ class RoomClient:
     """The rooms of one agent; the agent feeds it frames and its connection's ups and downs."""
 
     def __init__(
-        self, send: Callable[[M.Message], bool], relay_addr: tuple[str, int], relay_text: str
+        self,
+        send: Callable[[M.Message], bool],
+        relay_addr: tuple[str, int],
+        relay_text: str,
+        data_key: Callable[[], DataKey] = lambda: (b"", seal.CHACHA),
     ) -> None:
         self.send = send  # sends a message if connected; False when not
         self.relay_addr, self.relay_text = relay_addr, relay_text
+        self.data_key = data_key  # the current session's (it changes on reconnection)
         self.rooms: dict[str, P2PRoom] = {}
 
     async def join(self, name: str, role: str, timeout: float) -> P2PRoom:
@@ -319,9 +330,18 @@ class RoomClient:
 
 
 async def open_relay_path(
-    relay: tuple[str, int], ticket: str, timeout: float = PATH_TIMEOUT
+    relay: tuple[str, int], ticket: str, timeout: float = PATH_TIMEOUT, *, key: DataKey
 ) -> socket.socket:
-    """Connect to the relay, send DATA {ticket}, wait for P2P_JOINED: the joined socket."""
+    """Connect to the relay, open sealed (the ticket named by its handle only, DATA
+    {ticket} sealed under the agent's session secret: the ticket never travels in clear),
+    wait for P2P_JOINED: the joined socket, whose bytes are the peers' own."""
+    data_key, cipher = key
+    if not data_key:
+        raise RendezvousError(
+            "no session secret from the relay to seal the relay path's opening with (the "
+            "ticket must not travel in clear): reconnect to the relay",
+            "disconnected",
+        )
     loop = asyncio.get_running_loop()
     host, port = relay
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -330,13 +350,13 @@ async def open_relay_path(
     try:
         try:
             await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT)
-            await loop.sock_sendall(sock, M.encode(M.Data(ticket=ticket)))
+            await flush_all(begin_sealed(sock, data_key, ticket, cipher))
             msg = await asyncio.wait_for(read_frame(sock), timeout)
         except asyncio.TimeoutError:
             raise RendezvousTimeoutError(
                 f"relay path via {host}:{port} not joined within {timeout:g} s", "timeout"
             ) from None
-        except ProtocolError:
+        except (ProtocolError, ConnectionResetError):  # the relay drops an opening it refuses
             raise RendezvousError(
                 f"relay {host}:{port} refused the relay-path ticket (unknown, used, or from "
                 "a pairing that ended): get a fresh one with new_ticket()",

@@ -9,10 +9,13 @@ agent instance on a new connection: an agent back from an outage before the rela
 its old connection die takes its place over (the old connection gets ``P2P_LEAVE``). A JOIN
 repeated on the same connection answers again with a fresh ticket (to open another path).
 
-The relay-fallback path: each peer opens a plain TCP connection to the listen port and
-sends ``DATA {ticket}``. The first waits (``PATH_WAIT``); when the other's arrives, both get
-``P2P_JOINED {}`` and then the sockets are spliced. The bytes are the peers' own, end-to-end
-encrypted by the P2P layer, so a plaintext connection carries nothing the relay could read.
+The relay-fallback path: each peer opens a TCP connection to the listen port with a sealed
+opening (:mod:`natkit.relay.seal`: the ticket named by its handle, ``DATA {ticket}`` sealed
+under keys from the agent's session secret and the ticket), so the ticket never travels in
+clear and one lifted from the wire joins nobody; a plain ``DATA`` with a P2P ticket is
+refused. The first waits (``PATH_WAIT``); when the other's arrives, both get ``P2P_JOINED
+{}`` (plain) and then the sockets are spliced. After the opening the bytes are the peers'
+own, end-to-end encrypted by the P2P layer, so the relay carries nothing it could read.
 A joined path outlives the rooms and control connections (like a tunnel's visitor).
 """
 
@@ -31,6 +34,7 @@ from typing import Any, Protocol
 
 from natkit.errors import ProtocolError
 from natkit.relay import messages as M
+from natkit.relay.control import ticket_handle
 from natkit.relay.pump import join_sockets
 
 
@@ -38,6 +42,7 @@ class Session(Protocol):
     """An agent's authenticated control connection, as a room sees it."""
 
     token_id: str | None
+    data_key: bytes  # the session's secret for sealed data connections (WELCOME)
 
     @property
     def instance(self) -> str:
@@ -142,6 +147,7 @@ class Rooms:
         self.max_paths_per_token = max_paths_per_token
         self.rooms: dict[Key, Room] = {}
         self.tickets: dict[str, tuple[Room, str, int]] = {}  # ticket -> room, role, generation
+        self.handles: dict[str, str] = {}  # ticket_handle(ticket) -> ticket, for sealed openings
         self.joined: dict[Session, dict[str, str]] = {}  # session -> room name -> role
         self.buckets: dict[Session, Bucket] = {}
         self.rooms_per_token: collections.Counter[str] = collections.Counter()
@@ -228,7 +234,7 @@ class Rooms:
             log.info("P2P room %r: the %s peer is back on a new connection", name, role)
             self.stats["p2p_takeovers"] += 1
             del room.members[role]
-            self.tickets.pop(current.ticket, None)
+            self._drop_ticket(current.ticket)
             self._forget(current.session, name)
             current.session.send(M.P2PLeave(name=name))
         room.members[role] = _Member(s, instance)
@@ -240,10 +246,15 @@ class Rooms:
 
     def _issue(self, room: Room, role: str) -> str:
         member = room.members[role]
-        self.tickets.pop(member.ticket, None)
+        self._drop_ticket(member.ticket)
         member.ticket = secrets.token_urlsafe(18)
         self.tickets[member.ticket] = (room, role, room.generation)
+        self.handles[ticket_handle(member.ticket)] = member.ticket
         return member.ticket
+
+    def _drop_ticket(self, ticket: str) -> None:
+        if self.tickets.pop(ticket, None) is not None:
+            self.handles.pop(ticket_handle(ticket), None)
 
     def _pair(self, room: Room) -> None:
         """Both peers are here: a new pairing, fresh tickets, and each is told."""
@@ -267,12 +278,12 @@ class Rooms:
 
     def _remove(self, room: Room, role: str) -> None:
         member = room.members.pop(role)
-        self.tickets.pop(member.ticket, None)
+        self._drop_ticket(member.ticket)
         self._forget(member.session, room.name)
         self._end_paths(room, "gone", "the other peer left the room")
         other = room.members.get(other_role(role))
         if other is not None:
-            self.tickets.pop(other.ticket, None)
+            self._drop_ticket(other.ticket)
             other.ticket = ""
             other.session.send(M.P2PPeer(name=room.name, present=False, ticket=""))
         elif self.rooms.get(room.key) is room:
@@ -332,9 +343,24 @@ class Rooms:
     def has_ticket(self, ticket: str) -> bool:
         return ticket in self.tickets
 
+    def sealed_key(self, handle: str) -> tuple[str, bytes] | None:
+        """The P2P ticket behind a sealed opening's handle and the session secret of the
+        peer it was issued to (the opening must be sealed under both), or None."""
+        ticket = self.handles.get(handle)
+        entry = self.tickets.get(ticket or "")
+        if ticket is None or entry is None:
+            return None
+        room, role, _ = entry
+        member = room.members.get(role)
+        if member is None or member.ticket != ticket or not member.session.data_key:
+            return None
+        return ticket, member.session.data_key
+
     def data_conn(self, conn: socket.socket, ticket: str) -> None:
-        """A plain data connection that sent DATA with a P2P ticket (taken: one-time)."""
+        """A data connection whose sealed opening proved a P2P ticket (taken: one-time);
+        after the opening its bytes are the peers' own (encrypted end to end by them)."""
         room, role, generation = self.tickets.pop(ticket)
+        self.handles.pop(ticket_handle(ticket), None)
         member = room.members.get(role)
         if member is not None and member.ticket == ticket:
             member.ticket = ""
@@ -411,3 +437,4 @@ class Rooms:
             self._end_paths(room, "gone", "the relay is shutting down")
         self.rooms.clear()
         self.tickets.clear()
+        self.handles.clear()
