@@ -146,6 +146,7 @@ def test_captured_requests_get_replay_and_delete(cfg: conf.PyngrokConfig, servic
     wait_for(lambda: len(agent.get_requests(pyngrok_config=cfg)) == 1, 5, "one captured request")
     (captured,) = agent.get_requests(tunnel_name=t.name, pyngrok_config=cfg)
     assert captured.tunnel_name == t.name and captured.duration is not None
+    assert captured.remote_addr == LOOPBACK  # the visitor, as the relay saw it
     assert captured.request["method"] == "GET" and captured.request["uri"] == "/hook?n=1"
     assert base64.b64decode(captured.request["raw"]).startswith(b"GET /hook?n=1 HTTP/1.1\r\n")
     assert captured.response["status_code"] == 200
@@ -153,10 +154,13 @@ def test_captured_requests_get_replay_and_delete(cfg: conf.PyngrokConfig, servic
     assert agent.get_request(captured.id, pyngrok_config=cfg).data == captured.data
     assert agent.get_requests(tunnel_name="another", pyngrok_config=cfg) == []
 
-    agent.replay_request(captured.id, pyngrok_config=cfg)
+    agent.replay_request(captured.id, pyngrok_config=cfg)  # answered at once, sent after
+    wait_for(lambda: len(service.seen) == 2, 5, "the replay at the service")
     assert service.seen == ["GET /hook?n=1 HTTP/1.1"] * 2  # the service got it again
+    wait_for(lambda: len(agent.get_requests(pyngrok_config=cfg)) == 2, 5, "the replay captured")
     again = agent.get_requests(pyngrok_config=cfg)
-    assert len(again) == 2 and again[0].id != captured.id  # a replay is a new request
+    assert again[0].id != captured.id and again[0].data["natkit"]["replay_of"] == captured.id
+    assert again[0].response is not None and again[0].response["status_code"] == 200
 
     agent.delete_requests(pyngrok_config=cfg)
     assert agent.get_requests(pyngrok_config=cfg) == []
