@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -131,9 +132,9 @@ REQUEST = b"POST /hook?n=1 HTTP/1.1\r\nHost: web.lab.test\r\ncontent-type: text/
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n/hook"
 
 
-async def _capture(web: WebAPI, tunnel: str = "web") -> TunnelCapture:
+async def _capture(web: WebAPI, log: LogWriter | None = None) -> TunnelCapture:
     """One visitor's exchange, as the agent's data path feeds a tunnel's tap."""
-    capture = TunnelCapture(web.session.store, tunnel, LogWriter("false"))
+    capture = TunnelCapture(web.session.store, "web", log or LogWriter("false"))
     tap = capture.tap_for("198.51.100.7:40000")
     assert tap is not None  # natkit-ngrok's capture never pauses
     tap.request(REQUEST)
@@ -142,11 +143,14 @@ async def _capture(web: WebAPI, tunnel: str = "web") -> TunnelCapture:
     return capture
 
 
-async def test_captured_requests_in_the_shape_pyngrok_reads(web: WebAPI) -> None:
+async def test_captured_requests_in_the_shape_pyngrok_reads(web: WebAPI, tmp_path: Path) -> None:
     from pyngrok.agent import CapturedRequest  # a test dependency
 
-    capture = await _capture(web)
+    capture = await _capture(web, LogWriter(str(tmp_path / "agent.log")))
     assert capture.metrics() == {"conns": {"count": 1}, "http": {"count": 1}}
+    (line,) = (tmp_path / "agent.log").read_text().splitlines()  # as ngrok logs each request
+    assert 'msg="join connections"' in line and "r=198.51.100.7:40000" in line
+    assert "method=POST" in line and 'path="/hook?n=1"' in line and 'status="200 OK"' in line
     status, listing = await web.handle("GET", "/api/requests/http?tunnel_name=web&limit=5", b"")
     assert status == 200 and listing["uri"] == "/api/requests/http"
     (captured,) = [CapturedRequest(r) for r in listing["requests"]]
