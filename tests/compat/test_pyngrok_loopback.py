@@ -1,7 +1,8 @@
 """The real pyngrok package driving natkit-ngrok against a natkit relay, all on 127.0.0.1
 (rootless): ``ngrok.connect`` http and tcp, ``get_tunnels``, ``disconnect``, ``kill``, both
-config versions, captured requests and their replay (``pyngrok.agent``), refused options,
-a refused token, ``set_auth_token``; and ``natkit.compat.ngrok`` in process."""
+config versions, captured requests (with the visitor's address) and their replay
+(``pyngrok.agent``), a service that is down, refused options, a refused token,
+``set_auth_token``; and ``natkit.compat.ngrok`` in process."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import base64
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -448,3 +450,16 @@ def test_natkit_compat_ngrok_reads_pyngrok_config_and_starts_afresh_after_kill(
     finally:
         in_process.kill()
         in_process.set_auth_token("")
+
+
+def test_a_service_that_is_down_resets_the_visitor_and_captures_nothing(
+    cfg: conf.PyngrokConfig, service: Service
+) -> None:
+    with socket.create_server((LOOPBACK, 0)) as gone:
+        down = int(gone.getsockname()[1])  # closed again: nothing listens there
+    t = ngrok.connect(down, "http", pyngrok_config=cfg)
+    with pytest.raises(ConnectionResetError):  # as the service's own refusal would be
+        visit_url(t.public_url, LOOPBACK, "/nobody")
+    assert agent.get_requests(pyngrok_config=cfg) == []  # a tap comes once the service answers
+    ok = ngrok.connect(service.port, "http", pyngrok_config=cfg)  # the agent goes on
+    assert b"GET /up HTTP/1.1" in visit_url(ok.public_url, LOOPBACK, "/up")
