@@ -217,3 +217,14 @@ async def test_replay_is_answered_at_once_and_captured_anew(web: WebAPI) -> None
         assert got == [REQUEST]  # neither was sent
     finally:
         server.close()
+
+
+async def test_each_api_call_counts_as_a_look_for_a_store_that_pauses() -> None:
+    from natkit.inspect.store import CaptureStore
+
+    store = CaptureStore(idle=0.0)  # pauses as soon as nobody looks
+    session = Session(Settings(relay="127.0.0.1:9", token="t" * 20), LogWriter("false"), store)
+    assert Session(session.settings, session.log).store.idle is None  # natkit-ngrok's own
+    assert not store.check_idle()  # paused
+    await WebAPI(session).handle("GET", "/api/requests/http", b"")
+    assert store.capturing and store.paused[-1][1] is not None  # resumed by the call

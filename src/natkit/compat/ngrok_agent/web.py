@@ -99,6 +99,9 @@ class WebAPI:
 
     async def handle(self, method: str, target: str, body: bytes) -> Answer:
         """The status and JSON answer of one call (errors in ngrok's shape)."""
+        # The store's contract (it never pauses as the session makes it, but a store given
+        # with an idle time would pause under an API in use without this).
+        self.session.store.look()
         try:
             return await self._route(method, target, body)
         except NatkitError as exc:
