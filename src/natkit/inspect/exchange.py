@@ -9,7 +9,8 @@ are paired in order (HTTP/1.1 pipelining keeps order).
 A connection stops being followed (``following`` turns False, ``stopped`` says why) when
 its bytes are not HTTP/1.1, when it switches protocols (101, a CONNECT tunnel: the
 exchange that switched is reported with its response head), or when a head or a body
-exceeds the limits: what was complete before is kept, nothing after it is parsed. Everything here is untrusted input and bounded.
+exceeds the limits: what was complete before is kept, nothing after it is parsed.
+Everything here is untrusted input and bounded.
 """
 
 from __future__ import annotations
