@@ -84,11 +84,13 @@ def loopback_service(text: str) -> Iterator[Service]:
 
 
 def http_get(
-    ip: str, port: int, host: str, path: str = "/", timeout: float = 5.0, extra: str = ""
-) -> bytes:
+    ip: str, port: int, host: str, path: str = "/", timeout: float = 5.0, extra: str = "",
+    source: str = "",
+) -> bytes:  # fmt: skip
     """GET ``path`` from ``ip:port`` with ``Host: host`` (and ``extra`` header lines, each
-    ending in CRLF); the whole answer (until close)."""
-    with socket.create_connection((ip, port), timeout=timeout) as s:
+    ending in CRLF), from address ``source`` when given; the whole answer (until close)."""
+    bind = (source, 0) if source else None
+    with socket.create_connection((ip, port), timeout=timeout, source_address=bind) as s:
         head = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
         s.sendall(head.encode())
         chunks = []
@@ -97,13 +99,15 @@ def http_get(
     return b"".join(chunks)
 
 
-def visit_url(public_url: str, ip: str, path: str = "/", extra: str = "") -> bytes:
+def visit_url(
+    public_url: str, ip: str, path: str = "/", extra: str = "", source: str = ""
+) -> bytes:
     """Fetch ``public_url`` (http://NAME.DOMAIN:PORT or tcp://HOST:PORT) by connecting to
-    ``ip`` (the relay: the lab has no DNS for NAME.DOMAIN)."""
+    ``ip`` (the relay: the lab has no DNS for NAME.DOMAIN), from ``source`` when given."""
     scheme, _, rest = public_url.partition("://")
     port = rest.rpartition(":")[2]
     if scheme == "http":
-        return http_get(ip, int(port) if port else 80, rest, path, extra=extra)
+        return http_get(ip, int(port) if port else 80, rest, path, extra=extra, source=source)
     assert scheme == "tcp", public_url
     return http_get(ip, int(port), "tcp-visitor", path)
 

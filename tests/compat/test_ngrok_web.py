@@ -1,20 +1,25 @@
 """natkit-ngrok's local API without a relay: its routes and error shapes (what pyngrok
-reads on failure), and its HTTP layer on a real loopback socket (malformed and oversized
-requests are answered 400, keep-alive works)."""
+reads on failure), its HTTP layer on a real loopback socket (malformed and oversized
+requests are answered 400, keep-alive works), and the captured requests it serves from the
+inspector's store (pyngrok's CapturedRequest reads them; replay to a loopback service)."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from natkit.compat.ngrok_agent.capture import TunnelCapture
 from natkit.compat.ngrok_agent.config import Settings
 from natkit.compat.ngrok_agent.logs import LogWriter
 from natkit.compat.ngrok_agent.session import Session
 from natkit.compat.ngrok_agent.web import MAX_BODY, WebAPI
 from natkit.errors import RelayError
+from natkit.inspect.records import Service
 
 
 @pytest.fixture
@@ -119,3 +124,107 @@ def test_a_session_needs_a_relay_and_a_token() -> None:
         Session(Settings(token="t" * 20), LogWriter("false"))
     with pytest.raises(RelayError, match="add-authtoken"):
         Session(Settings(relay="r:1"), LogWriter("false"))
+
+
+# ---- captured requests: the inspector's store, in ngrok's shape -----------------------------
+
+REQUEST = b"POST /hook?n=1 HTTP/1.1\r\nHost: web.lab.test\r\ncontent-type: text/plain\r\nContent-Length: 2\r\n\r\nhi"  # fmt: skip
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n/hook"
+
+
+async def _capture(web: WebAPI, log: LogWriter | None = None) -> TunnelCapture:
+    """One visitor's exchange, as the agent's data path feeds a tunnel's tap."""
+    capture = TunnelCapture(web.session.store, "web", log or LogWriter("false"))
+    tap = capture.tap_for("198.51.100.7:40000")
+    assert tap is not None  # natkit-ngrok's capture never pauses
+    tap.request(REQUEST)
+    tap.response(RESPONSE)
+    await asyncio.sleep(0)  # the tap parses from call_soon
+    return capture
+
+
+async def test_captured_requests_in_the_shape_pyngrok_reads(web: WebAPI, tmp_path: Path) -> None:
+    from pyngrok.agent import CapturedRequest  # a test dependency
+
+    capture = await _capture(web, LogWriter(str(tmp_path / "agent.log")))
+    assert capture.metrics() == {"conns": {"count": 1}, "http": {"count": 1}}
+    (line,) = (tmp_path / "agent.log").read_text().splitlines()  # as ngrok logs each request
+    assert 'msg="join connections"' in line and "r=198.51.100.7:40000" in line
+    assert "method=POST" in line and 'path="/hook?n=1"' in line and 'status="200 OK"' in line
+    status, listing = await web.handle("GET", "/api/requests/http?tunnel_name=web&limit=5", b"")
+    assert status == 200 and listing["uri"] == "/api/requests/http"
+    (captured,) = [CapturedRequest(r) for r in listing["requests"]]
+    assert captured.tunnel_name == "web" and captured.remote_addr == "198.51.100.7"
+    assert captured.uri == f"/api/requests/http/{captured.id}" and captured.start
+    assert captured.duration is not None and captured.duration >= 0
+    assert captured.request["method"] == "POST" and captured.request["uri"] == "/hook?n=1"
+    assert captured.request["headers"]["Content-Type"] == ["text/plain"]  # Go's spelling
+    assert base64.b64decode(captured.request["raw"]) == REQUEST
+    assert captured.response["status"] == "200 OK" and captured.response["status_code"] == 200
+    assert base64.b64decode(captured.response["raw"]) == RESPONSE
+    assert (await web.handle("GET", f"/api/requests/http/{captured.id}", b""))[1] == captured.data
+    _, other = await web.handle("GET", "/api/requests/http?tunnel_name=other", b"")
+    assert other["requests"] == []
+
+
+async def test_replay_is_answered_at_once_and_captured_anew(web: WebAPI) -> None:
+    got: list[bytes] = []
+    answered = asyncio.Event()
+
+    async def service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got.append(await reader.readexactly(len(REQUEST)))
+        await answered.wait()  # the replay's answer comes after the API answered
+        writer.write(RESPONSE)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(service, "127.0.0.1", 0)
+    web.session.store.services["web"] = Service("127.0.0.1", server.sockets[0].getsockname()[1])
+    try:
+        await _capture(web)
+        (original,) = web.session.store.list()
+        body = json.dumps({"id": original.id, "tunnel_name": None}).encode()  # as pyngrok sends
+        assert await web.handle("POST", "/api/requests/http", body) == (204, None)
+        answered.set()
+        for _ in range(250):
+            if (
+                len(web.session.store.list()) == 2
+                and web.session.store.list()[0].duration is not None
+            ):
+                break
+            await asyncio.sleep(0.02)
+        again, first = web.session.store.list()
+        assert got == [REQUEST] and first is original
+        assert again.replay_of == original.id and again.tunnel == "web"
+        assert (
+            again.exchange.response is not None and bytes(again.exchange.response.raw) == RESPONSE
+        )
+
+        status, err = await web.handle(
+            "POST",
+            "/api/requests/http",
+            json.dumps({"id": original.id, "tunnel_name": "gone"}).encode(),
+        )
+        assert status == 409 and "'gone' has no local service" in err["msg"]
+        web.session.store.max_body = 1  # the next request's body is cut at the cap
+        await _capture(web)
+        status, err = await web.handle(
+            "POST",
+            "/api/requests/http",
+            json.dumps({"id": web.session.store.list()[0].id}).encode(),
+        )
+        assert status == 400 and "incomplete" in err["msg"]
+        assert got == [REQUEST]  # neither was sent
+    finally:
+        server.close()
+
+
+async def test_each_api_call_counts_as_a_look_for_a_store_that_pauses() -> None:
+    from natkit.inspect.store import CaptureStore
+
+    store = CaptureStore(idle=0.0)  # pauses as soon as nobody looks
+    session = Session(Settings(relay="127.0.0.1:9", token="t" * 20), LogWriter("false"), store)
+    assert Session(session.settings, session.log).store.idle is None  # natkit-ngrok's own
+    assert not store.check_idle()  # paused
+    await WebAPI(session).handle("GET", "/api/requests/http", b"")
+    assert store.capturing and store.paused[-1][1] is not None  # resumed by the call

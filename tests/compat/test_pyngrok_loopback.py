@@ -1,7 +1,8 @@
 """The real pyngrok package driving natkit-ngrok against a natkit relay, all on 127.0.0.1
 (rootless): ``ngrok.connect`` http and tcp, ``get_tunnels``, ``disconnect``, ``kill``, both
-config versions, captured requests and their replay (``pyngrok.agent``), refused options,
-a refused token, ``set_auth_token``; and ``natkit.compat.ngrok`` in process."""
+config versions, captured requests (with the visitor's address) and their replay
+(``pyngrok.agent``), a service that is down, refused options, a refused token,
+``set_auth_token``; and ``natkit.compat.ngrok`` in process."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import base64
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -146,6 +148,7 @@ def test_captured_requests_get_replay_and_delete(cfg: conf.PyngrokConfig, servic
     wait_for(lambda: len(agent.get_requests(pyngrok_config=cfg)) == 1, 5, "one captured request")
     (captured,) = agent.get_requests(tunnel_name=t.name, pyngrok_config=cfg)
     assert captured.tunnel_name == t.name and captured.duration is not None
+    assert captured.remote_addr == LOOPBACK  # the visitor, as the relay saw it
     assert captured.request["method"] == "GET" and captured.request["uri"] == "/hook?n=1"
     assert base64.b64decode(captured.request["raw"]).startswith(b"GET /hook?n=1 HTTP/1.1\r\n")
     assert captured.response["status_code"] == 200
@@ -153,10 +156,13 @@ def test_captured_requests_get_replay_and_delete(cfg: conf.PyngrokConfig, servic
     assert agent.get_request(captured.id, pyngrok_config=cfg).data == captured.data
     assert agent.get_requests(tunnel_name="another", pyngrok_config=cfg) == []
 
-    agent.replay_request(captured.id, pyngrok_config=cfg)
+    agent.replay_request(captured.id, pyngrok_config=cfg)  # answered at once, sent after
+    wait_for(lambda: len(service.seen) == 2, 5, "the replay at the service")
     assert service.seen == ["GET /hook?n=1 HTTP/1.1"] * 2  # the service got it again
+    wait_for(lambda: len(agent.get_requests(pyngrok_config=cfg)) == 2, 5, "the replay captured")
     again = agent.get_requests(pyngrok_config=cfg)
-    assert len(again) == 2 and again[0].id != captured.id  # a replay is a new request
+    assert again[0].id != captured.id and again[0].data["natkit"]["replay_of"] == captured.id
+    assert again[0].response is not None and again[0].response["status_code"] == 200
 
     agent.delete_requests(pyngrok_config=cfg)
     assert agent.get_requests(pyngrok_config=cfg) == []
@@ -444,3 +450,16 @@ def test_natkit_compat_ngrok_reads_pyngrok_config_and_starts_afresh_after_kill(
     finally:
         in_process.kill()
         in_process.set_auth_token("")
+
+
+def test_a_service_that_is_down_resets_the_visitor_and_captures_nothing(
+    cfg: conf.PyngrokConfig, service: Service
+) -> None:
+    with socket.create_server((LOOPBACK, 0)) as gone:
+        down = int(gone.getsockname()[1])  # closed again: nothing listens there
+    t = ngrok.connect(down, "http", pyngrok_config=cfg)
+    with pytest.raises(ConnectionResetError):  # as the service's own refusal would be
+        visit_url(t.public_url, LOOPBACK, "/nobody")
+    assert agent.get_requests(pyngrok_config=cfg) == []  # a tap comes once the service answers
+    ok = ngrok.connect(service.port, "http", pyngrok_config=cfg)  # the agent goes on
+    assert b"GET /up HTTP/1.1" in visit_url(ok.public_url, LOOPBACK, "/up")

@@ -19,8 +19,8 @@ pytest.importorskip("pyngrok")
 from pyngrok import agent, conf, ngrok
 
 from natkit.lab import Lab, netns
-from tests.compat.pyngrok_helpers import Service, natkit_ngrok, ngrok_config, visit_url
-from tests.lab.relay_helpers import RELAY_IP, Relay, build_lab, start_relay
+from tests.compat.pyngrok_helpers import Service, natkit_ngrok, ngrok_config, visit_url, wait_for
+from tests.lab.relay_helpers import RELAY_IP, VISITOR_IP, Relay, build_lab, start_relay
 
 pytestmark = pytest.mark.lab
 TOKEN = "pyngrok-lab-token-0123456789abcdef"
@@ -68,8 +68,10 @@ def on_lan(lab: Lab, fn: Callable[[], T]) -> T:
     return netns.call_in(lab.netns("lan"), fn)
 
 
-def from_wan(lab: Lab, public_url: str, path: str = "/") -> bytes:
-    return netns.call_in(lab.netns("wan"), lambda: visit_url(public_url, RELAY_IP, path))
+def from_wan(lab: Lab, public_url: str, path: str = "/", source: str = "") -> bytes:
+    return netns.call_in(
+        lab.netns("wan"), lambda: visit_url(public_url, RELAY_IP, path, source=source)
+    )
 
 
 def test_pyngrok_on_the_lan_publishes_through_the_relay(
@@ -86,7 +88,7 @@ def test_pyngrok_on_the_lan_publishes_through_the_relay(
         assert web.public_url.split("://")[1].split(":")[0].endswith(".lab.test")
         assert raw.public_url is not None and raw.public_url.startswith(f"tcp://{RELAY_IP}:")
 
-        answer = from_wan(nlab, web.public_url, "/from-wan")
+        answer = from_wan(nlab, web.public_url, "/from-wan", source=VISITOR_IP)
         assert answer.startswith(b"HTTP/1.0 200") and b"GET /from-wan HTTP/1.1" in answer
         assert b"hello from the lan GET / HTTP/1.1" in from_wan(nlab, raw.public_url)
 
@@ -96,10 +98,11 @@ def test_pyngrok_on_the_lan_publishes_through_the_relay(
             nlab, lambda: agent.get_requests(tunnel_name=web.name, pyngrok_config=cfg)
         )
         assert [c.request["uri"] for c in captured] == ["/from-wan"]
+        assert captured[0].remote_addr == VISITOR_IP  # the Internet visitor, through the relay
         assert base64.b64decode(captured[0].response["raw"]).startswith(b"HTTP/1.0 200 OK")
 
         on_lan(nlab, lambda: agent.replay_request(captured[0].id, pyngrok_config=cfg))
-        assert lan_service.seen.count("GET /from-wan HTTP/1.1") == 2
+        wait_for(lambda: lan_service.seen.count("GET /from-wan HTTP/1.1") == 2, 5, "the replay")
 
         on_lan(nlab, lambda: ngrok.disconnect(web.public_url, pyngrok_config=cfg))
         assert b"GET /from-wan" not in from_wan(nlab, web.public_url, "/from-wan")

@@ -277,6 +277,47 @@ async def test_the_api_refuses_other_sites(relay: RelayServer, service: Service,
         assert status == 200
 
 
+@pytest.mark.parametrize("plaintext", [False, True], ids=["sealed", "plain"])
+async def test_an_upgraded_connection_passes_untouched_after_its_101(
+    relay: RelayServer, tmp_path: Path, plaintext: bool
+) -> None:
+    """A WebSocket upgrade is captured up to its 101; what follows (here bytes that look
+    like HTTP) passes both ways unchanged and is not taken for requests."""
+
+    async def upgrading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\n\r\n")  # fmt: skip
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)  # an echo of the frames
+                await writer.drain()
+        writer.close()
+
+    echo = Service()
+    echo.server = await asyncio.start_server(upgrading, LOOPBACK, 0)
+    echo.port = int(echo.server.sockets[0].getsockname()[1])
+    assert relay.http_port
+    try:
+        async with inspected(relay, echo, tmp_path, plaintext=plaintext) as inspector:
+            reader, writer = await asyncio.open_connection(LOOPBACK, relay.http_port)
+            writer.write(req("GET", "/ws", extra="Upgrade: websocket\r\nConnection: Upgrade\r\n"))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 101 ")
+            frames = (b"GET /not-a-request HTTP/1.1\r\n\r\n" + bytes(range(256))) * 100
+            writer.write(frames)
+            assert await asyncio.wait_for(reader.readexactly(len(frames)), 10) == frames
+            writer.close()
+            (record,) = await settled(inspector, 1)
+            assert record.exchange.request.start[1] == "/ws"
+            assert record.exchange.response is not None
+            assert record.exchange.response.start[1] == "101"
+            await asyncio.sleep(0.1)
+            assert len(inspector.store.list()) == 1  # the frames were not parsed as requests
+    finally:
+        await echo.close()
+
+
 async def test_a_tunnel_nobody_inspects_is_not_tapped(
     relay: RelayServer, service: Service, tmp_path: Path
 ) -> None:

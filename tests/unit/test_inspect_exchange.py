@@ -124,8 +124,26 @@ def test_what_is_not_followed_stops_the_capture(
     p.request_data(requests, 1.0)
     p.response_data(responses, 2.0)
     assert not p.following and why in p.stopped, p.stopped
+    before = p.events()
     p.request_data(GET, 3.0)  # nothing is parsed any more
-    assert all(kind == "request" for kind, _ in p.events())
+    assert p.events() == []
+    # A switch is reported with its response head; the other stops answered nothing.
+    assert [kind for kind, _ in before].count("response") == (why == "switched")
+
+
+def test_a_switch_is_captured_up_to_its_response_head() -> None:
+    upgrade = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"
+    frames = b"\x81\x05hello" + OK_LEN  # another protocol's bytes, HTTP-like or not
+    for cut in range(len(head) + len(frames) + 1):
+        p = ExchangeParser()
+        p.request_data(upgrade, 1.0)
+        p.response_data((head + frames)[:cut], 2.0)
+        p.response_data((head + frames)[cut:], 2.5)
+        p.request_data(frames, 3.0)
+        (switched,) = answered(p.events())
+        assert switched.response is not None and bytes(switched.response.raw) == head
+        assert switched.response.body == b"" and "switched" in p.stopped
 
 
 def test_a_head_over_the_limit_stops_without_waiting_for_its_end() -> None:

@@ -103,11 +103,11 @@ async def test_a_subscriber_too_far_behind_is_closed_not_grown() -> None:
 async def test_a_connection_given_up_says_why_on_its_open_record() -> None:
     store = CaptureStore()
     tap = ConnectionTap(store, "demo", "198.51.100.1:1")
-    tap.request(b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n")
-    tap.response(b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x81\x05hello")
+    tap.request(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    tap.response(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")  # not HTTP: the connection is given up
     await asyncio.sleep(0)
     (record,) = store.list()
-    assert not tap.on and "switched protocols" in record.note
+    assert not tap.on and "no response captured" in record.note and "status line" in record.note
     tap.request(b"more")  # a given-up tap takes nothing
     assert tap._chunks == []
 

@@ -7,9 +7,10 @@ by RFC 9112 section 6: each :class:`Message` keeps its bytes as they were on the
 are paired in order (HTTP/1.1 pipelining keeps order).
 
 A connection stops being followed (``following`` turns False, ``stopped`` says why) when
-its bytes are not HTTP/1.1, when it switches protocols (101, a CONNECT tunnel), or when a
-head or a body exceeds the limits: what was complete before is kept, nothing after it is
-parsed. Everything here is untrusted input and bounded.
+its bytes are not HTTP/1.1, when it switches protocols (101, a CONNECT tunnel: the
+exchange that switched is reported with its response head), or when a head or a body
+exceeds the limits: what was complete before is kept, nothing after it is parsed.
+Everything here is untrusted input and bounded.
 """
 
 from __future__ import annotations
@@ -304,13 +305,17 @@ def _request_framing(coding: str | None, lengths: list[str]) -> Framing:
 def _response_framing(
     request: tuple[str, str, str], status: int, coding: str | None, lengths: list[str]
 ) -> Framing:
-    if status == 101 or (request[0] == "CONNECT" and 200 <= status < 300):
-        raise Stop("the connection switched protocols")
-    if request[0] == "HEAD" or status < 200 or status in (204, 304):
+    if request[0] == "HEAD" or status < 200 or status in (204, 304) or _switches(request, status):
+        # A switch's response is its head: what follows is another protocol's.
         return Framing.NONE
     if coding is not None:
         return Framing.CHUNKED if coding == "chunked" else Framing.CLOSE
     return Framing.LENGTH if lengths else Framing.CLOSE
+
+
+def _switches(request: tuple[str, str, str], status: int) -> bool:
+    """Does this response end HTTP on the connection (RFC 9110 15.2.2, 9.3.6)?"""
+    return status == 101 or (request[0] == "CONNECT" and 200 <= status < 300)
 
 
 class ExchangeParser:
@@ -367,14 +372,17 @@ class ExchangeParser:
         return out
 
     def _answered(self, msg: Message) -> None:
-        if int(msg.start[1]) < 200:  # informational (100 Continue): its bytes go with the answer
-            self._informational += msg.raw
+        switched = _switches(self._waiting[0].request.start, int(msg.start[1]))
+        if int(msg.start[1]) < 200 and not switched:
+            self._informational += msg.raw  # 100 Continue: its bytes go with the answer
             return
         if self._informational:
             msg.raw[:0], self._informational = self._informational, bytearray()
         ex = self._waiting.pop(0)
         ex.response = msg
         self._events.append(("response", ex))
+        if switched:
+            raise Stop("the connection switched protocols")
 
     def _request_for(self, start: tuple[str, str, str]) -> tuple[str, str, str]:
         if not self._waiting:

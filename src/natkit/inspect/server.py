@@ -39,7 +39,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from natkit.inspect.exchange import Message, RequestReader, Stop
 from natkit.inspect.records import Record, Service
-from natkit.inspect.replay import BadChangesError, ReplayError, request_bytes
+from natkit.inspect.replay import BadChangesError, ReplayError
 from natkit.inspect.store import CaptureStore, Subscription
 from natkit.inspect.views import (
     API_REQUESTS,
@@ -84,7 +84,6 @@ class Inspector:
         self.address: tuple[str, int] = ("", 0)
         self._streams: set[Subscription] = set()
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._replays: set[asyncio.Task[Any]] = set()  # ngrok's replays, answered before done
 
     def watch(self, name: str, public_url: str, host: str, port: int) -> None:
         """Tunnel ``name`` (its public URL; visitors go to host:port) is captured."""
@@ -112,8 +111,7 @@ class Inspector:
     async def close(self) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
-        for task in list(self._replays):
-            task.cancel()
+        self.store.stop_replays()
         for sub in list(self._streams):
             sub.close()
         if self.server is not None:
@@ -282,27 +280,15 @@ class Inspector:
             raise _HTTPError(400, str(exc)) from None
 
     def _replay_later(self, record_id: str, tunnel: str | None) -> None:
-        """ngrok's replay: what can be checked now is (404, 409, 400), the rest goes on after
-        the 204 (ngrok's clients wait a few seconds at most; a service may take longer)."""
+        """ngrok's replay: checked now (404, 409, 400), answered 204, sent after."""
         try:
-            record = self.store.get(record_id)
+            self.store.replay_later(record_id, tunnel)
         except KeyError:
             raise _HTTPError(404, f"no captured request {record_id[:40]!r}") from None
-        name = tunnel or record.tunnel
-        if name not in self.store.services:
-            raise _HTTPError(409, f"tunnel {name!r} has no local service now")
-        try:
-            request_bytes(record.exchange.request, None)
+        except LookupError as exc:
+            raise _HTTPError(409, str(exc)) from None
         except BadChangesError as exc:
             raise _HTTPError(400, str(exc)) from None
-        task = asyncio.get_running_loop().create_task(self.store.replay(record_id, None, name))
-        self._replays.add(task)
-        task.add_done_callback(self._replayed)
-
-    def _replayed(self, task: asyncio.Task[Any]) -> None:
-        self._replays.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.warning("inspector: a replay failed: %s", exc)
 
     async def _replay(self, record_id: str, changes: Any) -> Any:
         try:

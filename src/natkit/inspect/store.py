@@ -8,6 +8,8 @@ The interface other parts use (the inspector's API, the pyngrok-compatible agent
 - ``await replay(id, changes=None, tunnel=None)``: send the request again to its
   tunnel's local service (or ``tunnel``'s), changed by ``changes`` (a
   :class:`~natkit.inspect.replay.Changes`); the replay is captured too and returned;
+- ``replay_later(id, tunnel=None)``: ngrok's replay (``POST /api/requests/http``): checked
+  now, sent in the background (``stop_replays()`` cancels those still going);
 - ``subscribe()``: a :class:`Subscription` whose ``await get()`` gives ``(kind, record)``
   as records are added (``"request"``: the request is whole, the response still to come),
   completed (``"response"``) and when the store is cleared (``"clear"``, None);
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import os
 import time
 import weakref
@@ -34,7 +37,9 @@ from typing import Protocol
 
 from natkit.inspect.exchange import MAX_BODY
 from natkit.inspect.records import Record, Refusal, Service
-from natkit.inspect.replay import Changes, replay
+from natkit.inspect.replay import Changes, replay, request_bytes
+
+log = logging.getLogger("natkit.inspect")
 
 MAX_BYTES = 32 * 1024 * 1024  # default cap of the whole buffer
 IDLE = 600.0  # default: capture pauses after this long with nobody looking
@@ -108,6 +113,7 @@ class CaptureStore:
         # ids sort by time and do not repeat across runs (ngrok's are hex strings too)
         self._prefix = f"{int(time.time()) & 0xFFFFFFFF:08x}{os.urandom(2).hex()}"
         self._seq = itertools.count(1)
+        self._replays: set[asyncio.Task[Record]] = set()  # replay_later's, still going
 
     # -- the interface ------------------------------------------------------------------
     def list(self, limit: int | None = None, tunnel: str | None = None) -> list[Record]:
@@ -138,6 +144,31 @@ class CaptureStore:
         KeyError (no such record), LookupError (the tunnel has no service now), OSError,
         ReplayError (BadChangesError: the request cannot be made as asked)."""
         return await replay(self, self.get(record_id), changes, tunnel)
+
+    def replay_later(self, record_id: str, tunnel: str | None = None) -> asyncio.Task[Record]:
+        """ngrok's replay: what can be checked now is (KeyError: no such record;
+        LookupError: the tunnel has no service now; BadChangesError: the request was cut at
+        the cap), the rest goes on in the background: ngrok's clients wait a few seconds at
+        most for the answer (pyngrok 4 s), a service may take longer. A failure is logged."""
+        record = self.get(record_id)
+        name = tunnel or record.tunnel
+        if name not in self.services:
+            raise LookupError(f"tunnel {name!r} has no local service now")
+        request_bytes(record.exchange.request, None)
+        task = asyncio.get_running_loop().create_task(self.replay(record_id, None, name))
+        self._replays.add(task)
+        task.add_done_callback(self._replayed)
+        return task
+
+    def _replayed(self, task: asyncio.Task[Record]) -> None:
+        self._replays.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("a replay failed: %s", exc)
+
+    def stop_replays(self) -> None:
+        """Cancel the background replays still going (the agent stops)."""
+        for task in list(self._replays):
+            task.cancel()
 
     def subscribe(self) -> Subscription:
         sub = Subscription(self)

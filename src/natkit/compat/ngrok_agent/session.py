@@ -2,8 +2,8 @@
 
 One natkit :class:`~natkit.relay.agent.Agent` (one control connection, as ngrok keeps one
 session) carries every tunnel; a tunnel the relay refuses fails alone. An http tunnel with
-inspection on goes through a :class:`~.capture.CaptureProxy` so that its requests can be
-listed and replayed.
+inspection on is captured on the agent's data path (:mod:`.capture`, the inspector's
+store) so that its requests can be listed and replayed, each with its visitor's address.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ import time
 from typing import Any
 
 from natkit import __version__
-from natkit.compat.ngrok_agent.capture import CaptureProxy, CaptureStore, Exchange, RingStore
+from natkit.compat.ngrok_agent.capture import TunnelCapture, new_store
 from natkit.compat.ngrok_agent.config import Settings
 from natkit.compat.ngrok_agent.logs import LogWriter
 from natkit.compat.ngrok_agent.shapes import BadTunnel, TunnelRequest, public_url
-from natkit.errors import NatkitError, RelayError
+from natkit.errors import RelayError
+from natkit.inspect.records import Service
+from natkit.inspect.store import CaptureStore
 from natkit.relay.agent import Agent, TunnelSpec
 
 OPEN_TIMEOUT = 15.0
@@ -34,7 +36,7 @@ class TunnelExists(BadTunnel):
 class Running:
     request: TunnelRequest
     spec: TunnelSpec
-    proxy: CaptureProxy | None
+    capture: TunnelCapture | None
     started: float = dataclasses.field(default_factory=time.time)
 
     @property
@@ -43,11 +45,8 @@ class Running:
         return public_url(self.request.proto, self.spec.public)
 
     def metrics(self) -> dict[str, Any]:
-        """What is counted (only through the capture proxy): visitors and requests."""
-        if self.proxy is None:
-            return {}
-        return {"conns": {"count": self.proxy.connections},
-                "http": {"count": self.proxy.requests}}  # fmt: skip
+        """What is counted (only while captured): visitors and requests."""
+        return self.capture.metrics() if self.capture is not None else {}
 
 
 class Session:
@@ -65,7 +64,7 @@ class Session:
                 "add-authtoken TOKEN), pass --authtoken, or set NATKIT_TOKEN"
             )
         self.settings, self.log = settings, log
-        self.store: CaptureStore = store if store is not None else RingStore()
+        self.store = store if store is not None else new_store()
         try:
             self.agent = Agent(settings.relay, settings.token, [],
                                fingerprint=settings.fingerprint, cafile=settings.cafile,
@@ -126,59 +125,46 @@ class Session:
         async with self._lock:  # two posts of one name: the second is told it exists
             if req.name in self.tunnels:
                 raise TunnelExists(f"a tunnel named {req.name!r} is open already")
-            proxy = None
-            target = (req.upstream_host, req.upstream_port)
-            if req.inspect:
-                proxy = CaptureProxy(target, req.name, self.store, self._logged)
-                target = ("127.0.0.1", await proxy.start())
-            spec = TunnelSpec(target[1], kind=req.proto, name=req.hostname, port=req.port,
-                              exact=bool(req.port), local_host=target[0], access=req.access,
-                              id=f"t{next(self._ids)}")  # fmt: skip
-            if spec.local_host == "localhost":
+            host = req.upstream_host
+            if host == "localhost":
                 # One address, no lookup per visitor: "localhost" may come back as ::1 first,
                 # where a service listening on 127.0.0.1 only would refuse.
-                spec.local_host = "127.0.0.1"
+                host = "127.0.0.1"
+            spec = TunnelSpec(req.upstream_port, kind=req.proto, name=req.hostname, port=req.port,
+                              exact=bool(req.port), local_host=host, access=req.access,
+                              id=f"t{next(self._ids)}")  # fmt: skip
+            capture = TunnelCapture(self.store, req.name, self.log) if req.inspect else None
             self.agent.open(spec)
+            if capture is not None:
+                self.agent.capture(spec.id, capture.tap_for)
             try:
                 await self.agent.wait_open(spec.id, OPEN_TIMEOUT)
             except BaseException as exc:
                 self.agent.close_tunnel(spec.id)
-                if proxy is not None:
-                    await proxy.close()
+                self.agent.capture(spec.id, None)
                 if isinstance(exc, asyncio.TimeoutError):
                     raise RelayError(
                         f"relay {self.settings.relay} did not open the tunnel within "
                         f"{OPEN_TIMEOUT:g} s"
                     ) from None
                 raise
-            running = Running(req, spec, proxy)
+            if capture is not None:
+                self.store.services[req.name] = Service(host, req.upstream_port)  # replays
+            running = Running(req, spec, capture)
             self.tunnels[req.name] = running
         self.log("info", "started tunnel", obj="tunnels", name=req.name, addr=req.upstream_url,
                  url=running.url)  # fmt: skip
         return running
-
-    def _logged(self, e: Exchange) -> None:
-        if e.response is not None:
-            method, target = [*e.request.start_line.split(" "), ""][:2]
-            self.log("info", "join connections", obj="join", name=e.tunnel_name,
-                     method=method, path=target,
-                     status=e.response.start_line.partition(" ")[2])  # fmt: skip
 
     async def close_tunnel(self, name: str) -> bool:
         running = self.tunnels.pop(name, None)
         if running is None:
             return False
         self.agent.close_tunnel(running.spec.id)
-        if running.proxy is not None:
-            await running.proxy.close()
+        self.agent.capture(running.spec.id, None)
+        self.store.services.pop(name, None)  # its records stay, as ngrok's do
         self.log("info", "stopped tunnel", obj="tunnels", name=name, url=running.url)
         return True
-
-    def proxy_of(self, tunnel_name: str) -> CaptureProxy:
-        running = self.tunnels.get(tunnel_name)
-        if running is None or running.proxy is None:
-            raise NatkitError(f"no open http tunnel named {tunnel_name!r} with inspection on")
-        return running.proxy
 
     def status(self) -> dict[str, Any]:
         return {
@@ -195,6 +181,7 @@ class Session:
         }
 
     async def close(self) -> None:
+        self.store.stop_replays()
         for name in list(self.tunnels):
             await self.close_tunnel(name)
         if self._task is not None:

@@ -6,7 +6,11 @@ pyngrok makes, in the shapes it reads.
     GET /api/status
     GET/POST(replay)/DELETE /api/requests/http, GET /api/requests/http/ID
 
-HTTP/1.1 framing is h11's. A request body is bounded, and so is the time to send it.
+The captured requests are the HTTP inspector's (:mod:`natkit.inspect`): its store, its
+JSON (:mod:`natkit.inspect.views`, ngrok's shape with the visitor's ``remote_addr``), its
+replay (``POST`` answers 204 once the replay is checked and sends it in the background, as
+ngrok's agent does). HTTP/1.1 framing is h11's. A request body is bounded, and so is the
+time to send it.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
 
-from natkit.compat.ngrok_agent.capture import exchange_json, replay
 from natkit.compat.ngrok_agent.session import Session, TunnelExists
 from natkit.compat.ngrok_agent.shapes import BadTunnel, tunnel_json, tunnel_request
 from natkit.errors import NatkitError
+from natkit.inspect.replay import BadChangesError
+from natkit.inspect.views import record_json, records_json
 
 log = logging.getLogger("natkit.ngrok")
 MAX_BODY = 1 << 20
@@ -94,6 +99,9 @@ class WebAPI:
 
     async def handle(self, method: str, target: str, body: bytes) -> Answer:
         """The status and JSON answer of one call (errors in ngrok's shape)."""
+        # The store's contract (it never pauses as the session makes it, but a store given
+        # with an idle time would pause under an API in use without this).
+        self.session.store.look()
         try:
             return await self._route(method, target, body)
         except NatkitError as exc:
@@ -159,27 +167,27 @@ class WebAPI:
         if not rest and method == "GET":
             limit_text = query.get("limit", "")
             limit = int(limit_text) if limit_text.isdigit() else None
-            found = store.list(query.get("tunnel_name") or None, limit)
-            return 200, {"uri": "/api/requests/http", "requests": [exchange_json(e) for e in found]}
+            return 200, records_json(store.list(limit, query.get("tunnel_name") or None))
         if not rest and method == "DELETE":
             store.clear()
             return 204, None
         if not rest and method == "POST":
             args = _json_body(body)
-            exchange = store.get(str(args.get("id") or ""))
-            if exchange is None:
-                return _error(404, f"request {args.get('id')!r} not found")
-            proxy = self.session.proxy_of(args.get("tunnel_name") or exchange.tunnel_name)
+            record_id, tunnel = args.get("id"), args.get("tunnel_name")
             try:
-                await replay(exchange, proxy)
-            except (OSError, asyncio.TimeoutError) as exc:
-                return _error(502, f"the replay did not get an answer: {exc or 'timed out'}")
+                store.replay_later(str(record_id or ""), str(tunnel) if tunnel else None)
+            except KeyError:
+                return _error(404, f"request {record_id!r} not found")
+            except LookupError as exc:  # the tunnel was closed since
+                return _error(409, f"{exc}: the request cannot be replayed")
+            except BadChangesError as exc:
+                return _error(400, str(exc))
             return 204, None
         if len(rest) == 1 and method == "GET":
-            exchange = store.get(rest[0])
-            if exchange is None:
+            try:
+                return 200, record_json(store.get(rest[0]))
+            except KeyError:
                 return _error(404, f"request {rest[0]!r} not found")
-            return 200, exchange_json(exchange)
         return _error(405, f"{method} is not served here")
 
 
