@@ -407,6 +407,11 @@ async def test_transfer_survives_losing_the_udp_path_then_moves_back() -> None:
     assert ("switched", "relay") in [(e.type, e.path.kind) for e in seen]
     assert relay_c.sent > 0 and relay_s.sent > 0
 
+    # (qh3 may finish the transfer before the cut path is declared dead: wait for that.)
+    dead = asyncio.Event()
+    client.on_path_event(lambda e: dead.set() if e.type == "dead" and e.path is udp_c else None)
+    if client.switch.is_live(udp_c):
+        await bounded(dead.wait())
     # The direct path comes back: the switch notices, the owner moves back.
     udp_c.cut = udp_s.cut = False
     alive = asyncio.Event()

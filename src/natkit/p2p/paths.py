@@ -9,6 +9,13 @@ QUIC retransmits what mattered.
 :class:`PathSwitch` is the one endpoint QUIC talks to. It sends on the active path, accepts
 datagrams from every path it holds (the peer may still be on another one), probes them to
 tell live paths from dead ones, and moves to a standby path when the active one dies.
+
+A datagram proves nothing: anyone on a path can send one. A path is live only when the
+session (:mod:`natkit.p2p.session`) has *authenticated* a packet from it — QUIC decrypted
+it, or it carried the peer's answer to a probe token sent inside the QUIC connection —
+and says so with :meth:`PathSwitch.confirm`, as WebRTC's consent checks and tailscale's
+disco pings do. Probes travel inside QUIC too, so a forger can neither answer one nor
+make the switch answer it.
 """
 
 from __future__ import annotations
@@ -360,11 +367,14 @@ class StreamPath(BasePath, asyncio.Protocol):
 
 # --------------------------------------------------------------------------- the switch
 
-# Path probes start with a zero byte: every QUIC packet sets the fixed bit (0x40) of its
-# first byte (aioquic drops any that does not), so a probe can never be taken for QUIC.
-PROBE_MAGIC = b"\x00NKP"
-_PROBE_REQUEST, _PROBE_REPLY = 1, 2
-_PROBE_SIZE = len(PROBE_MAGIC) + 1 + 8
+#: How many probe tokens a path remembers (answers to older probes prove nothing).
+_TOKENS = 8
+PROBE_TOKEN_SIZE = 8
+
+#: Sends an authenticated probe with this token on this path; False when it cannot yet.
+Prober = Callable[["DatagramPath", bytes], bool]
+#: Takes a datagram and the path it came in on.
+PathDatagramHandler = Callable[["DatagramPath", bytes], None]
 
 
 @dataclass(frozen=True)
@@ -397,16 +407,16 @@ def _rank(kind: str) -> int:
 
 
 class _Watch:
-    __slots__ = ("dead", "expect_since", "last_probe", "last_rx", "lost", "order", "path", "tokens")
+    __slots__ = ("dead", "expect_since", "last_ok", "last_probe", "lost", "order", "path", "tokens")
 
     def __init__(self, path: DatagramPath, order: int) -> None:
         self.path = path
         self.order = order
-        self.last_rx: float | None = None
-        self.expect_since: float | None = None  # first send not yet answered by any datagram
+        self.last_ok: float | None = None  # when the session last confirmed this path
+        self.expect_since: float | None = None  # first send not yet confirmed
         self.last_probe = float("-inf")
         self.dead = self.lost = False
-        self.tokens: deque[bytes] = deque(maxlen=8)
+        self.tokens: deque[bytes] = deque(maxlen=_TOKENS)
 
 
 class PathSwitch:
@@ -427,9 +437,10 @@ class PathSwitch:
         self._watches: dict[DatagramPath, _Watch] = {}
         self._order = 0
         self._active = active
-        self._receiver: DatagramHandler | None = None
+        self._receiver: PathDatagramHandler | None = None
+        self._prober: Prober | None = None
         self._listeners: list[Callable[[PathEvent], None]] = []
-        self._early: deque[bytes] = deque(maxlen=_EARLY_LIMIT)
+        self._early: deque[tuple[DatagramPath, bytes]] = deque(maxlen=_EARLY_LIMIT)
         self._closed = False
         for path in (active, *standby):
             self.add(path)
@@ -456,10 +467,40 @@ class PathSwitch:
     def on_event(self, callback: Callable[[PathEvent], None]) -> None:
         self._listeners.append(callback)
 
-    def set_receiver(self, on_datagram: DatagramHandler) -> None:
+    def set_receiver(self, on_datagram: PathDatagramHandler) -> None:
+        """Deliver every datagram, with the path it came in on. The switch takes none of
+        them as proof of anything: the receiver calls :meth:`confirm` for those it has
+        authenticated."""
         self._receiver = on_datagram
         while self._early:
-            on_datagram(self._early.popleft())
+            on_datagram(*self._early.popleft())
+
+    def set_prober(self, prober: Prober) -> None:
+        """How to probe a path: the session sends the token inside its authenticated
+        connection, and the peer's authenticated answer comes back to :meth:`confirm`."""
+        self._prober = prober
+
+    def confirm(self, path: DatagramPath, token: bytes | None = None) -> None:
+        """The peer was heard on ``path`` in a packet the session authenticated (with
+        ``token``: its answer to our probe; an unknown token proves nothing). Only this
+        makes a path live, and only this makes the switch follow the peer to a standby."""
+        w = self._watches.get(path)
+        if w is None or w.lost:
+            return
+        if token is not None:
+            if token not in w.tokens:
+                return  # not an answer to a probe of ours on this path
+            w.tokens.remove(token)  # each answer counts once
+        now = self._clock()
+        self._heard(w, now)
+        active = self._watches[self._active]
+        if (
+            w is not active
+            and active.expect_since is not None
+            and now - active.expect_since >= self.liveness.probe_after
+        ):
+            # The peer speaks on this path while ours has gone quiet: it has moved; follow.
+            self.switch(w.path, "peer")
 
     def add(self, path: DatagramPath) -> None:
         """Hold ``path`` as a standby (receiving from it at once) and probe it."""
@@ -505,7 +546,7 @@ class PathSwitch:
                 silent = w.expect_since is not None and now - w.expect_since >= lv.probe_after
                 if silent and now - w.last_probe >= lv.probe_after:
                     self._probe(w, now)
-            elif now - max(w.last_probe, w.last_rx or float("-inf")) >= lv.standby_interval:
+            elif now - max(w.last_probe, w.last_ok or float("-inf")) >= lv.standby_interval:
                 self._probe(w, now)
             if not w.dead and w.expect_since is not None and now - w.expect_since >= lv.dead_after:
                 w.dead = True
@@ -537,43 +578,29 @@ class PathSwitch:
         self._ticker = self._loop.call_later(max(0.01, self.liveness.probe_after / 2), self._tick)
 
     def _probe(self, w: _Watch, now: float) -> None:
-        token = os.urandom(8)
+        if self._prober is None:
+            return  # nothing sent, so nothing expected: the next check() tries again
+        token = os.urandom(PROBE_TOKEN_SIZE)
+        before = w.expect_since, w.last_probe
+        # All set before sending: the answer may come at once.
         w.tokens.append(token)
         w.last_probe = now
         if w.expect_since is None:
             w.expect_since = now
-        w.path.send(PROBE_MAGIC + bytes([_PROBE_REQUEST]) + token)
+        if not self._prober(w.path, token):
+            w.tokens.remove(token)
+            w.expect_since, w.last_probe = before  # nothing sent, so nothing expected
 
     def _on_datagram(self, w: _Watch, data: bytes) -> None:
         if w.lost:
             return
-        now = self._clock()
-        if data[:4] == PROBE_MAGIC:
-            if len(data) != _PROBE_SIZE:
-                return
-            token = data[5:]
-            if data[4] == _PROBE_REQUEST:
-                w.path.send(PROBE_MAGIC + bytes([_PROBE_REPLY]) + token)
-            elif data[4] != _PROBE_REPLY or token not in w.tokens:
-                return  # not an answer to us: proves nothing
-            self._heard(w, now)
-            return
-        self._heard(w, now)
-        active = self._watches[self._active]
-        if (
-            w is not active
-            and active.expect_since is not None
-            and now - active.expect_since >= self.liveness.probe_after
-        ):
-            # The peer sends on this path while ours has gone quiet: it has moved; follow.
-            self.switch(w.path, "peer")
         if self._receiver is None:
-            self._early.append(data)
+            self._early.append((w.path, data))
         else:
-            self._receiver(data)
+            self._receiver(w.path, data)
 
     def _heard(self, w: _Watch, now: float) -> None:
-        w.last_rx = now
+        w.last_ok = now
         w.expect_since = None
         if w.dead:
             w.dead = False
