@@ -477,3 +477,88 @@ async def test_session_over_aioice_on_loopback(monkeypatch: pytest.MonkeyPatch) 
     assert (digest, size) == (hashlib.sha256(data).hexdigest(), len(data))
     await client.close()
     await server.close()
+
+
+# --------------------------------------------------------------------------- forgers on a path
+
+
+def spoof(path: UdpPath, data: bytes) -> None:
+    """A datagram reaching ``path``'s socket with the peer's address as its source: what an
+    on-path attacker can send (the socket is connected, so only a spoofed source gets in)."""
+    UdpPath.datagram_received(path, data, ("127.0.0.1", 1))
+
+
+async def test_forged_and_replayed_datagrams_neither_revive_nor_attract_the_session() -> None:
+    """The attack from issue 16: forged traffic kept a dead path "alive" and drew a healthy
+    session onto a black-holed path. Only packets QUIC authenticated count now."""
+    lv = Liveness(probe_after=0.1, dead_after=0.5, standby_interval=0.2)
+    direct_c, direct_s = await udp_paths()
+    mapped_c, mapped_s = await udp_paths()
+    mapped_c.kind = mapped_s.kind = "port-mapped"
+    genuine: list[bytes] = []  # what the server really sent, for the replays
+    send = direct_s.send
+    direct_s.send = lambda data: (genuine.append(data), send(data))[1]  # type: ignore[method-assign]
+    client, server = await connect(
+        PathSwitch(direct_c, [mapped_c], liveness=lv), PathSwitch(direct_s, [mapped_s], liveness=lv)
+    )
+    events: list[PathEvent] = []
+    client.on_path_event(events.append)
+    mapped_c.cut = mapped_s.cut = True  # the attacker black-holes the standby
+    dead = asyncio.Event()
+    client.on_path_event(lambda e: dead.set() if e.type == "dead" and e.path is mapped_c else None)
+    await bounded(dead.wait())
+
+    async def forge() -> None:
+        while True:
+            for data in (
+                b"\x40" + os.urandom(60),  # a short-header "QUIC packet"
+                b"\x00NKP\x02" + os.urandom(8),  # natkit's old unauthenticated probe answer
+                *genuine[-20:],  # genuine packets of the peer's, replayed
+            ):
+                spoof(mapped_c, data)
+            await asyncio.sleep(0.02)
+
+    forger = asyncio.create_task(forge())
+    try:
+        # A transfer runs on the direct path meanwhile; its quiet moments must not send the
+        # session after the forged traffic.
+        data = os.urandom(4 << 20)
+        stream = await client.open_stream()
+
+        async def receive() -> tuple[str, int]:
+            return await sha256_until_eof(await server.accept_stream())
+
+        _, (digest, _) = await bounded(asyncio.gather(send_all(stream, data), receive()))
+        await asyncio.sleep(5 * lv.standby_interval)  # several probe rounds with the forger on
+    finally:
+        forger.cancel()
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert client.path == "direct" and not client.switch.is_live(mapped_c)
+    assert [(e.type, e.path.kind) for e in events if e.path is mapped_c] == [
+        ("dead", "port-mapped")
+    ]
+    assert mapped_c.received > 100  # the forged datagrams did reach the session
+    # And when the black hole ends, the peer's authenticated answers revive the path.
+    mapped_c.cut = mapped_s.cut = False
+    alive = asyncio.Event()
+    client.on_path_event(
+        lambda e: alive.set() if e.type == "alive" and e.path is mapped_c else None
+    )
+    await bounded(alive.wait())
+    await client.close()
+    await server.close()
+
+
+async def test_a_peer_that_ignores_the_stream_credit_loses_the_session(
+    pair: tuple[P2PSession, P2PSession],
+) -> None:
+    client, server = pair
+    stream = await client.open_stream()
+    client._send_queues[stream.stream_id].limit = 1 << 40  # a peer that grants itself credit
+    stream.write(os.urandom(4 * server.config.stream_window))  # and nobody reads it
+    with pytest.raises(P2PClosedError, match="ignores natkit's stream credit"):
+        while True:  # the server takes the stream, then the session ends under it
+            await bounded(server.accept_stream())
+    with pytest.raises(P2PClosedError):  # the peer is told (CONNECTION_CLOSE)
+        while True:
+            await bounded(client.accept_stream())

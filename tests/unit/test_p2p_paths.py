@@ -375,14 +375,17 @@ async def test_a_lost_active_path_fails_over_at_once(clock: Clock) -> None:
 
 async def test_follows_the_peer_to_a_standby_when_the_active_path_goes_quiet(clock: Clock) -> None:
     direct, relay = FakePath("direct"), FakePath("relay")
-    switch, events, _ = await make_switch(clock, direct, relay)
+    switch, events, got = await make_switch(clock, direct, relay)
     direct.peer_up = False
     switch.send(b"\x40data")
-    switch.confirm(relay)  # not yet suspicious: the active path was silent < probe_after
-    assert switch.active is direct
+    probes = len(relay.probes)
+    relay.inject(b"\x40early")  # not yet suspicious: the active path was silent < probe_after
+    assert switch.active is direct and len(relay.probes) == probes
     clock.now += LV.probe_after
-    switch.confirm(relay)  # an authenticated packet of the peer's on the standby
-    assert brief(events) == [("switched", "relay", "peer")]
+    relay.inject(b"\x40peer moved")  # traffic on the standby: probed at once ...
+    assert len(relay.probes) == probes + 1
+    assert brief(events) == [("switched", "relay", "peer")]  # ... and its answer moves us
+    assert got == [("relay", b"\x40early"), ("relay", b"\x40peer moved")]
 
 
 async def test_without_a_standby_a_dead_path_is_reported_and_kept(clock: Clock) -> None:

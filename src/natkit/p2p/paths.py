@@ -11,11 +11,11 @@ datagrams from every path it holds (the peer may still be on another one), probe
 tell live paths from dead ones, and moves to a standby path when the active one dies.
 
 A datagram proves nothing: anyone on a path can send one. A path is live only when the
-session (:mod:`natkit.p2p.session`) has *authenticated* a packet from it — QUIC decrypted
-it, or it carried the peer's answer to a probe token sent inside the QUIC connection —
-and says so with :meth:`PathSwitch.confirm`, as WebRTC's consent checks and tailscale's
-disco pings do. Probes travel inside QUIC too, so a forger can neither answer one nor
-make the switch answer it.
+peer answered a probe on it: a fresh random token that the session (:mod:`natkit.p2p.session`)
+sends inside the authenticated QUIC connection, answered inside it on the same path and
+reported with :meth:`PathSwitch.confirm` — as WebRTC's consent checks and tailscale's disco
+pings do. A forger can neither answer a probe nor make the switch answer one, and a
+replayed answer carries a spent token.
 """
 
 from __future__ import annotations
@@ -480,27 +480,24 @@ class PathSwitch:
         connection, and the peer's authenticated answer comes back to :meth:`confirm`."""
         self._prober = prober
 
-    def confirm(self, path: DatagramPath, token: bytes | None = None) -> None:
-        """The peer was heard on ``path`` in a packet the session authenticated (with
-        ``token``: its answer to our probe; an unknown token proves nothing). Only this
-        makes a path live, and only this makes the switch follow the peer to a standby."""
+    def confirm(self, path: DatagramPath, token: bytes) -> None:
+        """The peer answered our probe ``token`` on ``path``, in a packet the session
+        authenticated. Only this makes a path live, and only this makes the switch follow
+        the peer to a standby. An unknown token proves nothing, and each counts once: a
+        replayed answer carries a token already used (QUIC's packet protection alone is no
+        proof here: qh3 2.1 hands a replayed packet's DATAGRAM frames over again)."""
         w = self._watches.get(path)
-        if w is None or w.lost:
+        if w is None or w.lost or token not in w.tokens:
             return
-        if token is not None:
-            if token not in w.tokens:
-                return  # not an answer to a probe of ours on this path
-            w.tokens.remove(token)  # each answer counts once
+        w.tokens.remove(token)
         now = self._clock()
         self._heard(w, now)
-        active = self._watches[self._active]
-        if (
-            w is not active
-            and active.expect_since is not None
-            and now - active.expect_since >= self.liveness.probe_after
-        ):
+        if w.path is not self._active and self._silent(self._watches[self._active], now):
             # The peer speaks on this path while ours has gone quiet: it has moved; follow.
             self.switch(w.path, "peer")
+
+    def _silent(self, w: _Watch, now: float) -> bool:
+        return w.expect_since is not None and now - w.expect_since >= self.liveness.probe_after
 
     def add(self, path: DatagramPath) -> None:
         """Hold ``path`` as a standby (receiving from it at once) and probe it."""
@@ -594,6 +591,15 @@ class PathSwitch:
     def _on_datagram(self, w: _Watch, data: bytes) -> None:
         if w.lost:
             return
+        now = self._clock()
+        if (
+            w.path is not self._active
+            and self._silent(self._watches[self._active], now)
+            and now - w.last_probe >= self.liveness.probe_after
+        ):
+            # Traffic on a standby while ours is quiet: perhaps the peer has moved. A datagram
+            # proves nothing; the answer to a probe will (and then the switch follows).
+            self._probe(w, now)
         if self._receiver is None:
             self._early.append((w.path, data))
         else:

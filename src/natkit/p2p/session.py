@@ -6,10 +6,10 @@ path, its timer is a ``call_at`` on the event loop. QUIC sees one fake peer addr
 moving between paths is invisible to it; after a switch it is pinged so that what the old
 path swallowed is retransmitted at once.
 
-Paths are judged only on what QUIC authenticated: a batch of datagrams from a path that
-QUIC turned into events (it decrypted them) confirms that path, and the switch's probes
-are DATAGRAM frames carrying a random token, answered by the peer inside QUIC on the path
-they came in on. Every DATAGRAM frame starts with a type byte (application, probe, answer).
+Paths are judged only on what QUIC authenticated: the switch's probes are DATAGRAM frames
+carrying a random token, answered by the peer inside QUIC on the path they came in on
+(see :mod:`natkit.p2p.paths`). Every DATAGRAM frame starts with a type byte (application,
+probe, answer).
 
 Stream credit is natkit's own (see :mod:`natkit.p2p.credit`): each side opens one
 unidirectional control stream once authenticated and grants there what its application
@@ -197,7 +197,6 @@ class P2PSession:
         auth.check_secret(secret)  # an empty secret fails here, not mid-handshake
         self._loop = asyncio.get_running_loop()
         self._quic: NatkitQuic | None = None
-        self._handshake_done = False  # QUIC's handshake: from now on its packets are 1-RTT
         self._authenticated = self._loop.create_future()
         self._auth_buf = bytearray()
         self._nonce: bytes | None = None
@@ -400,10 +399,7 @@ class P2PSession:
             except QuicConnectionError as exc:  # qh3 refused its own state: the session ends
                 self._quic_failed(exc)
                 return
-            # Events exist only for packets QUIC decrypted; once its handshake is done those
-            # are 1-RTT packets no forger can make, and the path they came on is alive.
-            if self._process_events(path) and self._handshake_done:
-                self.switch.confirm(path)
+            self._process_events(path)
         self._flush()
         self._send_answers()
         self._stream_slots.wake()
@@ -492,14 +488,11 @@ class P2PSession:
         self._flush()
         self._keepalive = self._loop.call_later(self.config.keepalive, self._ping)
 
-    def _process_events(self, path: DatagramPath | None) -> int:
-        """Handle what QUIC has to say (``path``: where the datagrams came in); return how
-        many events there were."""
+    def _process_events(self, path: DatagramPath | None) -> None:
+        """Handle what QUIC has to say (``path``: where the datagrams came in)."""
         assert self._quic is not None
-        count = 0
         # Once the session has ended (an authentication failure), the rest is not for us.
         while self._error is None and (event := self._quic.next_event()) is not None:
-            count += 1
             if isinstance(event, qe.StreamDataReceived):
                 if event.stream_id == AUTH_STREAM:
                     self._on_auth_data(event.data, event.end_stream)
@@ -532,12 +525,10 @@ class P2PSession:
                     self._nonce = auth.new_connection_nonce()
                     self._quic.send_stream_data(AUTH_STREAM, self._nonce)
             elif isinstance(event, qe.HandshakeCompleted):
-                self._handshake_done = True
                 if self.role == "client":
                     self._on_handshake()
             elif isinstance(event, qe.ConnectionTerminated):
                 self._on_terminated(event)
-        return count
 
     @property
     def _peer_role(self) -> Role:
