@@ -85,3 +85,23 @@ def test_qh3_grants_credit_on_arrival_which_is_why_natkit_has_its_own() -> None:
             received += len(event.data)
     # No event was read while it all arrived: QUIC's window did not hold the sender back.
     assert received == 16 * WINDOW and client.unsent(0) == 0
+
+
+def test_qh3_discards_a_replayed_packet() -> None:
+    """Session datagrams cannot be replayed to the application: a packet that arrives twice
+    is processed once (RFC 9000, 12.3). It still proves nothing about the *path* it came
+    in on: an on-path attacker can copy a genuine packet onto another path so that the copy
+    arrives first (see natkit.p2p.paths)."""
+    client, server, clock = _pair()
+    _pump(client, server, clock)
+    while server.next_event() is not None:
+        pass
+    client.send_datagram_frame(b"once")
+    packets = [d for d, _ in client.datagrams_to_send(now=clock[0])]
+    got = []
+    for _ in range(2):  # delivered, then replayed by someone on the path
+        server.receive_batch(packets, now=clock[0])
+        while (event := server.next_event()) is not None:
+            if isinstance(event, qe.DatagramFrameReceived):
+                got.append(event.data)
+    assert got == [b"once"]

@@ -484,8 +484,9 @@ class PathSwitch:
         """The peer answered our probe ``token`` on ``path``, in a packet the session
         authenticated. Only this makes a path live, and only this makes the switch follow
         the peer to a standby. An unknown token proves nothing, and each counts once: a
-        replayed answer carries a token already used (QUIC's packet protection alone is no
-        proof here: qh3 2.1 hands a replayed packet's DATAGRAM frames over again)."""
+        replayed answer carries a token already used. (That QUIC decrypted a packet that
+        came in on a path is no proof: an on-path attacker can copy the peer's genuine
+        packets onto a black-holed path, and the copy that arrives first is accepted.)"""
         w = self._watches.get(path)
         if w is None or w.lost or token not in w.tokens:
             return
