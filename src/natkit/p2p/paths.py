@@ -36,6 +36,7 @@ import aioice
 
 from natkit.errors import ProtocolError
 from natkit.p2p.errors import P2PError
+from natkit.p2p.ice_conn import IceConnection
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ KINDS = ("direct", "port-mapped", "turn", "relay")
 #: The largest datagram a :class:`StreamPath` frames (QUIC sends at most 1200 bytes).
 MAX_FRAMED_DATAGRAM = 1500
 _EARLY_LIMIT = 64  # datagrams kept for a receiver that is not set yet
+UDP_SOCKET_BUFFER_SIZE = 4 << 20  # (Linux caps it at net.core.rmem_max/wmem_max)
 
 DatagramHandler = Callable[[bytes], None]
 LostHandler = Callable[[Exception | None], None]
@@ -141,6 +143,11 @@ class UdpPath(BasePath, asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # CPython's selector transport does not subclass DatagramTransport, hence no check.
         self._transport = cast(asyncio.DatagramTransport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # a QUIC burst must not overflow the kernel's default buffers
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER_SIZE)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self._deliver(data)
@@ -190,6 +197,11 @@ class IcePath(BasePath):
         self._queue_limit = queue_limit
         self._owns = owns_connection
         self._wakeup = asyncio.Event()
+        # natkit's IceConnection hands datagrams over as they arrive and sends at once on
+        # a plain UDP pair; recv() then only reports the end of the connection.
+        self._fast = isinstance(connection, IceConnection)
+        if isinstance(connection, IceConnection):
+            connection.set_data_handler(self._deliver)
         self._recv_task = asyncio.create_task(self._recv_loop())
         self._send_task = asyncio.create_task(self._send_loop())
         self._closer: asyncio.Task[None] | None = None
@@ -222,6 +234,15 @@ class IcePath(BasePath):
         if self._closed or len(self._queue) >= self._queue_limit:
             self.dropped += 1
             return
+        if self._fast and not self._queue:
+            try:
+                if cast(IceConnection, self.connection).send_now(data):
+                    self.sent += 1
+                    return
+            except OSError as exc:  # a transient socket error: only this datagram is lost
+                self.dropped += 1
+                log.debug("%r: %s", self, exc)
+                return
         self._queue.append(data)
         self._wakeup.set()
 

@@ -540,9 +540,13 @@ class P2PSession:
         """Both sides proved themselves: open our control stream with our first window."""
         assert self._quic is not None
         self._authenticated.set_result(None)
-        self._quic.send_stream_data(
-            CONTROL_STREAM[self.role], credit.encode_default(self.config.stream_window)
-        )
+        try:
+            self._quic.send_stream_data(
+                CONTROL_STREAM[self.role], credit.encode_default(self.config.stream_window)
+            )
+        except QuicConnectionError as exc:  # the connection ended meanwhile
+            self._quic_failed(exc)
+            return
         self._schedule_flush()
 
     def _on_control_data(self, data: bytes) -> None:
