@@ -25,6 +25,7 @@ from aioice.ice import CandidatePair, StunProtocol
 
 from natkit.p2p.candidates import COMPONENT, Addr
 from natkit.p2p.ice_options import IceOptions
+from natkit.p2p.udp_drain import SocketDrainer
 
 log = logging.getLogger("natkit.p2p.ice")
 
@@ -39,8 +40,24 @@ class PeerProtocol(StunProtocol):
     def __init__(self, owner: IceConnection) -> None:
         super().__init__(owner)
         self.owner = owner
+        self._drainer: SocketDrainer | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._drainer = SocketDrainer(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._drainer is not None:
+            self._drainer.close()
+        super().connection_lost(exc)
 
     def datagram_received(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
+        self._take(data, addr)
+        if self._drainer is not None and self.owner._data_handler is not None:
+            # Data flows to a handler, not a queue: read what else waits now.
+            self._drainer.drain(self._take)
+
+    def _take(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
         if isinstance(data, str):
             return
         peer = (str(addr[0]), int(addr[1]))

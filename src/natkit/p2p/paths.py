@@ -37,6 +37,7 @@ import aioice
 from natkit.errors import ProtocolError
 from natkit.p2p.errors import P2PError
 from natkit.p2p.ice_conn import IceConnection
+from natkit.p2p.udp_drain import SocketDrainer
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class UdpPath(BasePath, asyncio.DatagramProtocol):
         super().__init__(kind)
         self._transport: asyncio.DatagramTransport | None = None
         self._paused = False  # asyncio buffers when the socket is full; past 64 KiB, drop
+        self._drainer: SocketDrainer | None = None
 
     @classmethod
     async def from_socket(cls, sock: socket.socket, kind: str = "direct") -> UdpPath:
@@ -143,6 +145,7 @@ class UdpPath(BasePath, asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # CPython's selector transport does not subclass DatagramTransport, hence no check.
         self._transport = cast(asyncio.DatagramTransport, transport)
+        self._drainer = SocketDrainer(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:  # a QUIC burst must not overflow the kernel's default buffers
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
@@ -151,6 +154,8 @@ class UdpPath(BasePath, asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self._deliver(data)
+        if self._drainer is not None:
+            self._drainer.drain(self.datagram_received)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors (port unreachable) can be transient while NATs settle: the switch's
@@ -158,6 +163,8 @@ class UdpPath(BasePath, asyncio.DatagramProtocol):
         log.debug("%r: %s", self, exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._drainer is not None:
+            self._drainer.close()
         self._lost(exc)
 
     def pause_writing(self) -> None:
