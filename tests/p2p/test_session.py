@@ -17,6 +17,7 @@ from natkit.errors import NatkitError
 from natkit.p2p.auth import PeerIdentity
 from natkit.p2p.errors import P2PAuthError, P2PClosedError, P2PError, P2PStreamError
 from natkit.p2p.paths import IcePath, Liveness, PathEvent, PathSwitch, StreamPath, UdpPath
+from natkit.p2p.quicconn import PEER_STREAMS
 from natkit.p2p.session import P2PSession, SessionConfig
 from natkit.p2p.streams import P2PStream
 
@@ -221,23 +222,59 @@ async def round_trips_until(
 
 async def test_slow_reader_holds_the_writer_back(pair: tuple[P2PSession, P2PSession]) -> None:
     client, server = pair
-    window = server.config.stream_window
+    initial, window = server.config.initial_stream_window, server.config.stream_window
     data = os.urandom(8 * window)
     stream = await client.open_stream()
     stream.write(data[:1])  # the server learns of the stream
     writer = asyncio.create_task(send_all(stream, data[1:]))
     peer = await bounded(server.accept_stream())
 
-    # The peer fills the window, and no more comes while many round trips go by.
-    await round_trips_until(client, server, lambda: peer.delivered == window)
+    # Never read: the stream fills its first window, and no more comes while many round
+    # trips go by.
+    await round_trips_until(client, server, lambda: peer.delivered == initial)
     await round_trips_until(client, server, lambda: True, at_least=20)
-    assert peer.delivered <= window  # the unread stream holds at most one window
-    assert not writer.done()  # and the writer waits in drain()
+    assert peer.delivered <= initial
+    assert not writer.done()  # the writer waits in drain()
+    assert client._stream_unsent(stream) <= 2 * client.config.write_buffer
+
+    # Read a little: a whole window is granted, filled, and again no more.
+    first = await bounded(peer.readexactly(100))
+    await round_trips_until(client, server, lambda: peer.delivered == 100 + window)
+    await round_trips_until(client, server, lambda: True, at_least=20)
+    assert peer.delivered <= 100 + window  # unread: at most one window
+    assert not writer.done()
     assert client._stream_unsent(stream) <= 2 * client.config.write_buffer
 
     digest, size = await bounded(sha256_until_eof(peer))
     await bounded(writer)
-    assert (digest, size) == (hashlib.sha256(data).hexdigest(), len(data))
+    whole = hashlib.sha256(data[100:]).hexdigest()
+    assert first == data[:100] and (digest, size) == (whole, len(data) - 100)
+
+
+async def test_streams_nobody_reads_stay_within_the_connection_window(
+    pair: tuple[P2PSession, P2PSession],
+) -> None:
+    client, server = pair
+    writers, streams, size = [], [], 256 << 10
+    for _ in range(PEER_STREAMS - 1):  # all the peer may open (one is round_trips_until's)
+        stream = await client.open_stream()
+        streams.append(stream)
+        writers.append(asyncio.create_task(send_all(stream, bytes(size))))
+
+    peers = [await bounded(server.accept_stream()) for _ in writers]  # taken, never read
+
+    def unread() -> int:
+        return sum(p.delivered for p in peers)
+
+    full = (PEER_STREAMS - 1) * server.config.initial_stream_window
+    await round_trips_until(client, server, lambda: unread() == full)
+    await round_trips_until(client, server, lambda: True, at_least=20)
+    assert unread() <= server.config.connection_window
+    # The rest waits on the sender's side (within its write_buffer per stream).
+    held = sum(client._stream_unsent(s) for s in streams)
+    assert held == len(streams) * size - full
+    for w in writers:
+        w.cancel()
 
 
 async def test_closing_a_stream_with_unread_data_gives_the_credit_back(
@@ -250,7 +287,9 @@ async def test_closing_a_stream_with_unread_data_gives_the_credit_back(
         c = await client.open_stream()
         writer = asyncio.create_task(send_all(c, os.urandom(2 * stream_window)))
         s = await bounded(server.accept_stream())
-        await round_trips_until(client, server, lambda s=s: s.delivered == stream_window)
+        await round_trips_until(
+            client, server, lambda s=s: s.delivered == server.config.initial_stream_window
+        )
         s.close()  # STOP_SENDING: the rest is refused, and the unread window given back
         with pytest.raises(P2PError, match="stopped reading"):
             await bounded(writer)

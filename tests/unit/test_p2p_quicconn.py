@@ -70,6 +70,8 @@ def test_handshake_peer_certificate_and_header_parsing() -> None:
     assert quicconn.initial_destination_cid(b"\x40" + bytes(40)) is None  # a short header
     assert quicconn.initial_destination_cid(b"") is None
     assert client.can_open_stream()
+    # qh3's MAX_STREAMS, which bounds natkit's unread streams (SessionConfig.connection_window)
+    assert client.max_concurrent_bidi_streams == quicconn.PEER_STREAMS
 
 
 def test_qh3_grants_credit_on_arrival_which_is_why_natkit_has_its_own() -> None:

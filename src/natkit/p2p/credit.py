@@ -10,7 +10,9 @@ writes fixed-size grant records on it::
 
 A sender holds back what is beyond its credit (:class:`SendQueue`); a receiver grants half
 a window at a time as its application reads (:class:`ReceiveCredit`) and treats data beyond
-what it granted as a protocol violation. An unread stream thus holds at most one window.
+what it granted as a protocol violation. A stream that is being read holds at most one
+window; a stream nobody has read yet holds at most the first window, which the session sets
+so that all the streams the peer may open at once stay within its connection window.
 """
 
 from __future__ import annotations
@@ -50,9 +52,11 @@ class GrantReader:
 class ReceiveCredit:
     """What the peer may send on one stream of ours, following our application's reads."""
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, initial: int | None = None) -> None:
         self.window = window
-        self.limit = window  # the DEFAULT_KEY record announced this much
+        # What the DEFAULT_KEY record announced: a stream nobody has read yet holds at most
+        # this; the first read grants a whole window.
+        self.limit = window if initial is None else initial
 
     def consumed(self, settled: int) -> int | None:
         """``settled`` bytes are read (or given up): the new limit to grant, if one is due.

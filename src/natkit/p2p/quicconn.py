@@ -31,6 +31,7 @@ from natkit.p2p.auth import PeerIdentity
 
 __all__ = [
     "CID_LENGTH",
+    "PEER_STREAMS",
     "NatkitQuic",
     "QuicConnectionError",
     "initial_destination_cid",
@@ -38,6 +39,9 @@ __all__ = [
 ]
 
 CID_LENGTH = 8  # qh3's default connection ID length
+#: How many bidirectional streams qh3 lets the peer open at once (its MAX_STREAMS, fixed in
+#: qh3 2.1's QuicConnection; tests/unit/test_p2p_quicconn.py checks it).
+PEER_STREAMS = 100
 #: QUIC needs a peer address; the path switch stands behind it, whatever the path. qh3
 #: accepts only numeric addresses (192.0.2.0/24: documentation, never routed).
 PEER_ADDRESS = ("192.0.2.1", 1)

@@ -49,6 +49,7 @@ from natkit.p2p.errors import (
 from natkit.p2p.paths import PROBE_TOKEN_SIZE, DatagramPath, PathEvent, PathSwitch
 from natkit.p2p.quicconn import (
     PEER_ADDRESS,
+    PEER_STREAMS,
     NatkitQuic,
     QuicConnectionError,
     initial_destination_cid,
@@ -86,12 +87,19 @@ class SessionConfig:
     idle_timeout: float = 30.0  # QUIC closes a session that heard nothing for this long
     keepalive: float = 10.0  # a PING this often keeps the session and NAT bindings open
     handshake_timeout: float = 10.0  # QUIC handshake + authentication
-    stream_window: int = 1 << 20  # unread bytes a stream may hold
-    connection_window: int = 4 << 20  # unread bytes all streams together may hold
+    stream_window: int = 1 << 20  # unread bytes a stream that is being read may hold
+    # Unread bytes all the streams nobody has read yet may hold together: each may hold
+    # this divided by the streams the peer may open at once (qh3: 100), 40 KiB by default.
+    connection_window: int = 4 << 20
     write_buffer: int = 256 << 10  # drain() waits while more than this is unsent
     max_datagram_size: int = 1200  # QUIC packet size: fits any path, TURN included
     datagram_queue: int = 1024  # received datagrams kept unread (the oldest are dropped)
     accept_backlog: int = 256  # peer streams not yet accepted (more are refused)
+
+    @property
+    def initial_stream_window(self) -> int:
+        """What a stream may receive before the application first reads it."""
+        return max(1, min(self.stream_window, self.connection_window // PEER_STREAMS))
 
     @property
     def max_datagram_payload(self) -> int:
@@ -305,7 +313,10 @@ class P2PSession:
     def _new_stream(self, stream_id: int) -> P2PStream:
         stream = self._streams[stream_id] = P2PStream(self, stream_id, self.config.write_buffer)
         self._send_queues[stream_id] = credit.SendQueue(self._peer_window)
-        self._recv_credit[stream_id] = credit.ReceiveCredit(self.config.stream_window)
+        c = self.config
+        self._recv_credit[stream_id] = credit.ReceiveCredit(
+            c.stream_window, c.initial_stream_window
+        )
         return stream
 
     async def accept_stream(self) -> P2PStream:
@@ -542,7 +553,8 @@ class P2PSession:
         self._authenticated.set_result(None)
         try:
             self._quic.send_stream_data(
-                CONTROL_STREAM[self.role], credit.encode_default(self.config.stream_window)
+                CONTROL_STREAM[self.role],
+                credit.encode_default(self.config.initial_stream_window),
             )
         except QuicConnectionError as exc:  # the connection ended meanwhile
             self._quic_failed(exc)
