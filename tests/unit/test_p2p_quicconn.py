@@ -107,3 +107,15 @@ def test_qh3_discards_a_replayed_packet() -> None:
             if isinstance(event, qe.DatagramFrameReceived):
                 got.append(event.data)
     assert got == [b"once"]
+
+
+def test_qh3_holds_no_datagram_back() -> None:
+    """natkit bounds datagrams between two flushes only (SessionConfig.datagram_queue),
+    because qh3 sends every queued DATAGRAM frame on the next flush, congestion window or
+    not. If this fails, qh3 queues them: bound that queue too."""
+    client, server, clock = _pair()
+    _pump(client, server, clock)
+    for _ in range(3):  # no ACK comes back in between: the window is long exhausted
+        for _ in range(2000):
+            client.send_datagram_frame(b"d" * 1000)
+        assert len(client.datagrams_to_send(now=clock[0])) == 2000

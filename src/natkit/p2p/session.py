@@ -329,7 +329,8 @@ class P2PSession:
         limit = self.config.max_datagram_payload
         if len(data) > limit:
             raise P2PError(f"datagram of {len(data)} bytes exceeds the limit of {limit} bytes")
-        # Bounded here, between two flushes; qh3 sends (or drops) them on each flush.
+        # Bounded here, between two flushes: qh3 sends them all on the next flush, congestion
+        # window or not (it holds none back), so nothing piles up inside it either.
         if self._datagrams_unflushed >= self.config.datagram_queue:
             self.datagrams_dropped += 1
             return
@@ -477,9 +478,17 @@ class P2PSession:
         its size does not tell a probe from data."""
         assert self._quic is not None
         self._flush()
+        if self._error is not None:
+            return
         pad = self.config.max_datagram_payload + 1 - len(frame)
-        self._quic.send_datagram_frame(frame + bytes(max(0, pad)))
-        for data, _addr in self._quic.datagrams_to_send(now=self._loop.time()):
+        try:
+            # qh3 sends DATAGRAM frames at once, congestion window or not.
+            self._quic.send_datagram_frame(frame + bytes(max(0, pad)))
+            datagrams = self._quic.datagrams_to_send(now=self._loop.time())
+        except QuicConnectionError as exc:
+            self._quic_failed(exc)
+            return
+        for data, _addr in datagrams:
             path.send(data)
         self._flush()  # (re)arms the timer
 
