@@ -243,9 +243,9 @@ def _plain(lab: Lab, state: Path) -> dict[str, Any]:
             raise BenchError(f"plain client: {r.stderr}")
         mbps, rtt = (float(x) for x in r.stdout.split())
         # The same server, now through natkit's forward between two CLI processes.
-        forwarded = _forwarded(lab, state)
+        forwarded, cpu_per_gb = _forwarded(lab, state)
         return {"mbps": mbps, "rtt_ms": rtt, "forward_mbps": statistics.median(forwarded),
-                "forward_runs": forwarded}  # fmt: skip
+                "forward_runs": forwarded, "forward_cpu_s_per_gb": cpu_per_gb}  # fmt: skip
     finally:
         server.kill()
         server.wait()
@@ -282,9 +282,17 @@ print(got / (time.monotonic() - t0) / 1e6, got)
 FORWARD_RUNS = 3  # downloads through one forward: one alone moves with the machine's load
 
 
-def _forwarded(lab: Lab, state: Path) -> list[float]:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (``ip netns exec`` execs, so the Popen's pid is
+    natkit's own)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _forwarded(lab: Lab, state: Path) -> tuple[list[float], float]:
     """MB/s of TCP downloads through ``natkit p2p connect --forward`` (separate processes,
-    as deployed), on the same direct path."""
+    as deployed), on the same direct path, and the CPU seconds both natkit processes spent
+    per GB moved."""
     env = {**os.environ, "NATKIT_STATE_DIR": str(state)}
     common = ["--relay", RELAY, "--token", TOKEN, "--no-portmap", "--json"]
     listen = lab.popen(
@@ -310,6 +318,7 @@ def _forwarded(lab: Lab, state: Path) -> list[float]:
             if json.loads(line).get("event") == "forwarding":
                 break
         runs = []
+        cpu_before = _cpu_seconds(listen.pid) + _cpu_seconds(connect.pid)
         for _ in range(FORWARD_RUNS):
             r = lab.run(
                 "lan", [sys.executable, "-c", _TCP_CLIENT, "127.0.0.1", "9100"], timeout=300
@@ -320,7 +329,8 @@ def _forwarded(lab: Lab, state: Path) -> list[float]:
             if int(got) != STREAM_BYTES:
                 raise BenchError(f"the forward delivered {got} of {STREAM_BYTES} bytes")
             runs.append(float(mbps))
-        return runs
+        cpu = _cpu_seconds(listen.pid) + _cpu_seconds(connect.pid) - cpu_before
+        return runs, cpu / (FORWARD_RUNS * STREAM_BYTES / 1e9)
     finally:
         for proc in (connect, listen):
             proc.terminate()
@@ -379,6 +389,7 @@ def run(lab: Lab | None, opts: Options) -> Report:
         plain_link = _plain(lab, state / "fwd")
         natkit_link["forward_mbps"] = plain_link.pop("forward_mbps")
         natkit_link["forward_runs"] = plain_link.pop("forward_runs")
+        natkit_link["forward_cpu_s_per_gb"] = plain_link.pop("forward_cpu_s_per_gb")
     finally:
         relay.stop()
     hard = Lab.create(
@@ -422,7 +433,8 @@ def run(lab: Lab | None, opts: Options) -> Report:
         f"{natkit_link['mbps']:.1f} MB/s with both peers in one process (GIL shared), "
         f"{natkit_link['forward_mbps']:.1f} MB/s through `natkit p2p connect --forward` between "
         f"two processes (median of {FORWARD_RUNS} downloads of {STREAM_BYTES >> 20} MiB: "
-        f"{', '.join(f'{x:.1f}' for x in natkit_link['forward_runs'])}); datagram RTT {natkit_link['rtt_ms']:.2f} ms (median of "
+        f"{', '.join(f'{x:.1f}' for x in natkit_link['forward_runs'])}; both natkit processes "
+        f"together {natkit_link['forward_cpu_s_per_gb']:.1f} CPU s per GB); datagram RTT {natkit_link['rtt_ms']:.2f} ms (median of "
         f"{RTT_SAMPLES}); plain TCP {plain_link['mbps']:.0f} MB/s, plain UDP RTT "
         f"{plain_link['rtt_ms']:.2f} ms through a port mapping on rtr2 "
         f"(natkit/plain throughput {natkit_link['mbps'] / plain_link['mbps']:.3f}x, forwarded "
