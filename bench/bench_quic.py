@@ -1,4 +1,6 @@
-"""QUIC libraries for natkit's peer-to-peer path: aioquic against qh3 (issue 16).
+"""QUIC libraries for natkit's peer-to-peer path: aioquic against qh3 (issue 16), and
+natkit's own session layer on qh3 (``natkit``: P2PSession and P2PStream, with natkit's
+authentication, stream credit and path switch, over an in-memory path pair on asyncio).
 
 No network at all: a client and a server connection object of one library, in one process,
 hand each other their datagrams in memory (no loss, no delay). What is left is what each
@@ -37,7 +39,9 @@ from benchlib import (
 from natkit.lab import Lab
 
 NAME = "quic"
-LIBS = ("aioquic", "qh3")
+LIBS = ("aioquic", "qh3", "natkit")
+#: natkit's session layer has no datagram case here (it drops datagrams beyond its queue).
+CASES = {"natkit": ("handshake", "stream")}
 STREAM_BYTES = 64 * 1024 * 1024
 CHUNK = 64 * 1024
 DATAGRAMS = 20_000
@@ -118,7 +122,76 @@ def _handshake(pair: Pair) -> None:
                     done[name] = True
 
 
+class _MemoryPath:
+    """Half of an in-memory datagram path between two natkit sessions (no loss)."""
+
+    @staticmethod
+    def pair() -> tuple[Any, Any]:
+        import asyncio
+
+        from natkit.p2p.paths import BasePath
+
+        class MemoryPath(BasePath):
+            peer: MemoryPath
+
+            def send(self, data: bytes) -> None:
+                self.sent += 1
+                asyncio.get_running_loop().call_soon(self.peer._deliver, data)
+
+        a, b = MemoryPath("direct"), MemoryPath("direct")
+        a.peer, b.peer = b, a
+        return a, b
+
+
+def _natkit_case(kind: str) -> dict[str, float]:
+    import asyncio
+
+    from natkit.p2p.auth import PeerIdentity
+    from natkit.p2p.paths import PathSwitch
+    from natkit.p2p.session import P2PSession
+
+    async def main() -> tuple[float, float]:
+        ident_c, ident_s = PeerIdentity.generate("c"), PeerIdentity.generate("s")
+        path_c, path_s = _MemoryPath.pair()
+        started, cpu = time.perf_counter(), time.process_time()
+        client, server = await asyncio.gather(
+            P2PSession.connect(PathSwitch(path_c), role="client", identity=ident_c,
+                               peer_fingerprint=ident_s.fingerprint, secret="bench"),
+            P2PSession.connect(PathSwitch(path_s), role="server", identity=ident_s,
+                               peer_fingerprint=ident_c.fingerprint, secret="bench"),
+        )  # fmt: skip
+        if kind == "stream":
+            started, cpu = time.perf_counter(), time.process_time()
+
+            async def send() -> None:
+                stream = await client.open_stream()
+                block = b"x" * CHUNK
+                for _ in range(STREAM_BYTES // CHUNK):
+                    stream.write(block)
+                    await stream.drain()
+                stream.write_eof()
+
+            async def receive() -> int:
+                stream, got = await server.accept_stream(), 0
+                while chunk := await stream.read(1 << 20):
+                    got += len(chunk)
+                return got
+
+            _, received = await asyncio.gather(send(), receive())
+            assert received == STREAM_BYTES, received
+        wall, used = time.perf_counter() - started, time.process_time() - cpu
+        await client.close()
+        await server.close()
+        return wall, used
+
+    wall, cpu = asyncio.run(main())
+    return {"wall": wall, "cpu": cpu,
+            "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}  # fmt: skip
+
+
 def run_case(lib: str, kind: str) -> dict[str, float]:
+    if lib == "natkit":
+        return _natkit_case(kind)
     with tempfile.TemporaryDirectory() as d:
         certfile, keyfile = _certificate(Path(d))
         started = time.perf_counter()
@@ -177,11 +250,14 @@ def _sample(lib: str, kind: str) -> Sample:
 def run(lab: Lab | None, opts: Options) -> Report:
     started, t0 = now(), time.monotonic()
     versions = {lib: importlib.import_module(lib).__version__ for lib in LIBS}
-    role = {"aioquic": "subject", "qh3": "reference"}  # natkit's today, the candidate
+    versions["natkit"] = f"session on qh3 {versions['qh3']}"
+    # aioquic: natkit's before; qh3 alone; natkit's session layer on qh3 (its after).
+    role = {"aioquic": "subject", "qh3": "reference", "natkit": "reference"}
     results = {
         (lib, kind): CaseResult(f"{kind}_{lib}", f"{lib} {versions[lib]}: {label}", role[lib])
         for kind, label in KINDS.items()
         for lib in LIBS
+        if kind in CASES.get(lib, KINDS)
     }
     for rnd in range(opts.warmup + opts.iterations):
         order = list(results) if rnd % 2 == 0 else list(reversed(results))
@@ -200,6 +276,8 @@ def run(lab: Lab | None, opts: Options) -> Report:
     by_key = {r.key: r for r in results.values()}
     ratios = [ratio(by_key, f"{kind}: aioquic / qh3 (time)", f"{kind}_aioquic", f"{kind}_qh3")
               for kind in KINDS]  # fmt: skip
+    ratios += [ratio(by_key, f"{kind}: natkit session on qh3 / qh3 alone (time)",
+                     f"{kind}_natkit", f"{kind}_qh3") for kind in CASES["natkit"]]  # fmt: skip
     notes = []
     for (lib, kind), res in results.items():
         if not res.samples:
@@ -213,16 +291,20 @@ def run(lab: Lab | None, opts: Options) -> Report:
             rate = f"{DATAGRAMS / med.total:,.0f} datagrams/s, "
         notes.append(f"{lib} {kind}: {rate}CPU {med.phases['cpu'] * 1000:.0f} ms of "
                      f"{med.total * 1000:.0f} ms, peak RSS {rss:.0f} MiB")  # fmt: skip
-    notes.append("Both libraries over the same in-memory pair (no sockets, no loss), each "
-                 "sample a new process; natkit's own flow control (p2p/quicconn.py) is not in "
-                 "the way: this is each library's cost alone.")  # fmt: skip
+    notes.append("aioquic and qh3 alone over the same in-memory pair (no sockets, no loss), "
+                 "each sample a new process: each library's cost alone. natkit: two "
+                 "P2PSessions (handshake includes natkit's authentication) over an in-memory "
+                 "path pair on one asyncio loop, the stream written with write()+drain() and "
+                 "read with read(): natkit's stream credit, batching and path switch in the "
+                 "way, both peers in one process.")  # fmt: skip
     report = Report(
         name=NAME, title="QUIC libraries for the P2P path: aioquic vs qh3, in memory",
         started=started, machine=machine_info(),
         config={"iterations": opts.iterations, "stream_bytes": STREAM_BYTES,
                 "datagrams": DATAGRAMS, "versions": versions},
         cases=[results[lib, "handshake"] for lib in LIBS], ratios=ratios, goals=[], notes=notes,
-        sections=[Section(kind, KINDS[kind], [results[lib, kind] for lib in LIBS])
+        sections=[Section(kind, KINDS[kind], [results[lib, kind] for lib in LIBS
+                                              if (lib, kind) in results])
                   for kind in KINDS if kind != "handshake"],
         clients=", ".join(f"{lib} {v}" for lib, v in versions.items()),
     )  # fmt: skip
@@ -232,7 +314,7 @@ def run(lab: Lab | None, opts: Options) -> Report:
 
 BENCHMARK = Benchmark(
     name=NAME,
-    description="QUIC libraries (aioquic vs qh3) in memory: handshake, stream, datagrams",
+    description="QUIC in memory: aioquic vs qh3 (handshake, stream, datagrams), natkit's session on qh3",
     lab_config=None,
     run=run,
     iterations=5,

@@ -17,6 +17,7 @@ from natkit.errors import NatkitError
 from natkit.p2p.auth import PeerIdentity
 from natkit.p2p.errors import P2PAuthError, P2PClosedError, P2PError, P2PStreamError
 from natkit.p2p.paths import IcePath, Liveness, PathEvent, PathSwitch, StreamPath, UdpPath
+from natkit.p2p.quicconn import PEER_STREAMS
 from natkit.p2p.session import P2PSession, SessionConfig
 from natkit.p2p.streams import P2PStream
 
@@ -221,23 +222,59 @@ async def round_trips_until(
 
 async def test_slow_reader_holds_the_writer_back(pair: tuple[P2PSession, P2PSession]) -> None:
     client, server = pair
-    window = server.config.stream_window
+    initial, window = server.config.initial_stream_window, server.config.stream_window
     data = os.urandom(8 * window)
     stream = await client.open_stream()
     stream.write(data[:1])  # the server learns of the stream
     writer = asyncio.create_task(send_all(stream, data[1:]))
     peer = await bounded(server.accept_stream())
 
-    # The peer fills the window, and no more comes while many round trips go by.
-    await round_trips_until(client, server, lambda: peer.delivered == window)
+    # Never read: the stream fills its first window, and no more comes while many round
+    # trips go by.
+    await round_trips_until(client, server, lambda: peer.delivered == initial)
     await round_trips_until(client, server, lambda: True, at_least=20)
-    assert peer.delivered <= window  # the unread stream holds at most one window
-    assert not writer.done()  # and the writer waits in drain()
+    assert peer.delivered <= initial
+    assert not writer.done()  # the writer waits in drain()
+    assert client._stream_unsent(stream) <= 2 * client.config.write_buffer
+
+    # Read a little: a whole window is granted, filled, and again no more.
+    first = await bounded(peer.readexactly(100))
+    await round_trips_until(client, server, lambda: peer.delivered == 100 + window)
+    await round_trips_until(client, server, lambda: True, at_least=20)
+    assert peer.delivered <= 100 + window  # unread: at most one window
+    assert not writer.done()
     assert client._stream_unsent(stream) <= 2 * client.config.write_buffer
 
     digest, size = await bounded(sha256_until_eof(peer))
     await bounded(writer)
-    assert (digest, size) == (hashlib.sha256(data).hexdigest(), len(data))
+    whole = hashlib.sha256(data[100:]).hexdigest()
+    assert first == data[:100] and (digest, size) == (whole, len(data) - 100)
+
+
+async def test_streams_nobody_reads_stay_within_the_connection_window(
+    pair: tuple[P2PSession, P2PSession],
+) -> None:
+    client, server = pair
+    writers, streams, size = [], [], 256 << 10
+    for _ in range(PEER_STREAMS - 1):  # all the peer may open (one is round_trips_until's)
+        stream = await client.open_stream()
+        streams.append(stream)
+        writers.append(asyncio.create_task(send_all(stream, bytes(size))))
+
+    peers = [await bounded(server.accept_stream()) for _ in writers]  # taken, never read
+
+    def unread() -> int:
+        return sum(p.delivered for p in peers)
+
+    full = (PEER_STREAMS - 1) * server.config.initial_stream_window
+    await round_trips_until(client, server, lambda: unread() == full)
+    await round_trips_until(client, server, lambda: True, at_least=20)
+    assert unread() <= server.config.connection_window
+    # The rest waits on the sender's side (within its write_buffer per stream).
+    held = sum(client._stream_unsent(s) for s in streams)
+    assert held == len(streams) * size - full
+    for w in writers:
+        w.cancel()
 
 
 async def test_closing_a_stream_with_unread_data_gives_the_credit_back(
@@ -250,7 +287,9 @@ async def test_closing_a_stream_with_unread_data_gives_the_credit_back(
         c = await client.open_stream()
         writer = asyncio.create_task(send_all(c, os.urandom(2 * stream_window)))
         s = await bounded(server.accept_stream())
-        await round_trips_until(client, server, lambda s=s: s.delivered == stream_window)
+        await round_trips_until(
+            client, server, lambda s=s: s.delivered == server.config.initial_stream_window
+        )
         s.close()  # STOP_SENDING: the rest is refused, and the unread window given back
         with pytest.raises(P2PError, match="stopped reading"):
             await bounded(writer)
@@ -407,6 +446,11 @@ async def test_transfer_survives_losing_the_udp_path_then_moves_back() -> None:
     assert ("switched", "relay") in [(e.type, e.path.kind) for e in seen]
     assert relay_c.sent > 0 and relay_s.sent > 0
 
+    # (qh3 may finish the transfer before the cut path is declared dead: wait for that.)
+    dead = asyncio.Event()
+    client.on_path_event(lambda e: dead.set() if e.type == "dead" and e.path is udp_c else None)
+    if client.switch.is_live(udp_c):
+        await bounded(dead.wait())
     # The direct path comes back: the switch notices, the owner moves back.
     udp_c.cut = udp_s.cut = False
     alive = asyncio.Event()
@@ -472,3 +516,88 @@ async def test_session_over_aioice_on_loopback(monkeypatch: pytest.MonkeyPatch) 
     assert (digest, size) == (hashlib.sha256(data).hexdigest(), len(data))
     await client.close()
     await server.close()
+
+
+# --------------------------------------------------------------------------- forgers on a path
+
+
+def spoof(path: UdpPath, data: bytes) -> None:
+    """A datagram reaching ``path``'s socket with the peer's address as its source: what an
+    on-path attacker can send (the socket is connected, so only a spoofed source gets in)."""
+    UdpPath.datagram_received(path, data, ("127.0.0.1", 1))
+
+
+async def test_forged_and_replayed_datagrams_neither_revive_nor_attract_the_session() -> None:
+    """The attack from issue 16: forged traffic kept a dead path "alive" and drew a healthy
+    session onto a black-holed path. Only packets QUIC authenticated count now."""
+    lv = Liveness(probe_after=0.1, dead_after=0.5, standby_interval=0.2)
+    direct_c, direct_s = await udp_paths()
+    mapped_c, mapped_s = await udp_paths()
+    mapped_c.kind = mapped_s.kind = "port-mapped"
+    genuine: list[bytes] = []  # what the server really sent, for the replays
+    send = direct_s.send
+    direct_s.send = lambda data: (genuine.append(data), send(data))[1]  # type: ignore[method-assign]
+    client, server = await connect(
+        PathSwitch(direct_c, [mapped_c], liveness=lv), PathSwitch(direct_s, [mapped_s], liveness=lv)
+    )
+    events: list[PathEvent] = []
+    client.on_path_event(events.append)
+    mapped_c.cut = mapped_s.cut = True  # the attacker black-holes the standby
+    dead = asyncio.Event()
+    client.on_path_event(lambda e: dead.set() if e.type == "dead" and e.path is mapped_c else None)
+    await bounded(dead.wait())
+
+    async def forge() -> None:
+        while True:
+            for data in (
+                b"\x40" + os.urandom(60),  # a short-header "QUIC packet"
+                b"\x00NKP\x02" + os.urandom(8),  # natkit's old unauthenticated probe answer
+                *genuine[-20:],  # genuine packets of the peer's, replayed
+            ):
+                spoof(mapped_c, data)
+            await asyncio.sleep(0.02)
+
+    forger = asyncio.create_task(forge())
+    try:
+        # A transfer runs on the direct path meanwhile; its quiet moments must not send the
+        # session after the forged traffic.
+        data = os.urandom(4 << 20)
+        stream = await client.open_stream()
+
+        async def receive() -> tuple[str, int]:
+            return await sha256_until_eof(await server.accept_stream())
+
+        _, (digest, _) = await bounded(asyncio.gather(send_all(stream, data), receive()))
+        await asyncio.sleep(5 * lv.standby_interval)  # several probe rounds with the forger on
+    finally:
+        forger.cancel()
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert client.path == "direct" and not client.switch.is_live(mapped_c)
+    assert [(e.type, e.path.kind) for e in events if e.path is mapped_c] == [
+        ("dead", "port-mapped")
+    ]
+    assert mapped_c.received > 100  # the forged datagrams did reach the session
+    # And when the black hole ends, the peer's authenticated answers revive the path.
+    mapped_c.cut = mapped_s.cut = False
+    alive = asyncio.Event()
+    client.on_path_event(
+        lambda e: alive.set() if e.type == "alive" and e.path is mapped_c else None
+    )
+    await bounded(alive.wait())
+    await client.close()
+    await server.close()
+
+
+async def test_a_peer_that_ignores_the_stream_credit_loses_the_session(
+    pair: tuple[P2PSession, P2PSession],
+) -> None:
+    client, server = pair
+    stream = await client.open_stream()
+    client._send_queues[stream.stream_id].limit = 1 << 40  # a peer that grants itself credit
+    stream.write(os.urandom(4 * server.config.stream_window))  # and nobody reads it
+    with pytest.raises(P2PClosedError, match="ignores natkit's stream credit"):
+        while True:  # the server takes the stream, then the session ends under it
+            await bounded(server.accept_stream())
+    with pytest.raises(P2PClosedError):  # the peer is told (CONNECTION_CLOSE)
+        while True:
+            await bounded(client.accept_stream())

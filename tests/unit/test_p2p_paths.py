@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import aioice
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from natkit.errors import ProtocolError
 from natkit.p2p.errors import P2PError
 from natkit.p2p.paths import (
-    PROBE_MAGIC,
+    DatagramPath,
     Deframer,
     IcePath,
     Liveness,
@@ -213,12 +214,13 @@ async def test_ice_path_round_trip_and_loss(loopback_ice: None) -> None:
 
 
 class FakePath:
-    """A path whose far end answers probes while ``peer_up``, and otherwise swallows all."""
+    """A path whose far end (a fake session) answers the switch's probes while ``peer_up``."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self.peer_up = True
         self.sent: list[bytes] = []
+        self.probes: list[bytes] = []  # tokens the switch asked the session to send here
         self.closed = False
         self._rx: Callable[[bytes], None] | None = None
         self._lost: Callable[[Exception | None], None] | None = None
@@ -234,8 +236,6 @@ class FakePath:
 
     def send(self, data: bytes) -> None:
         self.sent.append(data)
-        if self.peer_up and data[:5] == PROBE_MAGIC + b"\x01":
-            self.inject(PROBE_MAGIC + b"\x02" + data[5:])
 
     def inject(self, data: bytes) -> None:
         assert self._rx is not None
@@ -252,9 +252,6 @@ class FakePath:
     async def wait_closed(self) -> None:
         return None
 
-    def data_sent(self) -> list[bytes]:
-        return [d for d in self.sent if not d.startswith(PROBE_MAGIC)]
-
 
 class Clock:
     def __init__(self) -> None:
@@ -270,16 +267,27 @@ def clock() -> Iterator[Clock]:
 
 
 LV = Liveness(probe_after=1.0, dead_after=5.0, standby_interval=10.0)
+Got = list[tuple[str, bytes]]
 
 
-async def make_switch(
-    clock: Clock, *paths: FakePath
-) -> tuple[PathSwitch, list[PathEvent], list[bytes]]:
+async def make_switch(clock: Clock, *paths: FakePath) -> tuple[PathSwitch, list[PathEvent], Got]:
     switch = PathSwitch(paths[0], paths[1:], liveness=LV, clock=clock)
     events: list[PathEvent] = []
-    got: list[bytes] = []
+    got: Got = []
     switch.on_event(events.append)
-    switch.set_receiver(got.append)
+    switch.set_receiver(lambda path, data: got.append((path.kind, data)))
+
+    def prober(path: DatagramPath, token: bytes) -> bool:
+        # What the session does: the token goes inside QUIC; the peer's authenticated
+        # answer comes back through confirm().
+        fake = cast(FakePath, path)
+        fake.probes.append(token)
+        if fake.peer_up:
+            switch.confirm(path, token)
+        return True
+
+    switch.set_prober(prober)
+    switch.check()  # the standbys' first probes (the switch's own tick does this too)
     return switch, events, got
 
 
@@ -293,28 +301,41 @@ async def test_sends_on_active_and_takes_datagrams_from_every_path(clock: Clock)
     switch.send(b"\x40quic")
     direct.inject(b"\x40from direct")
     relay.inject(b"\x40from relay")  # the peer may still be on another path
-    assert direct.data_sent() == [b"\x40quic"] and relay.data_sent() == []
-    assert got == [b"\x40from direct", b"\x40from relay"]
+    assert direct.sent == [b"\x40quic"] and relay.sent == []
+    assert got == [("direct", b"\x40from direct"), ("relay", b"\x40from relay")]
     assert switch.kind == "direct" and events == []
 
 
-async def test_probes_are_answered_on_their_path_and_never_reach_quic(clock: Clock) -> None:
+async def test_datagrams_prove_nothing_only_confirmations_do(clock: Clock) -> None:
+    """A forger's datagrams neither keep a dead path alive nor draw the switch away."""
     direct, relay = FakePath("direct"), FakePath("relay")
-    _, _, got = await make_switch(clock, direct, relay)
-    relay.inject(PROBE_MAGIC + b"\x01" + b"12345678")
-    assert relay.sent[-1] == PROBE_MAGIC + b"\x02" + b"12345678"
-    assert got == []
-    assert PROBE_MAGIC[0] & 0x40 == 0  # every QUIC packet has this bit set
+    switch, events, got = await make_switch(clock, direct, relay)
+    relay.peer_up = False
+    clock.now += LV.standby_interval
+    switch.check()  # relay probed, no answer
+    for _ in range(10):
+        clock.now += 1.0
+        relay.inject(b"\x40forged")  # what an on-path forger can send
+        switch.check()
+    assert brief(events) == [("dead", "relay", "")] and not switch.is_live(relay)
+    # The active path goes quiet; forged traffic on the standby does not move the session.
+    direct.peer_up = False
+    switch.send(b"\x40data")
+    clock.now += LV.probe_after
+    relay.inject(b"\x40forged")
+    assert switch.active is direct
+    assert len(got) == 11  # all delivered to the session, which drops what fails to decrypt
 
 
 async def test_dead_active_path_fails_over_to_the_best_live_standby(clock: Clock) -> None:
     direct, relay, turn = FakePath("direct"), FakePath("relay"), FakePath("turn")
     switch, events, _ = await make_switch(clock, direct, relay, turn)
     direct.peer_up = False
+    probes = len(direct.probes)
     switch.send(b"\x40data")  # now an answer is expected
     clock.now += 1.0
     switch.check()
-    assert direct.sent[-1].startswith(PROBE_MAGIC)  # silent for probe_after: probed
+    assert len(direct.probes) == probes + 1  # silent for probe_after: probed
     clock.now += 3.9
     switch.check()
     assert events == [] and switch.active is direct
@@ -349,7 +370,7 @@ async def test_a_lost_active_path_fails_over_at_once(clock: Clock) -> None:
     direct.fail()
     assert brief(events) == [("lost", "direct", "gone"), ("switched", "relay", "lost")]
     switch.send(b"\x40after")
-    assert relay.data_sent() == [b"\x40after"]
+    assert relay.sent == [b"\x40after"]
 
 
 async def test_follows_the_peer_to_a_standby_when_the_active_path_goes_quiet(clock: Clock) -> None:
@@ -357,12 +378,14 @@ async def test_follows_the_peer_to_a_standby_when_the_active_path_goes_quiet(clo
     switch, events, got = await make_switch(clock, direct, relay)
     direct.peer_up = False
     switch.send(b"\x40data")
+    probes = len(relay.probes)
     relay.inject(b"\x40early")  # not yet suspicious: the active path was silent < probe_after
-    assert switch.active is direct
+    assert switch.active is direct and len(relay.probes) == probes
     clock.now += LV.probe_after
-    relay.inject(b"\x40peer moved")
-    assert brief(events) == [("switched", "relay", "peer")]
-    assert got == [b"\x40early", b"\x40peer moved"]
+    relay.inject(b"\x40peer moved")  # traffic on the standby: probed at once ...
+    assert len(relay.probes) == probes + 1
+    assert brief(events) == [("switched", "relay", "peer")]  # ... and its answer moves us
+    assert got == [("relay", b"\x40early"), ("relay", b"\x40peer moved")]
 
 
 async def test_without_a_standby_a_dead_path_is_reported_and_kept(clock: Clock) -> None:
@@ -377,17 +400,22 @@ async def test_without_a_standby_a_dead_path_is_reported_and_kept(clock: Clock) 
     assert switch.active is direct
 
 
-async def test_an_unsolicited_probe_reply_proves_nothing(clock: Clock) -> None:
+async def test_an_unsolicited_or_replayed_probe_answer_proves_nothing(clock: Clock) -> None:
     direct, relay = FakePath("direct"), FakePath("relay")
     switch, events, _ = await make_switch(clock, direct, relay)
+    answered = relay.probes[-1]  # answered at the first check
     relay.peer_up = False
     clock.now += LV.standby_interval
     switch.check()
     clock.now += LV.dead_after
     switch.check()
     assert brief(events) == [("dead", "relay", "")]
-    relay.inject(PROBE_MAGIC + b"\x02" + b"forged!!")
+    switch.confirm(relay, b"forged!!")
+    switch.confirm(relay, answered)  # an old answer, replayed: each counts once
+    switch.confirm(direct, relay.probes[-1])  # a token of the relay's, on another path
     assert not switch.is_live(relay)
+    switch.confirm(relay, relay.probes[-1])  # the real answer, late
+    assert switch.is_live(relay)
 
 
 async def test_an_idle_path_is_not_declared_dead(clock: Clock) -> None:
@@ -398,7 +426,7 @@ async def test_an_idle_path_is_not_declared_dead(clock: Clock) -> None:
         clock.now += 1.0
         switch.check()
     assert events == [] and switch.active is direct
-    assert len(relay.sent) >= 10  # standbys are kept warm (NAT bindings) all the same
+    assert len(relay.probes) >= 10  # standbys are kept warm (NAT bindings) all the same
 
 
 async def test_close_closes_every_path(clock: Clock) -> None:
@@ -407,3 +435,28 @@ async def test_close_closes_every_path(clock: Clock) -> None:
     switch.close()
     await switch.wait_closed()
     assert direct.closed and relay.closed
+
+
+async def test_a_udp_path_reads_what_waits_in_one_go() -> None:
+    """asyncio reads one datagram per loop iteration; the path drains the rest at once, so
+    the session gets a batch (and QUIC one receive_many_datagrams call)."""
+    a, b = (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+    )
+    for s in (a, b):
+        s.bind(("127.0.0.1", 0))
+        s.setblocking(False)
+    a.connect(b.getsockname())
+    b.connect(a.getsockname())
+    path = await UdpPath.from_socket(b)
+    got: list[bytes] = []
+    first = asyncio.Event()
+    path.set_receiver(lambda d: (got.append(d), first.set())[0], lambda exc: None)
+    for i in range(20):
+        a.send(b"%02d" % i)  # all queued in the kernel before the loop looks
+    await asyncio.wait_for(first.wait(), 5)  # a bound against hanging only
+    # One wake-up of asyncio's reader delivered them all (without draining: one).
+    assert got == [b"%02d" % i for i in range(20)]
+    path.close()
+    a.close()

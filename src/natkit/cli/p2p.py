@@ -17,7 +17,7 @@ from natkit.errors import EXIT_INTERRUPTED, NatkitError
 from natkit.net.sockets import exclusive_listen
 from natkit.relay.agent import parse_hostport
 
-if TYPE_CHECKING:  # natkit.p2p loads aioquic and aioice: only when a p2p command runs
+if TYPE_CHECKING:  # natkit.p2p loads qh3 and aioice: only when a p2p command runs
     from natkit.p2p.peer import P2PConnection, P2POptions, Role
 
 

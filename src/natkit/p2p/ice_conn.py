@@ -5,7 +5,9 @@ check that they still exist): candidate gathering is delegated to natkit's gathe
 controlling agent holds checks of relayed pairs for a grace period, so that a working
 direct pair wins (aioice nominates whichever pair works first); consent freshness runs with
 natkit's interval and lifetime and says when it expires; losing the selected pair's socket
-is reported; received data is bounded and taken only from the peer's known addresses.
+is reported; received data is bounded and taken only from the peer's known addresses, and
+can go straight to a handler (:meth:`IceConnection.set_data_handler`) and out through the
+selected socket (:meth:`IceConnection.send_now`) without a task per datagram.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from aioice.ice import CandidatePair, StunProtocol
 
 from natkit.p2p.candidates import COMPONENT, Addr
 from natkit.p2p.ice_options import IceOptions
+from natkit.p2p.udp_drain import SocketDrainer
 
 log = logging.getLogger("natkit.p2p.ice")
 
@@ -37,8 +40,24 @@ class PeerProtocol(StunProtocol):
     def __init__(self, owner: IceConnection) -> None:
         super().__init__(owner)
         self.owner = owner
+        self._drainer: SocketDrainer | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._drainer = SocketDrainer(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._drainer is not None:
+            self._drainer.close()
+        super().connection_lost(exc)
 
     def datagram_received(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
+        self._take(data, addr)
+        if self._drainer is not None and self.owner._data_handler is not None:
+            # Data flows to a handler, not a queue: read what else waits now.
+            self._drainer.drain(self._take)
+
+    def _take(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
         if isinstance(data, str):
             return
         peer = (str(addr[0]), int(addr[1]))
@@ -81,6 +100,7 @@ class IceConnection(Connection):
         self.consent_at = 0.0  # time.monotonic() of the last answered consent check
         self.dropped = 0
         self._queued_bytes = 0
+        self._data_handler: Callable[[bytes], None] | None = None
 
     # -- gathering
 
@@ -156,7 +176,25 @@ class IceConnection(Connection):
 
     # -- data
 
+    def set_data_handler(self, handler: Callable[[bytes], None]) -> None:
+        """Hand received data to ``handler`` as it arrives, instead of queueing it for
+        recv(): no task switch per datagram. recv() still reports the end (and returns what
+        was queued before)."""
+        self._data_handler = handler
+
+    def send_now(self, data: bytes) -> bool:
+        """Send on the selected pair at once when its socket is a plain UDP one (not a TURN
+        allocation, whose sends are coroutines); False when the caller must use send()."""
+        pair = self._nominated.get(COMPONENT)
+        if pair is None or type(pair.protocol).send_data is not StunProtocol.send_data:
+            return False
+        pair.protocol.transport.sendto(data, pair.remote_addr)
+        return True
+
     def data_received(self, data: bytes, component: int) -> None:
+        if self._data_handler is not None:
+            self._data_handler(data)
+            return
         if self._queued_bytes + len(data) > MAX_QUEUED_BYTES:
             self.dropped += 1  # nobody reads: drop, as a full socket buffer would
             return

@@ -9,6 +9,13 @@ QUIC retransmits what mattered.
 :class:`PathSwitch` is the one endpoint QUIC talks to. It sends on the active path, accepts
 datagrams from every path it holds (the peer may still be on another one), probes them to
 tell live paths from dead ones, and moves to a standby path when the active one dies.
+
+A datagram proves nothing: anyone on a path can send one. A path is live only when the
+peer answered a probe on it: a fresh random token that the session (:mod:`natkit.p2p.session`)
+sends inside the authenticated QUIC connection, answered inside it on the same path and
+reported with :meth:`PathSwitch.confirm` — as WebRTC's consent checks and tailscale's disco
+pings do. A forger can neither answer a probe nor make the switch answer one, and a
+replayed answer carries a spent token.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import aioice
 
 from natkit.errors import ProtocolError
 from natkit.p2p.errors import P2PError
+from natkit.p2p.ice_conn import IceConnection
+from natkit.p2p.udp_drain import SocketDrainer
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +46,7 @@ KINDS = ("direct", "port-mapped", "turn", "relay")
 #: The largest datagram a :class:`StreamPath` frames (QUIC sends at most 1200 bytes).
 MAX_FRAMED_DATAGRAM = 1500
 _EARLY_LIMIT = 64  # datagrams kept for a receiver that is not set yet
+UDP_SOCKET_BUFFER_SIZE = 4 << 20  # (Linux caps it at net.core.rmem_max/wmem_max)
 
 DatagramHandler = Callable[[bytes], None]
 LostHandler = Callable[[Exception | None], None]
@@ -123,6 +133,7 @@ class UdpPath(BasePath, asyncio.DatagramProtocol):
         super().__init__(kind)
         self._transport: asyncio.DatagramTransport | None = None
         self._paused = False  # asyncio buffers when the socket is full; past 64 KiB, drop
+        self._drainer: SocketDrainer | None = None
 
     @classmethod
     async def from_socket(cls, sock: socket.socket, kind: str = "direct") -> UdpPath:
@@ -134,9 +145,17 @@ class UdpPath(BasePath, asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # CPython's selector transport does not subclass DatagramTransport, hence no check.
         self._transport = cast(asyncio.DatagramTransport, transport)
+        self._drainer = SocketDrainer(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # a QUIC burst must not overflow the kernel's default buffers
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER_SIZE)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self._deliver(data)
+        if self._drainer is not None:
+            self._drainer.drain(self.datagram_received)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors (port unreachable) can be transient while NATs settle: the switch's
@@ -144,6 +163,8 @@ class UdpPath(BasePath, asyncio.DatagramProtocol):
         log.debug("%r: %s", self, exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._drainer is not None:
+            self._drainer.close()
         self._lost(exc)
 
     def pause_writing(self) -> None:
@@ -183,6 +204,11 @@ class IcePath(BasePath):
         self._queue_limit = queue_limit
         self._owns = owns_connection
         self._wakeup = asyncio.Event()
+        # natkit's IceConnection hands datagrams over as they arrive and sends at once on
+        # a plain UDP pair; recv() then only reports the end of the connection.
+        self._fast = isinstance(connection, IceConnection)
+        if isinstance(connection, IceConnection):
+            connection.set_data_handler(self._deliver)
         self._recv_task = asyncio.create_task(self._recv_loop())
         self._send_task = asyncio.create_task(self._send_loop())
         self._closer: asyncio.Task[None] | None = None
@@ -215,6 +241,15 @@ class IcePath(BasePath):
         if self._closed or len(self._queue) >= self._queue_limit:
             self.dropped += 1
             return
+        if self._fast and not self._queue:
+            try:
+                if cast(IceConnection, self.connection).send_now(data):
+                    self.sent += 1
+                    return
+            except OSError as exc:  # a transient socket error: only this datagram is lost
+                self.dropped += 1
+                log.debug("%r: %s", self, exc)
+                return
         self._queue.append(data)
         self._wakeup.set()
 
@@ -360,11 +395,14 @@ class StreamPath(BasePath, asyncio.Protocol):
 
 # --------------------------------------------------------------------------- the switch
 
-# Path probes start with a zero byte: every QUIC packet sets the fixed bit (0x40) of its
-# first byte (aioquic drops any that does not), so a probe can never be taken for QUIC.
-PROBE_MAGIC = b"\x00NKP"
-_PROBE_REQUEST, _PROBE_REPLY = 1, 2
-_PROBE_SIZE = len(PROBE_MAGIC) + 1 + 8
+#: How many probe tokens a path remembers (answers to older probes prove nothing).
+_TOKENS = 8
+PROBE_TOKEN_SIZE = 8
+
+#: Sends an authenticated probe with this token on this path; False when it cannot yet.
+Prober = Callable[["DatagramPath", bytes], bool]
+#: Takes a datagram and the path it came in on.
+PathDatagramHandler = Callable[["DatagramPath", bytes], None]
 
 
 @dataclass(frozen=True)
@@ -397,16 +435,16 @@ def _rank(kind: str) -> int:
 
 
 class _Watch:
-    __slots__ = ("dead", "expect_since", "last_probe", "last_rx", "lost", "order", "path", "tokens")
+    __slots__ = ("dead", "expect_since", "last_ok", "last_probe", "lost", "order", "path", "tokens")
 
     def __init__(self, path: DatagramPath, order: int) -> None:
         self.path = path
         self.order = order
-        self.last_rx: float | None = None
-        self.expect_since: float | None = None  # first send not yet answered by any datagram
+        self.last_ok: float | None = None  # when the session last confirmed this path
+        self.expect_since: float | None = None  # first send not yet confirmed
         self.last_probe = float("-inf")
         self.dead = self.lost = False
-        self.tokens: deque[bytes] = deque(maxlen=8)
+        self.tokens: deque[bytes] = deque(maxlen=_TOKENS)
 
 
 class PathSwitch:
@@ -427,9 +465,10 @@ class PathSwitch:
         self._watches: dict[DatagramPath, _Watch] = {}
         self._order = 0
         self._active = active
-        self._receiver: DatagramHandler | None = None
+        self._receiver: PathDatagramHandler | None = None
+        self._prober: Prober | None = None
         self._listeners: list[Callable[[PathEvent], None]] = []
-        self._early: deque[bytes] = deque(maxlen=_EARLY_LIMIT)
+        self._early: deque[tuple[DatagramPath, bytes]] = deque(maxlen=_EARLY_LIMIT)
         self._closed = False
         for path in (active, *standby):
             self.add(path)
@@ -456,10 +495,38 @@ class PathSwitch:
     def on_event(self, callback: Callable[[PathEvent], None]) -> None:
         self._listeners.append(callback)
 
-    def set_receiver(self, on_datagram: DatagramHandler) -> None:
+    def set_receiver(self, on_datagram: PathDatagramHandler) -> None:
+        """Deliver every datagram, with the path it came in on. The switch takes none of
+        them as proof of anything: the receiver calls :meth:`confirm` for those it has
+        authenticated."""
         self._receiver = on_datagram
         while self._early:
-            on_datagram(self._early.popleft())
+            on_datagram(*self._early.popleft())
+
+    def set_prober(self, prober: Prober) -> None:
+        """How to probe a path: the session sends the token inside its authenticated
+        connection, and the peer's authenticated answer comes back to :meth:`confirm`."""
+        self._prober = prober
+
+    def confirm(self, path: DatagramPath, token: bytes) -> None:
+        """The peer answered our probe ``token`` on ``path``, in a packet the session
+        authenticated. Only this makes a path live, and only this makes the switch follow
+        the peer to a standby. An unknown token proves nothing, and each counts once: a
+        replayed answer carries a token already used. (That QUIC decrypted a packet that
+        came in on a path is no proof: an on-path attacker can copy the peer's genuine
+        packets onto a black-holed path, and the copy that arrives first is accepted.)"""
+        w = self._watches.get(path)
+        if w is None or w.lost or token not in w.tokens:
+            return
+        w.tokens.remove(token)
+        now = self._clock()
+        self._heard(w, now)
+        if w.path is not self._active and self._silent(self._watches[self._active], now):
+            # The peer speaks on this path while ours has gone quiet: it has moved; follow.
+            self.switch(w.path, "peer")
+
+    def _silent(self, w: _Watch, now: float) -> bool:
+        return w.expect_since is not None and now - w.expect_since >= self.liveness.probe_after
 
     def add(self, path: DatagramPath) -> None:
         """Hold ``path`` as a standby (receiving from it at once) and probe it."""
@@ -505,7 +572,7 @@ class PathSwitch:
                 silent = w.expect_since is not None and now - w.expect_since >= lv.probe_after
                 if silent and now - w.last_probe >= lv.probe_after:
                     self._probe(w, now)
-            elif now - max(w.last_probe, w.last_rx or float("-inf")) >= lv.standby_interval:
+            elif now - max(w.last_probe, w.last_ok or float("-inf")) >= lv.standby_interval:
                 self._probe(w, now)
             if not w.dead and w.expect_since is not None and now - w.expect_since >= lv.dead_after:
                 w.dead = True
@@ -537,43 +604,38 @@ class PathSwitch:
         self._ticker = self._loop.call_later(max(0.01, self.liveness.probe_after / 2), self._tick)
 
     def _probe(self, w: _Watch, now: float) -> None:
-        token = os.urandom(8)
+        if self._prober is None:
+            return  # nothing sent, so nothing expected: the next check() tries again
+        token = os.urandom(PROBE_TOKEN_SIZE)
+        before = w.expect_since, w.last_probe
+        # All set before sending: the answer may come at once.
         w.tokens.append(token)
         w.last_probe = now
         if w.expect_since is None:
             w.expect_since = now
-        w.path.send(PROBE_MAGIC + bytes([_PROBE_REQUEST]) + token)
+        if not self._prober(w.path, token):
+            w.tokens.remove(token)
+            w.expect_since, w.last_probe = before  # nothing sent, so nothing expected
 
     def _on_datagram(self, w: _Watch, data: bytes) -> None:
         if w.lost:
             return
         now = self._clock()
-        if data[:4] == PROBE_MAGIC:
-            if len(data) != _PROBE_SIZE:
-                return
-            token = data[5:]
-            if data[4] == _PROBE_REQUEST:
-                w.path.send(PROBE_MAGIC + bytes([_PROBE_REPLY]) + token)
-            elif data[4] != _PROBE_REPLY or token not in w.tokens:
-                return  # not an answer to us: proves nothing
-            self._heard(w, now)
-            return
-        self._heard(w, now)
-        active = self._watches[self._active]
         if (
-            w is not active
-            and active.expect_since is not None
-            and now - active.expect_since >= self.liveness.probe_after
+            w.path is not self._active
+            and self._silent(self._watches[self._active], now)
+            and now - w.last_probe >= self.liveness.probe_after
         ):
-            # The peer sends on this path while ours has gone quiet: it has moved; follow.
-            self.switch(w.path, "peer")
+            # Traffic on a standby while ours is quiet: perhaps the peer has moved. A datagram
+            # proves nothing; the answer to a probe will (and then the switch follows).
+            self._probe(w, now)
         if self._receiver is None:
-            self._early.append(data)
+            self._early.append((w.path, data))
         else:
-            self._receiver(data)
+            self._receiver(w.path, data)
 
     def _heard(self, w: _Watch, now: float) -> None:
-        w.last_rx = now
+        w.last_ok = now
         w.expect_since = None
         if w.dead:
             w.dead = False

@@ -1,110 +1,122 @@
-"""aioquic's sans-I/O QuicConnection, with receive windows that follow the application.
+"""qh3's sans-I/O QuicConnection, as natkit's P2P session drives it.
 
-aioquic grants the peer more credit (MAX_STREAM_DATA, MAX_DATA) as soon as data *arrives*,
-doubling the window each time half of it is used, whatever the application has read. A slow
-reader would then buffer without bound. Here credit follows what the application has
-*consumed*: a stream may hold at most ``max_stream_data`` unread bytes and the whole
-connection ``max_data``, so a sender that outruns its reader is held back by QUIC itself.
+qh3 (an aioquic-derived QUIC whose packet and crypto work runs in Rust) moves a stream about
+six times faster than aioquic here (bench/results/quic.md). Everything natkit needs from qh3
+is in this module, so a qh3 upgrade that changes it breaks here (and in
+tests/unit/test_p2p_quicconn.py), nowhere else. It uses qh3's public API
+(``QuicConnection`` and its events, ``QuicConfiguration``, ``qh3.tls``'s PEM loaders,
+``qh3.quic.packet.pull_quic_header``) and one private name: ``qh3._hazmat.Buffer``, the
+buffer ``pull_quic_header`` reads, which ``qh3.quic.packet`` uses without exporting it.
 
-Everything natkit needs from aioquic's internals is in this module, so an aioquic upgrade
-that moves them breaks here (and in its tests), nowhere else.
+One behaviour shapes natkit's design: qh3 grants the peer more credit (MAX_STREAM_DATA,
+MAX_DATA) as soon as data *arrives*, whatever the application has read, and offers no way
+to tie it to reading (its flow control lives in the native core). QUIC's own flow control
+therefore bounds nothing for a slow reader; natkit runs its own per-stream credit on top
+(:mod:`natkit.p2p.credit`).
 """
 
 from __future__ import annotations
 
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet_builder import QuicPacketBuilder
-from aioquic.quic.recovery import QuicPacketSpace
-from aioquic.quic.stream import QuicStream
+import ssl
+from typing import Any
+
 from cryptography.hazmat.primitives import serialization
+from qh3._hazmat import Buffer  # qh3.quic.packet uses it but does not re-export it
+from qh3.quic.configuration import QuicConfiguration
+from qh3.quic.connection import QuicConnection, QuicConnectionError
+from qh3.quic.packet import QuicPacketType, pull_quic_header
+from qh3.tls import load_pem_private_key, load_pem_x509_certificates
+
+from natkit.p2p.auth import PeerIdentity
+
+__all__ = [
+    "CID_LENGTH",
+    "PEER_STREAMS",
+    "NatkitQuic",
+    "QuicConnectionError",
+    "initial_destination_cid",
+    "new_connection",
+]
+
+CID_LENGTH = 8  # qh3's default connection ID length
+#: How many bidirectional streams qh3 lets the peer open at once (its MAX_STREAMS, fixed in
+#: qh3 2.1's QuicConnection; tests/unit/test_p2p_quicconn.py checks it).
+PEER_STREAMS = 100
+#: QUIC needs a peer address; the path switch stands behind it, whatever the path. qh3
+#: accepts only numeric addresses (192.0.2.0/24: documentation, never routed).
+PEER_ADDRESS = ("192.0.2.1", 1)
 
 
-class FlowControlledQuic(QuicConnection):
-    def __init__(
-        self,
-        *,
-        configuration: QuicConfiguration,
-        original_destination_connection_id: bytes | None = None,
-    ) -> None:
-        super().__init__(
-            configuration=configuration,
-            original_destination_connection_id=original_destination_connection_id,
-        )
-        self._stream_window = configuration.max_stream_data
-        self._connection_window = configuration.max_data
-        self._consumed_total = 0
-
-    def consumed(self, stream_id: int, count: int, settled: int) -> bool:
-        """The application read ``count`` more bytes of ``stream_id``, ``settled`` in all
-        (read or given up). True when new credit is due to the peer: it is granted in
-        batches of half a window, not per read."""
-        due = self._credit_connection(count)
-        stream = self._streams.get(stream_id)
-        # max_stream_data_local is 0 on our own unidirectional streams: nothing to grant.
-        if (
-            stream is not None
-            and stream.max_stream_data_local
-            and stream.max_stream_data_local - settled < self._stream_window // 2
-        ):
-            stream.max_stream_data_local = settled + self._stream_window
-            due = True
-        return due
-
-    def release(self, stream_id: int, settled: int, delivered: int) -> tuple[int, bool]:
-        """Nobody reads ``stream_id`` any more (reset, or closed with data unread): give
-        back the connection credit its received bytes hold, beyond the ``settled`` ones.
-        ``delivered`` counts what the session got (aioquic may have forgotten the stream).
-        Returns the bytes given back and whether new credit is due; call again when more
-        arrives."""
-        stream = self._streams.get(stream_id)
-        received = max(delivered, stream.receiver.highest_offset if stream else 0)
-        extra = received - settled
-        if extra <= 0:
-            return 0, False
-        return extra, self._credit_connection(extra)
-
-    def _credit_connection(self, count: int) -> bool:
-        self._consumed_total += count
-        limit = self._local_max_data
-        if limit.value - self._consumed_total < self._connection_window // 2:
-            limit.value = self._consumed_total + self._connection_window
-            return True
-        return False
-
-    def unsent(self, stream_id: int, written: int) -> int:
-        """Bytes of the ``written`` so far on ``stream_id`` that have never been sent."""
-        stream = self._streams.get(stream_id)
-        if stream is None:  # finished and discarded: everything went out
-            return 0
-        return max(0, written - stream.sender.highest_offset)
-
-    def datagrams_queued(self) -> int:
-        return len(self._datagrams_pending)
+class NatkitQuic(QuicConnection):
+    """qh3's connection with the few questions natkit asks of it."""
 
     def peer_certificate_der(self) -> bytes | None:
         """The peer's TLS certificate (DER), once the handshake has shown it."""
-        cert = self.tls._peer_certificate
-        return None if cert is None else cert.public_bytes(serialization.Encoding.DER)
+        cert = self.get_peercert()
+        return None if cert is None else bytes(cert.public_bytes())
 
-    def _write_stream_limits(
-        self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream
-    ) -> None:
-        # aioquic's rule "double the window when half of it has arrived" must not fire:
-        # hide the arrival count from it for this call. consumed() sets the window instead.
-        highest = stream.receiver.highest_offset
-        stream.receiver.highest_offset = 0
-        try:
-            super()._write_stream_limits(builder, space, stream)
-        finally:
-            stream.receiver.highest_offset = highest
+    def unsent(self, stream_id: int) -> int:
+        """Bytes queued on ``stream_id`` that have never been sent (0 once it is gone)."""
+        return int(self.get_send_buffer_size(stream_id))
 
-    def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
-        # The same for MAX_DATA (MAX_STREAMS batching is left to aioquic).
-        limit = self._local_max_data
-        used = limit.used
-        limit.used = 0
-        try:
-            super()._write_connection_limits(builder, space)
-        finally:
-            limit.used = used
+    def can_open_stream(self) -> bool:
+        """May we open another bidirectional stream (the peer's MAX_STREAMS allows it)?
+        qh3 raises instead of waiting when it does not."""
+        return self.get_next_available_stream_id() // 4 < self.max_concurrent_bidi_streams
+
+    def receive_batch(self, datagrams: list[bytes], now: float) -> None:
+        """Feed datagrams in one call into the native core (one per call while handshaking:
+        qh3 does that itself)."""
+        if len(datagrams) == 1:
+            self.receive_datagram(datagrams[0], PEER_ADDRESS, now=now)
+        else:
+            self.receive_many_datagrams(datagrams, PEER_ADDRESS, now=now)
+
+
+def initial_destination_cid(data: bytes) -> bytes | None:
+    """The destination connection ID of a client's Initial packet, else None."""
+    try:
+        header: Any = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
+    except (ValueError, RuntimeError):
+        return None
+    if header.packet_type != QuicPacketType.INITIAL:
+        return None
+    return bytes(header.destination_cid)
+
+
+def new_connection(
+    *,
+    is_client: bool,
+    alpn: str,
+    identity: PeerIdentity,
+    idle_timeout: float,
+    max_datagram_size: int,
+    stream_window: int,
+    connection_window: int,
+    original_dcid: bytes | None = None,
+) -> NatkitQuic:
+    """A client (``original_dcid`` None) or server connection.
+
+    QUIC's windows are set large (qh3 grants them on arrival anyway); natkit's credit
+    bounds what is buffered. No CA vouches for a peer: its certificate is pinned to the
+    fingerprint that came sealed through signalling."""
+    cfg = QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=[alpn],
+        idle_timeout=idle_timeout,
+        max_datagram_size=max_datagram_size,
+        max_datagram_frame_size=65536,
+        max_stream_data=stream_window,
+        max_data=connection_window,
+        verify_mode=ssl.CERT_NONE,
+    )
+    if not is_client:  # qh3 wants its own certificate and key types, loaded from PEM
+        cert_pem = identity.certificate.public_bytes(serialization.Encoding.PEM)
+        key_pem = identity.private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        cfg.certificate = load_pem_x509_certificates(cert_pem)[0]
+        cfg.private_key = load_pem_private_key(key_pem)
+    return NatkitQuic(configuration=cfg, original_destination_connection_id=original_dcid)
