@@ -113,7 +113,7 @@ def test_a_client_proof_under_another_secret_is_refused() -> None:
 def test_a_client_with_another_certificate_than_announced_is_refused() -> None:
     other = PeerIdentity.generate("other")
     sent = proof.make_client_proof(SECRET, other, context(client_fp=other.fingerprint))
-    with pytest.raises(P2PAuthError, match=r"not sha256:\w+ it announced"):
+    with pytest.raises(P2PAuthError, match="not the one it announced"):
         proof.check_client_proof(SECRET, sent, context())
 
 

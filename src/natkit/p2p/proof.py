@@ -215,9 +215,9 @@ def check_client_proof(secret: bytes | str, proof: ClientProof, ctx: ProofContex
     """Raise :class:`P2PAuthError` unless ``proof`` comes from the holder of the secret and
     of the key of the client certificate announced in signalling, on this connection."""
     if fingerprint_der(proof.certificate_der) != normalize_fingerprint(ctx.client_fp):
-        raise P2PAuthError(
-            f"the client showed certificate {fingerprint_der(proof.certificate_der)}, not "
-            f"{ctx.client_fp} it announced through signalling; refused"
+        raise P2PAuthError(  # the cause first: a CONNECTION_CLOSE reason is cut short
+            "the client's certificate is not the one it announced through signalling "
+            f"(it showed {fingerprint_der(proof.certificate_der)}, announced {ctx.client_fp})"
         )
     try:
         cert = x509.load_der_x509_certificate(proof.certificate_der)
