@@ -18,7 +18,7 @@ import pytest
 
 from natkit.p2p import quicconn
 from natkit.p2p.auth import PeerIdentity
-from natkit.p2p.errors import P2PAuthError
+from natkit.p2p.errors import P2PAuthError, P2PClosedError
 from natkit.p2p.paths import PathSwitch, UdpPath
 from natkit.p2p.session import ALPN, AUTH_STREAM, P2PSession, SessionConfig
 from tests.p2p.test_session import SECRET, bounded, udp_paths
@@ -223,3 +223,24 @@ async def test_without_the_channel_binding_the_same_splice_would_pass(
     async with spliced() as (client, server, _):
         sessions = await bounded(asyncio.gather(client, server))
         assert all(not s.closed for s in sessions)
+
+
+async def test_a_peer_of_the_previous_proof_version_gets_a_clear_refusal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from natkit.p2p import session
+
+    a, b = await udp_paths()
+    monkeypatch.setattr(session, "ALPN", "natkit-p2p/2")  # the client is a natkit of proof v2
+    client = asyncio.create_task(
+        P2PSession.connect(PathSwitch(a), role="client", identity=CLIENT, secret=SECRET,
+                           peer_fingerprint=SERVER.fingerprint, config=QUICK)
+    )  # fmt: skip
+    await asyncio.sleep(0)  # it made its QUIC connection (and ClientHello)
+    monkeypatch.setattr(session, "ALPN", ALPN)
+    server = P2PSession.connect(PathSwitch(b), role="server", identity=SERVER, secret=SECRET,
+                                peer_fingerprint=CLIENT.fingerprint, config=QUICK)  # fmt: skip
+    results = await bounded(asyncio.gather(client, server, return_exceptions=True))
+    for result in results:
+        assert isinstance(result, P2PClosedError), result
+        assert "natkit-p2p/3" in str(result) and "compatible natkit" in str(result)

@@ -837,6 +837,14 @@ class P2PSession:
                 "the peer refused to authenticate this session during the handshake (most "
                 "likely our certificate is not the fingerprint it was given through signalling)"
             )
+        elif "ALPN" in reason and not self._authenticated.done():
+            # qh3's reason ("No common ALPN protocols") when the peers offer different ALPNs;
+            # natkit's names its P2P protocol version.
+            exc = P2PClosedError(
+                f"the peer does not speak {ALPN} (a natkit with another P2P protocol "
+                "version?): run compatible natkit versions on both sides",
+                code,
+            )
         elif event.reason_phrase == "Idle timeout":  # qh3's own, local timer
             exc = P2PClosedError(
                 f"nothing heard from the peer for {self.config.idle_timeout:g} s (idle "
