@@ -49,6 +49,7 @@ from natkit.p2p.auth import PeerIdentity
 
 __all__ = [
     "CID_LENGTH",
+    "ONE_RTT_SECRETS",
     "PEER_STREAMS",
     "NatkitQuic",
     "QuicConnectionError",
@@ -83,6 +84,7 @@ class TrafficSecretLog(io.StringIO):
         for line in s.splitlines():
             label, _, rest = line.partition(" ")
             if label in ONE_RTT_SECRETS:  # "<label> <client random hex> <secret hex>"
+                # the first only: both ends must use the handshake's, whatever comes later
                 self.secrets.setdefault(label, bytes.fromhex(rest.partition(" ")[2]))
         return len(s)
 
