@@ -119,3 +119,22 @@ def test_qh3_holds_no_datagram_back() -> None:
         for _ in range(2000):
             client.send_datagram_frame(b"d" * 1000)
         assert len(client.datagrams_to_send(now=clock[0])) == 2000
+
+
+def test_the_channel_binding_is_shared_by_both_ends_and_unique_to_the_connection() -> None:
+    """natkit.p2p.proof binds to it; it rests on qh3's public key log (secrets_log_file,
+    NSS key-log format). If this fails, qh3 stopped writing the 1-RTT traffic secrets there."""
+    from qh3.quic.configuration import QuicConfiguration
+
+    assert "secrets_log_file" in QuicConfiguration.__dataclass_fields__
+    client, server, clock = _pair()
+    assert client.channel_binding() is None  # no 1-RTT keys yet
+    _pump(client, server, clock)
+    assert client.traffic_log is not None
+    assert set(client.traffic_log.secrets) == set(quicconn.ONE_RTT_SECRETS)
+    binding = client.channel_binding()
+    assert binding is not None and len(binding) == 32
+    assert server.channel_binding() == binding
+    other_client, other_server, clock = _pair()
+    _pump(other_client, other_server, clock)
+    assert other_client.channel_binding() not in (None, binding)

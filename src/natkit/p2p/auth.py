@@ -14,9 +14,9 @@ trying candidates against them. That is why a secret is at least :data:`MIN_SECR
 characters, and ``natkit p2p listen`` makes a random one (192 bits) when given none.
 
 In QUIC the client pins the server's certificate to the fingerprint it received sealed; then
-it proves it knows the secret on the first stream: an HMAC over both fingerprints and a
-nonce the server chose for this connection, and the server answers with its own HMAC. Both
-peers are then authenticated, and the secret itself never crosses the network.
+each peer proves, on the server's first stream, that it knows the secret and holds the key of
+the certificate it announced, bound to that one QUIC connection (:mod:`natkit.p2p.proof`,
+which also says what each check stops). The secret itself never crosses the network.
 """
 
 from __future__ import annotations
@@ -49,8 +49,6 @@ MAX_SEALED = 64 * 1024
 #: The shortest secret accepted: the relay sees sealed messages and could test guesses of a
 #: short one offline against them.
 MIN_SECRET_LENGTH = 16
-NONCE_SIZE = 32  # the server's per-connection nonce in the QUIC proof
-PROOF_SIZE = 32  # HMAC-SHA256
 _AEAD_NONCE = 12
 _VERSION = "nk2"
 ROLES = ("listen", "connect")
@@ -62,7 +60,7 @@ def _raw(secret: bytes | str) -> bytes:
 
 def check_secret(secret: bytes | str) -> None:
     """Raise :class:`P2PAuthError` now for a secret that cannot work (an empty one)."""
-    _key(secret, b"check")
+    key_for(secret, b"check")
 
 
 def check_peer_secret(secret: bytes | str | None) -> None:
@@ -87,7 +85,7 @@ def new_secret() -> str:
     return secrets.token_urlsafe(24)
 
 
-def _key(secret: bytes | str, purpose: bytes) -> bytes:
+def key_for(secret: bytes | str, purpose: bytes) -> bytes:
     """A key per purpose, so a MAC made for one use can never pass for another."""
     raw = _raw(secret)
     if not raw:
@@ -98,7 +96,9 @@ def _key(secret: bytes | str, purpose: bytes) -> bytes:
 def room_id(secret: bytes | str, name: str) -> str:
     """The room name the relay sees for ``name``: an HMAC under the secret, so only peers
     holding the secret can find (or squat) the room."""
-    return "p2p-" + hmac.new(_key(secret, b"room"), name.encode(), hashlib.sha256).hexdigest()[:40]
+    return (
+        "p2p-" + hmac.new(key_for(secret, b"room"), name.encode(), hashlib.sha256).hexdigest()[:40]
+    )
 
 
 def _b64(data: bytes) -> str:
@@ -143,7 +143,7 @@ def seal(secret: bytes | str, obj: Mapping[str, Any], *, session: str, sender: s
     envelope = {"sid": session, "from": sender, "mid": secrets.token_urlsafe(12), "body": dict(obj)}
     plain = json.dumps(envelope, separators=(",", ":"), sort_keys=True).encode()
     nonce = os.urandom(_AEAD_NONCE)
-    sealed = ChaCha20Poly1305(_key(secret, b"signalling aead")).encrypt(
+    sealed = ChaCha20Poly1305(key_for(secret, b"signalling aead")).encrypt(
         nonce, plain, _VERSION.encode()
     )
     return f"{_VERSION}.{_b64(nonce)}.{_b64(sealed)}"
@@ -176,7 +176,7 @@ def unseal(
     if len(nonce) != _AEAD_NONCE:
         raise ProtocolError("sealed signalling message: the nonce is not 12 bytes")
     try:
-        plain = ChaCha20Poly1305(_key(secret, b"signalling aead")).decrypt(
+        plain = ChaCha20Poly1305(key_for(secret, b"signalling aead")).decrypt(
             nonce, _unb64(parts[2], "the data"), _VERSION.encode()
         )
     except InvalidTag:
@@ -273,33 +273,3 @@ def check_pinned(seen_der: bytes | None, expected: str) -> None:
             "signalling: someone may be intercepting the connection (or the signalling "
             "message was stale)"
         )
-
-
-def new_connection_nonce() -> bytes:
-    return os.urandom(NONCE_SIZE)
-
-
-def _proof(secret: bytes | str, who: bytes, server_fp: str, client_fp: str, nonce: bytes) -> bytes:
-    msg = b"|".join(
-        (
-            who,
-            normalize_fingerprint(server_fp).encode(),
-            normalize_fingerprint(client_fp).encode(),
-            nonce,
-        )
-    )
-    return hmac.new(_key(secret, b"quic-proof"), msg, hashlib.sha256).digest()
-
-
-def client_proof(secret: bytes | str, server_fp: str, client_fp: str, nonce: bytes) -> bytes:
-    """The client's proof of the secret for this connection (``nonce`` is the server's)."""
-    return _proof(secret, b"client", server_fp, client_fp, nonce)
-
-
-def server_proof(secret: bytes | str, server_fp: str, client_fp: str, nonce: bytes) -> bytes:
-    """The server's answer: it knows the secret too (and accepted the client's proof)."""
-    return _proof(secret, b"server", server_fp, client_fp, nonce)
-
-
-def proofs_equal(got: bytes, want: bytes) -> bool:
-    return hmac.compare_digest(got, want)

@@ -8,6 +8,21 @@ tests/unit/test_p2p_quicconn.py), nowhere else. It uses qh3's public API
 ``qh3.quic.packet.pull_quic_header``) and one private name: ``qh3._hazmat.Buffer``, the
 buffer ``pull_quic_header`` reads, which ``qh3.quic.packet`` uses without exporting it.
 
+The channel binding (:meth:`NatkitQuic.channel_binding`, which :mod:`natkit.p2p.proof` binds
+the peers' proofs to). qh3 2.1 has no TLS exporter (RFC 5705 / RFC 8446 7.5): its TLS is
+Python (``qh3.tls``) and the exporter master secret is never derived; deriving it ourselves
+would mean reading ``QuicConnection.tls.key_schedule`` at the one moment its transcript hash
+ends at the server's Finished (it moves on with the client's Finished): private and
+fragile. What qh3 does hand out, through a public, documented setting, is the TLS key log:
+``QuicConfiguration.secrets_log_file`` receives each traffic secret as a line in the NSS
+key-log format (the one Wireshark reads). The first application traffic secrets
+(``CLIENT_TRAFFIC_SECRET_0``, ``SERVER_TRAFFIC_SECRET_0``) come from the same inputs as the
+exporter master secret (the handshake's master secret and its transcript up to the
+server's Finished, certificate included): only the two ends of this connection know them
+and no one can make them equal on two connections. natkit keeps them in memory (no file),
+and the binding is an HMAC over both under a natkit label, so the secrets themselves are
+used for nothing else (QUIC's own keys come from them under other labels).
+
 One behaviour shapes natkit's design: qh3 grants the peer more credit (MAX_STREAM_DATA,
 MAX_DATA) as soon as data *arrives*, whatever the application has read, and offers no way
 to tie it to reading (its flow control lives in the native core). QUIC's own flow control
@@ -17,6 +32,9 @@ therefore bounds nothing for a slow reader; natkit runs its own per-stream credi
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import io
 import ssl
 from typing import Any
 
@@ -31,9 +49,11 @@ from natkit.p2p.auth import PeerIdentity
 
 __all__ = [
     "CID_LENGTH",
+    "ONE_RTT_SECRETS",
     "PEER_STREAMS",
     "NatkitQuic",
     "QuicConnectionError",
+    "TrafficSecretLog",
     "initial_destination_cid",
     "new_connection",
 ]
@@ -47,8 +67,41 @@ PEER_STREAMS = 100
 PEER_ADDRESS = ("192.0.2.1", 1)
 
 
+#: The key-log labels of the first 1-RTT secrets (NSS key-log format).
+ONE_RTT_SECRETS = ("CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0")
+_BINDING_LABEL = b"natkit-p2p channel binding"
+
+
+class TrafficSecretLog(io.StringIO):
+    """Where qh3 writes its key log (``secrets_log_file``): keeps the first 1-RTT secret of
+    each direction in memory and nothing else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: dict[str, bytes] = {}
+
+    def write(self, s: str) -> int:
+        for line in s.splitlines():
+            label, _, rest = line.partition(" ")
+            if label in ONE_RTT_SECRETS:  # "<label> <client random hex> <secret hex>"
+                # the first only: both ends must use the handshake's, whatever comes later
+                self.secrets.setdefault(label, bytes.fromhex(rest.partition(" ")[2]))
+        return len(s)
+
+
 class NatkitQuic(QuicConnection):
     """qh3's connection with the few questions natkit asks of it."""
+
+    traffic_log: TrafficSecretLog | None = None  # set by new_connection()
+
+    def channel_binding(self) -> bytes | None:
+        """32 bytes both ends of this QUIC connection share and nobody else knows, once TLS
+        has its 1-RTT keys (see the module's docstring); None before."""
+        found = self.traffic_log.secrets if self.traffic_log is not None else {}
+        if not all(label in found for label in ONE_RTT_SECRETS):
+            return None
+        key = b"".join(found[label] for label in ONE_RTT_SECRETS)
+        return hmac.new(key, _BINDING_LABEL, hashlib.sha256).digest()
 
     def peer_certificate_der(self) -> bytes | None:
         """The peer's TLS certificate (DER), once the handshake has shown it."""
@@ -110,6 +163,8 @@ def new_connection(
         max_data=connection_window,
         verify_mode=ssl.CERT_NONE,
     )
+    traffic_log = TrafficSecretLog()
+    cfg.secrets_log_file = traffic_log  # for the channel binding: kept in memory only
     if not is_client:  # qh3 wants its own certificate and key types, loaded from PEM
         cert_pem = identity.certificate.public_bytes(serialization.Encoding.PEM)
         key_pem = identity.private_key.private_bytes(
@@ -119,4 +174,6 @@ def new_connection(
         )
         cfg.certificate = load_pem_x509_certificates(cert_pem)[0]
         cfg.private_key = load_pem_private_key(key_pem)
-    return NatkitQuic(configuration=cfg, original_destination_connection_id=original_dcid)
+    conn = NatkitQuic(configuration=cfg, original_destination_connection_id=original_dcid)
+    conn.traffic_log = traffic_log
+    return conn

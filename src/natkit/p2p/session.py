@@ -15,10 +15,12 @@ Stream credit is natkit's own (see :mod:`natkit.p2p.credit`): each side opens on
 unidirectional control stream once authenticated and grants there what its application
 has read.
 
-Authentication (see :mod:`natkit.p2p.auth`) runs on the server's first stream before the
-session is handed out: the server sends a nonce as soon as it has keys, the client (having
-pinned the server's certificate) answers with its proof of the shared secret, the server
-answers with its own proof; each side ends the stream with its proof. A failure closes the connection with
+Authentication (see :mod:`natkit.p2p.auth` and :mod:`natkit.p2p.proof`) runs on the
+server's first stream before the session is handed out: the server sends a nonce as soon as
+it has keys, the client (having pinned the server's certificate) answers with its nonce,
+certificate, signature and proof of the shared secret, the server answers with its own
+signature and proof; each side ends the stream after its proof. Both proofs are bound to
+this QUIC connection's TLS secrets. A failure closes the connection with
 :data:`AUTH_FAILED` and a reason, and both sides raise :class:`P2PAuthError`.
 """
 
@@ -38,7 +40,7 @@ from qh3.quic import events as qe
 from qh3.quic.packet import QuicErrorCode
 
 from natkit.errors import ProtocolError
-from natkit.p2p import auth, credit
+from natkit.p2p import auth, credit, proof
 from natkit.p2p.errors import (
     P2PAuthError,
     P2PClosedError,
@@ -59,7 +61,8 @@ from natkit.p2p.streams import P2PStream
 
 log = logging.getLogger(__name__)
 
-ALPN = "natkit-p2p/2"  # 2: natkit's own stream credit and in-QUIC path probes
+# 2: natkit's own stream credit and in-QUIC path probes; 3: proof version 3 (natkit.p2p.proof)
+ALPN = f"natkit-p2p/{proof.VERSION}"
 AUTH_STREAM = 1  # the server's first bidirectional stream
 #: Each side's control stream (its first unidirectional one) carries its credit grants.
 CONTROL_STREAM = {"client": 2, "server": 3}
@@ -207,9 +210,10 @@ class P2PSession:
         self._quic: NatkitQuic | None = None
         self._authenticated = self._loop.create_future()
         self._auth_buf = bytearray()
-        self._nonce: bytes | None = None
+        self._auth_end = False  # the peer ended the authentication stream
+        self._nonce: bytes | None = None  # the server's, on the server
         self._pinned = False
-        self._proof_sent = b""
+        self._proof_ctx: proof.ProofContext | None = None  # the client's, once it sent its proof
         self._error: P2PError | None = None  # set once the session is over
         self._streams: dict[int, P2PStream] = {}
         self._accept: _Inbox[P2PStream] = _Inbox()
@@ -542,7 +546,7 @@ class P2PSession:
                     self._forget_if_done(stream)
             elif isinstance(event, qe.ProtocolNegotiated):
                 if self.role == "server" and self._nonce is None:
-                    self._nonce = auth.new_connection_nonce()
+                    self._nonce = proof.new_nonce()
                     self._quic.send_stream_data(AUTH_STREAM, self._nonce)
             elif isinstance(event, qe.HandshakeCompleted):
                 if self.role == "client":
@@ -615,55 +619,68 @@ class P2PSession:
 
     def _on_auth_data(self, data: bytes, end: bool) -> None:
         if self._error is not None or self._authenticated.done():
-            return  # the exchange is over (the server's FIN arrives with its proof)
-        buf = self._auth_buf
-        buf += data
-        # client: the server's nonce, then its proof; server: the client's proof
-        expected = auth.PROOF_SIZE + (auth.NONCE_SIZE if self.role == "client" else 0)
-        if len(buf) > expected or (end and len(buf) != expected):
+            return  # the exchange is over
+        self._auth_buf += data
+        self._auth_end = self._auth_end or end
+        if len(self._auth_buf) > proof.MAX_CLIENT_MESSAGE:
             self._auth_failed(P2PAuthError(
-                "the peer sent a malformed authentication exchange: is it running a "
+                "the peer sent an oversized authentication message: is it running a "
                 "compatible natkit?"
             ))  # fmt: skip
         elif self.role == "client":
             self._continue_client_auth()
-        elif len(buf) == expected:
-            self._check_client_proof(bytes(buf))
+        elif self._auth_end:
+            self._check_client_proof(bytes(self._auth_buf))
 
-    def _check_client_proof(self, proof: bytes) -> None:
+    def _binding(self) -> bytes:
+        assert self._quic is not None
+        binding = self._quic.channel_binding()
+        if binding is None:  # QUIC delivers stream data only under 1-RTT keys: a bug
+            raise P2PAuthError("the TLS connection has no key material to bind the proof to")
+        return binding
+
+    def _check_client_proof(self, data: bytes) -> None:
         assert self._quic is not None and self._nonce is not None
-        ours, theirs, nonce = self._identity.fingerprint, self._peer_fp, self._nonce
-        if not auth.proofs_equal(proof, auth.client_proof(self._secret, ours, theirs, nonce)):
-            self._auth_failed(P2PAuthError(
-                "the peer's proof of the shared secret is wrong: the two peers were not "
-                "given the same secret (or the peer is not the one announced in signalling)"
-            ))  # fmt: skip
+        try:
+            theirs = proof.ClientProof.decode(data)
+            ctx = proof.ProofContext(
+                self._identity.fingerprint, self._peer_fp, self._nonce, theirs.nonce,
+                self._binding(),
+            )  # fmt: skip
+            proof.check_client_proof(self._secret, theirs, ctx)
+        except P2PAuthError as exc:
+            self._auth_failed(exc)
             return
-        answer = auth.server_proof(self._secret, ours, theirs, nonce)
-        self._quic.send_stream_data(AUTH_STREAM, answer, end_stream=True)
+        answer = proof.make_server_proof(self._secret, self._identity, ctx)
+        self._quic.send_stream_data(AUTH_STREAM, answer.encode(), end_stream=True)
         self._on_authenticated()
 
     def _continue_client_auth(self) -> None:
         assert self._quic is not None
         buf = self._auth_buf
-        if not self._pinned or len(buf) < auth.NONCE_SIZE:
+        if self._auth_end and len(buf) < proof.NONCE_SIZE:
+            self._auth_failed(P2PAuthError("the peer ended authentication early"))
             return
-        nonce = bytes(buf[: auth.NONCE_SIZE])
-        server_fp, client_fp = self._peer_fp, self._identity.fingerprint
-        if not self._proof_sent:
-            self._proof_sent = auth.client_proof(self._secret, server_fp, client_fp, nonce)
-            self._quic.send_stream_data(AUTH_STREAM, self._proof_sent, end_stream=True)
-        if len(buf) == auth.NONCE_SIZE + auth.PROOF_SIZE:
-            answer = bytes(buf[auth.NONCE_SIZE :])
-            if auth.proofs_equal(
-                answer, auth.server_proof(self._secret, server_fp, client_fp, nonce)
-            ):
-                self._on_authenticated()
-            else:
-                self._auth_failed(P2PAuthError(
-                    "the peer's answer does not prove the shared secret: the two peers were "
-                    "not given the same secret"
-                ))  # fmt: skip
+        if not self._pinned or len(buf) < proof.NONCE_SIZE:
+            return
+        try:
+            if self._proof_ctx is None:
+                self._proof_ctx = proof.ProofContext(
+                    self._peer_fp, self._identity.fingerprint, bytes(buf[: proof.NONCE_SIZE]),
+                    proof.new_nonce(), self._binding(),
+                )  # fmt: skip
+                ours = proof.make_client_proof(self._secret, self._identity, self._proof_ctx)
+                self._quic.send_stream_data(AUTH_STREAM, ours.encode(), end_stream=True)
+            if not self._auth_end:
+                return
+            answer = proof.ServerProof.decode(bytes(buf[proof.NONCE_SIZE :]))
+            server_der = self._quic.peer_certificate_der()
+            assert server_der is not None  # pinned
+            proof.check_server_proof(self._secret, answer, self._proof_ctx, server_der)
+        except P2PAuthError as exc:
+            self._auth_failed(exc)
+            return
+        self._on_authenticated()
 
     def _auth_failed(self, exc: P2PAuthError) -> None:
         if self._error is not None:
@@ -819,6 +836,14 @@ class P2PSession:
             exc = P2PAuthError(
                 "the peer refused to authenticate this session during the handshake (most "
                 "likely our certificate is not the fingerprint it was given through signalling)"
+            )
+        elif "ALPN" in reason and not self._authenticated.done():
+            # qh3's reason ("No common ALPN protocols") when the peers offer different ALPNs;
+            # natkit's names its P2P protocol version.
+            exc = P2PClosedError(
+                f"the peer does not speak {ALPN} (a natkit with another P2P protocol "
+                "version?): run compatible natkit versions on both sides",
+                code,
             )
         elif event.reason_phrase == "Idle timeout":  # qh3's own, local timer
             exc = P2PClosedError(
