@@ -34,12 +34,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
 from natkit.errors import NatkitError, ProtocolError, RelayError
-from natkit.p2p import auth
+from natkit.p2p import auth, tcppath
 from natkit.p2p.candidates import IceDescription
 from natkit.p2p.errors import P2PAuthError, P2PError, P2PTimeoutError
 from natkit.p2p.ice import IceAgent, TurnServer
 from natkit.p2p.paths import DatagramPath, IcePath, PathEvent, PathSwitch, StreamPath
 from natkit.p2p.session import P2PSession
+from natkit.p2p.tcppath import TcpDialer, TcpEndpoint
 from natkit.relay.agent import Agent, parse_hostport
 from natkit.rendezvous.client import RendezvousError, RendezvousTimeoutError
 
@@ -91,6 +92,10 @@ class P2POptions:
     peer_timeout: float | None = None  # how long to wait for the other peer (None: forever)
     use_ipv6: bool = False
     host_addresses: tuple[str, ...] | None = None  # host candidates only on these (default: all)
+    # The direct TCP path for forwarded streams (natkit.p2p.tcppath): a listener with it
+    # opens a TCP port and must serve ``P2PConnection.tcp_endpoint`` (``p2p listen`` does);
+    # a connector with it gets ``tcp_dialer`` when the listener offered a reachable port.
+    tcp: bool = False
 
 
 class _Signals:
@@ -239,6 +244,16 @@ class P2PConnection:
     def path(self) -> str:
         return self.session.path
 
+    @property
+    def tcp_dialer(self) -> TcpDialer | None:
+        """(connector) Opens forwarded streams over the direct TCP path; None: QUIC only."""
+        return self._peer.tcp_dialer
+
+    @property
+    def tcp_endpoint(self) -> TcpEndpoint | None:
+        """(listener) The TCP port the peer's forwarded streams may come to; None: none."""
+        return self._peer.tcp_endpoint
+
     def on_path_change(self, callback: Callable[[str, str], None]) -> None:
         """``callback(new_kind, reason)`` whenever the session moves to another path."""
         self._peer.path_listeners.append(callback)
@@ -283,6 +298,8 @@ class _Peer:
         self.path_listeners: list[Callable[[str, str], None]] = []
         self.switched = asyncio.Event()  # set once the session's path switch exists
         self.peer_fp = ""  # the peer's certificate fingerprint, from its sealed offer
+        self.tcp_endpoint: TcpEndpoint | None = None
+        self.tcp_dialer: TcpDialer | None = None
         self.elapsed = 0.0
         self.closed = False
 
@@ -307,10 +324,30 @@ class _Peer:
         """Send our ICE description (and fingerprint), return the peer's."""
         assert self.signals is not None
         local = await ice.gather()
-        self.signals.send({"t": kind, "ice": local.to_dict(), "fp": self.identity.fingerprint})
+        hosts = [c.host for c in local.candidates if c.type == "host"]
+        offer: dict[str, Any] = {"t": kind, "ice": local.to_dict(), "fp": self.identity.fingerprint}
+        if self.tcp_endpoint is not None:
+            offer["tcp"] = self.tcp_endpoint.endpoints(hosts)
+        self.signals.send(offer)
         body = await self.signals.recv(kind)
         self.peer_fp = str(body.get("fp", ""))
+        if self.role == "connect" and self.opts.tcp:
+            endpoints = tcppath.usable_endpoints(body.get("tcp"), hosts)
+            if endpoints:
+                key = tcppath.session_key(self.opts.secret, self.signals.session)
+                self.tcp_dialer = TcpDialer(key, endpoints)
         return IceDescription.from_dict(body.get("ice"))
+
+    def _open_tcp(self) -> None:
+        """(listener, after the secret proof) The TCP port for the direct TCP path."""
+        assert self.signals is not None
+        if self.role != "listen" or not self.opts.tcp:
+            return
+        key = tcppath.session_key(self.opts.secret, self.signals.session)
+        try:
+            self.tcp_endpoint = TcpEndpoint.open(key)
+        except OSError as exc:
+            log.warning("no direct TCP path: cannot listen on TCP: %s", exc)
 
     async def start(self) -> P2PSession:
         started = time.monotonic()
@@ -338,6 +375,7 @@ class _Peer:
         """Everything after the peer came: it must prove the secret before we gather."""
         self.signals = _Signals(self.room, self.name, self.opts.secret, self.role)
         await self.signals.hello()
+        self._open_tcp()
         ice = self.ice = self._ice_agent()
         remote = await self._exchange(ice, "offer")
         # The ticket of the peer we said hello to (a peer that came and went before got
@@ -562,6 +600,8 @@ class _Peer:
                 await self.ice.close()
         if self.signals is not None:
             self.signals.close()
+        if self.tcp_endpoint is not None:
+            self.tcp_endpoint.close()
         if self.room is not None:
             with contextlib.suppress(Exception):
                 self.room.leave()
