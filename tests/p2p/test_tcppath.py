@@ -210,3 +210,24 @@ async def test_p2p_connect_forwards_over_the_direct_tcp_path_else_quic(
     assert await bounded(reader.read()) == b""
     writer.close()
     service.close()
+
+
+async def test_the_endpoint_that_answers_is_used_whatever_its_place(
+    endpoint: TcpEndpoint,
+) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # refuses connections
+    dead = ("127.0.0.1", closed.getsockname()[1])
+    listener, port, service = await _service()
+    serving = asyncio.ensure_future(
+        serve_tcp_forwards(endpoint, target_host="127.0.0.1", allowed={port})
+    )
+    dialer = TcpDialer(KEY, [dead, ("127.0.0.1", endpoint.port)])
+    sealed = await bounded(dialer.open(port))
+    assert sealed is not None
+    assert dialer.working == ("127.0.0.1", endpoint.port)
+    sealed.close()
+    serving.cancel()
+    listener.close()
+    service.cancel()
+    closed.close()

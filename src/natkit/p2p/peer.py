@@ -38,9 +38,11 @@ from natkit.p2p import auth, tcppath
 from natkit.p2p.candidates import IceDescription
 from natkit.p2p.errors import P2PAuthError, P2PError, P2PTimeoutError
 from natkit.p2p.ice import IceAgent, TurnServer
+from natkit.p2p.ice_gather import release
 from natkit.p2p.paths import DatagramPath, IcePath, PathEvent, PathSwitch, StreamPath
 from natkit.p2p.session import P2PSession
 from natkit.p2p.tcppath import TcpDialer, TcpEndpoint
+from natkit.portmap.manager import KeptMapping
 from natkit.relay.agent import Agent, parse_hostport
 from natkit.rendezvous.client import RendezvousError, RendezvousTimeoutError
 
@@ -63,6 +65,7 @@ SEALED = "S:"
 ICE_TIMEOUT = 8.0  # ICE checks; then the relay path carries the session
 ICE_HEAD_START = 2.5  # how long the session waits for ICE before it starts on the relay
 SIGNAL_TIMEOUT = 15.0
+TCP_MAP_BUDGET = 0.5  # the listener's TCP port mapping (ICE gathering's budget for its own)
 HELLO_REPEAT = 1.0
 CONNECT_PEER_TIMEOUT = 60.0
 RELAY_PROBE = 3.0  # the TCP connect that tells an unreachable relay after a failed attempt
@@ -300,6 +303,7 @@ class _Peer:
         self.peer_fp = ""  # the peer's certificate fingerprint, from its sealed offer
         self.tcp_endpoint: TcpEndpoint | None = None
         self.tcp_dialer: TcpDialer | None = None
+        self.tcp_mapping: KeptMapping | None = None  # the router's TCP mapping of tcp_endpoint
         self.elapsed = 0.0
         self.closed = False
 
@@ -323,11 +327,12 @@ class _Peer:
     async def _exchange(self, ice: IceAgent, kind: str) -> IceDescription:
         """Send our ICE description (and fingerprint), return the peer's."""
         assert self.signals is not None
+        mapping = self._spawn(self._map_tcp()) if self.tcp_endpoint is not None else None
         local = await ice.gather()
         hosts = [c.host for c in local.candidates if c.type == "host"]
         offer: dict[str, Any] = {"t": kind, "ice": local.to_dict(), "fp": self.identity.fingerprint}
         if self.tcp_endpoint is not None:
-            offer["tcp"] = self.tcp_endpoint.endpoints(hosts)
+            offer["tcp"] = await self._tcp_offer(self.tcp_endpoint, hosts, mapping)
         self.signals.send(offer)
         body = await self.signals.recv(kind)
         self.peer_fp = str(body.get("fp", ""))
@@ -337,6 +342,33 @@ class _Peer:
                 key = tcppath.session_key(self.opts.secret, self.signals.session)
                 self.tcp_dialer = TcpDialer(key, endpoints)
         return IceDescription.from_dict(body.get("ice"))
+
+    async def _map_tcp(self) -> tuple[str, int] | None:
+        """(listener) The router's TCP mapping of our TCP port, when it gives one."""
+        assert self.tcp_endpoint is not None
+        if not self.opts.port_mapping:
+            return None
+        try:
+            kept, ip, port = await tcppath.map_endpoint(self.tcp_endpoint, TCP_MAP_BUDGET)
+        except (NatkitError, OSError, asyncio.TimeoutError) as exc:
+            log.info("no TCP port mapping for the direct TCP path: %s", exc)
+            return None
+        self.tcp_mapping = kept
+        return ip, port
+
+    async def _tcp_offer(
+        self, endpoint: TcpEndpoint, hosts: list[str], mapping: asyncio.Task[Any] | None
+    ) -> list[tuple[str, int]]:
+        """Where the peer may reach our TCP port: the router's mapping first (when it came
+        within its budget: ICE gathering took about as long), then each host address."""
+        mapped: list[tuple[str, int]] = []
+        if mapping is not None:
+            await asyncio.wait({mapping}, timeout=TCP_MAP_BUDGET)
+            if mapping.done() and not mapping.cancelled() and mapping.result() is not None:
+                mapped.append(mapping.result())
+            else:
+                mapping.cancel()
+        return mapped + endpoint.endpoints(hosts)
 
     def _open_tcp(self) -> None:
         """(listener, after the secret proof) The TCP port for the direct TCP path."""
@@ -602,6 +634,8 @@ class _Peer:
             self.signals.close()
         if self.tcp_endpoint is not None:
             self.tcp_endpoint.close()
+        if self.tcp_mapping is not None:
+            await release(self.tcp_mapping)
         if self.room is not None:
             with contextlib.suppress(Exception):
                 self.room.leave()

@@ -1,7 +1,7 @@
 """A direct TCP path for forwarded streams: kernel TCP, sealed with the session's keys.
 
-When the listening peer's TCP port can be reached (no NAT between, or a router forwards
-it), each forwarded connection runs over a TCP connection of its own instead of a QUIC
+When the listening peer's TCP port can be reached (no NAT between, or its router forwards
+one: the listener asks for a TCP mapping as ICE gathering does for UDP), each forwarded connection runs over a TCP connection of its own instead of a QUIC
 stream: the kernel does congestion control and retransmission, and natkit's sealed record
 path (:mod:`natkit.relay.seal`, :mod:`natkit.relay.sealpump`, the relay's fastest
 encrypted path) does the crypto. Nothing is reachable without the session: the listener
@@ -33,10 +33,13 @@ import struct
 from collections.abc import Collection, Iterable
 
 from natkit.errors import NatkitError, ProtocolError
+from natkit.net.routes import default_gateway, local_address_for, read_routes_async
 from natkit.p2p import auth
 from natkit.p2p.candidates import address_scope
 from natkit.p2p.errors import P2PError
 from natkit.p2p.forward import FAILED, MAGIC, OK, REFUSED, ForwardRefusedError, connect_target
+from natkit.p2p.ice_gather import keep_mapping
+from natkit.portmap.manager import KeptMapping
 from natkit.relay import seal, sealpump
 from natkit.relay.sockframes import recv_exact
 
@@ -154,6 +157,16 @@ class TcpEndpoint:
             self._ready.get_nowait()[0].close()
 
 
+async def map_endpoint(endpoint: TcpEndpoint, timeout: float) -> tuple[KeptMapping, str, int]:
+    """Ask the router to forward a public TCP port to ``endpoint`` (as ICE gathering does
+    for its UDP port-mapped candidate): (the mapping kept alive, public IP, public port)."""
+    gateway = default_gateway(await read_routes_async())
+    mapping, kept = await keep_mapping(endpoint.port, "tcp", local_address_for(gateway),
+                                       gateway_ip=None, timeout=timeout,
+                                       description="natkit p2p tcp")  # fmt: skip
+    return kept, mapping.external_ip, mapping.external_port
+
+
 def usable_endpoints(announced: object, local_hosts: Iterable[str]) -> list[tuple[str, int]]:
     """The peer's announced endpoints we may connect to: well-formed, and private or
     loopback ones only when we have an address of that scope ourselves (the rule of
@@ -202,19 +215,32 @@ class TcpDialer:
         return sock
 
     async def _reach(self) -> socket.socket | None:
+        """A connection to the endpoint that worked last, else to the first of all the
+        endpoints that answers (tried at once: an unreachable private address must not
+        hold up the router's mapping)."""
         order = [self.working] if self.working else self.endpoints
-        for endpoint in order:
-            try:
-                sock = await self._connect(endpoint)
-            except (OSError, asyncio.TimeoutError) as exc:
-                log.info("TCP path: %s:%d: %s", *endpoint, exc or "no answer")
-                continue
-            self.working = endpoint
-            return sock
-        if self.working is None:
+        tries = {asyncio.ensure_future(self._connect(e)): e for e in order}
+        won: socket.socket | None = None
+        try:
+            for next_done in asyncio.as_completed(list(tries)):
+                try:
+                    won = await next_done
+                    break
+                except (OSError, asyncio.TimeoutError) as exc:
+                    log.info("TCP path: no connection: %s", exc or "no answer")
+        finally:
+            for task, endpoint in tries.items():
+                if not task.done():
+                    task.cancel()
+                elif won is not None and not task.cancelled() and task.exception() is None:
+                    if task.result() is won:
+                        self.working = endpoint
+                    else:
+                        task.result().close()  # a second one that also connected
+        if won is None:
+            self.working = None
             self.failed = True
-        self.working = None
-        return None
+        return won
 
     async def open(self, port: int) -> sealpump.SealedSocket | None:
         """A sealed connection whose peer connected to ``port`` for us, or None when there
