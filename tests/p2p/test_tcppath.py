@@ -231,3 +231,16 @@ async def test_the_endpoint_that_answers_is_used_whatever_its_place(
     listener.close()
     service.cancel()
     closed.close()
+
+
+async def test_an_endpoint_that_is_not_the_peer_costs_one_wait_then_quic(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tcppath, "HANDSHAKE_TIMEOUT", 0.5)
+    silent = socket.socket()  # accepts (the kernel's backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    dialer = TcpDialer(KEY, [("127.0.0.1", silent.getsockname()[1])])
+    assert await bounded(dialer.open(80)) is None
+    assert dialer.failed
+    silent.close()

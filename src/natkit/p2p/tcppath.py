@@ -259,7 +259,10 @@ class TcpDialer:
         try:
             await asyncio.wait_for(self._answer(sealed, port), HANDSHAKE_TIMEOUT)
         except (ProtocolError, OSError, asyncio.TimeoutError) as exc:
+            # Something took the connection but is not our peer (another host at that
+            # private address), or the peer went away: no TCP path, and no waiting again.
             sealed.close()
+            self.failed = True
             log.info("TCP path: no answer to a forward (%s); using QUIC", exc)
             return None
         except BaseException:
