@@ -327,7 +327,9 @@ class _Peer:
     async def _exchange(self, ice: IceAgent, kind: str) -> IceDescription:
         """Send our ICE description (and fingerprint), return the peer's."""
         assert self.signals is not None
-        mapping = self._spawn(self._map_tcp()) if self.tcp_endpoint is not None else None
+        mapping = None
+        if self.tcp_endpoint is not None:  # asked while ICE gathers, within the same budget
+            mapping = self._spawn(asyncio.wait_for(self._map_tcp(), TCP_MAP_BUDGET))
         local = await ice.gather()
         hosts = [c.host for c in local.candidates if c.type == "host"]
         offer: dict[str, Any] = {"t": kind, "ice": local.to_dict(), "fp": self.identity.fingerprint}
@@ -360,14 +362,12 @@ class _Peer:
         self, endpoint: TcpEndpoint, hosts: list[str], mapping: asyncio.Task[Any] | None
     ) -> list[tuple[str, int]]:
         """Where the peer may reach our TCP port: the router's mapping first (when it came
-        within its budget: ICE gathering took about as long), then each host address."""
+        within its budget, which ran while ICE gathered), then each host address."""
         mapped: list[tuple[str, int]] = []
         if mapping is not None:
-            await asyncio.wait({mapping}, timeout=TCP_MAP_BUDGET)
-            if mapping.done() and not mapping.cancelled() and mapping.result() is not None:
+            await asyncio.wait({mapping})  # bounded by TCP_MAP_BUDGET from its start
+            if not mapping.cancelled() and mapping.exception() is None and mapping.result():
                 mapped.append(mapping.result())
-            else:
-                mapping.cancel()
         return mapped + endpoint.endpoints(hosts)
 
     def _open_tcp(self) -> None:
