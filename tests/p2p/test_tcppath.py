@@ -244,3 +244,13 @@ async def test_an_endpoint_that_is_not_the_peer_costs_one_wait_then_quic(
     assert await bounded(dialer.open(80)) is None
     assert dialer.failed
     silent.close()
+
+
+def test_the_tcp_key_is_new_for_every_session_and_secret() -> None:
+    keys = {
+        tcppath.session_key(secret, session)
+        for secret in ("a-secret-of-the-two-peers", "another-secret-of-two-peers")
+        for session in ("a.b", "a.c")
+    }
+    assert len(keys) == 4
+    assert all(len(k) == seal.KEY_SIZE for k in keys)
