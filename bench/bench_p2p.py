@@ -47,6 +47,7 @@ from benchlib import (
 import natkit.p2p
 from natkit.lab import Lab, LabConfig, netns
 from natkit.lab import config as C
+from natkit.relay import seal
 
 NAME = "p2p"
 TOKEN = "bench-p2p-token-0123456789abcdef"
@@ -55,14 +56,19 @@ RELAY_HOST, RELAY_PORT = C.WAN_IPS[0], 7835
 RELAY = f"{RELAY_HOST}:{RELAY_PORT}"
 NATKIT = str(Path(sys.executable).parent / "natkit")
 STREAM_BYTES = 32 << 20
+# Downloads through the forward and their plain TCP reference: large enough that a
+# connection's set-up (across both NATs, and the TCP path's sealed opening) is noise at ~1 GB/s.
+DOWNLOAD_BYTES = 256 << 20
 RTT_SAMPLES = 200
 PLAIN_PORT = 5201
 GOAL_DIRECT_S, GOAL_RELAY_S = 1.0, 3.0
+GOAL_TCP_RATIO = 0.5  # issue 16: the direct TCP path at least half of plain TCP
 
 
 def lab_config(name: str) -> LabConfig:
-    # rtr2 offers NAT-PMP only for the plain TCP/UDP reference; natkit's peers are told not
-    # to map (port_mapping=False), so their path is hole punching.
+    # rtr2 offers NAT-PMP for the plain TCP/UDP reference and for the listener's TCP
+    # mapping in the direct-TCP-path forward; natkit's peers are otherwise told not to map
+    # (port_mapping=False, --no-portmap), so their session's path is hole punching.
     return LabConfig(
         name=name, portmap=frozenset(), second_lan=True, portmap2=frozenset({"natpmp"})
     )
@@ -237,7 +243,7 @@ def _plain(lab: Lab, state: Path) -> dict[str, Any]:
         if r.returncode != 0:
             raise BenchError(f"natpmpc on lan2: {r.stdout} {r.stderr}")
     server = lab.popen(
-        "lan2", [sys.executable, "-c", _PLAIN_SERVER, str(PLAIN_PORT), str(STREAM_BYTES)]
+        "lan2", [sys.executable, "-c", _PLAIN_SERVER, str(PLAIN_PORT), str(DOWNLOAD_BYTES)]
     )
     try:
         time.sleep(0.5)
@@ -248,11 +254,16 @@ def _plain(lab: Lab, state: Path) -> dict[str, Any]:
         )
         if r.returncode != 0:
             raise BenchError(f"plain client: {r.stderr}")
-        mbps, rtt = (float(x) for x in r.stdout.split())
+        _, rtt = (float(x) for x in r.stdout.split())
+        plain = [_download(lab, C.RTR2_WAN_IP, PLAIN_PORT) for _ in range(FORWARD_RUNS)]
+        mbps = statistics.median(plain)
         # The same server, now through natkit's forward between two CLI processes.
-        forwarded, cpu_per_gb = _forwarded(lab, state)
+        forwarded, cpu_per_gb = _forwarded(lab, state, "quic")
+        over_tcp, tcp_cpu_per_gb = _forwarded(lab, state, "tcp")
         return {"mbps": mbps, "rtt_ms": rtt, "forward_mbps": statistics.median(forwarded),
-                "forward_runs": forwarded, "forward_cpu_s_per_gb": cpu_per_gb}  # fmt: skip
+                "forward_runs": forwarded, "forward_cpu_s_per_gb": cpu_per_gb,
+                "tcp_forward_mbps": statistics.median(over_tcp), "tcp_forward_runs": over_tcp,
+                "tcp_forward_cpu_s_per_gb": tcp_cpu_per_gb}  # fmt: skip
     finally:
         server.kill()
         server.wait()
@@ -286,6 +297,17 @@ print(got / (time.monotonic() - t0) / 1e6, got)
 """
 
 
+def _download(lab: Lab, host: str, port: int) -> float:
+    """MB/s of one download from lan of the plain server's DOWNLOAD_BYTES."""
+    r = lab.run("lan", [sys.executable, "-c", _TCP_CLIENT, host, str(port)], timeout=300)
+    if r.returncode != 0:
+        raise BenchError(f"download from {host}:{port}: {r.stderr}")
+    mbps, got = r.stdout.split()
+    if int(got) != DOWNLOAD_BYTES:
+        raise BenchError(f"{host}:{port} delivered {got} of {DOWNLOAD_BYTES} bytes")
+    return float(mbps)
+
+
 FORWARD_RUNS = 3  # downloads through one forward: one alone moves with the machine's load
 
 
@@ -296,22 +318,29 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _forwarded(lab: Lab, state: Path) -> tuple[list[float], float]:
+# How the forward's two processes are started: over QUIC streams on the hole-punched path
+# (no router mapping, no TCP path), and over the direct TCP path through the TCP mapping the
+# listener asks rtr2 for (NAT-PMP; rtr offers none, so the connector's ICE finds no mapping).
+FORWARD_MODES = {"quic": ["--no-portmap", "--no-tcp"], "tcp": []}
+
+
+def _forwarded(lab: Lab, state: Path, mode: str = "quic") -> tuple[list[float], float]:
     """MB/s of TCP downloads through ``natkit p2p connect --forward`` (separate processes,
-    as deployed), on the same direct path, and the CPU seconds both natkit processes spent
-    per GB moved."""
-    env = {**os.environ, "NATKIT_STATE_DIR": str(state)}
-    common = ["--relay", RELAY, "--token", TOKEN, "--secret", SECRET, "--no-portmap", "--json"]
+    as deployed), and the CPU seconds both natkit processes spent per GB moved."""
+    env = {**os.environ, "NATKIT_STATE_DIR": str(state / mode)}
+    common = ["--relay", RELAY, "--token", TOKEN, "--secret", SECRET, "--json",
+              *FORWARD_MODES[mode]]  # fmt: skip
+    room = f"fwd-{mode}"
     listen = lab.popen(
         "lan2",
-        [NATKIT, "p2p", "listen", "fwd", *common, "--allow", str(PLAIN_PORT)],
+        [NATKIT, "p2p", "listen", room, *common, "--allow", str(PLAIN_PORT)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=env,
     )
     connect = lab.popen(
         "lan",
-        [NATKIT, "p2p", "connect", "fwd", *common, "--forward", f"9100:{PLAIN_PORT}"],
+        [NATKIT, "p2p", "connect", room, *common, "--forward", f"9100:{PLAIN_PORT}"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=env,
@@ -322,22 +351,19 @@ def _forwarded(lab: Lab, state: Path) -> tuple[list[float], float]:
             line = connect.stdout.readline()
             if not line:
                 raise BenchError("natkit p2p connect ended early")
-            if json.loads(line).get("event") == "forwarding":
+            event = json.loads(line)
+            if event.get("event") == "ready" and mode == "tcp":
+                mapped = [e for e in event.get("tcp") or [] if e.startswith(f"{C.RTR2_WAN_IP}:")]
+                if not mapped:
+                    raise BenchError(f"no TCP mapping on rtr2 offered: {event}")
+            if event.get("event") == "forwarding":
                 break
         runs = []
         cpu_before = _cpu_seconds(listen.pid) + _cpu_seconds(connect.pid)
         for _ in range(FORWARD_RUNS):
-            r = lab.run(
-                "lan", [sys.executable, "-c", _TCP_CLIENT, "127.0.0.1", "9100"], timeout=300
-            )
-            if r.returncode != 0:
-                raise BenchError(f"download through the forward: {r.stderr}")
-            mbps, got = r.stdout.split()
-            if int(got) != STREAM_BYTES:
-                raise BenchError(f"the forward delivered {got} of {STREAM_BYTES} bytes")
-            runs.append(float(mbps))
+            runs.append(_download(lab, "127.0.0.1", 9100))
         cpu = _cpu_seconds(listen.pid) + _cpu_seconds(connect.pid) - cpu_before
-        return runs, cpu / (FORWARD_RUNS * STREAM_BYTES / 1e9)
+        return runs, cpu / (FORWARD_RUNS * DOWNLOAD_BYTES / 1e9)
     finally:
         for proc in (connect, listen):
             proc.terminate()
@@ -397,6 +423,8 @@ def run(lab: Lab | None, opts: Options) -> Report:
         natkit_link["forward_mbps"] = plain_link.pop("forward_mbps")
         natkit_link["forward_runs"] = plain_link.pop("forward_runs")
         natkit_link["forward_cpu_s_per_gb"] = plain_link.pop("forward_cpu_s_per_gb")
+        for key in ("tcp_forward_mbps", "tcp_forward_runs", "tcp_forward_cpu_s_per_gb"):
+            natkit_link[key] = plain_link.pop(key)
     finally:
         relay.stop()
     hard = Lab.create(
@@ -426,6 +454,10 @@ def run(lab: Lab | None, opts: Options) -> Report:
     paths = {c.key: sorted({str(s.info.get("path")) for s in c.samples}) for c in cases.values()}
     goals = [
         (
+            f"forwarded over the direct TCP path >= {GOAL_TCP_RATIO:g}x plain TCP (median)",
+            natkit_link["tcp_forward_mbps"] >= GOAL_TCP_RATIO * plain_link["mbps"],
+        ),
+        (
             f"natkit direct session under {GOAL_DIRECT_S:g} s (median)",
             direct is not None and direct.median < GOAL_DIRECT_S,
         ),
@@ -439,14 +471,21 @@ def run(lab: Lab | None, opts: Options) -> Report:
         f"Direct path, lan → lan2 across both NATs: natkit QUIC stream "
         f"{natkit_link['mbps']:.1f} MB/s with both peers in one process (GIL shared), "
         f"{natkit_link['forward_mbps']:.1f} MB/s through `natkit p2p connect --forward` between "
-        f"two processes (median of {FORWARD_RUNS} downloads of {STREAM_BYTES >> 20} MiB: "
+        f"two processes (median of {FORWARD_RUNS} downloads of {DOWNLOAD_BYTES >> 20} MiB: "
         f"{', '.join(f'{x:.1f}' for x in natkit_link['forward_runs'])}; both natkit processes "
         f"together {natkit_link['forward_cpu_s_per_gb']:.1f} CPU s per GB); datagram RTT {natkit_link['rtt_ms']:.2f} ms (median of "
-        f"{RTT_SAMPLES}); plain TCP {plain_link['mbps']:.0f} MB/s, plain UDP RTT "
+        f"{RTT_SAMPLES}); plain TCP {plain_link['mbps']:.0f} MB/s (median of {FORWARD_RUNS}), plain UDP RTT "
         f"{plain_link['rtt_ms']:.2f} ms through a port mapping on rtr2 "
         f"(natkit/plain throughput {natkit_link['mbps'] / plain_link['mbps']:.3f}x, forwarded "
         f"{natkit_link['forward_mbps'] / plain_link['mbps']:.3f}x; QUIC here is qh3, its packet "
         "and crypto work in Rust).",
+        f"Direct TCP path (the listener's TCP mapping on rtr2, forwarded connections over "
+        f"kernel TCP sealed with the session's keys, {seal.preferred_cipher()}): "
+        f"{natkit_link['tcp_forward_mbps']:.1f} MB/s through `natkit p2p connect --forward` "
+        f"(median of {FORWARD_RUNS}: "
+        f"{', '.join(f'{x:.1f}' for x in natkit_link['tcp_forward_runs'])}; both natkit "
+        f"processes together {natkit_link['tcp_forward_cpu_s_per_gb']:.1f} CPU s per GB), "
+        f"{natkit_link['tcp_forward_mbps'] / plain_link['mbps']:.3f}x plain TCP.",
     ]
     report = Report(
         name=NAME,
@@ -458,6 +497,7 @@ def run(lab: Lab | None, opts: Options) -> Report:
             "warmup": opts.warmup,
             "relay": RELAY,
             "stream_bytes": STREAM_BYTES,
+            "download_bytes": DOWNLOAD_BYTES,
             "rtt_samples": RTT_SAMPLES,
         },
         cases=[cases["direct"], cases["aioice"]],

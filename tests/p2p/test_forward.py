@@ -52,6 +52,20 @@ async def _service(upper: bool = True) -> tuple[socket.socket, int, asyncio.Task
     return listener, listener.getsockname()[1], asyncio.ensure_future(one())
 
 
+async def digest_round_trip(a: socket.socket, service: asyncio.Task[bytes], size: int) -> None:
+    """Through ``a``: ``size`` random bytes and a half-close; the service's sha256 of them
+    must come back, and the service must have seen them all."""
+    loop = asyncio.get_running_loop()
+    blob = os.urandom(size)
+    await loop.sock_sendall(a, blob)
+    a.shutdown(socket.SHUT_WR)  # the request ends; the answer still comes back
+    answer = bytearray()
+    while chunk := await bounded(loop.sock_recv(a, 1 << 16)):
+        answer += chunk
+    assert bytes(answer) == hashlib.sha256(blob).digest()
+    assert await bounded(service) == blob
+
+
 async def test_a_forwarded_connection_carries_bytes_both_ways_with_half_close(
     sessions: tuple[P2PSession, P2PSession],
 ) -> None:
@@ -62,15 +76,7 @@ async def test_a_forwarded_connection_carries_bytes_both_ways_with_half_close(
     a.setblocking(False)
     stream = await bounded(open_forward(client, port))
     pump = asyncio.ensure_future(splice_stream(b, stream))
-    loop = asyncio.get_running_loop()
-    blob = os.urandom(3 << 20)
-    await loop.sock_sendall(a, blob)
-    a.shutdown(socket.SHUT_WR)  # the request ends; the answer still comes back
-    answer = bytearray()
-    while chunk := await bounded(loop.sock_recv(a, 1 << 16)):
-        answer += chunk
-    assert bytes(answer) == hashlib.sha256(blob).digest()
-    assert await service == blob
+    await digest_round_trip(a, service, 3 << 20)
     await bounded(pump)
     serving.cancel()
     listener.close()

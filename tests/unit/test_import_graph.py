@@ -8,8 +8,16 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-# What p2p may use of the relay package: the agent (its public client), the wire messages.
-P2P_MAY_USE = {"natkit.relay.agent", "natkit.relay.messages"}
+# What p2p may use of the relay package: the agent (its public client), the wire messages,
+# and the sealed record path (seal, sealpump and its socket helpers), which the direct TCP
+# path reuses as issue 16 asks (the relay's fastest encrypted path, not a second one).
+P2P_MAY_USE = {
+    "natkit.relay.agent",
+    "natkit.relay.messages",
+    "natkit.relay.seal",
+    "natkit.relay.sealpump",
+    "natkit.relay.sockframes",
+}
 
 
 def _module(path: Path) -> str:

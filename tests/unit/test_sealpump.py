@@ -81,7 +81,7 @@ def test_start_then_visitor_bytes_in_one_record_reach_the_service(tmp_path: Path
         bridge = asyncio.ensure_future(sealpump.bridge(agent, service))
         assert await _recv_all(service_far) == b"GET / HTTP/1.0\r\n\r\n"
         service_far.close()  # the service answers nothing and ends: an end mark goes back
-        assert await sealpump._recv_exact(relay, 4) == _chunk(b"")
+        assert await sealpump.recv_sealed_exact(relay, 4) == _chunk(b"")
         assert await bridge == (0, 18)
 
     run(tmp_path, body)
@@ -228,7 +228,7 @@ def test_a_cleanly_ended_connection_carries_the_next_visitor(tmp_path: Path) -> 
             assert await _recv_all(service_far) == b"ping"
             await loop.sock_sendall(service_far, b"pong")
             service_far.close()
-            assert await sealpump._recv_exact(relay, 12) == _chunk(b"pong") + _chunk(b"")
+            assert await sealpump.recv_sealed_exact(relay, 12) == _chunk(b"pong") + _chunk(b"")
             assert await bridge == (4, 4)
             assert not agent.closed
         relay.close()

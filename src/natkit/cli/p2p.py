@@ -77,6 +77,7 @@ def _options(
     no_portmap: bool,
     fingerprint: str | None,
     local_addresses: tuple[str, ...] = (),
+    no_tcp: bool = False,
 ) -> P2POptions:
     from natkit.p2p.ice import TurnServer
     from natkit.p2p.peer import P2POptions
@@ -96,6 +97,7 @@ def _options(
         port_mapping=not no_portmap,
         fingerprint=fingerprint,
         host_addresses=local_addresses or None,
+        tcp=not no_tcp,
     )
 
 
@@ -124,6 +126,9 @@ def _common(f: Any) -> Any:
         click.option("--turn-password", envvar="NATKIT_TURN_PASSWORD"),
         click.option("--no-portmap", is_flag=True, help="Do not ask the router for a mapping."),
         click.option(
+            "--no-tcp", is_flag=True, help="Forward over QUIC streams only (no direct TCP path)."
+        ),
+        click.option(
             "--local-address",
             "local_addresses",
             multiple=True,
@@ -150,7 +155,14 @@ async def _session(
         _emit(as_json, event, **info, **extra)
 
     conn = await connect_peer(name, role, opts, on_event=progress)
-    _emit(as_json, "ready", path=conn.path, elapsed_ms=round(conn.elapsed * 1000, 1))
+    # tcp: the listener's TCP port for the direct TCP path, or the connector's endpoints of
+    # it that it may try; null: forwarded streams go over QUIC only
+    tcp: Any = None
+    if conn.tcp_endpoint is not None:
+        tcp = conn.tcp_endpoint.port
+    elif conn.tcp_dialer is not None:
+        tcp = [f"{h}:{p}" for h, p in conn.tcp_dialer.endpoints]
+    _emit(as_json, "ready", path=conn.path, elapsed_ms=round(conn.elapsed * 1000, 1), tcp=tcp)
 
     def moved(kind: str, reason: str) -> None:
         _emit(as_json, "path", path=kind, reason=reason)
@@ -196,7 +208,7 @@ def _target(to: str | None, allow: tuple[int, ...]) -> tuple[str, frozenset[int]
               help="A port the peer may reach (repeatable). --allow or --to HOST:PORT is required.")  # fmt: skip
 def listen(
     name: str, relay: str, token: str, secret: str | None, stun: str | None, turn: str | None,
-    turn_user: str | None, turn_password: str | None, no_portmap: bool,
+    turn_user: str | None, turn_password: str | None, no_portmap: bool, no_tcp: bool,
     local_addresses: tuple[str, ...], fingerprint: str | None, as_json: bool, to: str | None, allow: tuple[int, ...],
 ) -> None:  # fmt: skip
     """Wait for the peer NAME and serve its forwarded connections (again after it leaves)."""
@@ -204,7 +216,7 @@ def listen(
     made = not secret
     secret = _secret(secret, make=True)
     opts = _options(relay, token, secret, stun, turn, turn_user, turn_password, no_portmap,
-                    fingerprint, local_addresses)  # fmt: skip
+                    fingerprint, local_addresses, no_tcp)  # fmt: skip
     shown: dict[str, str] = {}
     if made:  # the only way the peer can learn it: say it, with the command to paste
         port = min(allowed)
@@ -215,10 +227,14 @@ def listen(
     async def main() -> None:
         from natkit.p2p.errors import P2PError
         from natkit.p2p.forward import serve_forward
+        from natkit.p2p.tcppath import serve_tcp_forwards
 
         while True:
             conn = await _session(name, "listen", opts, as_json, shown)
             tasks: set[asyncio.Task[None]] = set()
+            if conn.tcp_endpoint is not None:  # forwards that come over the direct TCP path
+                tasks.add(asyncio.ensure_future(serve_tcp_forwards(
+                    conn.tcp_endpoint, target_host=target, allowed=allowed)))  # fmt: skip
             try:
                 while True:
                     stream = await conn.accept_stream()
@@ -271,13 +287,13 @@ def _listen(bind: str, port: int) -> socket.socket:
 @click.option("--bind", default="127.0.0.1", help="Local address to listen on.")
 def connect(
     name: str, relay: str, token: str, secret: str | None, stun: str | None, turn: str | None,
-    turn_user: str | None, turn_password: str | None, no_portmap: bool,
+    turn_user: str | None, turn_password: str | None, no_portmap: bool, no_tcp: bool,
     local_addresses: tuple[str, ...], fingerprint: str | None, as_json: bool, forwards: tuple[str, ...], bind: str,
 ) -> None:  # fmt: skip
     """Connect to the peer NAME and forward local ports to ports on its side."""
     secret = _secret(secret, make=False)
     opts = _options(relay, token, secret, stun, turn, turn_user, turn_password, no_portmap,
-                    fingerprint, local_addresses)  # fmt: skip
+                    fingerprint, local_addresses, no_tcp)  # fmt: skip
     pairs: list[tuple[int, int]] = []
     for spec in forwards:
         local, sep, remote = spec.partition(":")
@@ -297,6 +313,7 @@ def connect(
     async def main() -> None:
         from natkit.p2p.errors import P2PError
         from natkit.p2p.forward import open_forward, splice_stream
+        from natkit.p2p.tcppath import bridge_client
 
         try:
             conn = await _session(name, "connect", opts, as_json)
@@ -308,6 +325,12 @@ def connect(
 
         async def one(client: socket.socket, remote: int) -> None:
             try:
+                # the direct TCP path when the listener's TCP port answers, else QUIC
+                dialer = conn.tcp_dialer
+                sealed = await dialer.open(remote) if dialer is not None else None
+                if sealed is not None:
+                    await bridge_client(sealed, client)
+                    return
                 stream = await open_forward(conn, remote)
             except (NatkitError, OSError) as exc:
                 _emit(as_json, "refused", port=remote, reason=str(exc))

@@ -362,7 +362,7 @@ def without_redundant(
     return kept_srflx, kept_mapped
 
 
-def _scope(host: str) -> str:
+def address_scope(host: str) -> str:
     """Where an address can be reached from: ``machine`` (this host only), ``link``,
     ``private`` (a private network) or ``global``."""
     ip = ipaddress.ip_address(host)
@@ -386,11 +386,11 @@ def reachable_remote(
     (or whoever altered its description) could make us send checks to our own services or
     our network's private hosts. Peers on one machine (gathering on loopback) keep theirs.
     """
-    scopes = {_scope(c.host) for c in local if c.type == "host"}
+    scopes = {address_scope(c.host) for c in local if c.type == "host"}
     kept: list[IceCandidate] = []
     dropped: list[str] = []
     for candidate in remote:
-        scope = _scope(candidate.host)
+        scope = address_scope(candidate.host)
         if scope == "global" or scope in scopes:
             kept.append(candidate)
         else:

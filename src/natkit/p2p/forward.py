@@ -27,6 +27,7 @@ MAGIC = b"NKF1"
 _REQUEST = struct.Struct("!4sH")
 OK, REFUSED, FAILED = 0, 1, 2
 CHUNK = 64 * 1024
+CONNECT_TIMEOUT = 10.0  # the listener's connection to its target
 
 
 class ForwardRefusedError(P2PError):
@@ -89,10 +90,22 @@ async def open_forward(conn: Any, port: int) -> Any:
     return stream
 
 
+async def connect_target(host: str, port: int) -> socket.socket | None:
+    """A connection to the listener's target for one forward, or None when none answers."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT)
+    except (OSError, asyncio.TimeoutError):
+        sock.close()
+        return None
+    return sock
+
+
 async def serve_forward(stream: Any, *, target_host: str, allowed: Collection[int]) -> None:
     """Answer one forwarding request on ``stream`` (the listening side): a port not in
     ``allowed`` is refused (an empty ``allowed`` refuses all)."""
-    loop = asyncio.get_running_loop()
     try:
         magic, port = _REQUEST.unpack(await stream.readexactly(_REQUEST.size))
     except (NatkitError, asyncio.IncompleteReadError, struct.error):
@@ -103,12 +116,8 @@ async def serve_forward(stream: Any, *, target_host: str, allowed: Collection[in
         stream.write_eof()
         log.info("refused a forward to port %s", port)
         return
-    sock = socket.socket(socket.AF_INET6 if ":" in target_host else socket.AF_INET)
-    sock.setblocking(False)
-    try:
-        await asyncio.wait_for(loop.sock_connect(sock, (target_host, port)), 10)
-    except (OSError, asyncio.TimeoutError):
-        sock.close()
+    sock = await connect_target(target_host, port)
+    if sock is None:
         stream.write(bytes([FAILED]))
         stream.write_eof()
         return

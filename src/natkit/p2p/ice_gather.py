@@ -245,34 +245,23 @@ class Gatherer:
         base = next((p.local_candidate for p in hosts if p.local_candidate.host == local_ip), None)
         if base is None:
             raise P2PError(f"no host candidate on {local_ip}, the address towards {gateway}")
-        kept = KeptMapping(
+        mapping, kept = await keep_mapping(
             base.port,
-            protocol="udp",
-            lease=MAPPING_LEASE,
-            description="natkit ice",
+            "udp",
+            base.host,
             gateway_ip=self.options.gateway_ip,
             timeout=min(self.options.gather_timeout, PORTMAP_BUDGET),
         )
-        try:
-            mapping = await kept.start()
-        except BaseException:
-            if kept.mapper is not None:  # start() leaves the chosen mapper open on failure
-                kept.mapper.close()
-            raise
-        if not mapping.publicly_reachable or mapping.internal_ip != base.host:
-            await _release(kept)
-            raise P2PError(f"the router's mapping is not usable: {mapping.reachability_note}")
-        kept.on_event(_log_mapping_event)
         self.report["port mapping"] = f"{mapping.method} {mapping.public_address}"
         public = (mapping.external_ip, mapping.external_port)
         return port_mapped_candidate(public, (base.host, base.port)), kept
 
     async def release(self) -> None:
         kept, self.kept = self.kept, []
-        await asyncio.gather(*(_release(k) for k in kept))
+        await asyncio.gather(*(release(k) for k in kept))
 
 
-async def _release(kept: KeptMapping) -> None:
+async def release(kept: KeptMapping) -> None:
     try:
         await asyncio.wait_for(kept.close(), RELEASE_TIMEOUT)
     except (NatkitError, asyncio.TimeoutError) as exc:
@@ -286,3 +275,35 @@ def _log_mapping_event(event: str, mapping: PortMapping, info: dict[str, Any]) -
                     info.get("previous"))  # fmt: skip
     elif event == "lost":
         log.info("the router lost the mapping %s: %s", mapping.public_address, info.get("reason"))
+
+
+async def keep_mapping(
+    port: int,
+    protocol: str,
+    internal_ip: str,
+    *,
+    gateway_ip: str | None,
+    timeout: float,
+    description: str = "natkit ice",
+) -> tuple[PortMapping, KeptMapping]:
+    """A router mapping of ``internal_ip:port`` kept alive, or an error when the router
+    gives none that the peer can reach (the caller releases it with :func:`release`)."""
+    kept = KeptMapping(
+        port,
+        protocol=protocol,
+        lease=MAPPING_LEASE,
+        description=description,
+        gateway_ip=gateway_ip,
+        timeout=timeout,
+    )
+    try:
+        mapping = await kept.start()
+    except BaseException:
+        if kept.mapper is not None:  # start() leaves the chosen mapper open on failure
+            kept.mapper.close()
+        raise
+    if not mapping.publicly_reachable or mapping.internal_ip != internal_ip:
+        await release(kept)
+        raise P2PError(f"the router's mapping is not usable: {mapping.reachability_note}")
+    kept.on_event(_log_mapping_event)
+    return mapping, kept

@@ -34,12 +34,15 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
 from natkit.errors import NatkitError, ProtocolError, RelayError
-from natkit.p2p import auth
+from natkit.p2p import auth, tcppath
 from natkit.p2p.candidates import IceDescription
 from natkit.p2p.errors import P2PAuthError, P2PError, P2PTimeoutError
 from natkit.p2p.ice import IceAgent, TurnServer
+from natkit.p2p.ice_gather import release
 from natkit.p2p.paths import DatagramPath, IcePath, PathEvent, PathSwitch, StreamPath
 from natkit.p2p.session import P2PSession
+from natkit.p2p.tcppath import TcpDialer, TcpEndpoint
+from natkit.portmap.manager import KeptMapping
 from natkit.relay.agent import Agent, parse_hostport
 from natkit.rendezvous.client import RendezvousError, RendezvousTimeoutError
 
@@ -62,6 +65,7 @@ SEALED = "S:"
 ICE_TIMEOUT = 8.0  # ICE checks; then the relay path carries the session
 ICE_HEAD_START = 2.5  # how long the session waits for ICE before it starts on the relay
 SIGNAL_TIMEOUT = 15.0
+TCP_MAP_BUDGET = 0.5  # the listener's TCP port mapping (ICE gathering's budget for its own)
 HELLO_REPEAT = 1.0
 CONNECT_PEER_TIMEOUT = 60.0
 RELAY_PROBE = 3.0  # the TCP connect that tells an unreachable relay after a failed attempt
@@ -91,6 +95,10 @@ class P2POptions:
     peer_timeout: float | None = None  # how long to wait for the other peer (None: forever)
     use_ipv6: bool = False
     host_addresses: tuple[str, ...] | None = None  # host candidates only on these (default: all)
+    # The direct TCP path for forwarded streams (natkit.p2p.tcppath): a listener with it
+    # opens a TCP port and must serve ``P2PConnection.tcp_endpoint`` (``p2p listen`` does);
+    # a connector with it gets ``tcp_dialer`` when the listener offered a reachable port.
+    tcp: bool = False
 
 
 class _Signals:
@@ -239,6 +247,16 @@ class P2PConnection:
     def path(self) -> str:
         return self.session.path
 
+    @property
+    def tcp_dialer(self) -> TcpDialer | None:
+        """(connector) Opens forwarded streams over the direct TCP path; None: QUIC only."""
+        return self._peer.tcp_dialer
+
+    @property
+    def tcp_endpoint(self) -> TcpEndpoint | None:
+        """(listener) The TCP port the peer's forwarded streams may come to; None: none."""
+        return self._peer.tcp_endpoint
+
     def on_path_change(self, callback: Callable[[str, str], None]) -> None:
         """``callback(new_kind, reason)`` whenever the session moves to another path."""
         self._peer.path_listeners.append(callback)
@@ -283,6 +301,9 @@ class _Peer:
         self.path_listeners: list[Callable[[str, str], None]] = []
         self.switched = asyncio.Event()  # set once the session's path switch exists
         self.peer_fp = ""  # the peer's certificate fingerprint, from its sealed offer
+        self.tcp_endpoint: TcpEndpoint | None = None
+        self.tcp_dialer: TcpDialer | None = None
+        self.tcp_mapping: KeptMapping | None = None  # the router's TCP mapping of tcp_endpoint
         self.elapsed = 0.0
         self.closed = False
 
@@ -306,11 +327,59 @@ class _Peer:
     async def _exchange(self, ice: IceAgent, kind: str) -> IceDescription:
         """Send our ICE description (and fingerprint), return the peer's."""
         assert self.signals is not None
+        mapping = None
+        if self.tcp_endpoint is not None:  # asked while ICE gathers, within the same budget
+            mapping = self._spawn(asyncio.wait_for(self._map_tcp(), TCP_MAP_BUDGET))
         local = await ice.gather()
-        self.signals.send({"t": kind, "ice": local.to_dict(), "fp": self.identity.fingerprint})
+        hosts = [c.host for c in local.candidates if c.type == "host"]
+        offer: dict[str, Any] = {"t": kind, "ice": local.to_dict(), "fp": self.identity.fingerprint}
+        if self.tcp_endpoint is not None:
+            offer["tcp"] = await self._tcp_offer(self.tcp_endpoint, hosts, mapping)
+        self.signals.send(offer)
         body = await self.signals.recv(kind)
         self.peer_fp = str(body.get("fp", ""))
+        if self.role == "connect" and self.opts.tcp:
+            endpoints = tcppath.usable_endpoints(body.get("tcp"), hosts)
+            if endpoints:
+                key = tcppath.session_key(self.opts.secret, self.signals.session)
+                self.tcp_dialer = TcpDialer(key, endpoints)
         return IceDescription.from_dict(body.get("ice"))
+
+    async def _map_tcp(self) -> tuple[str, int] | None:
+        """(listener) The router's TCP mapping of our TCP port, when it gives one."""
+        assert self.tcp_endpoint is not None
+        if not self.opts.port_mapping:
+            return None
+        try:
+            kept, ip, port = await tcppath.map_endpoint(self.tcp_endpoint, TCP_MAP_BUDGET)
+        except (NatkitError, OSError, asyncio.TimeoutError) as exc:
+            log.info("no TCP port mapping for the direct TCP path: %s", exc)
+            return None
+        self.tcp_mapping = kept
+        return ip, port
+
+    async def _tcp_offer(
+        self, endpoint: TcpEndpoint, hosts: list[str], mapping: asyncio.Task[Any] | None
+    ) -> list[tuple[str, int]]:
+        """Where the peer may reach our TCP port: the router's mapping first (when it came
+        within its budget, which ran while ICE gathered), then each host address."""
+        mapped: list[tuple[str, int]] = []
+        if mapping is not None:
+            await asyncio.wait({mapping})  # bounded by TCP_MAP_BUDGET from its start
+            if not mapping.cancelled() and mapping.exception() is None and mapping.result():
+                mapped.append(mapping.result())
+        return mapped + endpoint.endpoints(hosts)
+
+    def _open_tcp(self) -> None:
+        """(listener, after the secret proof) The TCP port for the direct TCP path."""
+        assert self.signals is not None
+        if self.role != "listen" or not self.opts.tcp:
+            return
+        key = tcppath.session_key(self.opts.secret, self.signals.session)
+        try:
+            self.tcp_endpoint = TcpEndpoint.open(key)
+        except OSError as exc:
+            log.warning("no direct TCP path: cannot listen on TCP: %s", exc)
 
     async def start(self) -> P2PSession:
         started = time.monotonic()
@@ -338,6 +407,7 @@ class _Peer:
         """Everything after the peer came: it must prove the secret before we gather."""
         self.signals = _Signals(self.room, self.name, self.opts.secret, self.role)
         await self.signals.hello()
+        self._open_tcp()
         ice = self.ice = self._ice_agent()
         remote = await self._exchange(ice, "offer")
         # The ticket of the peer we said hello to (a peer that came and went before got
@@ -562,6 +632,10 @@ class _Peer:
                 await self.ice.close()
         if self.signals is not None:
             self.signals.close()
+        if self.tcp_endpoint is not None:
+            self.tcp_endpoint.close()
+        if self.tcp_mapping is not None:
+            await release(self.tcp_mapping)
         if self.room is not None:
             with contextlib.suppress(Exception):
                 self.room.leave()

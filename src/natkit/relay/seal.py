@@ -92,6 +92,11 @@ def encode_opening(handle: str, nonce: bytes, cipher: str = CHACHA) -> bytes:
     return _PREFIX_OF[cipher] + bytes([len(raw)]) + raw + nonce
 
 
+def cipher_prefix(cipher: str) -> bytes:
+    """The byte that names ``cipher`` in an opening."""
+    return _PREFIX_OF[cipher]
+
+
 def opening_cipher(head: bytes) -> str:
     """The cipher an opening names by its first byte."""
     cipher = PREFIXES.get(bytes(head[:1]))

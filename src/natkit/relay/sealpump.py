@@ -213,7 +213,8 @@ async def send_all(sealed: SealedSocket, data: bytes) -> None:
     await flush_all(sealed)
 
 
-async def _recv_exact(sealed: SealedSocket, n: int) -> bytes:
+async def recv_sealed_exact(sealed: SealedSocket, n: int) -> bytes:
+    """Exactly ``n`` plaintext bytes, no byte more."""
     buf = bytearray()
     while len(buf) < n:
         chunk = sealed.take(n - len(buf))
@@ -226,8 +227,8 @@ async def _recv_exact(sealed: SealedSocket, n: int) -> bytes:
 
 async def read_frame(sealed: SealedSocket) -> M.Message:
     """Read exactly one relay frame, no byte more (what follows belongs to the bridge)."""
-    msg_type, length = M.decode_header(await _recv_exact(sealed, M.HEADER.size))
-    return M.decode_body(msg_type, await _recv_exact(sealed, length))
+    msg_type, length = M.decode_header(await recv_sealed_exact(sealed, M.HEADER.size))
+    return M.decode_body(msg_type, await recv_sealed_exact(sealed, length))
 
 
 class Bridge:

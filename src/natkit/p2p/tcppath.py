@@ -1,0 +1,328 @@
+"""A direct TCP path for forwarded streams: kernel TCP, sealed with the session's keys.
+
+When the listening peer's TCP port can be reached (no NAT between, or its router forwards
+one: the listener asks for a TCP mapping as ICE gathering does for UDP), each forwarded connection runs over a TCP connection of its own instead of a QUIC
+stream: the kernel does congestion control and retransmission, and natkit's sealed record
+path (:mod:`natkit.relay.seal`, :mod:`natkit.relay.sealpump`, the relay's fastest
+encrypted path) does the crypto. Nothing is reachable without the session: the listener
+announces its TCP endpoints only inside the sealed signalling, after the secret proof.
+
+On the wire, per connection (connector -> listener)::
+
+    "NKT1" | cipher byte ("S" ChaCha20-Poly1305, "G" AES-256-GCM) | nonce (16 random bytes)
+    then sealed records; the first carries the request "NKF1" | u16 port
+
+    keys = HKDF-SHA256(session_key, salt=nonce, info="natkit sealed data v1 ..." "p2p-tcp")
+
+``session_key`` is an HMAC of the shared secret over the session id (both peers' fresh
+hello nonces), so it is new for every session; a connection opening with a nonce already
+seen in this session is refused (no replay of a recorded connection). A peer without the
+key cannot produce a first record that opens: the listener drops it unanswered. The
+listener answers one sealed byte (forward.OK, REFUSED, FAILED); then both sides run the
+sealed bridge (chunks, half-close, a reset passed on as a reset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+from collections.abc import Collection, Iterable
+
+from natkit.errors import NatkitError, ProtocolError
+from natkit.net.routes import default_gateway, local_address_for, read_routes_async
+from natkit.p2p import auth
+from natkit.p2p.candidates import address_scope
+from natkit.p2p.errors import P2PError
+from natkit.p2p.forward import FAILED, MAGIC, OK, REFUSED, ForwardRefusedError, connect_target
+from natkit.p2p.ice_gather import keep_mapping
+from natkit.portmap.manager import KeptMapping
+from natkit.relay import seal, sealpump
+from natkit.relay.sockframes import recv_exact
+
+log = logging.getLogger("natkit.p2p")
+
+OPENING = b"NKT1"
+_OPENING_SIZE = len(OPENING) + 1 + seal.NONCE_SIZE
+_REQUEST = struct.Struct("!4sH")
+_TICKET = "p2p-tcp"  # the HKDF info's label (seal.derive_keys' "ticket")
+HANDSHAKE_TIMEOUT = 5.0  # an accepted connection must open and ask within this
+CONNECT_TIMEOUT = 2.0  # per announced endpoint, before falling back to QUIC
+MAX_HANDSHAKES = 32  # connections being checked at once; more wait in the kernel's backlog
+MAX_ENDPOINTS = 8  # announced endpoints taken from the peer
+MAX_NONCES = 1 << 20  # remembered per session (16 bytes each): then the endpoint closes
+
+
+def session_key(secret: str, session: str) -> bytes:
+    """The key both peers derive for this session's TCP connections."""
+    return auth.purpose_key(secret, b"tcp path " + session.encode())
+
+
+def _keys(key: bytes, nonce: bytes, cipher: str) -> tuple[bytes, bytes]:
+    return seal.derive_keys(key, _TICKET, nonce, cipher)
+
+
+class TcpEndpoint:
+    """The listening peer's side: a TCP port, its connections checked and queued.
+
+    :meth:`accept` returns ``(sealed socket, asked port)`` for connections whose opening
+    and first record were sealed with this session's key; others are dropped."""
+
+    def __init__(self, key: bytes, sock: socket.socket) -> None:
+        self.key, self.sock = key, sock
+        self.port: int = sock.getsockname()[1]
+        self._seen: set[bytes] = set()
+        self._ready: asyncio.Queue[tuple[sealpump.SealedSocket, int]] = asyncio.Queue(64)
+        self._slots = asyncio.Semaphore(MAX_HANDSHAKES)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._accepting = asyncio.ensure_future(self._accept_loop())
+
+    @classmethod
+    def open(cls, key: bytes, host: str = "0.0.0.0", port: int = 0) -> TcpEndpoint:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try:
+            sock.bind((host, port))
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return cls(key, sock)
+
+    def endpoints(self, hosts: Iterable[str]) -> list[tuple[str, int]]:
+        """What to announce: our port on each of these addresses (IPv4 when bound so)."""
+        v6 = self.sock.family == socket.AF_INET6
+        return [(h, self.port) for h in dict.fromkeys(hosts) if (":" in h) == v6]
+
+    async def accept(self) -> tuple[sealpump.SealedSocket, int]:
+        return await self._ready.get()
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError as exc:
+                self._slots.release()
+                log.warning("TCP path: accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.ensure_future(self._check(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _check(self, conn: socket.socket) -> None:
+        try:
+            sealed, port = await asyncio.wait_for(self._handshake(conn), HANDSHAKE_TIMEOUT)
+        except (NatkitError, OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
+            log.info("TCP path: dropped a connection: %s", exc)
+            conn.close()
+            return
+        finally:
+            self._slots.release()
+        await self._ready.put((sealed, port))
+
+    async def _handshake(self, conn: socket.socket) -> tuple[sealpump.SealedSocket, int]:
+        conn.setblocking(False)
+        opening = await recv_exact(conn, _OPENING_SIZE)
+        if opening[: len(OPENING)] != OPENING:
+            raise ProtocolError("not a natkit P2P TCP connection")
+        cipher = seal.opening_cipher(opening[len(OPENING) : len(OPENING) + 1])
+        nonce = opening[len(OPENING) + 1 :]
+        recv_key, send_key = _keys(self.key, nonce, cipher)
+        sealed = sealpump.SealedSocket(conn, seal.SealedChannel(send_key, recv_key, cipher))
+        sealed.chan.limit = sealpump.FIRST_RECORD_MAX  # not authenticated yet
+        magic, port = _REQUEST.unpack(await sealpump.recv_sealed_exact(sealed, _REQUEST.size))
+        # The record opened: the peer holds the session key. Only now is the nonce kept.
+        if nonce in self._seen:
+            raise ProtocolError("a replayed TCP connection (its nonce was seen)")
+        if len(self._seen) >= MAX_NONCES:
+            raise ProtocolError("too many TCP connections in this session")
+        self._seen.add(nonce)
+        if magic != MAGIC:
+            raise ProtocolError("a TCP connection without a forwarding request")
+        sealed.chan.limit = seal.RECORD_MAX
+        return sealed, port
+
+    def close(self) -> None:
+        self._accepting.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        self.sock.close()
+        while not self._ready.empty():
+            self._ready.get_nowait()[0].close()
+
+
+async def map_endpoint(endpoint: TcpEndpoint, timeout: float) -> tuple[KeptMapping, str, int]:
+    """Ask the router to forward a public TCP port to ``endpoint`` (as ICE gathering does
+    for its UDP port-mapped candidate): (the mapping kept alive, public IP, public port)."""
+    gateway = default_gateway(await read_routes_async())
+    mapping, kept = await keep_mapping(endpoint.port, "tcp", local_address_for(gateway),
+                                       gateway_ip=None, timeout=timeout,
+                                       description="natkit p2p tcp")  # fmt: skip
+    return kept, mapping.external_ip, mapping.external_port
+
+
+def usable_endpoints(announced: object, local_hosts: Iterable[str]) -> list[tuple[str, int]]:
+    """The peer's announced endpoints we may connect to: well-formed, and private or
+    loopback ones only when we have an address of that scope ourselves (the rule of
+    :func:`natkit.p2p.candidates.reachable_remote`: no one can make us connect to our own
+    network's private hosts)."""
+    if not isinstance(announced, list):
+        return []
+    scopes = {address_scope(h) for h in local_hosts}
+    kept: list[tuple[str, int]] = []
+    for item in announced[:MAX_ENDPOINTS]:
+        if not (isinstance(item, list) and len(item) == 2):
+            continue
+        host, port = item
+        if not (isinstance(host, str) and isinstance(port, int) and 0 < port < 65536):
+            continue
+        try:
+            scope = address_scope(host)
+        except ValueError:
+            continue
+        if scope == "global" or scope in scopes:
+            kept.append((host, port))
+    return kept
+
+
+class TcpDialer:
+    """The connecting peer's side: opens one sealed TCP connection per forwarded stream
+    to the first of the peer's endpoints that answers; remembers which one worked, and
+    that none did (the streams then go over QUIC without waiting again)."""
+
+    def __init__(self, key: bytes, endpoints: list[tuple[str, int]]) -> None:
+        self.key = key
+        self.endpoints = endpoints
+        self.working: tuple[str, int] | None = None
+        self.failed = not endpoints
+
+    async def _connect(self, endpoint: tuple[str, int]) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, endpoint), CONNECT_TIMEOUT)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _reach(self) -> socket.socket | None:
+        """A connection to the endpoint that worked last, else to the first of all the
+        endpoints that answers (tried at once: an unreachable private address must not
+        hold up the router's mapping)."""
+        order = [self.working] if self.working else self.endpoints
+        tries = {asyncio.ensure_future(self._connect(e)): e for e in order}
+        won: socket.socket | None = None
+        try:
+            for next_done in asyncio.as_completed(list(tries)):
+                try:
+                    won = await next_done
+                    break
+                except (OSError, asyncio.TimeoutError) as exc:
+                    log.info("TCP path: no connection: %s", exc or "no answer")
+        finally:
+            for task, endpoint in tries.items():
+                if not task.done():
+                    task.cancel()
+                elif won is not None and not task.cancelled() and task.exception() is None:
+                    if task.result() is won:
+                        self.working = endpoint
+                    else:
+                        task.result().close()  # a second one that also connected
+        if won is None:
+            self.working = None
+            self.failed = True
+        return won
+
+    async def open(self, port: int) -> sealpump.SealedSocket | None:
+        """A sealed connection whose peer connected to ``port`` for us, or None when there
+        is no TCP path (use QUIC). Raises ForwardRefusedError as the QUIC stream would."""
+        if self.failed:
+            return None
+        sock = await self._reach()
+        if sock is None:
+            return None
+        cipher = seal.preferred_cipher()
+        nonce = os.urandom(seal.NONCE_SIZE)
+        send_key, recv_key = _keys(self.key, nonce, cipher)
+        sealed = sealpump.SealedSocket(sock, seal.SealedChannel(send_key, recv_key, cipher))
+        sealed.unsent.append(OPENING + seal.cipher_prefix(cipher) + nonce)
+        sealed.chan.seal(_REQUEST.pack(MAGIC, port))
+        try:
+            await asyncio.wait_for(self._answer(sealed, port), HANDSHAKE_TIMEOUT)
+        except (ProtocolError, OSError, asyncio.TimeoutError) as exc:
+            # Something took the connection but is not our peer (another host at that
+            # private address), or the peer went away: no TCP path, and no waiting again.
+            sealed.close()
+            self.failed = True
+            log.info("TCP path: no answer to a forward (%s); using QUIC", exc)
+            return None
+        except BaseException:
+            sealed.close()
+            raise
+        return sealed
+
+    async def _answer(self, sealed: sealpump.SealedSocket, port: int) -> None:
+        await sealpump.flush_all(sealed)
+        answer = (await sealpump.recv_sealed_exact(sealed, 1))[0]
+        if answer != OK:
+            why = "not allowed there" if answer == REFUSED else "nothing answers there"
+            raise ForwardRefusedError(f"the peer refused port {port}: {why}")
+
+
+async def serve_tcp_forward(
+    sealed: sealpump.SealedSocket, port: int, *, target_host: str, allowed: Collection[int]
+) -> None:
+    """The listening side of one forwarded TCP connection: the same rules as
+    :func:`natkit.p2p.forward.serve_forward` (only the named ports of the named host)."""
+    if port not in allowed or port == 0:
+        log.info("refused a forward to port %s", port)
+        with contextlib.suppress(OSError):
+            await sealpump.send_all(sealed, bytes([REFUSED]))
+        sealed.close()
+        return
+    sock = await connect_target(target_host, port)
+    if sock is None:
+        with contextlib.suppress(OSError):
+            await sealpump.send_all(sealed, bytes([FAILED]))
+        sealed.close()
+        return
+    try:  # the answer leaves with the bridge's first records
+        await sealpump.bridge(sealed, sock, prefix=bytes([OK]))
+    except (NatkitError, OSError) as exc:
+        log.info("a forwarded TCP connection ended: %s", exc)
+
+
+async def serve_tcp_forwards(
+    endpoint: TcpEndpoint, *, target_host: str, allowed: Collection[int]
+) -> None:
+    """Serve every forwarded connection that comes to ``endpoint`` until cancelled (which
+    resets those still open)."""
+    running: set[asyncio.Task[None]] = set()
+    try:
+        while True:
+            sealed, port = await endpoint.accept()
+            task = asyncio.ensure_future(
+                serve_tcp_forward(sealed, port, target_host=target_host, allowed=allowed)
+            )
+            running.add(task)
+            task.add_done_callback(running.discard)
+    finally:
+        for task in running:
+            task.cancel()
+
+
+async def bridge_client(sealed: sealpump.SealedSocket, client: socket.socket) -> None:
+    """The connecting side of one forwarded TCP connection, until both ways have ended."""
+    try:
+        await sealpump.bridge(sealed, client)
+    except (NatkitError, OSError, P2PError) as exc:
+        log.info("a forwarded TCP connection ended: %s", exc)
