@@ -93,11 +93,6 @@ def key_for(secret: bytes | str, purpose: bytes) -> bytes:
     return hmac.new(raw, b"natkit-p2p " + purpose, hashlib.sha256).digest()
 
 
-def purpose_key(secret: bytes | str, purpose: bytes) -> bytes:
-    """A 32-byte key of the secret for one purpose (never the key of another)."""
-    return _key(secret, purpose)
-
-
 def room_id(secret: bytes | str, name: str) -> str:
     """The room name the relay sees for ``name``: an HMAC under the secret, so only peers
     holding the secret can find (or squat) the room."""

@@ -58,7 +58,7 @@ MAX_NONCES = 1 << 20  # remembered per session (16 bytes each): then the endpoin
 
 def session_key(secret: str, session: str) -> bytes:
     """The key both peers derive for this session's TCP connections."""
-    return auth.purpose_key(secret, b"tcp path " + session.encode())
+    return auth.key_for(secret, b"tcp path " + session.encode())
 
 
 def _keys(key: bytes, nonce: bytes, cipher: str) -> tuple[bytes, bytes]:
