@@ -152,7 +152,10 @@ async def test_no_tcp_path_means_quic_at_once_for_the_next_streams() -> None:
 def test_announced_endpoints_are_filtered_by_scope_and_shape() -> None:
     announced = [["127.0.0.1", 1], ["192.168.1.2", 2], ["100.200.0.5", 3], ["fe80::1", 4],
                  ["not an ip", 5], ["100.200.0.6", 0], ["100.200.0.7", "8"], "x", ["8.8.8.8"]]  # fmt: skip
-    assert usable_endpoints(announced, ["10.0.0.2"]) == [("192.168.1.2", 2), ("100.200.0.5", 3)]
+    assert usable_endpoints(announced, ["192.168.1.7"]) == [("192.168.1.2", 2), ("100.200.0.5", 3)]
+    # A private endpoint of another network (the other side of two home routers) is not tried.
+    assert usable_endpoints(announced, ["10.0.0.2"]) == [("100.200.0.5", 3)]
+    assert usable_endpoints(announced, ["192.168.77.10"]) == [("100.200.0.5", 3)]
     assert usable_endpoints(announced, ["100.200.0.9"]) == [("100.200.0.5", 3)]
     assert usable_endpoints(announced, ["127.0.0.1"]) == [("127.0.0.1", 1), ("100.200.0.5", 3)]
     assert usable_endpoints({"a": 1}, ["127.0.0.1"]) == []

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -167,13 +168,29 @@ async def map_endpoint(endpoint: TcpEndpoint, timeout: float) -> tuple[KeptMappi
     return kept, mapping.external_ip, mapping.external_port
 
 
+def _same_network(host: str, local_hosts: Iterable[str]) -> bool:
+    """Is private ``host`` on one of our own networks (the /24 or /64 of one of our
+    addresses: the announcement carries no prefix length)?"""
+    ip = ipaddress.ip_address(host)
+    bits = 24 if ip.version == 4 else 64
+    for local in local_hosts:
+        with contextlib.suppress(ValueError):
+            if ip in ipaddress.ip_network(f"{local}/{bits}", strict=False):
+                return True
+    return False
+
+
 def usable_endpoints(announced: object, local_hosts: Iterable[str]) -> list[tuple[str, int]]:
     """The peer's announced endpoints we may connect to: well-formed, and private or
     loopback ones only when we have an address of that scope ourselves (the rule of
     :func:`natkit.p2p.candidates.reachable_remote`: no one can make us connect to our own
-    network's private hosts)."""
+    network's private hosts). A private endpoint must also be on one of our own networks:
+    behind two home routers (192.168.77.x and 192.168.78.x, say) the other LAN's address
+    cannot answer, and trying it held each session's first forward for the whole connect
+    timeout, right when the QUIC path was also being set up."""
     if not isinstance(announced, list):
         return []
+    local_hosts = list(local_hosts)
     scopes = {address_scope(h) for h in local_hosts}
     kept: list[tuple[str, int]] = []
     for item in announced[:MAX_ENDPOINTS]:
@@ -185,6 +202,8 @@ def usable_endpoints(announced: object, local_hosts: Iterable[str]) -> list[tupl
         try:
             scope = address_scope(host)
         except ValueError:
+            continue
+        if scope == "private" and not _same_network(host, local_hosts):
             continue
         if scope == "global" or scope in scopes:
             kept.append((host, port))
