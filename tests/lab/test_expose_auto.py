@@ -72,7 +72,7 @@ def test_the_relay_goes_ahead_while_the_router_is_probed(make_lab: Callable[...,
 
 def test_ctrl_c_while_probing_ends_at_once(make_lab: Callable[..., Lab], tmp_path: Path) -> None:  # fmt: skip
     lab = make_lab("nomap-intr", portmap=frozenset(), coturn=False)
-    # No relay runs: the agent retries while the router is probed (2 s for UPnP).
+    # No relay runs: the agent retries while the router is probed.
     agent = _popen(lab, "lan", ["expose", "8080", "--relay", RELAY, "--token", TOKEN, "--json"],
                    tmp_path)  # fmt: skip
     time.sleep(0.8)
@@ -80,7 +80,12 @@ def test_ctrl_c_while_probing_ends_at_once(make_lab: Callable[..., Lab], tmp_pat
     out, err = agent.communicate(timeout=15)
     assert agent.returncode == 130, (out, err)
     events = [json.loads(line)["event"] for line in out.splitlines()]
-    assert "fallback" not in events and "ready" not in events and "closed" not in events, out
+    # Nothing became public and nothing went on after Ctrl-C. (The router here answers PCP
+    # and NAT-PMP with "port unreachable" at once and UPnP is given up after 0.4 s, so on a
+    # slow start the mapping's `fallback` may come before the signal: it says why the
+    # mapping failed, not that the relay was used.)
+    assert "ready" not in events and "closed" not in events, out
+    assert set(events[:-1]) <= {"local_unreachable", "fallback", "lost"}, out
     assert events[-1] == "error", out
     assert "Traceback" not in err, err
 
