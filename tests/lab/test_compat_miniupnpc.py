@@ -123,7 +123,7 @@ class Script:
             anyport, "TCP", u.lanaddr, self.tcp_port, "compat any", ""))  # fmt: skip
         if isinstance(reserved, int):
             self.call("reach any", lambda: self.reach_tcp(reserved))
-            self.call("specific any", lambda: u.getspecificportmapping(reserved, "TCP"))
+            self.call("specific any", lambda: u.getspecificportmapping(reserved, "TCP"), near=(4,))
 
         # Refusals: another host's mapping (secure mode), a missing entry, bad arguments.
         self.call("add for another host", lambda: u.addportmapping(
