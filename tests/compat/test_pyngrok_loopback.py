@@ -19,15 +19,13 @@ from pathlib import Path
 from typing import IO
 
 import pytest
+from pyngrok import agent, conf, ngrok, process
+from pyngrok.exception import PyngrokNgrokError, PyngrokNgrokHTTPError
 
-pyngrok = pytest.importorskip("pyngrok")
-from pyngrok import agent, conf, ngrok, process  # noqa: E402
-from pyngrok.exception import PyngrokNgrokError, PyngrokNgrokHTTPError  # noqa: E402
-
-from natkit.errors import NatkitError  # noqa: E402
-from natkit.net.loops import new_event_loop  # noqa: E402
-from natkit.relay.server import RelayConfig, RelayServer  # noqa: E402
-from tests.compat.pyngrok_helpers import (  # noqa: E402
+from natkit.errors import NatkitError
+from natkit.net.loops import new_event_loop
+from natkit.relay.server import RelayConfig, RelayServer
+from tests.compat.pyngrok_helpers import (
     Service,
     loopback_service,
     natkit_ngrok,

@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-
-pytest.importorskip("pyngrok")
 from pyngrok import agent, conf, ngrok
 
 from natkit.lab import Lab, netns

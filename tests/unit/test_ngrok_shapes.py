@@ -147,7 +147,8 @@ def test_log_lines_parse_as_pyngrok_parses_them() -> None:
     assert (
         dict(p.split("=", 1) for p in shlex.split(err))["err"] == 'relay "r" said: no second line'
     )
-    log = pytest.importorskip("pyngrok.log")
+    from pyngrok import log
+
     parsed = log.NgrokLog(err)
     assert parsed.lvl == "ERROR" and parsed.err == 'relay "r" said: no second line'
     assert log.NgrokLog(line).addr == "127.0.0.1:4040"
