@@ -10,7 +10,6 @@ reason, the agent's ``refused`` JSON events, and that the password is in no log 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import secrets
@@ -37,6 +36,7 @@ from tests.lab.relay_helpers import (
     start_service,
     stop_service,
 )
+from tests.relay.test_relay_access import Counting
 
 pytestmark = pytest.mark.lab
 
@@ -44,27 +44,6 @@ TOKEN = "relay-access-" + secrets.token_hex(12)
 FIRST, SECOND = C.WAN_IPS  # 100.200.0.2 (also the relay's address), 100.200.0.3
 PASSWORD = "pw-" + secrets.token_hex(8)
 METRICS_PORT = 9100
-
-
-class Counting:
-    """On lan: answers an HTTP request with 200 ``ok``, anything else with an echo; counts
-    connections (a refused visitor must never make one)."""
-
-    def __init__(self) -> None:
-        self.connections = 0
-        self.heads: list[bytes] = []
-
-    async def __call__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        with contextlib.suppress(Exception):
-            first = await r.read(65536)
-            if first.startswith(b"GET "):
-                self.heads.append(first)
-                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-            else:
-                w.write(b"echo:" + first)
-            await w.drain()
-        w.close()
 
 
 @pytest.fixture(scope="module")

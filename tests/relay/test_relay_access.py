@@ -27,7 +27,9 @@ OTHER = "127.0.0.2"
 
 
 class Counting:
-    """A service that answers each request head with 200 and counts connections."""
+    """A service that answers an HTTP request with 200 ``ok``, anything else with an echo;
+    counts connections (a refused visitor must never make one). Also the lab test's
+    service (an instance is a ``start_server`` handler)."""
 
     def __init__(self) -> None:
         self.connections = 0
@@ -36,11 +38,11 @@ class Counting:
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> Counting:
-        self.server = await asyncio.start_server(self._serve, LOOPBACK, 0)
+        self.server = await asyncio.start_server(self, LOOPBACK, 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
-    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    async def __call__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         self.connections += 1
         with contextlib.suppress(Exception):
             first = await r.read(65536)
