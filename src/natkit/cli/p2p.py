@@ -158,10 +158,16 @@ async def _session(
     # tcp: the listener's TCP port for the direct TCP path, or the connector's endpoints of
     # it that it may try; null: forwarded streams go over QUIC only
     tcp: Any = None
+    dialer = conn.tcp_dialer
     if conn.tcp_endpoint is not None:
         tcp = conn.tcp_endpoint.port
-    elif conn.tcp_dialer is not None:
-        tcp = [f"{h}:{p}" for h, p in conn.tcp_dialer.endpoints]
+    elif dialer is not None:
+        tcp = [f"{h}:{p}" for h, p in dialer.endpoints]
+
+        def found(via: str) -> None:  # the first forward found the TCP path's route (or none)
+            _emit(as_json, "tcp_path", via=via)
+
+        dialer.on_route = found
     _emit(as_json, "ready", path=conn.path, elapsed_ms=round(conn.elapsed * 1000, 1), tcp=tcp)
 
     def moved(kind: str, reason: str) -> None:
@@ -235,11 +241,13 @@ def listen(
             if conn.tcp_endpoint is not None:  # forwards that come over the direct TCP path
                 tasks.add(asyncio.ensure_future(serve_tcp_forwards(
                     conn.tcp_endpoint, target_host=target, allowed=allowed)))  # fmt: skip
+            dials = conn.tcp_dial_server  # the peer's requests to dial it back (TCP path)
             try:
                 while True:
                     stream = await conn.accept_stream()
-                    task = asyncio.ensure_future(serve_forward(stream, target_host=target,
-                                                               allowed=allowed))  # fmt: skip
+                    task = asyncio.ensure_future(serve_forward(
+                        stream, target_host=target, allowed=allowed,
+                        dial=dials.serve if dials is not None else None))  # fmt: skip
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
             except P2PError as exc:

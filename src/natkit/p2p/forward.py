@@ -14,7 +14,7 @@ import contextlib
 import logging
 import socket
 import struct
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from natkit.errors import NatkitError
@@ -24,6 +24,7 @@ from natkit.p2p.errors import P2PError
 log = logging.getLogger("natkit.p2p")
 
 MAGIC = b"NKF1"
+DIAL_MAGIC = b"NKD1"  # a dial request of the direct TCP path (natkit.p2p.tcppunch)
 _REQUEST = struct.Struct("!4sH")
 OK, REFUSED, FAILED = 0, 1, 2
 CHUNK = 64 * 1024
@@ -103,13 +104,23 @@ async def connect_target(host: str, port: int) -> socket.socket | None:
     return sock
 
 
-async def serve_forward(stream: Any, *, target_host: str, allowed: Collection[int]) -> None:
+async def serve_forward(
+    stream: Any,
+    *,
+    target_host: str,
+    allowed: Collection[int],
+    dial: Callable[[Any, int], Awaitable[None]] | None = None,
+) -> None:
     """Answer one forwarding request on ``stream`` (the listening side): a port not in
-    ``allowed`` is refused (an empty ``allowed`` refuses all)."""
+    ``allowed`` is refused (an empty ``allowed`` refuses all). A dial request of the direct
+    TCP path goes to ``dial`` (with the port it names) when there is one."""
     try:
         magic, port = _REQUEST.unpack(await stream.readexactly(_REQUEST.size))
     except (NatkitError, asyncio.IncompleteReadError, struct.error):
         stream.close()
+        return
+    if magic == DIAL_MAGIC and dial is not None:
+        await dial(stream, port)
         return
     if magic != MAGIC or port not in allowed or port == 0:
         stream.write(bytes([REFUSED]))

@@ -38,11 +38,11 @@ from natkit.p2p import auth, tcppath
 from natkit.p2p.candidates import IceDescription
 from natkit.p2p.errors import P2PAuthError, P2PError, P2PTimeoutError
 from natkit.p2p.ice import IceAgent, TurnServer
-from natkit.p2p.ice_gather import release
 from natkit.p2p.paths import DatagramPath, IcePath, PathEvent, PathSwitch, StreamPath
 from natkit.p2p.session import P2PSession
 from natkit.p2p.tcppath import TcpDialer, TcpEndpoint
-from natkit.portmap.manager import KeptMapping
+from natkit.p2p.tcppunch import DialServer
+from natkit.p2p.tcpsetup import TcpSide
 from natkit.relay.agent import Agent, parse_hostport
 from natkit.rendezvous.client import RendezvousError, RendezvousTimeoutError
 
@@ -65,7 +65,6 @@ SEALED = "S:"
 ICE_TIMEOUT = 8.0  # ICE checks; then the relay path carries the session
 ICE_HEAD_START = 2.5  # how long the session waits for ICE before it starts on the relay
 SIGNAL_TIMEOUT = 15.0
-TCP_MAP_BUDGET = 0.5  # the listener's TCP port mapping (ICE gathering's budget for its own)
 HELLO_REPEAT = 1.0
 CONNECT_PEER_TIMEOUT = 60.0
 RELAY_PROBE = 3.0  # the TCP connect that tells an unreachable relay after a failed attempt
@@ -250,12 +249,17 @@ class P2PConnection:
     @property
     def tcp_dialer(self) -> TcpDialer | None:
         """(connector) Opens forwarded streams over the direct TCP path; None: QUIC only."""
-        return self._peer.tcp_dialer
+        return self._peer.tcp.dialer if self._peer.tcp else None
 
     @property
     def tcp_endpoint(self) -> TcpEndpoint | None:
         """(listener) The TCP port the peer's forwarded streams may come to; None: none."""
-        return self._peer.tcp_endpoint
+        return self._peer.tcp.endpoint if self._peer.tcp else None
+
+    @property
+    def tcp_dial_server(self) -> DialServer | None:
+        """(listener) Answers the peer's dial requests (``serve_forward``'s ``dial``)."""
+        return self._peer.tcp.dial_server if self._peer.tcp else None
 
     def on_path_change(self, callback: Callable[[str, str], None]) -> None:
         """``callback(new_kind, reason)`` whenever the session moves to another path."""
@@ -301,9 +305,7 @@ class _Peer:
         self.path_listeners: list[Callable[[str, str], None]] = []
         self.switched = asyncio.Event()  # set once the session's path switch exists
         self.peer_fp = ""  # the peer's certificate fingerprint, from its sealed offer
-        self.tcp_endpoint: TcpEndpoint | None = None
-        self.tcp_dialer: TcpDialer | None = None
-        self.tcp_mapping: KeptMapping | None = None  # the router's TCP mapping of tcp_endpoint
+        self.tcp: TcpSide | None = None  # the direct TCP path (natkit.p2p.tcpsetup)
         self.elapsed = 0.0
         self.closed = False
 
@@ -325,61 +327,37 @@ class _Peer:
         )
 
     async def _exchange(self, ice: IceAgent, kind: str) -> IceDescription:
-        """Send our ICE description (and fingerprint), return the peer's."""
+        """Send our ICE description (and fingerprint, and our TCP port), return the peer's."""
         assert self.signals is not None
-        mapping = None
-        if self.tcp_endpoint is not None:  # asked while ICE gathers, within the same budget
-            mapping = self._spawn(asyncio.wait_for(self._map_tcp(), TCP_MAP_BUDGET))
+        if self.tcp is not None:  # its router and STUN questions run while ICE gathers
+            self.tcp.start()
         local = await ice.gather()
         hosts = [c.host for c in local.candidates if c.type == "host"]
         offer: dict[str, Any] = {"t": kind, "ice": local.to_dict(), "fp": self.identity.fingerprint}
-        if self.tcp_endpoint is not None:
-            offer["tcp"] = await self._tcp_offer(self.tcp_endpoint, hosts, mapping)
+        if self.tcp is not None:
+            offer.update(await self.tcp.offer(hosts))
         self.signals.send(offer)
         body = await self.signals.recv(kind)
         self.peer_fp = str(body.get("fp", ""))
-        if self.role == "connect" and self.opts.tcp:
-            endpoints = tcppath.usable_endpoints(body.get("tcp"), hosts)
-            if endpoints:
-                key = tcppath.session_key(self.opts.secret, self.signals.session)
-                self.tcp_dialer = TcpDialer(key, endpoints)
-        return IceDescription.from_dict(body.get("ice"))
+        remote = IceDescription.from_dict(body.get("ice"))
+        if self.tcp is not None:
+            self.tcp.take(body, hosts, remote, self._open_stream)
+        return remote
 
-    async def _map_tcp(self) -> tuple[str, int] | None:
-        """(listener) The router's TCP mapping of our TCP port, when it gives one."""
-        assert self.tcp_endpoint is not None
-        if not self.opts.port_mapping:
-            return None
-        try:
-            kept, ip, port = await tcppath.map_endpoint(self.tcp_endpoint, TCP_MAP_BUDGET)
-        except (NatkitError, OSError, asyncio.TimeoutError) as exc:
-            log.info("no TCP port mapping for the direct TCP path: %s", exc)
-            return None
-        self.tcp_mapping = kept
-        return ip, port
+    async def _open_stream(self) -> Any:
+        """A QUIC stream of the session (for the TCP path's dial requests)."""
+        if self.session is None:
+            raise P2PError("the session is not up")
+        return await self.session.open_stream()
 
-    async def _tcp_offer(
-        self, endpoint: TcpEndpoint, hosts: list[str], mapping: asyncio.Task[Any] | None
-    ) -> list[tuple[str, int]]:
-        """Where the peer may reach our TCP port: the router's mapping first (when it came
-        within its budget, which ran while ICE gathered), then each host address."""
-        mapped: list[tuple[str, int]] = []
-        if mapping is not None:
-            await asyncio.wait({mapping})  # bounded by TCP_MAP_BUDGET from its start
-            if not mapping.cancelled() and mapping.exception() is None and mapping.result():
-                mapped.append(mapping.result())
-        return mapped + endpoint.endpoints(hosts)
-
-    def _open_tcp(self) -> None:
-        """(listener, after the secret proof) The TCP port for the direct TCP path."""
+    def _tcp_side(self) -> TcpSide | None:
+        """(after the secret proof) The direct TCP path's state, when it is wanted."""
         assert self.signals is not None
-        if self.role != "listen" or not self.opts.tcp:
-            return
+        if not self.opts.tcp:
+            return None
         key = tcppath.session_key(self.opts.secret, self.signals.session)
-        try:
-            self.tcp_endpoint = TcpEndpoint.open(key)
-        except OSError as exc:
-            log.warning("no direct TCP path: cannot listen on TCP: %s", exc)
+        stun = self.opts.stun or parse_hostport(self.opts.relay)
+        return TcpSide(self.role, key, stun=stun, port_mapping=self.opts.port_mapping)
 
     async def start(self) -> P2PSession:
         started = time.monotonic()
@@ -407,7 +385,7 @@ class _Peer:
         """Everything after the peer came: it must prove the secret before we gather."""
         self.signals = _Signals(self.room, self.name, self.opts.secret, self.role)
         await self.signals.hello()
-        self._open_tcp()
+        self.tcp = self._tcp_side()
         ice = self.ice = self._ice_agent()
         remote = await self._exchange(ice, "offer")
         # The ticket of the peer we said hello to (a peer that came and went before got
@@ -632,10 +610,8 @@ class _Peer:
                 await self.ice.close()
         if self.signals is not None:
             self.signals.close()
-        if self.tcp_endpoint is not None:
-            self.tcp_endpoint.close()
-        if self.tcp_mapping is not None:
-            await release(self.tcp_mapping)
+        if self.tcp is not None:
+            await self.tcp.close()
         if self.room is not None:
             with contextlib.suppress(Exception):
                 self.room.leave()

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import ipaddress
 import logging
 import os
 import socket
 import struct
-from collections.abc import Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 
 from natkit.errors import NatkitError, ProtocolError
 from natkit.net.routes import default_gateway, local_address_for, read_routes_async
@@ -40,6 +42,7 @@ from natkit.p2p.candidates import address_scope
 from natkit.p2p.errors import P2PError
 from natkit.p2p.forward import FAILED, MAGIC, OK, REFUSED, ForwardRefusedError, connect_target
 from natkit.p2p.ice_gather import keep_mapping
+from natkit.p2p.tcppunch import DialBack, family_of, shared_port_socket
 from natkit.portmap.manager import KeptMapping
 from natkit.relay import seal, sealpump
 from natkit.relay.sockframes import recv_exact
@@ -52,6 +55,8 @@ _REQUEST = struct.Struct("!4sH")
 _TICKET = "p2p-tcp"  # the HKDF info's label (seal.derive_keys' "ticket")
 HANDSHAKE_TIMEOUT = 5.0  # an accepted connection must open and ask within this
 CONNECT_TIMEOUT = 2.0  # per announced endpoint, before falling back to QUIC
+DIALBACK_DELAY = 0.2  # the direct routes' head start over the dial backs
+DIALBACK_TIMEOUT = 5.0  # one dial back: STUN, the request, the peer's connect
 MAX_HANDSHAKES = 32  # connections being checked at once; more wait in the kernel's backlog
 MAX_ENDPOINTS = 8  # announced endpoints taken from the peer
 MAX_NONCES = 1 << 20  # remembered per session (16 bytes each): then the endpoint closes
@@ -82,12 +87,11 @@ class TcpEndpoint:
         self._accepting = asyncio.ensure_future(self._accept_loop())
 
     @classmethod
-    def open(cls, key: bytes, host: str = "0.0.0.0", port: int = 0) -> TcpEndpoint:
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    def open(cls, key: bytes, host: str = "0.0.0.0") -> TcpEndpoint:
+        """A free port on ``host`` that dials from it may share (SO_REUSEPORT)."""
+        sock = shared_port_socket(family_of(host), 0, host)
         try:
-            sock.bind((host, port))
             sock.listen(128)
-            sock.setblocking(False)
         except OSError:
             sock.close()
             raise
@@ -100,6 +104,18 @@ class TcpEndpoint:
 
     async def accept(self) -> tuple[sealpump.SealedSocket, int]:
         return await self._ready.get()
+
+    def adopt(self, conn: socket.socket) -> None:
+        """A connection we made ourselves (a dial: :mod:`natkit.p2p.tcppunch`): checked
+        exactly as an accepted one."""
+
+        async def check() -> None:
+            await self._slots.acquire()
+            await self._check(conn)
+
+        task = asyncio.ensure_future(check())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -158,11 +174,11 @@ class TcpEndpoint:
             self._ready.get_nowait()[0].close()
 
 
-async def map_endpoint(endpoint: TcpEndpoint, timeout: float) -> tuple[KeptMapping, str, int]:
-    """Ask the router to forward a public TCP port to ``endpoint`` (as ICE gathering does
+async def map_port(port: int, timeout: float) -> tuple[KeptMapping, str, int]:
+    """Ask the router to forward a public TCP port to our ``port`` (as ICE gathering does
     for its UDP port-mapped candidate): (the mapping kept alive, public IP, public port)."""
     gateway = default_gateway(await read_routes_async())
-    mapping, kept = await keep_mapping(endpoint.port, "tcp", local_address_for(gateway),
+    mapping, kept = await keep_mapping(port, "tcp", local_address_for(gateway),
                                        gateway_ip=None, timeout=timeout,
                                        description="natkit p2p tcp")  # fmt: skip
     return kept, mapping.external_ip, mapping.external_port
@@ -210,22 +226,50 @@ def usable_endpoints(announced: object, local_hosts: Iterable[str]) -> list[tupl
     return kept
 
 
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """One way to a TCP connection to the listener: ``direct`` to an endpoint it announced,
+    or a dial back (``punch``, ``reverse``: :mod:`natkit.p2p.tcppunch`)."""
+
+    kind: str
+    attempt: Callable[[], Awaitable[socket.socket]]
+    endpoint: tuple[str, int] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.endpoint[0]}:{self.endpoint[1]}" if self.endpoint else self.kind
+
+
 class TcpDialer:
     """The connecting peer's side: opens one sealed TCP connection per forwarded stream
-    to the first of the peer's endpoints that answers; remembers which one worked, and
-    that none did (the streams then go over QUIC without waiting again)."""
+    by the first route that gives one — straight to one of the peer's endpoints, else (a
+    moment later, or at once when those failed) by having the peer dial us back —
+    remembers which route worked, and that none did (the streams then go over QUIC without
+    waiting again)."""
 
-    def __init__(self, key: bytes, endpoints: list[tuple[str, int]]) -> None:
+    def __init__(
+        self,
+        key: bytes,
+        endpoints: list[tuple[str, int]],
+        dialback: DialBack | None = None,
+        on_route: Callable[[str], None] | None = None,
+    ) -> None:
         self.key = key
         self.endpoints = endpoints
-        self.working: tuple[str, int] | None = None
-        self.failed = not endpoints
+        self.dialback = dialback
+        self.on_route = on_route
+        self.route: Route | None = None
+        self.failed = False  # no route gave a connection: QUIC from now on
+
+    @property
+    def working(self) -> tuple[str, int] | None:
+        """The endpoint of the direct route that worked (None: none, or a dial back)."""
+        return self.route.endpoint if self.route else None
 
     async def _connect(self, endpoint: tuple[str, int]) -> socket.socket:
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET)
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             await asyncio.wait_for(loop.sock_connect(sock, endpoint), CONNECT_TIMEOUT)
         except BaseException:
@@ -233,33 +277,30 @@ class TcpDialer:
             raise
         return sock
 
+    def _routes(self) -> list[Route]:
+        routes = [Route("direct", functools.partial(self._connect, e), e) for e in self.endpoints]
+        for kind, attempt in self.dialback.routes() if self.dialback else []:
+            routes.append(Route(kind, _bounded(attempt, DIALBACK_TIMEOUT)))
+        return routes
+
     async def _reach(self) -> socket.socket | None:
-        """A connection to the endpoint that worked last, else to the first of all the
-        endpoints that answers (tried at once: an unreachable private address must not
-        hold up the router's mapping)."""
-        order = [self.working] if self.working else self.endpoints
-        tries = {asyncio.ensure_future(self._connect(e)): e for e in order}
-        won: socket.socket | None = None
-        try:
-            for next_done in asyncio.as_completed(list(tries)):
-                try:
-                    won = await next_done
-                    break
-                except (OSError, asyncio.TimeoutError) as exc:
-                    log.info("TCP path: no connection: %s", exc or "no answer")
-        finally:
-            for task, endpoint in tries.items():
-                if not task.done():
-                    task.cancel()
-                elif won is not None and not task.cancelled() and task.exception() is None:
-                    if task.result() is won:
-                        self.working = endpoint
-                    else:
-                        task.result().close()  # a second one that also connected
+        """A connection by the route that worked last, else by the first of all routes
+        that gives one (the direct ones tried at once: an unreachable private address must
+        not hold up the router's mapping; the dial backs DIALBACK_DELAY later, when the
+        direct ones have not answered)."""
+        routes = [self.route] if self.route is not None else self._routes()
+        won = await _race(routes)
         if won is None:
-            self.working = None
+            self.route = None
             self.failed = True
-        return won
+            if self.on_route is not None:
+                self.on_route("none")
+            return None
+        route, sock = won
+        if self.route is None and self.on_route is not None:
+            self.on_route(route.kind)
+        self.route = route
+        return sock
 
     async def open(self, port: int) -> sealpump.SealedSocket | None:
         """A sealed connection whose peer connected to ``port`` for us, or None when there
@@ -269,6 +310,7 @@ class TcpDialer:
         sock = await self._reach()
         if sock is None:
             return None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         cipher = seal.preferred_cipher()
         nonce = os.urandom(seal.NONCE_SIZE)
         send_key, recv_key = _keys(self.key, nonce, cipher)
@@ -295,6 +337,70 @@ class TcpDialer:
         if answer != OK:
             why = "not allowed there" if answer == REFUSED else "nothing answers there"
             raise ForwardRefusedError(f"the peer refused port {port}: {why}")
+
+
+async def _race(routes: list[Route]) -> tuple[Route, socket.socket] | None:
+    """The first route to give a connection (the others cancelled, or closed when they
+    also connected); the dial backs join DIALBACK_DELAY after the direct ones, or at once
+    when every direct one has failed."""
+    loop = asyncio.get_running_loop()
+    direct = [r for r in routes if r.kind == "direct"]
+    later = [r for r in routes if r.kind != "direct"]
+    tries: dict[asyncio.Future[socket.socket], Route] = {}
+    won: tuple[Route, socket.socket] | None = None
+    winner: asyncio.Future[socket.socket] | None = None
+
+    def start(batch: list[Route]) -> None:
+        for route in batch:
+            tries[asyncio.ensure_future(route.attempt())] = route
+
+    start(direct)
+    if not direct:
+        start(later)
+        later = []
+    join_at = loop.time() + DIALBACK_DELAY
+    try:
+        while won is None:
+            pending = {t for t in tries if not t.done()}
+            if later and (not pending or loop.time() >= join_at):
+                start(later)
+                later = []
+                continue
+            if not pending:
+                break
+            wait = max(0.0, join_at - loop.time()) if later else None
+            done, _ = await asyncio.wait(pending, timeout=wait,
+                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            for task in done:
+                if task.exception() is None and won is None:
+                    won, winner = (tries[task], task.result()), task
+                elif task.exception() is not None:
+                    log.info("TCP path: %s gave no connection: %s", tries[task].name,
+                             task.exception() or "no answer")  # fmt: skip
+    finally:
+        for task in tries:
+            if task is not winner:
+                task.cancel()
+                task.add_done_callback(_close_unwanted)
+    return won
+
+
+def _bounded(
+    attempt: Callable[[], Awaitable[socket.socket]], timeout: float
+) -> Callable[[], Awaitable[socket.socket]]:
+    async def run() -> socket.socket:
+        # (asyncio.timeout, not wait_for: wait_for's inner task, when cancelled as it
+        # fails, leaves its exception unretrieved)
+        async with asyncio.timeout(timeout):
+            return await attempt()
+
+    return run
+
+
+def _close_unwanted(task: asyncio.Future[socket.socket]) -> None:
+    """A connection that came for a race already won (or given up) is closed."""
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()
 
 
 async def serve_tcp_forward(

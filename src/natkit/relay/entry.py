@@ -4,7 +4,11 @@
 * ``S``: a sealed data connection, which names its ticket only by its handle and proves
   the ticket by the keys it derives from it (:mod:`natkit.relay.seal`);
 * a DATA frame in clear: a plaintext data connection (a tunnel whose agent asked for
-  plaintext, on a relay that allows it) or a peer-to-peer relay path.
+  plaintext, on a relay that allows it) or a peer-to-peer relay path;
+* ``0x00`` (no relay message has type 0): a STUN Binding request over TCP (RFC 8489
+  6.2.2), answered with the connection's source address and closed. A P2P peer learns
+  the public address of a TCP port this way before it hole-punches TCP
+  (:mod:`natkit.p2p.tcppunch`); the UDP responder cannot tell it that.
 
 Every connection here is unauthenticated until its ticket or its login checks out, and
 counts against its address's limits (:mod:`natkit.relay.limits`) until then.
@@ -18,14 +22,16 @@ import socket
 import ssl
 from typing import Any, Protocol
 
-from natkit.errors import ProtocolError
+from natkit.errors import NatkitError, ProtocolError
 from natkit.relay import messages as M
 from natkit.relay import seal, sealpump
 from natkit.relay.limits import AddressLimits
 from natkit.relay.sessions import AgentSession
-from natkit.relay.sockframes import peek, read_frame
+from natkit.relay.sockframes import peek, read_frame, recv_exact
 from natkit.relay.tickets import TicketBook, TicketRefused
 from natkit.relay.tunnels import ParkedConn, ServedTunnel
+from natkit.stun import codec as stuncodec
+from natkit.stun import server as stunserver
 
 log = logging.getLogger("natkit.relay")
 
@@ -44,6 +50,7 @@ class Hub(Protocol):
     def session_ended(self, s: AgentSession) -> None: ...
     def p2p_data_conn(self, conn: socket.socket, ticket: str) -> bool: ...
     def p2p_sealed_key(self, handle: str) -> tuple[str, bytes] | None: ...
+    def answers_stun(self) -> bool: ...
     def interference(self, tunnel: ServedTunnel, what: str) -> None: ...
 
 
@@ -92,6 +99,8 @@ class ListenPort:
                 return
             if first in seal.PREFIXES:
                 await self._sealed(conn, ip)
+            elif first == b"\x00" and self.hub.answers_stun():
+                await self._stun(conn, ip)
             elif first[0] == 0x16:  # a TLS handshake: a control connection
                 released = True  # the session gives its admission back (see RelayServer)
                 await self._control(conn, ip, deadline)
@@ -115,6 +124,26 @@ class ListenPort:
             conn.close()
             if session.transport is None:  # never made: no connection_lost will come
                 self.hub.session_ended(session)
+
+    async def _stun(self, conn: socket.socket, ip: str) -> None:
+        """One Binding request over TCP: answered (what the UDP responder would say) and
+        the connection closed; anything else is dropped as garbage."""
+        loop = asyncio.get_running_loop()
+        try:
+            header = await asyncio.wait_for(recv_exact(conn, stuncodec.HEADER_LEN), 5.0)
+            size = stuncodec.frame_length(header, max_size=stunserver.MAX_REQUEST)
+            request = header + await asyncio.wait_for(
+                recv_exact(conn, size - stuncodec.HEADER_LEN), 5.0
+            )
+            reply = stunserver.answer(request, conn.getpeername())
+            if reply is None:
+                raise ProtocolError("not a plain STUN Binding request")
+            await asyncio.wait_for(loop.sock_sendall(conn, reply), 5.0)
+            self.hub.stats["stun_tcp"] += 1
+        except (asyncio.TimeoutError, OSError, NatkitError) as exc:
+            self._garbage(conn, ip, exc)
+            return
+        conn.close()
 
     async def _plain(self, conn: socket.socket, ip: str) -> None:
         try:

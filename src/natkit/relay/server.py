@@ -12,7 +12,8 @@ in :mod:`natkit.relay.tickets`, per-address bounds in :mod:`natkit.relay.limits`
 and quotas in :mod:`natkit.relay.tenants`. This module wires them to sockets.
 
 The relay is also a rendezvous for peer-to-peer (:mod:`natkit.rendezvous.rooms`) and
-answers STUN Binding requests on UDP at the listen address (:mod:`natkit.stun.server`).
+answers STUN Binding requests on UDP at the listen address (:mod:`natkit.stun.server`)
+and over TCP on the listen port itself.
 """
 
 from __future__ import annotations
@@ -302,6 +303,9 @@ class RelayServer:
 
     def p2p_sealed_key(self, handle: str) -> tuple[str, bytes] | None:
         return self.rooms.sealed_key(handle)
+
+    def answers_stun(self) -> bool:
+        return self.cfg.stun
 
     def interference(self, tunnel: ServedTunnel, what: str) -> None:
         """Someone on the path between an agent and the relay meddles with its data

@@ -272,14 +272,36 @@ async def binding_tcp(
         ) from None
 
 
-async def _binding_tcp(addr: Addr, local_ip: str | None, local_port: int) -> BindingResult:
+async def binding_tcp_from(sock: socket.socket, server: Addr, timeout: float = TI) -> BindingResult:
+    """One Binding over TCP from ``sock``, a socket bound already (to a port it shares with
+    others through SO_REUSEPORT: the public address of *that* port is the question); the
+    socket is closed afterwards."""
+    try:
+        return await asyncio.wait_for(_binding_tcp(server, None, 0, sock=sock), timeout)
+    except asyncio.TimeoutError:
+        sock.close()
+        raise StunTimeoutError(
+            f"no STUN answer from {format_addr(server)} over TCP within {timeout:g} s"
+        ) from None
+
+
+async def _binding_tcp(
+    addr: Addr, local_ip: str | None, local_port: int, sock: socket.socket | None = None
+) -> BindingResult:
     local = (local_ip, local_port) if local_ip else None
     where = format_addr(addr)
     try:
-        reader, writer = await asyncio.open_connection(
-            addr[0], addr[1], local_addr=local, limit=MAX_MESSAGE
-        )
+        if sock is not None:
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, addr)
+            reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_MESSAGE)
+        else:
+            reader, writer = await asyncio.open_connection(
+                addr[0], addr[1], local_addr=local, limit=MAX_MESSAGE
+            )
     except OSError as exc:
+        if sock is not None:
+            sock.close()
         raise StunTransportError(f"cannot connect to STUN server {where} over TCP: {exc}") from None
     try:
         request = binding_request()

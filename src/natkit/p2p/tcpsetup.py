@@ -1,0 +1,165 @@
+"""The direct TCP path's part in setting up a P2P session (:mod:`natkit.p2p.peer`).
+
+Everything here happens after both peers proved the secret. The listener opens its TCP
+port, asks its router for a TCP mapping of it and learns the port's public address by STUN
+over TCP (both within TCP_BUDGET, while ICE gathers), and announces them in its sealed
+offer: ``"tcp"`` (mapping first, then each host address) and ``"punch"`` (the STUN answer).
+The connector opens a port of its own for reverse dials and asks its router to map it (in
+the background: it is needed only at the first forward), then builds its
+:class:`~natkit.p2p.tcppath.TcpDialer` from the listener's offer. The listener answers the
+connector's dials (:class:`~natkit.p2p.tcppunch.DialServer`) only towards the addresses
+the connector announced as ICE candidates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from natkit.errors import NatkitError
+from natkit.p2p import tcppath
+from natkit.p2p.candidates import IceDescription
+from natkit.p2p.ice_gather import release
+from natkit.p2p.tcppath import TcpDialer, TcpEndpoint
+from natkit.p2p.tcppunch import (
+    Addr,
+    DialAcceptor,
+    DialBack,
+    DialServer,
+    OpenStream,
+    family_of,
+    shared_port_socket,
+    stun_tcp,
+)
+from natkit.portmap.manager import KeptMapping
+from natkit.stun.address import resolve
+
+log = logging.getLogger("natkit.p2p")
+
+TCP_BUDGET = 0.5  # the listener's TCP mapping and STUN (ICE gathering's budget for its own)
+CONNECTOR_MAP_BUDGET = 2.0  # the connector's mapping for reverse dials (in the background)
+DIAL_TYPES = ("host", "srflx", "prflx")  # a relay candidate is the TURN server's: not the peer
+
+
+class TcpSide:
+    """One peer's direct-TCP-path state for one session; :meth:`close` undoes it all."""
+
+    def __init__(self, role: str, key: bytes, *, stun: tuple[str, int], port_mapping: bool) -> None:
+        self.role, self.key, self.stun = role, key, stun
+        self.port_mapping = port_mapping
+        self.endpoint: TcpEndpoint | None = None  # listener
+        self.dial_server: DialServer | None = None  # listener
+        self.dialer: TcpDialer | None = None  # connector
+        self.acceptor: DialAcceptor | None = None  # connector
+        self.mappings: list[KeptMapping] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._mapping: asyncio.Task[Addr | None] | None = None
+        self._stun: asyncio.Task[Addr | None] | None = None
+
+    def start(self) -> None:
+        """Open our TCP port and start asking about it (router, STUN) while ICE gathers."""
+        try:
+            if self.role == "listen":
+                self.endpoint = TcpEndpoint.open(self.key)
+                port = self.endpoint.port
+            else:
+                self.acceptor = DialAcceptor.open()
+                port = self.acceptor.port
+        except OSError as exc:
+            log.warning("no direct TCP path: cannot listen on TCP: %s", exc)
+            return
+        budget = TCP_BUDGET if self.role == "listen" else CONNECTOR_MAP_BUDGET
+        if self.port_mapping:
+            self._mapping = self._spawn(self._map(port, budget))
+        if self.role == "listen":
+            self._stun = self._spawn(self._public(port))
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _map(self, port: int, budget: float) -> Addr | None:
+        try:
+            kept, ip, public = await asyncio.wait_for(tcppath.map_port(port, budget), budget)
+        except (NatkitError, OSError, asyncio.TimeoutError) as exc:
+            log.info("no TCP port mapping for the direct TCP path: %s", exc or "no answer")
+            return None
+        self.mappings.append(kept)
+        return ip, public
+
+    async def _public(self, port: int) -> Addr | None:
+        """The public address of our TCP port (the punch endpoint), by STUN over TCP."""
+        try:
+            server = await resolve(self.stun, timeout=TCP_BUDGET)
+            sock = shared_port_socket(family_of(server[0]), port)
+            return await stun_tcp(sock, server, TCP_BUDGET)
+        except (NatkitError, OSError) as exc:
+            log.info("no public address for the TCP port (no TCP hole punching): %s", exc)
+            return None
+
+    async def offer(self, hosts: list[str]) -> dict[str, Any]:
+        """(listener) What the sealed offer says of our TCP port."""
+        if self.endpoint is None:
+            return {}
+        mapped = await _result(self._mapping)
+        public = await _result(self._stun)
+        offer: dict[str, Any] = {
+            "tcp": ([mapped] if mapped else []) + self.endpoint.endpoints(hosts)
+        }
+        if public is not None:
+            offer["punch"] = list(public)
+        return offer
+
+    def take(
+        self,
+        body: dict[str, Any],
+        hosts: list[str],
+        remote: IceDescription,
+        open_stream: OpenStream,
+    ) -> None:
+        """The peer's offer: the listener learns where it may dial, the connector how it
+        may reach the listener."""
+        if self.endpoint is not None:
+            peer_hosts = {c.host for c in remote.candidates if c.type in DIAL_TYPES}
+            self.dial_server = DialServer(self.endpoint.port, peer_hosts, self.endpoint.adopt)
+            return
+        if self.role != "connect":
+            return
+        endpoints = tcppath.usable_endpoints(body.get("tcp"), hosts)
+        punch = tcppath.usable_endpoints([body.get("punch")], hosts)
+        dialback = DialBack(
+            open_stream,
+            stun_server=self.stun if punch else None,
+            punch_to=punch[0] if punch else None,
+            acceptor=self.acceptor,
+            mapped=self._mapped_address if self._mapping is not None else None,
+        )
+        if endpoints or punch or self._mapping is not None:  # (a mapping may still come)
+            self.dialer = TcpDialer(self.key, endpoints, dialback)
+
+    async def _mapped_address(self) -> Addr | None:
+        return await _result(self._mapping)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self.endpoint is not None:
+            self.endpoint.close()
+        if self.acceptor is not None:
+            self.acceptor.close()
+        for kept in self.mappings:
+            await release(kept)
+        self.mappings.clear()
+
+
+async def _result(task: asyncio.Task[Addr | None] | None) -> Addr | None:
+    """A budgeted task's answer (None if it had none)."""
+    if task is None:
+        return None
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        return await asyncio.shield(task)
+    return None
