@@ -380,8 +380,7 @@ async def _race(routes: list[Route]) -> tuple[Route, socket.socket] | None:
     finally:
         for task in tries:
             if task is not winner:
-                task.cancel()
-                task.add_done_callback(_close_unwanted)
+                _drop(task)
     return won
 
 
@@ -389,12 +388,24 @@ def _bounded(
     attempt: Callable[[], Awaitable[socket.socket]], timeout: float
 ) -> Callable[[], Awaitable[socket.socket]]:
     async def run() -> socket.socket:
-        # (asyncio.timeout, not wait_for: wait_for's inner task, when cancelled as it
-        # fails, leaves its exception unretrieved)
-        async with asyncio.timeout(timeout):
-            return await attempt()
+        # (not wait_for: its inner task, cancelled as it fails, leaves its error unretrieved)
+        task = asyncio.ensure_future(attempt())
+        try:
+            await asyncio.wait({task}, timeout=timeout)
+        except BaseException:
+            _drop(task)
+            raise
+        if not task.done():
+            _drop(task)
+            raise asyncio.TimeoutError()
+        return task.result()
 
     return run
+
+
+def _drop(task: asyncio.Future[socket.socket]) -> None:
+    task.cancel()
+    task.add_done_callback(_close_unwanted)
 
 
 def _close_unwanted(task: asyncio.Future[socket.socket]) -> None:
