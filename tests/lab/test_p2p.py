@@ -57,6 +57,20 @@ def expected(a: Router, b: Router) -> set[str]:
     return {"turn"}
 
 
+def expected_tcp(a: Router, b: Router) -> set[str]:
+    """How the direct TCP path for forwarded connections goes (docs/p2p-paths.md), ``a`` the
+    connector's router and ``b`` the listener's: to the listener's TCP mapping; else the
+    listener dials back — to the connector's mapping, or a simultaneous open when neither
+    NAT changes a port's public address per destination (the lab's full-cone router maps
+    TCP as eim does); else none (QUIC)."""
+    if b[1]:
+        return {"direct"}
+    punch = {"punch"} if "random" not in {a[0], b[0]} else set()
+    if a[1]:
+        return {"reverse"} | punch
+    return punch or {"none"}
+
+
 def _id(pair: tuple[Router, Router]) -> str:
     return "-".join(f"{nat}{'+pm' if pm else ''}" for nat, pm in pair)
 
@@ -148,7 +162,11 @@ def test_success_matrix(p2p_lab: Lab, peers_factory: Callable[..., Peers]) -> No
     assert path in expected(a, b), (a, b, ready_c, peers.why())
     assert isinstance(ready_c["elapsed_ms"], float)
     assert peers.get() == f"hello from 127.0.0.1:{WEB_PORT}\n"
-    print(f"P2P {_id((a, b))}: {path} (ready on {ready_c['path']} in {ready_c['elapsed_ms']} ms)")
+    tcp = peers.connect.wait_event("tcp_path", 15)["via"]  # how that forward went
+    assert tcp in expected_tcp(a, b), (a, b, tcp, peers.why())
+    assert peers.get() == f"hello from 127.0.0.1:{WEB_PORT}\n"  # and the next one too
+    print(f"P2P {_id((a, b))}: {path} (ready on {ready_c['path']} in {ready_c['elapsed_ms']} ms),"
+          f" TCP path: {tcp}")  # fmt: skip
 
 
 @pytest.mark.parametrize("p2p_lab", [(("random", False), ("random", False))], indirect=True)

@@ -447,6 +447,58 @@ async def test_no_stun_means_no_udp_answer(tmp_path: Path) -> None:
         await proc.stop()
 
 
+async def test_stun_over_tcp_on_the_listen_port_tells_that_ports_address(
+    relay: RelayProc,
+) -> None:
+    """What TCP hole punching asks before it dials (natkit.p2p.tcppunch): the public address
+    of one TCP port, from a socket sharing that port."""
+    from natkit.p2p.tcppunch import shared_port_socket, stun_tcp
+
+    sharing = shared_port_socket(socket.AF_INET, 0, LOOPBACK)
+    sharing.listen(1)  # a listening socket on the port does not stop the question
+    port = sharing.getsockname()[1]
+    try:
+        mapped = await stun_tcp(shared_port_socket(socket.AF_INET, port, LOOPBACK),
+                                (LOOPBACK, relay.port), 2.0)  # fmt: skip
+    finally:
+        sharing.close()
+    assert mapped == (LOOPBACK, port)
+    assert (await relay.metrics())["stun_tcp"] == 1
+
+
+async def test_not_a_binding_request_over_tcp_gets_no_answer(relay: RelayProc) -> None:
+    from natkit.stun import codec
+
+    bad = [
+        codec.binding_success(codec.binding_request(), ("1.2.3.4", 5)),  # a response
+        codec.encode(codec.binding_request(change_ip=True), fingerprint=True),
+        b"\x00\x01\xff\xff" + bytes(16),  # a length far past any request
+    ]
+    for data in bad:
+        reader, writer = await asyncio.open_connection(LOOPBACK, relay.port)
+        writer.write(data)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, not a byte back
+        writer.close()
+    metrics = await relay.metrics()
+    assert metrics.get("stun_tcp", 0) == 0 and metrics["garbage"] >= len(bad)
+
+
+async def test_no_stun_means_no_tcp_answer_either(tmp_path: Path) -> None:
+    from natkit.stun import codec
+
+    proc = RelayProc(tmp_path, extra=("--no-stun",))
+    await proc.start()
+    try:
+        reader, writer = await asyncio.open_connection(LOOPBACK, proc.port)
+        writer.write(codec.encode(codec.binding_request(), fingerprint=True))
+        # not a relay frame either: dropped (closed, or reset with our bytes unread)
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 15) == b""
+        writer.close()
+    finally:
+        await proc.stop()
+
+
 async def test_an_agent_with_a_rejected_token_fails_fast(relay: RelayProc, tmp_path: Path) -> None:
     agent = Agent(
         relay.address,

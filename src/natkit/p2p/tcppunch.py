@@ -85,7 +85,10 @@ def decode_dial_rest(rest: bytes, address: bytes) -> tuple[bytes, str]:
     if len(address) != length:
         raise ProtocolError("a dial request's address is cut short")
     try:
-        host = ipaddress.ip_address(address.decode("ascii")).compressed
+        text = address.decode("ascii")
+        if "%" in text:  # a scope (an interface of the listener's) is not the peer's to name
+            raise ValueError(text)
+        host = ipaddress.ip_address(text).compressed
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError("a dial request names no IP address") from None
     return dial_id, host
