@@ -89,21 +89,25 @@ def p2p_lab(make_lab: Callable[..., Lab], request: pytest.FixtureRequest) -> Lab
 
 
 class Peers:
-    def __init__(self, lab: Lab, tmp: Path, extra: list[str], forwards: list[str]) -> None:
+    def __init__(
+        self, lab: Lab, tmp: Path, extra: list[str], forwards: list[str],
+        nodes: tuple[str, str] = ("lan2", "lan"),
+    ) -> None:  # fmt: skip
         self.lab, self.tmp = lab, tmp
+        listen_on, self.connect_on = nodes
         self.procs: list[NatkitProc] = []
         self.relay = start_relay(lab, tmp / "relay", token=TOKEN, http_port=None,
                                  https_port=None)  # fmt: skip
         self.procs.append(self.relay)
-        self.web = lab.popen("lan2", [sys.executable, "-m",
+        self.web = lab.popen(listen_on, [sys.executable, "-m",
                                       "natkit.lab.webserver", "127.0.0.1", str(WEB_PORT)])  # fmt: skip
         common = ["--relay", RELAY, "--token", TOKEN, "--secret", SECRET, "--json", *extra]
         allow = [x for f in forwards for x in ("--allow", f.rpartition(":")[2])]
-        self.listen = NatkitProc(lab, "lan2", ["p2p", "listen", "room", *common, *allow],
+        self.listen = NatkitProc(lab, listen_on, ["p2p", "listen", "room", *common, *allow],
                                  state_dir=tmp / "l", label="p2p listen")  # fmt: skip
         self.procs.append(self.listen)
         self.connect = NatkitProc(
-            lab, "lan", ["p2p", "connect", "room", *common,
+            lab, self.connect_on, ["p2p", "connect", "room", *common,
                          *(x for f in forwards for x in ("--forward", f))],
             state_dir=tmp / "c", label="p2p connect",
         )  # fmt: skip
@@ -116,7 +120,7 @@ class Peers:
         return a, b
 
     def get(self, path: str = "/", timeout: float = 20) -> str:
-        r = self.lab.run("lan", ["curl", "-s", "-m", str(timeout), f"http://127.0.0.1:{LOCAL_PORT}{path}"],
+        r = self.lab.run(self.connect_on, ["curl", "-s", "-m", str(timeout), f"http://127.0.0.1:{LOCAL_PORT}{path}"],
                          timeout=timeout + 5)  # fmt: skip
         assert r.returncode == 0, (r.returncode, r.stderr, self.why())
         return r.stdout
@@ -135,9 +139,12 @@ class Peers:
 def peers_factory(tmp_path: Path) -> Iterator[Callable[..., Peers]]:
     made: list[Peers] = []
 
-    def make(lab: Lab, extra: list[str] | None = None, forwards: list[str] | None = None) -> Peers:
+    def make(
+        lab: Lab, extra: list[str] | None = None, forwards: list[str] | None = None,
+        nodes: tuple[str, str] = ("lan2", "lan"),
+    ) -> Peers:  # fmt: skip
         made.append(Peers(lab, tmp_path / str(len(made)), TURN if extra is None else extra,
-                          forwards or [f"{LOCAL_PORT}:{WEB_PORT}"]))  # fmt: skip
+                          forwards or [f"{LOCAL_PORT}:{WEB_PORT}"], nodes))  # fmt: skip
         return made[-1]
 
     yield make

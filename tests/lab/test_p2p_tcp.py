@@ -99,3 +99,24 @@ def test_without_a_tcp_path_forwards_go_over_quic(
     for _ in range(2):  # the first waits for the TCP attempts to fail, the next does not
         assert peers.get() == f"hello from 127.0.0.1:{WEB_PORT}\n"
     assert peers.connect.wait_event("tcp_path", 5)["via"] == "none", peers.why()
+
+
+@pytest.mark.parametrize("p2p_lab", [(("random", False), ("eim", False))], indirect=True)
+def test_ipv6_punches_through_a_stateful_firewall(
+    p2p_lab: Lab, peers_factory: Callable[..., Peers]
+) -> None:
+    """The listener on lan: IPv4 behind a random NAT with no mapping (no IPv4 TCP path),
+    IPv6 global behind rtr's firewall (unsolicited inbound dropped); the connector on the
+    Internet host. The forward's TCP connection is a simultaneous open over IPv6: no STUN
+    (no NAT), both SYNs outbound, rtr's conntrack holding the listener's flow."""
+    peers = peers_factory(p2p_lab, extra=[], nodes=("lan", "wan"))
+    _, ready_l = peers.ready()
+    port = ready_l["tcp"]
+    assert isinstance(port, int), peers.why()
+    v6_flows = ("-f", "ipv6", "--orig-src", C.LAN_IP6, "--orig-port-src", str(port))
+    before = _flows(p2p_lab, "rtr", *v6_flows)
+    for _ in range(2):
+        assert peers.get() == f"hello from 127.0.0.1:{WEB_PORT}\n"
+    found = peers.connect.wait_event("tcp_path", 5)
+    assert found["via"] == "punch" and found["remote"] == f"[{C.LAN_IP6}]:{port}", found
+    assert _flows(p2p_lab, "rtr", *v6_flows) - before >= 2, peers.why()

@@ -134,7 +134,7 @@ async def test_a_reverse_dial_carries_a_forward_end_to_end() -> None:
     acceptor = DialAcceptor.open()
     found: list[str] = []
     dialer = TcpDialer(KEY, [], DialBack(
-        listener.open_stream, stun_server=None, punch_to=None, acceptor=acceptor,
+        listener.open_stream, stun_server=None, acceptor=acceptor,
         mapped=lambda: _acceptor_at(acceptor)), on_route=found.append)  # fmt: skip
     try:
         for _, port, served in services:  # the second takes the route the first found
@@ -160,7 +160,7 @@ async def test_the_listener_dials_only_its_peers_own_addresses(service: tuple[in
     listener = Listener({port}, {"192.0.2.1"})  # the peer announced only this address
     await listener.start()
     acceptor = DialAcceptor.open()
-    back = DialBack(listener.open_stream, stun_server=None, punch_to=None, acceptor=acceptor,
+    back = DialBack(listener.open_stream, stun_server=None, acceptor=acceptor,
                     mapped=lambda: _acceptor_at(acceptor))  # fmt: skip
     try:
         with pytest.raises(DialError, match="could not connect"):

@@ -165,7 +165,7 @@ async def _session(
         tcp = [f"{h}:{p}" for h, p in dialer.endpoints]
 
         def found(via: str) -> None:  # the first forward found the TCP path's route (or none)
-            _emit(as_json, "tcp_path", via=via)
+            _emit(as_json, "tcp_path", via=via, remote=dialer.remote or None)
 
         dialer.on_route = found
     _emit(as_json, "ready", path=conn.path, elapsed_ms=round(conn.elapsed * 1000, 1), tcp=tcp)

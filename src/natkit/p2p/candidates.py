@@ -372,7 +372,14 @@ def address_scope(host: str) -> str:
         return "machine"
     if ip.is_link_local:
         return "link"
+    if ip in _DOCUMENTATION6:
+        # Python counts 2001:db8::/32 private; it is routed nowhere, so no peer can aim us
+        # at a real network with it, and natkit's lab uses it as its public IPv6.
+        return "global"
     return "private" if ip.is_private else "global"
+
+
+_DOCUMENTATION6 = ipaddress.IPv6Network("2001:db8::/32")
 
 
 def reachable_remote(

@@ -77,30 +77,37 @@ class TcpEndpoint:
     :meth:`accept` returns ``(sealed socket, asked port)`` for connections whose opening
     and first record were sealed with this session's key; others are dropped."""
 
-    def __init__(self, key: bytes, sock: socket.socket) -> None:
-        self.key, self.sock = key, sock
-        self.port: int = sock.getsockname()[1]
+    def __init__(self, key: bytes, socks: list[socket.socket]) -> None:
+        self.key, self.socks = key, socks
+        self.sock = socks[0]
+        self.port: int = self.sock.getsockname()[1]
         self._seen: set[bytes] = set()
         self._ready: asyncio.Queue[tuple[sealpump.SealedSocket, int]] = asyncio.Queue(64)
         self._slots = asyncio.Semaphore(MAX_HANDSHAKES)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._accepting = asyncio.ensure_future(self._accept_loop())
+        self._accepting = [asyncio.ensure_future(self._accept_loop(s)) for s in socks]
 
     @classmethod
-    def open(cls, key: bytes, host: str = "0.0.0.0") -> TcpEndpoint:
-        """A free port on ``host`` that dials from it may share (SO_REUSEPORT)."""
-        sock = shared_port_socket(family_of(host), 0, host)
+    def open(cls, key: bytes, host: str = "0.0.0.0", *, ipv6: bool = False) -> TcpEndpoint:
+        """A free port on ``host`` that dials from it may share (SO_REUSEPORT); with
+        ``ipv6``, the same port number on IPv6's any address too when it is free there."""
+        socks = [shared_port_socket(family_of(host), 0, host)]
         try:
-            sock.listen(128)
+            socks[0].listen(128)
+            if ipv6 and socks[0].family == socket.AF_INET:
+                with contextlib.suppress(OSError):  # no IPv6 here, or the port taken on it
+                    socks.append(shared_port_socket(socket.AF_INET6, socks[0].getsockname()[1]))
+                    socks[-1].listen(128)
         except OSError:
-            sock.close()
+            for sock in socks:
+                sock.close()
             raise
-        return cls(key, sock)
+        return cls(key, socks)
 
     def endpoints(self, hosts: Iterable[str]) -> list[tuple[str, int]]:
-        """What to announce: our port on each of these addresses (IPv4 when bound so)."""
-        v6 = self.sock.family == socket.AF_INET6
-        return [(h, self.port) for h in dict.fromkeys(hosts) if (":" in h) == v6]
+        """What to announce: our port on each of these addresses of a family we listen on."""
+        families = {s.family for s in self.socks}
+        return [(h, self.port) for h in dict.fromkeys(hosts) if family_of(h) in families]
 
     async def accept(self) -> tuple[sealpump.SealedSocket, int]:
         return await self._ready.get()
@@ -117,12 +124,12 @@ class TcpEndpoint:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _accept_loop(self) -> None:
+    async def _accept_loop(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._slots.acquire()
             try:
-                conn, _ = await loop.sock_accept(self.sock)
+                conn, _ = await loop.sock_accept(sock)
             except OSError as exc:
                 self._slots.release()
                 log.warning("TCP path: accept failed: %s", exc)
@@ -166,10 +173,10 @@ class TcpEndpoint:
         return sealed, port
 
     def close(self) -> None:
-        self._accepting.cancel()
-        for task in list(self._tasks):
+        for task in [*self._accepting, *self._tasks]:
             task.cancel()
-        self.sock.close()
+        for sock in self.socks:
+            sock.close()
         while not self._ready.empty():
             self._ready.get_nowait()[0].close()
 
@@ -259,6 +266,7 @@ class TcpDialer:
         self.dialback = dialback
         self.on_route = on_route
         self.route: Route | None = None
+        self.remote = ""  # the peer's address on the first connection of the route found
         self.failed = False  # no route gave a connection: QUIC from now on
 
     @property
@@ -297,8 +305,11 @@ class TcpDialer:
                 self.on_route("none")
             return None
         route, sock = won
-        if self.route is None and self.on_route is not None:
-            self.on_route(route.kind)
+        if self.route is None:
+            host, port = sock.getpeername()[:2]
+            self.remote = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            if self.on_route is not None:
+                self.on_route(route.kind)
         self.route = route
         return sock
 

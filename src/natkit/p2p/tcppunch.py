@@ -37,12 +37,14 @@ and answers one byte: OK once connected, else FAILED.
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import ipaddress
 import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from typing import Any
 
 from natkit.errors import NatkitError, ProtocolError
@@ -123,10 +125,10 @@ def family_of(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-async def start_connect(sock: socket.socket, addr: Addr) -> Awaitable[None]:
+def start_connect(sock: socket.socket, addr: Addr) -> Coroutine[Any, Any, None]:
     """Send the SYN now (not when a task gets to run) and return what waits for the end."""
     err = sock.connect_ex(addr)
-    if err not in (0, 115, 36):  # EINPROGRESS (Linux 115, BSD 36)
+    if err not in (0, errno.EINPROGRESS):
         raise OSError(err, os.strerror(err))
 
     async def done() -> None:
@@ -158,9 +160,14 @@ class DialServer:
     ``adopt`` (the endpoint's sealed handshake) after writing the dial id."""
 
     def __init__(
-        self, port: int, peer_hosts: Collection[str], adopt: Callable[[socket.socket], None]
+        self,
+        port: int,
+        peer_hosts: Collection[str],
+        adopt: Callable[[socket.socket], None],
+        ipv6: str | None = None,
     ) -> None:
         self.port, self.peer_hosts, self.adopt = port, frozenset(peer_hosts), adopt
+        self.ipv6 = ipv6  # the IPv6 address we announced: dials over IPv6 leave from it
         self._running = 0
 
     async def serve(self, stream: Any, port: int) -> None:
@@ -190,7 +197,9 @@ class DialServer:
     async def _dial(self, host: str, port: int, dial_id: bytes) -> bool:
         loop = asyncio.get_running_loop()
         try:
-            sock = shared_port_socket(family_of(host), self.port)
+            family = family_of(host)
+            local = self.ipv6 if family == socket.AF_INET6 else None
+            sock = shared_port_socket(family, self.port, local)
         except OSError as exc:
             log.info("TCP path: cannot dial from port %d: %s", self.port, exc)
             return False
@@ -278,20 +287,23 @@ class DialAcceptor:
 
 class DialBack:
     """(connector) The ways to have the listener connect to us, each giving a connected
-    socket or raising: ``punch`` (both NATs keep a port's public address whatever the
-    destination) and ``reverse`` (our router mapped our acceptor's port)."""
+    socket or raising: ``punch`` to each of the listener's punch endpoints (IPv4: both NATs
+    keep a port's public address whatever the destination; IPv6: no NAT, a stateful
+    firewall at most, and our own global address is the public one) and ``reverse`` (our
+    router mapped our acceptor's port)."""
 
     def __init__(
         self,
         open_stream: OpenStream,
         *,
         stun_server: Addr | None,
-        punch_to: Addr | None,
+        punch_to: Sequence[Addr] = (),
+        own_ipv6: str | None = None,
         acceptor: DialAcceptor | None = None,
         mapped: Callable[[], Awaitable[Addr | None]] | None = None,
     ) -> None:
         self.open_stream = open_stream
-        self.stun_server, self.punch_to = stun_server, punch_to
+        self.stun_server, self.punch_to, self.own_ipv6 = stun_server, punch_to, own_ipv6
         self.acceptor, self.mapped = acceptor, mapped  # our router's mapping of the acceptor
 
     def routes(self) -> list[tuple[str, Callable[[], Awaitable[socket.socket]]]]:
@@ -299,8 +311,10 @@ class DialBack:
         ways: list[tuple[str, Callable[[], Awaitable[socket.socket]]]] = []
         if self.acceptor is not None and self.mapped is not None:
             ways.append(("reverse", self.reverse))
-        if self.punch_to is not None and self.stun_server is not None:
-            ways.append(("punch", self.punch))
+        for target in self.punch_to:
+            v6 = family_of(target[0]) == socket.AF_INET6
+            if (self.own_ipv6 if v6 else self.stun_server) is not None:
+                ways.append(("punch", functools.partial(self.punch, target)))
         return ways
 
     async def _ask(self, host: str, port: int, dial_id: bytes) -> None:
@@ -316,15 +330,22 @@ class DialBack:
         if answer[0] != OK:
             raise DialError(f"the peer could not connect to {host}:{port}")
 
-    async def punch(self) -> socket.socket:
-        assert self.punch_to is not None and self.stun_server is not None
-        family = family_of(self.punch_to[0])
-        probe = shared_port_socket(family, 0)
-        port = probe.getsockname()[1]
-        public = await stun_tcp(probe, self.stun_server)  # then our dial, from the same port
-        sock = shared_port_socket(family, port)
+    async def punch(self, target: Addr) -> socket.socket:
+        family = family_of(target[0])
+        if family == socket.AF_INET6:
+            # from the address we name (not one the kernel would pick: a temporary one)
+            assert self.own_ipv6 is not None
+            sock = shared_port_socket(family, 0, self.own_ipv6)
+            public = (self.own_ipv6, sock.getsockname()[1])
+        else:  # our NAT's address for a port of ours, then our dial from that port
+            assert self.stun_server is not None
+            probe = shared_port_socket(family, 0)
+            port = probe.getsockname()[1]
+            public = await stun_tcp(probe, self.stun_server)
+            sock = shared_port_socket(family, port)
+        connected: Coroutine[Any, Any, None] | None = None
         try:
-            connected = await start_connect(sock, self.punch_to)  # our SYN leaves first
+            connected = start_connect(sock, target)  # our SYN leaves first
             dial_id = os.urandom(DIAL_ID_SIZE)
             await self._ask(public[0], public[1], dial_id)
             await asyncio.wait_for(connected, DIAL_TIMEOUT)
@@ -332,6 +353,8 @@ class DialBack:
             if got != dial_id:
                 raise DialError("the punched connection did not name our dial")
         except BaseException:
+            if connected is not None:
+                connected.close()  # (not awaited when the dial request failed)
             sock.close()
             raise
         return sock

@@ -54,15 +54,17 @@ class TcpSide:
         self.dialer: TcpDialer | None = None  # connector
         self.acceptor: DialAcceptor | None = None  # connector
         self.mappings: list[KeptMapping] = []
+        self.own_ipv6: str | None = None  # our global IPv6 address (no NAT: our public one)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._mapping: asyncio.Task[Addr | None] | None = None
         self._stun: asyncio.Task[Addr | None] | None = None
 
     def start(self) -> None:
         """Open our TCP port and start asking about it (router, STUN) while ICE gathers."""
+        self.own_ipv6 = _global_ipv6()
         try:
             if self.role == "listen":
-                self.endpoint = TcpEndpoint.open(self.key)
+                self.endpoint = TcpEndpoint.open(self.key, ipv6=self.own_ipv6 is not None)
                 port = self.endpoint.port
             else:
                 self.acceptor = DialAcceptor.open()
@@ -102,17 +104,18 @@ class TcpSide:
             return None
 
     async def offer(self, hosts: list[str]) -> dict[str, Any]:
-        """(listener) What the sealed offer says of our TCP port."""
+        """What the sealed offer says: (listener) where our TCP port may be reached, and
+        its public addresses to punch to; (connector) our IPv6 address, to be dialled at."""
         if self.endpoint is None:
-            return {}
+            return {"tcp6": self.own_ipv6} if self.own_ipv6 else {}
+        v6 = [self.own_ipv6] if self.own_ipv6 else []
         mapped = await _result(self._mapping)
         public = await _result(self._stun)
-        offer: dict[str, Any] = {
-            "tcp": ([mapped] if mapped else []) + self.endpoint.endpoints(hosts)
+        punch = ([public] if public else []) + self.endpoint.endpoints(v6)
+        return {
+            "tcp": ([mapped] if mapped else []) + self.endpoint.endpoints([*hosts, *v6]),
+            "punch": [list(e) for e in punch],
         }
-        if public is not None:
-            offer["punch"] = list(public)
-        return offer
 
     def take(
         self,
@@ -125,16 +128,22 @@ class TcpSide:
         may reach the listener."""
         if self.endpoint is not None:
             peer_hosts = {c.host for c in remote.candidates if c.type in DIAL_TYPES}
-            self.dial_server = DialServer(self.endpoint.port, peer_hosts, self.endpoint.adopt)
+            peer_hosts.update(
+                h for h, _ in tcppath.usable_endpoints([[body.get("tcp6"), 1]], hosts)
+            )
+            self.dial_server = DialServer(
+                self.endpoint.port, peer_hosts, self.endpoint.adopt, self.own_ipv6
+            )
             return
         if self.role != "connect":
             return
         endpoints = tcppath.usable_endpoints(body.get("tcp"), hosts)
-        punch = tcppath.usable_endpoints([body.get("punch")], hosts)
+        punch = tcppath.usable_endpoints(body.get("punch"), hosts)
         dialback = DialBack(
             open_stream,
-            stun_server=self.stun if punch else None,
-            punch_to=punch[0] if punch else None,
+            stun_server=self.stun,
+            punch_to=punch,
+            own_ipv6=self.own_ipv6,
             acceptor=self.acceptor,
             mapped=self._mapped_address if self._mapping is not None else None,
         )
@@ -154,6 +163,16 @@ class TcpSide:
         for kept in self.mappings:
             await release(kept)
         self.mappings.clear()
+
+
+def _global_ipv6() -> str | None:
+    """This host's global IPv6 address, if it has one."""
+    from natkit.portmap.pinhole_addr import global_ipv6
+
+    try:
+        return global_ipv6()
+    except NatkitError:
+        return None
 
 
 async def _result(task: asyncio.Task[Addr | None] | None) -> Addr | None:
