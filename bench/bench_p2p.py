@@ -21,6 +21,7 @@ import concurrent.futures
 import json
 import os
 import queue
+import select
 import statistics
 import subprocess
 import sys
@@ -63,6 +64,7 @@ RTT_SAMPLES = 200
 PLAIN_PORT = 5201
 GOAL_DIRECT_S, GOAL_RELAY_S = 1.0, 3.0
 GOAL_TCP_RATIO = 0.5  # issue 16: the direct TCP path at least half of plain TCP
+GOAL_QUIC_MBPS = 100.0  # issue 16: the QUIC path
 
 
 def lab_config(name: str) -> LabConfig:
@@ -260,7 +262,9 @@ def _plain(lab: Lab, state: Path) -> dict[str, Any]:
         # The same server, now through natkit's forward between two CLI processes.
         forwarded, cpu_per_gb = _forwarded(lab, state, "quic")
         over_tcp, tcp_cpu_per_gb = _forwarded(lab, state, "tcp")
-        return {"mbps": mbps, "rtt_ms": rtt, "forward_mbps": statistics.median(forwarded),
+        punched, punch_cpu_per_gb = _forwarded(lab, state, "punch")
+        return {"punch_forward_mbps": statistics.median(punched), "punch_forward_runs": punched,
+                "punch_forward_cpu_s_per_gb": punch_cpu_per_gb,"mbps": mbps, "rtt_ms": rtt, "forward_mbps": statistics.median(forwarded),
                 "forward_runs": forwarded, "forward_cpu_s_per_gb": cpu_per_gb,
                 "tcp_forward_mbps": statistics.median(over_tcp), "tcp_forward_runs": over_tcp,
                 "tcp_forward_cpu_s_per_gb": tcp_cpu_per_gb}  # fmt: skip
@@ -321,7 +325,9 @@ def _cpu_seconds(pid: int) -> float:
 # How the forward's two processes are started: over QUIC streams on the hole-punched path
 # (no router mapping, no TCP path), and over the direct TCP path through the TCP mapping the
 # listener asks rtr2 for (NAT-PMP; rtr offers none, so the connector's ICE finds no mapping).
-FORWARD_MODES = {"quic": ["--no-portmap", "--no-tcp"], "tcp": []}
+# "punch": no mapping anywhere, so the TCP path is a TCP hole punch (simultaneous open).
+FORWARD_MODES = {"quic": ["--no-portmap", "--no-tcp"], "tcp": [], "punch": ["--no-portmap"]}
+ROUTE_OF_MODE = {"tcp": "direct", "punch": "punch"}  # the tcp_path event each must report
 
 
 def _forwarded(lab: Lab, state: Path, mode: str = "quic") -> tuple[list[float], float]:
@@ -363,11 +369,29 @@ def _forwarded(lab: Lab, state: Path, mode: str = "quic") -> tuple[list[float], 
         for _ in range(FORWARD_RUNS):
             runs.append(_download(lab, "127.0.0.1", 9100))
         cpu = _cpu_seconds(listen.pid) + _cpu_seconds(connect.pid) - cpu_before
+        if mode in ROUTE_OF_MODE:  # the first forward reported how its TCP path went
+            via = _next_event(connect, "tcp_path").get("via")
+            if via != ROUTE_OF_MODE[mode]:
+                raise BenchError(f"{mode} forward: the TCP path went {via!r}")
         return runs, cpu / (FORWARD_RUNS * DOWNLOAD_BYTES / 1e9)
     finally:
         for proc in (connect, listen):
             proc.terminate()
             proc.wait(10)
+
+
+def _next_event(proc: subprocess.Popen[bytes], name: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The next JSON event called ``name`` on ``proc``'s stdout (BenchError if none comes)."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        event: dict[str, Any] = json.loads(line)
+        if event.get("event") == name:
+            return event
+    raise BenchError(f"no {name!r} event from natkit p2p connect")
 
 
 _PLAIN_CLIENT = """
@@ -423,8 +447,9 @@ def run(lab: Lab | None, opts: Options) -> Report:
         natkit_link["forward_mbps"] = plain_link.pop("forward_mbps")
         natkit_link["forward_runs"] = plain_link.pop("forward_runs")
         natkit_link["forward_cpu_s_per_gb"] = plain_link.pop("forward_cpu_s_per_gb")
-        for key in ("tcp_forward_mbps", "tcp_forward_runs", "tcp_forward_cpu_s_per_gb"):
-            natkit_link[key] = plain_link.pop(key)
+        for mode in ("tcp", "punch"):
+            for key in ("mbps", "runs", "cpu_s_per_gb"):
+                natkit_link[f"{mode}_forward_{key}"] = plain_link.pop(f"{mode}_forward_{key}")
     finally:
         relay.stop()
     hard = Lab.create(
@@ -458,6 +483,14 @@ def run(lab: Lab | None, opts: Options) -> Report:
             natkit_link["tcp_forward_mbps"] >= GOAL_TCP_RATIO * plain_link["mbps"],
         ),
         (
+            f"forwarded over a punched TCP path >= {GOAL_TCP_RATIO:g}x plain TCP (median)",
+            natkit_link["punch_forward_mbps"] >= GOAL_TCP_RATIO * plain_link["mbps"],
+        ),
+        (
+            f"forwarded over QUIC >= {GOAL_QUIC_MBPS:g} MB/s (median)",
+            natkit_link["forward_mbps"] >= GOAL_QUIC_MBPS,
+        ),
+        (
             f"natkit direct session under {GOAL_DIRECT_S:g} s (median)",
             direct is not None and direct.median < GOAL_DIRECT_S,
         ),
@@ -486,6 +519,12 @@ def run(lab: Lab | None, opts: Options) -> Report:
         f"{', '.join(f'{x:.1f}' for x in natkit_link['tcp_forward_runs'])}; both natkit "
         f"processes together {natkit_link['tcp_forward_cpu_s_per_gb']:.1f} CPU s per GB), "
         f"{natkit_link['tcp_forward_mbps'] / plain_link['mbps']:.3f}x plain TCP.",
+        f"Punched TCP path (no mapping on either router: the listener dials back from its TCP "
+        f"port while the connector's SYN is out, a simultaneous open through both NATs): "
+        f"{natkit_link['punch_forward_mbps']:.1f} MB/s (median of {FORWARD_RUNS}: "
+        f"{', '.join(f'{x:.1f}' for x in natkit_link['punch_forward_runs'])}; "
+        f"{natkit_link['punch_forward_cpu_s_per_gb']:.1f} CPU s per GB), "
+        f"{natkit_link['punch_forward_mbps'] / plain_link['mbps']:.3f}x plain TCP.",
     ]
     report = Report(
         name=NAME,
