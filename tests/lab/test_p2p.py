@@ -200,7 +200,8 @@ def test_a_path_that_dies_mid_transfer_loses_nothing(
     out = tmp_path / "got"
     # A raw TCP server on lan2 that sends the blob, and a slow reader on lan (~8 s).
     files = p2p_lab.popen("lan2", [sys.executable, "-c", SEND_FILE, str(blob), "8001"])
-    peers = peers_factory(p2p_lab, extra=[], forwards=["9001:8001"])
+    # (--no-tcp: this is about the QUIC session's paths; forwards would take TCP otherwise)
+    peers = peers_factory(p2p_lab, extra=["--no-tcp"], forwards=["9001:8001"])
     conn = peers.connect
     try:
         ready_c, _ = peers.ready()

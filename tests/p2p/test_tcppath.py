@@ -257,3 +257,29 @@ def test_the_tcp_key_is_new_for_every_session_and_secret() -> None:
     }
     assert len(keys) == 4
     assert all(len(k) == seal.KEY_SIZE for k in keys)
+
+
+async def test_forwards_during_the_route_search_share_it(endpoint: TcpEndpoint) -> None:
+    """A warm-up and two forwards at once: one search (one route reported), every forward
+    served on the route it found."""
+    services = [await _service(), await _service()]
+    allowed = {p for _, p, _ in services}
+    serving = asyncio.ensure_future(
+        serve_tcp_forwards(endpoint, target_host="127.0.0.1", allowed=allowed)
+    )
+    found: list[str] = []
+    dialer = TcpDialer(KEY, endpoint.endpoints(["127.0.0.1"]), on_route=found.append)
+    warm = asyncio.ensure_future(dialer.warm_up())
+    opened = await bounded(asyncio.gather(*(dialer.open(p) for _, p, _ in services)))
+    await bounded(warm)
+    assert found == ["direct"]
+    for sealed, (listener, _, service) in zip(opened, services, strict=True):
+        assert sealed is not None
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        pump = asyncio.ensure_future(tcppath.bridge_client(sealed, b))
+        await digest_round_trip(a, service, 1 << 16)
+        await bounded(pump)
+        a.close()
+        listener.close()
+    serving.cancel()

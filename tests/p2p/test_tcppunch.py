@@ -137,7 +137,9 @@ async def test_a_reverse_dial_carries_a_forward_end_to_end() -> None:
         listener.open_stream, stun_server=None, acceptor=acceptor,
         mapped=lambda: _acceptor_at(acceptor)), on_route=found.append)  # fmt: skip
     try:
-        for _, port, served in services:  # the second takes the route the first found
+        await bounded(dialer.warm_up())  # the route, found before any forward
+        assert found == ["reverse"] and dialer.remote == f"{LOOPBACK}:{listener.endpoint.port}"
+        for _, port, served in services:  # both take the route found
             sealed = await bounded(dialer.open(port))
             assert sealed is not None
             a, b = socket.socketpair()

@@ -168,6 +168,8 @@ async def _session(
             _emit(as_json, "tcp_path", via=via, remote=dialer.remote or None)
 
         dialer.on_route = found
+        if dialer.route is not None or dialer.failed:  # (found already)
+            found(dialer.route.kind if dialer.route else "none")
     _emit(as_json, "ready", path=conn.path, elapsed_ms=round(conn.elapsed * 1000, 1), tcp=tcp)
 
     def moved(kind: str, reason: str) -> None:

@@ -418,6 +418,8 @@ class _Peer:
             secret=self.opts.secret,
         )
         self.elapsed = time.monotonic() - started
+        if self.tcp is not None and self.tcp.dialer is not None:  # its route, before a forward
+            self._spawn(self.tcp.dialer.warm_up())
         self._spawn(self._keep_direct())
         self._spawn(self._watch_peer())
         return self.session

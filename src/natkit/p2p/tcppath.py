@@ -267,7 +267,10 @@ class TcpDialer:
         self.on_route = on_route
         self.route: Route | None = None
         self.remote = ""  # the peer's address on the first connection of the route found
-        self.failed = False  # no route gave a connection: QUIC from now on
+        self.failed = False
+        self._search: asyncio.Future[tuple[Route, socket.socket] | None] | None = (
+            None  # no route gave a connection: QUIC from now on
+        )
 
     @property
     def working(self) -> tuple[str, int] | None:
@@ -292,26 +295,48 @@ class TcpDialer:
         return routes
 
     async def _reach(self) -> socket.socket | None:
-        """A connection by the route that worked last, else by the first of all routes
-        that gives one (the direct ones tried at once: an unreachable private address must
-        not hold up the router's mapping; the dial backs DIALBACK_DELAY later, when the
-        direct ones have not answered)."""
-        routes = [self.route] if self.route is not None else self._routes()
-        won = await _race(routes)
+        """A connection by the route found, else by the first of all routes that gives one
+        (the direct ones tried at once: an unreachable private address must not hold up
+        the router's mapping; the dial backs DIALBACK_DELAY later, when the direct ones
+        have not answered). One search at a time: a forward that comes during the search
+        waits for its route."""
+        if self.route is not None:
+            won = await _race([self.route])
+            if won is None:  # the route that worked does not now: QUIC from here on
+                self.failed = True
+                return None
+            return won[1]
+        if self._search is not None:
+            await asyncio.wait({self._search})
+            return await self._reach() if self.route is not None else None
+        search = self._search = asyncio.ensure_future(_race(self._routes()))
+        search.add_done_callback(self._found)
+        try:
+            won = await asyncio.shield(search)
+        except asyncio.CancelledError:
+            search.add_done_callback(_close_found)  # nobody will take its connection
+            raise
+        return won[1] if won else None
+
+    def _found(self, search: asyncio.Future[tuple[Route, socket.socket] | None]) -> None:
+        won = None if search.cancelled() or search.exception() else search.result()
         if won is None:
-            self.route = None
             self.failed = True
-            if self.on_route is not None:
-                self.on_route("none")
-            return None
-        route, sock = won
-        if self.route is None:
-            host, port = sock.getpeername()[:2]
+            kind = "none"
+        else:
+            self.route, kind = won[0], won[0].kind
+            host, port = won[1].getpeername()[:2]
             self.remote = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            if self.on_route is not None:
-                self.on_route(route.kind)
-        self.route = route
-        return sock
+        if self.on_route is not None:
+            self.on_route(kind)
+
+    async def warm_up(self) -> None:
+        """Find the route before the first forward needs it: a sealed request for port 0,
+        which the listener refuses (so the whole path is proven, the session key too)."""
+        with contextlib.suppress(ForwardRefusedError, NatkitError, OSError):
+            sealed = await self.open(0)
+            if sealed is not None:
+                sealed.close()
 
     async def open(self, port: int) -> sealpump.SealedSocket | None:
         """A sealed connection whose peer connected to ``port`` for us, or None when there
@@ -412,6 +437,11 @@ def _bounded(
         return task.result()
 
     return run
+
+
+def _close_found(search: asyncio.Future[tuple[Route, socket.socket] | None]) -> None:
+    if not search.cancelled() and search.exception() is None and (won := search.result()):
+        won[1].close()
 
 
 def _drop(task: asyncio.Future[socket.socket]) -> None:
