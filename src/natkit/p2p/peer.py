@@ -118,6 +118,7 @@ class _Signals:
         self.new_peer = asyncio.Event()
         self._queue: asyncio.Queue[str | None] = asyncio.Queue()
         self._nonces: set[str] = set()
+        self.peer_hello_at = 0.0  # the time in our peer's hello (its own clock)
         self._reader: asyncio.Task[None] | None = None
         self._ended = ""
 
@@ -149,8 +150,11 @@ class _Signals:
         that it is fresh (the relay could replay an old one), so each side then sends a
         sealed ``auth`` under the new session id and waits for the peer's."""
         mine = secrets.token_urlsafe(16)
-        sealed = HELLO + auth.seal(self.secret, {"t": "hello", "n": mine},
-                                   session=self.HELLO_SESSION, sender=self.role)  # fmt: skip
+        # "at": when (by our clock) this process said hello; a later hello of the peer's
+        # role with an earlier time is a replay of an old one, not a new peer process.
+        hello = {"t": "hello", "n": mine, "at": round(time.time(), 3)}
+        sealed = HELLO + auth.seal(self.secret, hello, session=self.HELLO_SESSION,
+                                   sender=self.role)  # fmt: skip
         deadline = time.monotonic() + timeout
         while True:
             self.room.send_signal(sealed)
@@ -166,6 +170,7 @@ class _Signals:
             body = self._open(text[len(HELLO) :], self.HELLO_SESSION, None)
             theirs = body.get("n") if isinstance(body, dict) else None
             if isinstance(theirs, str) and 0 < len(theirs) <= MAX_HELLO_NONCE and theirs != mine:
+                self.peer_hello_at = _hello_time(body)
                 break
         self.session = ".".join(sorted((mine, theirs)))
         self._nonces = {mine, theirs}
@@ -196,8 +201,14 @@ class _Signals:
         except P2PAuthError as exc:
             log.warning("ignoring a hello: %s", exc)
             return
-        if isinstance(body, dict) and body.get("n") not in self._nonces:
-            self.new_peer.set()
+        if not isinstance(body, dict) or body.get("n") in self._nonces:
+            return
+        if _hello_time(body) <= self.peer_hello_at:
+            # An older hello than our peer's, replayed (by the relay, who sees them all):
+            # it must not end a working session.
+            log.warning("ignoring a hello older than our peer's (a replay)")
+            return
+        self.new_peer.set()
 
     def close(self) -> None:
         if self._reader is not None:
@@ -232,6 +243,11 @@ class _Signals:
             if len(self.pending) >= MAX_PENDING:
                 raise P2PError(f"the peer sent over {MAX_PENDING} messages nobody asked for")
             self.pending.append(body)
+
+
+def _hello_time(body: dict[str, Any]) -> float:
+    at = body.get("at")
+    return float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else 0.0
 
 
 class P2PConnection:
