@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import cast
 
 import aioice
@@ -25,6 +25,7 @@ from natkit.p2p.paths import (
     UdpPath,
     frame,
 )
+from natkit.p2p.udp_drain import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, gso_groups
 
 # --------------------------------------------------------------------------- framing
 
@@ -166,6 +167,32 @@ async def test_udp_path_round_trip_and_early_datagrams() -> None:
     assert a.dropped == 1
 
 
+async def test_a_udp_path_sends_a_burst_in_order() -> None:
+    """send_many: one segmented send per run of equal sizes where the kernel can (Linux),
+    arriving as the datagrams they were, in order."""
+    a, b = await _udp_pair()
+    inbox = Inbox()
+    b.set_receiver(inbox.on_datagram, inbox.on_lost)
+    burst = [bytes([i]) * 1200 for i in range(70)] + [b"short", b"x" * 900, b"y" * 900]
+    a.send_many(burst)
+    assert [await inbox.get() for _ in burst] == burst
+    assert a.sent == len(burst) and a.dropped == 0
+    a.close()
+    b.close()
+
+
+@given(st.lists(st.integers(0, 3000), max_size=300))
+def test_gso_groups_keep_order_and_the_kernel_limits(sizes: list[int]) -> None:
+    datagrams = [bytes(n) for n in sizes]
+    groups = gso_groups(datagrams)
+    assert [d for g in groups for d in g] == datagrams
+    for group in groups:
+        size = len(group[0])
+        assert all(len(d) == size for d in group[:-1]) and len(group[-1]) <= size
+        assert len(group) <= GSO_MAX_SEGMENTS
+        assert len(group) == 1 or (size * len(group) <= GSO_MAX_BYTES and len(group[-1]) > 0)
+
+
 def test_unknown_kind_is_refused() -> None:
     with pytest.raises(P2PError, match="unknown path kind"):
         UdpPath("wormhole")
@@ -236,6 +263,9 @@ class FakePath:
 
     def send(self, data: bytes) -> None:
         self.sent.append(data)
+
+    def send_many(self, datagrams: Sequence[bytes]) -> None:
+        self.sent.extend(datagrams)
 
     def inject(self, data: bytes) -> None:
         assert self._rx is not None

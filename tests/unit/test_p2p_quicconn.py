@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import qh3
 from qh3.quic import events as qe
 from qh3.quic.connection import QuicConnection
@@ -28,6 +30,12 @@ def test_the_qh3_names_natkit_uses_are_there() -> None:
     from qh3._hazmat import Buffer
 
     assert Buffer(data=b"\x01").pull_uint8() == 1
+    # NatkitQuic overrides QuicConnection._log_packets (skipped without a QUIC logger)
+    assert list(inspect.signature(QuicConnection._log_packets).parameters) == [
+        "self", "event", "data",
+    ]  # fmt: skip
+    client, _server, _ = _pair()
+    assert client._quic_logger is None
 
 
 def _pair() -> tuple[quicconn.NatkitQuic, quicconn.NatkitQuic, list[float]]:

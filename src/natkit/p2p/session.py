@@ -437,8 +437,7 @@ class P2PSession:
         except QuicConnectionError as exc:
             self._quic_failed(exc)
             return
-        for data, _addr in datagrams:
-            self.switch.send(data)
+        self.switch.send_many([data for data, _addr in datagrams])
         at = quic.get_timer()
         if self._timer is not None and self._timer_at != at:
             self._timer.cancel()
