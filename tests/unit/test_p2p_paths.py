@@ -25,7 +25,7 @@ from natkit.p2p.paths import (
     UdpPath,
     frame,
 )
-from natkit.p2p.udp_drain import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, gso_groups
+from natkit.p2p.udp_drain import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, gso_groups, split_coalesced
 
 # --------------------------------------------------------------------------- framing
 
@@ -179,6 +179,31 @@ async def test_a_udp_path_sends_a_burst_in_order() -> None:
     assert a.sent == len(burst) and a.dropped == 0
     a.close()
     b.close()
+
+
+async def test_an_icmp_error_does_not_end_a_udp_path() -> None:
+    """Reading the socket ourselves (GRO), a late ICMP error is reported, not fatal: the
+    switch's probes judge the path."""
+    a, b = await _udp_pair()
+    inbox = Inbox()
+    a.set_receiver(inbox.on_datagram, inbox.on_lost)
+    b.close()
+    await asyncio.sleep(0.05)
+    for _ in range(3):
+        a.send(b"to nobody")  # port unreachable comes back
+        await asyncio.sleep(0.05)
+    assert a.alive and not inbox.lost
+    a.close()
+
+
+@given(st.binary(max_size=5000), st.integers(0, 1500))
+def test_split_coalesced_restores_the_datagrams(data: bytes, segment: int) -> None:
+    parts = split_coalesced(data, segment)
+    assert b"".join(parts) == data
+    if segment:
+        assert all(len(p) == segment for p in parts[:-1]) and len(parts[-1]) <= segment
+    else:
+        assert parts == [data]
 
 
 @given(st.lists(st.integers(0, 3000), max_size=300))

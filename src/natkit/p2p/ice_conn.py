@@ -45,6 +45,7 @@ class PeerProtocol(StunProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.drainer = SocketDrainer(transport)
+        self.drainer.take_over(transport, self._take, self.error_received)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.drainer is not None:

@@ -163,6 +163,7 @@ class UdpPath(BasePath, asyncio.DatagramProtocol):
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER_SIZE)
+        self._drainer.take_over(transport, self.datagram_received, self.error_received)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self._deliver(data)

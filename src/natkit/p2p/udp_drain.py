@@ -23,8 +23,18 @@ UDP_SEGMENT = 103
 _SEGMENT_SIZE = struct.Struct("=H")
 GSO_MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS
 GSO_MAX_BYTES = 65000  # below a UDP datagram's 65,507-byte limit
+# Its receiving twin, UDP_GRO: the kernel hands such a burst (and datagrams it coalesced on
+# arrival) to one recvmsg(), with the segment size in a control message.
+UDP_GRO = 104
+_GRO_SIZE = struct.Struct("=i")
+_GRO_ANCILLARY = socket.CMSG_SPACE(_GRO_SIZE.size) if hasattr(socket, "CMSG_SPACE") else 0
+GRO_READ_SIZE = 65535  # what one coalesced read may hold
 # What sendmsg() raises when the kernel or the route cannot segment (then: one by one).
 _GSO_REFUSED = frozenset({errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT})
+
+
+OnDatagram = Callable[[bytes, Any], None]  # a datagram and the address it came from
+OnError = Callable[[Exception], None]
 
 
 class DatagramSender(Protocol):
@@ -66,13 +76,33 @@ def _gso_supported(sock: socket.socket) -> bool:
     return True
 
 
+def _gro_segment_size(ancillary: list[tuple[int, int, bytes]]) -> int:
+    for level, kind, data in ancillary:
+        if level == SOL_UDP and kind == UDP_GRO and len(data) >= _GRO_SIZE.size:
+            return int(_GRO_SIZE.unpack_from(data)[0])
+    return 0
+
+
+def split_coalesced(data: bytes, segment: int) -> list[bytes]:
+    """The datagrams of one GRO read (``segment``: their size, 0 when it was one)."""
+    if segment <= 0 or len(data) <= segment:
+        return [data]
+    return [data[i : i + segment] for i in range(0, len(data), segment)]
+
+
 class SocketDrainer:
-    """Reads what else waits on a datagram transport's socket, up to :data:`DRAIN_BATCH`,
-    so that the session hands QUIC a batch rather than one datagram per event-loop
-    iteration (asyncio's own reader then finds the socket empty, which it takes in its
-    stride), and sends a burst of datagrams with one system call where the kernel can
-    segment (:meth:`send_many`). It works on a duplicate of the socket's descriptor:
-    asyncio hands out only a wrapper without ``recvfrom`` and ``sendmsg``."""
+    """Batched I/O on a datagram transport's socket, so that the session hands QUIC a
+    batch rather than one datagram per event-loop iteration, and the kernel is entered
+    once per burst rather than once per datagram:
+
+    - receiving, on Linux, :meth:`take_over` reads the socket instead of asyncio, with UDP
+      GRO (one read, a burst); elsewhere :meth:`drain` reads what else waits, up to
+      :data:`DRAIN_BATCH`, after asyncio's one read per loop iteration (asyncio's reader
+      then finds the socket empty, which it takes in its stride);
+    - sending, :meth:`send_many` segments a burst (UDP GSO) where the kernel can.
+
+    It works on a duplicate of the socket's descriptor: asyncio hands out only a wrapper
+    without ``recvmsg`` and ``sendmsg``."""
 
     def __init__(self, transport: asyncio.BaseTransport) -> None:
         wrapped = transport.get_extra_info("socket")
@@ -83,9 +113,53 @@ class SocketDrainer:
             self._sock.setblocking(False)
             self._gso = _gso_supported(self._sock)
         self._busy = False
+        self._reading: asyncio.AbstractEventLoop | None = None  # take_over()'s loop
 
-    def drain(self, on_datagram: Callable[[bytes, Any], None]) -> None:
-        if self._sock is None or self._busy:
+    def take_over(
+        self,
+        transport: asyncio.BaseTransport,
+        on_datagram: OnDatagram,
+        on_error: OnError,
+    ) -> bool:
+        """Read the socket ourselves, with UDP GRO (Linux): asyncio's reader stops, and
+        each wake-up reads up to :data:`DRAIN_BATCH` (coalesced) reads, delivering their
+        datagrams one by one to ``on_datagram`` (socket errors, such as a late ICMP
+        error, to ``on_error``, as asyncio would). False, changing nothing, where GRO is
+        not available: then call :meth:`drain` from ``datagram_received``."""
+        sock = self._sock
+        if sock is None or sys.platform != "linux" or not _GRO_ANCILLARY:
+            return False
+        if not isinstance(transport, asyncio.ReadTransport):
+            return False
+        # asyncio's reader must stop before GRO starts: it would take a coalesced burst for
+        # one datagram. (Paused in connection_made(), it is never started.)
+        transport.pause_reading()
+        try:
+            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        except OSError:
+            transport.resume_reading()
+            return False
+        loop = asyncio.get_running_loop()
+        loop.add_reader(sock.fileno(), self._read_ready, sock, on_datagram, on_error)
+        self._reading = loop
+        return True
+
+    def _read_ready(self, sock: socket.socket, on_datagram: OnDatagram, on_error: OnError) -> None:
+        for _ in range(DRAIN_BATCH):
+            if self._sock is not sock:
+                return  # closed by a callback
+            try:
+                data, ancillary, _flags, addr = sock.recvmsg(GRO_READ_SIZE, _GRO_ANCILLARY)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # an ICMP error reported on this socket
+                on_error(exc)
+                return
+            for datagram in split_coalesced(data, _gro_segment_size(ancillary)):
+                on_datagram(datagram, addr)
+
+    def drain(self, on_datagram: OnDatagram) -> None:
+        if self._sock is None or self._busy or self._reading is not None:
             return
         self._busy = True  # on_datagram may come back here (it is datagram_received)
         try:
@@ -138,5 +212,8 @@ class SocketDrainer:
 
     def close(self) -> None:
         if self._sock is not None:
+            if self._reading is not None and not self._reading.is_closed():
+                self._reading.remove_reader(self._sock.fileno())
+            self._reading = None
             self._sock.close()
             self._sock = None
