@@ -205,6 +205,8 @@ class UdpPath(BasePath, asyncio.DatagramProtocol):
 
     def close(self) -> None:
         super().close()
+        if self._drainer is not None:  # our reader stops now, as asyncio's does
+            self._drainer.close()
         if self._transport is not None:
             self._transport.close()
 

@@ -115,6 +115,16 @@ class SocketDrainer:
         self._busy = False
         self._reading: asyncio.AbstractEventLoop | None = None  # take_over()'s loop
 
+    @property
+    def reads_itself(self) -> bool:
+        """Did :meth:`take_over` take reading over (with GRO)?"""
+        return self._reading is not None
+
+    @property
+    def segments(self) -> bool:
+        """Does :meth:`send_many` segment (GSO)?"""
+        return self._gso
+
     def take_over(
         self,
         transport: asyncio.BaseTransport,
