@@ -36,6 +36,8 @@ def test_the_qh3_names_natkit_uses_are_there() -> None:
     ]  # fmt: skip
     client, _server, _ = _pair()
     assert client._quic_logger is None
+    # NatkitQuic.packets_to_send polls qh3's native core (QuicConnection._core) itself
+    assert client._core is not None and callable(client._core.poll_transmit)
 
 
 def _pair() -> tuple[quicconn.NatkitQuic, quicconn.NatkitQuic, list[float]]:
@@ -60,8 +62,8 @@ def _pair() -> tuple[quicconn.NatkitQuic, quicconn.NatkitQuic, list[float]]:
 def _pump(a: quicconn.NatkitQuic, b: quicconn.NatkitQuic, clock: list[float]) -> None:
     for _ in range(10_000):
         clock[0] += 0.001
-        ab = [d for d, _ in a.datagrams_to_send(now=clock[0])]
-        ba = [d for d, _ in b.datagrams_to_send(now=clock[0])]
+        ab = a.packets_to_send(now=clock[0])  # natkit's (the session uses it) ...
+        ba = [d for d, _ in b.datagrams_to_send(now=clock[0])]  # ... and qh3's own
         if not ab and not ba:
             return
         if ab:
@@ -127,6 +129,9 @@ def test_qh3_holds_no_datagram_back() -> None:
         for _ in range(2000):
             client.send_datagram_frame(b"d" * 1000)
         assert len(client.datagrams_to_send(now=clock[0])) == 2000
+    for _ in range(2000):
+        client.send_datagram_frame(b"d" * 1000)
+    assert len(client.packets_to_send(now=clock[0])) == 2000
 
 
 def test_the_channel_binding_is_shared_by_both_ends_and_unique_to_the_connection() -> None:
