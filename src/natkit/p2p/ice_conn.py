@@ -45,7 +45,7 @@ class PeerProtocol(StunProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.drainer = SocketDrainer(transport)
-        self.drainer.take_over(transport, self._take, self.error_received)
+        self.drainer.take_over(transport, self._take_many, self.error_received)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.drainer is not None:
@@ -57,6 +57,20 @@ class PeerProtocol(StunProtocol):
         if self.drainer is not None and self.owner._data_handler is not None:
             # Data flows to a handler, not a queue: read what else waits now.
             self.drainer.drain(self._take)
+
+    def _take_many(self, datagrams: list[bytes], addr: tuple[Any, ...]) -> None:
+        """The datagrams of one (GRO) read, all from ``addr``: :meth:`_take` each, with the
+        checks that depend on the address made once."""
+        if not self.owner.knows((str(addr[0]), int(addr[1]))):
+            for data in datagrams:
+                self._take(data, addr)
+            return
+        data_received, component = self.owner.data_received, self.local_candidate.component
+        for data in datagrams:
+            if data and data[0] & _NOT_STUN:
+                data_received(data, component)  # as in _take
+            else:
+                self._take(data, addr)
 
     def _take(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
         if isinstance(data, str):

@@ -163,12 +163,17 @@ class UdpPath(BasePath, asyncio.DatagramProtocol):
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER_SIZE)
-        self._drainer.take_over(transport, self.datagram_received, self.error_received)
+        self._drainer.take_over(transport, self.datagrams_received, self.error_received)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self._deliver(data)
         if self._drainer is not None:
             self._drainer.drain(self.datagram_received)
+
+    def datagrams_received(self, datagrams: list[bytes], addr: Any) -> None:
+        """The datagrams of one read (SocketDrainer.take_over)."""
+        for data in datagrams:
+            self.datagram_received(data, addr)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors (port unreachable) can be transient while NATs settle: the switch's

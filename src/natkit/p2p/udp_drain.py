@@ -34,6 +34,7 @@ _GSO_REFUSED = frozenset({errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPR
 
 
 OnDatagram = Callable[[bytes, Any], None]  # a datagram and the address it came from
+OnDatagrams = Callable[[list[bytes], Any], None]  # datagrams of one read, from one address
 OnError = Callable[[Exception], None]
 
 
@@ -128,12 +129,12 @@ class SocketDrainer:
     def take_over(
         self,
         transport: asyncio.BaseTransport,
-        on_datagram: OnDatagram,
+        on_datagrams: OnDatagrams,
         on_error: OnError,
     ) -> bool:
         """Read the socket ourselves, with UDP GRO (Linux): asyncio's reader stops, and
-        each wake-up reads up to :data:`DRAIN_BATCH` (coalesced) reads, delivering their
-        datagrams one by one to ``on_datagram`` (socket errors, such as a late ICMP
+        each wake-up reads up to :data:`DRAIN_BATCH` (coalesced) reads, handing each read's
+        datagrams (one source address) to ``on_datagrams`` (socket errors, such as a late ICMP
         error, to ``on_error``, as asyncio would). False, changing nothing, where GRO is
         not available: then call :meth:`drain` from ``datagram_received``."""
         sock = self._sock
@@ -150,11 +151,13 @@ class SocketDrainer:
             transport.resume_reading()
             return False
         loop = asyncio.get_running_loop()
-        loop.add_reader(sock.fileno(), self._read_ready, sock, on_datagram, on_error)
+        loop.add_reader(sock.fileno(), self._read_ready, sock, on_datagrams, on_error)
         self._reading = loop
         return True
 
-    def _read_ready(self, sock: socket.socket, on_datagram: OnDatagram, on_error: OnError) -> None:
+    def _read_ready(
+        self, sock: socket.socket, on_datagrams: OnDatagrams, on_error: OnError
+    ) -> None:
         for _ in range(DRAIN_BATCH):
             if self._sock is not sock:
                 return  # closed by a callback
@@ -165,8 +168,7 @@ class SocketDrainer:
             except OSError as exc:  # an ICMP error reported on this socket
                 on_error(exc)
                 return
-            for datagram in split_coalesced(data, _gro_segment_size(ancillary)):
-                on_datagram(datagram, addr)
+            on_datagrams(split_coalesced(data, _gro_segment_size(ancillary)), addr)
 
     def drain(self, on_datagram: OnDatagram) -> None:
         if self._sock is None or self._busy or self._reading is not None:
