@@ -52,6 +52,11 @@ class PeerProtocol(StunProtocol):
             self.drainer.close()
         super().connection_lost(exc)
 
+    async def close(self) -> None:
+        if self.drainer is not None:  # our reader stops now, as asyncio's does
+            self.drainer.close()
+        await super().close()
+
     def datagram_received(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
         self._take(data, addr)
         if self.drainer is not None and self.owner._data_handler is not None:
