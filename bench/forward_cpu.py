@@ -66,7 +66,7 @@ def main() -> int:
                     help="a natkit src directory (repeat to compare)")  # fmt: skip
     ap.add_argument("-r", "--rounds", type=int, default=3)
     ap.add_argument("--downloads", type=int, default=2, help="per round and tree")
-    ap.add_argument("--lab-name", default="nkbqf")
+    ap.add_argument("--lab-name", default="nkbfwd")
     ap.add_argument("--profile", type=Path, help="py-spy both processes into this directory")
     args = ap.parse_args()
     size = DOWNLOAD_BYTES
