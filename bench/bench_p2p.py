@@ -64,7 +64,7 @@ RTT_SAMPLES = 200
 PLAIN_PORT = 5201
 GOAL_DIRECT_S, GOAL_RELAY_S = 1.0, 3.0
 GOAL_TCP_RATIO = 0.5  # issue 16: the direct TCP path at least half of plain TCP
-GOAL_QUIC_MBPS = 100.0  # issue 16: the QUIC path
+GOAL_QUIC_MBPS = 100.0  # issue 16: the forward over QUIC streams on the direct path
 
 
 def lab_config(name: str) -> LabConfig:
@@ -479,16 +479,16 @@ def run(lab: Lab | None, opts: Options) -> Report:
     paths = {c.key: sorted({str(s.info.get("path")) for s in c.samples}) for c in cases.values()}
     goals = [
         (
+            f"forwarded over QUIC on the direct path >= {GOAL_QUIC_MBPS:g} MB/s (median)",
+            natkit_link["forward_mbps"] >= GOAL_QUIC_MBPS,
+        ),
+        (
             f"forwarded over the direct TCP path >= {GOAL_TCP_RATIO:g}x plain TCP (median)",
             natkit_link["tcp_forward_mbps"] >= GOAL_TCP_RATIO * plain_link["mbps"],
         ),
         (
             f"forwarded over a punched TCP path >= {GOAL_TCP_RATIO:g}x plain TCP (median)",
             natkit_link["punch_forward_mbps"] >= GOAL_TCP_RATIO * plain_link["mbps"],
-        ),
-        (
-            f"forwarded over QUIC >= {GOAL_QUIC_MBPS:g} MB/s (median)",
-            natkit_link["forward_mbps"] >= GOAL_QUIC_MBPS,
         ),
         (
             f"natkit direct session under {GOAL_DIRECT_S:g} s (median)",

@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aioice
@@ -44,6 +44,12 @@ class CuttableUdpPath(UdpPath):
             self.dropped += 1
             return
         super().send(data)
+
+    def send_many(self, datagrams: Sequence[bytes]) -> None:
+        if self.cut:
+            self.dropped += len(datagrams)
+            return
+        super().send_many(datagrams)
 
 
 def udp_sockets() -> tuple[socket.socket, socket.socket]:

@@ -66,10 +66,14 @@ def test_sender_and_receiver_agree_nothing_is_lost_or_overrun(
     """A simulated stream: the sender never exceeds the credit, and everything arrives."""
     sq, rc = SendQueue(window), ReceiveCredit(window)
     delivered = settled = 0
-    for n in writes:
-        sq.push(b"x" * n, end=False)
+    sent, got = bytearray(), bytearray()
+    for i, n in enumerate(writes):
+        data = bytes([i % 256]) * n
+        sent += data
+        sq.push(data, end=False)
         while True:
             chunk, _ = sq.take()
+            got += chunk
             delivered += len(chunk)
             rc.check(0, delivered)  # never raises: the sender kept to its credit
             settled = delivered  # the reader reads everything at once
@@ -79,3 +83,4 @@ def test_sender_and_receiver_agree_nothing_is_lost_or_overrun(
             elif not chunk:
                 break
     assert delivered == sum(writes) and sq.queued == 0
+    assert got == sent  # in order, every byte once

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from typing import cast
 
 import aioice
@@ -25,6 +26,7 @@ from natkit.p2p.paths import (
     UdpPath,
     frame,
 )
+from natkit.p2p.udp_drain import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, gso_groups, split_coalesced
 
 # --------------------------------------------------------------------------- framing
 
@@ -166,6 +168,62 @@ async def test_udp_path_round_trip_and_early_datagrams() -> None:
     assert a.dropped == 1
 
 
+async def test_a_udp_path_sends_a_burst_in_order() -> None:
+    """send_many: one segmented send per run of equal sizes where the kernel can (Linux),
+    arriving as the datagrams they were, in order."""
+    a, b = await _udp_pair()
+    await asyncio.sleep(0)  # connection_made()
+    # On Linux both ends do it with the kernel's help: a segmented send, a GRO read.
+    on_linux = sys.platform == "linux"
+    assert a._drainer is not None and a._drainer.segments == on_linux
+    assert b._drainer is not None and b._drainer.reads_itself == on_linux
+    inbox = Inbox()
+    b.set_receiver(inbox.on_datagram, inbox.on_lost)
+    burst = [bytes([i]) * 1200 for i in range(70)] + [b"short", b"x" * 900, b"y" * 900]
+    a.send_many(burst)
+    assert [await inbox.get() for _ in burst] == burst
+    assert a.sent == len(burst) and a.dropped == 0
+    a.close()
+    b.close()
+
+
+async def test_an_icmp_error_does_not_end_a_udp_path() -> None:
+    """Reading the socket ourselves (GRO), a late ICMP error is reported, not fatal: the
+    switch's probes judge the path."""
+    a, b = await _udp_pair()
+    inbox = Inbox()
+    a.set_receiver(inbox.on_datagram, inbox.on_lost)
+    b.close()
+    await asyncio.sleep(0.05)
+    for _ in range(3):
+        a.send(b"to nobody")  # port unreachable comes back
+        await asyncio.sleep(0.05)
+    assert a.alive and not inbox.lost
+    a.close()
+
+
+@given(st.binary(max_size=5000), st.integers(0, 1500))
+def test_split_coalesced_restores_the_datagrams(data: bytes, segment: int) -> None:
+    parts = split_coalesced(data, segment)
+    assert b"".join(parts) == data
+    if segment:
+        assert all(len(p) == segment for p in parts[:-1]) and len(parts[-1]) <= segment
+    else:
+        assert parts == [data]
+
+
+@given(st.lists(st.integers(0, 3000), max_size=300))
+def test_gso_groups_keep_order_and_the_kernel_limits(sizes: list[int]) -> None:
+    datagrams = [bytes(n) for n in sizes]
+    groups = gso_groups(datagrams)
+    assert [d for g in groups for d in g] == datagrams
+    for group in groups:
+        size = len(group[0])
+        assert all(len(d) == size for d in group[:-1]) and len(group[-1]) <= size
+        assert len(group) <= GSO_MAX_SEGMENTS
+        assert len(group) == 1 or (size * len(group) <= GSO_MAX_BYTES and len(group[-1]) > 0)
+
+
 def test_unknown_kind_is_refused() -> None:
     with pytest.raises(P2PError, match="unknown path kind"):
         UdpPath("wormhole")
@@ -236,6 +294,9 @@ class FakePath:
 
     def send(self, data: bytes) -> None:
         self.sent.append(data)
+
+    def send_many(self, datagrams: Sequence[bytes]) -> None:
+        self.sent.extend(datagrams)
 
     def inject(self, data: bytes) -> None:
         assert self._rx is not None

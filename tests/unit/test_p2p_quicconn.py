@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import qh3
 from qh3.quic import events as qe
 from qh3.quic.connection import QuicConnection
@@ -28,6 +30,14 @@ def test_the_qh3_names_natkit_uses_are_there() -> None:
     from qh3._hazmat import Buffer
 
     assert Buffer(data=b"\x01").pull_uint8() == 1
+    # NatkitQuic overrides QuicConnection._log_packets (skipped without a QUIC logger)
+    assert list(inspect.signature(QuicConnection._log_packets).parameters) == [
+        "self", "event", "data",
+    ]  # fmt: skip
+    client, _server, _ = _pair()
+    assert client._quic_logger is None
+    # NatkitQuic.packets_to_send polls qh3's native core (QuicConnection._core) itself
+    assert client._core is not None and callable(client._core.poll_transmit)
 
 
 def _pair() -> tuple[quicconn.NatkitQuic, quicconn.NatkitQuic, list[float]]:
@@ -52,8 +62,8 @@ def _pair() -> tuple[quicconn.NatkitQuic, quicconn.NatkitQuic, list[float]]:
 def _pump(a: quicconn.NatkitQuic, b: quicconn.NatkitQuic, clock: list[float]) -> None:
     for _ in range(10_000):
         clock[0] += 0.001
-        ab = [d for d, _ in a.datagrams_to_send(now=clock[0])]
-        ba = [d for d, _ in b.datagrams_to_send(now=clock[0])]
+        ab = a.packets_to_send(now=clock[0])  # natkit's (the session uses it) ...
+        ba = [d for d, _ in b.datagrams_to_send(now=clock[0])]  # ... and qh3's own
         if not ab and not ba:
             return
         if ab:
@@ -119,6 +129,9 @@ def test_qh3_holds_no_datagram_back() -> None:
         for _ in range(2000):
             client.send_datagram_frame(b"d" * 1000)
         assert len(client.datagrams_to_send(now=clock[0])) == 2000
+    for _ in range(2000):
+        client.send_datagram_frame(b"d" * 1000)
+    assert len(client.packets_to_send(now=clock[0])) == 2000
 
 
 def test_the_channel_binding_is_shared_by_both_ends_and_unique_to_the_connection() -> None:

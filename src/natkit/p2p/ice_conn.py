@@ -17,15 +17,15 @@ import ipaddress
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal, cast
 
 from aioice import Candidate, Connection, stun
 from aioice.ice import CandidatePair, StunProtocol
 
 from natkit.p2p.candidates import COMPONENT, Addr
 from natkit.p2p.ice_options import IceOptions
-from natkit.p2p.udp_drain import SocketDrainer
+from natkit.p2p.udp_drain import DatagramSender, SocketDrainer
 
 log = logging.getLogger("natkit.p2p.ice")
 
@@ -40,27 +40,52 @@ class PeerProtocol(StunProtocol):
     def __init__(self, owner: IceConnection) -> None:
         super().__init__(owner)
         self.owner = owner
-        self._drainer: SocketDrainer | None = None
+        self.drainer: SocketDrainer | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._drainer = SocketDrainer(transport)
+        self.drainer = SocketDrainer(transport)
+        self.drainer.take_over(transport, self._take_many, self.error_received)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._drainer is not None:
-            self._drainer.close()
+        if self.drainer is not None:
+            self.drainer.close()
         super().connection_lost(exc)
+
+    async def close(self) -> None:
+        if self.drainer is not None:  # our reader stops now, as asyncio's does
+            self.drainer.close()
+        await super().close()
 
     def datagram_received(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
         self._take(data, addr)
-        if self._drainer is not None and self.owner._data_handler is not None:
+        if self.drainer is not None and self.owner._data_handler is not None:
             # Data flows to a handler, not a queue: read what else waits now.
-            self._drainer.drain(self._take)
+            self.drainer.drain(self._take)
+
+    def _take_many(self, datagrams: list[bytes], addr: tuple[Any, ...]) -> None:
+        """The datagrams of one (GRO) read, all from ``addr``: :meth:`_take` each, with the
+        checks that depend on the address made once."""
+        if not self.owner.knows((str(addr[0]), int(addr[1]))):
+            for data in datagrams:
+                self._take(data, addr)
+            return
+        data_received, component = self.owner.data_received, self.local_candidate.component
+        for data in datagrams:
+            if data and data[0] & _NOT_STUN:
+                data_received(data, component)  # as in _take
+            else:
+                self._take(data, addr)
 
     def _take(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
         if isinstance(data, str):
             return
         peer = (str(addr[0]), int(addr[1]))
+        if data and data[0] & _NOT_STUN and self.owner.knows(peer):
+            # Not STUN, so aioice would only fail to parse it before handing it over as data:
+            # straight to the data, once per datagram of a QUIC burst.
+            self.owner.data_received(data, self.local_candidate.component)
+            return
         if not self.owner.knows(peer) and not _parses_as_stun(data):
             self.owner.dropped += 1  # data from a stranger: aioice would deliver it
             return
@@ -69,6 +94,11 @@ class PeerProtocol(StunProtocol):
         except Exception as exc:  # aioice's parser lets struct.error out of some attributes
             self.owner.dropped += 1
             log.debug("dropped a malformed datagram from %s: %r", peer, exc)
+
+
+# A STUN message's first two bits are zero (RFC 8489 section 5); QUIC sets the second (its
+# fixed bit, RFC 9000 section 17), as RFC 7983's demultiplexing of a shared port relies on.
+_NOT_STUN = 0xC0
 
 
 def _parses_as_stun(data: bytes) -> bool:
@@ -101,6 +131,7 @@ class IceConnection(Connection):
         self.dropped = 0
         self._queued_bytes = 0
         self._data_handler: Callable[[bytes], None] | None = None
+        self._known_peers: set[Addr] = set()  # addresses knows() has found (the peer's)
 
     # -- gathering
 
@@ -128,9 +159,14 @@ class IceConnection(Connection):
     def knows(self, addr: Addr) -> bool:
         """Is ``addr`` the peer's: a candidate it announced or one learned from its checks
         (including checks that arrived before connect(), which aioice holds back)?"""
-        return any(
+        if addr in self._known_peers:  # aioice forgets no candidate: known once, known
+            return True
+        found = any(
             c.port == addr[1] and c._network_host == addr[0] for c in self._remote_candidates
         ) or any(source == addr for _, source, _ in self._early_checks)
+        if found:
+            self._known_peers.add(addr)
+        return found
 
     # -- liveness
 
@@ -190,6 +226,22 @@ class IceConnection(Connection):
             return False
         pair.protocol.transport.sendto(data, pair.remote_addr)
         return True
+
+    def send_many_now(self, datagrams: Sequence[bytes]) -> int | None:
+        """:meth:`send_now` for a burst, in one system call where the kernel can (see
+        :meth:`SocketDrainer.send_many`): how many were dropped, or None when the caller
+        must use send()."""
+        pair = self._nominated.get(COMPONENT)
+        if pair is None or type(pair.protocol).send_data is not StunProtocol.send_data:
+            return None
+        drainer = getattr(pair.protocol, "drainer", None)
+        if not isinstance(drainer, SocketDrainer):  # not one of natkit's sockets
+            for data in datagrams:
+                pair.protocol.transport.sendto(data, pair.remote_addr)
+            return 0
+        # (CPython's datagram transport has get_write_buffer_size; its stub does not say so)
+        transport = cast(DatagramSender, pair.protocol.transport)
+        return drainer.send_many(transport, datagrams, pair.remote_addr)
 
     def data_received(self, data: bytes, component: int) -> None:
         if self._data_handler is not None:

@@ -27,7 +27,7 @@ import os
 import socket
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, cast
@@ -37,7 +37,7 @@ import aioice
 from natkit.errors import ProtocolError
 from natkit.p2p.errors import P2PError
 from natkit.p2p.ice_conn import IceConnection
-from natkit.p2p.udp_drain import SocketDrainer
+from natkit.p2p.udp_drain import DatagramSender, SocketDrainer
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,11 @@ class DatagramPath(Protocol):
         """Send one datagram, or drop it (counted) if the path cannot take it now."""
         ...
 
+    def send_many(self, datagrams: Sequence[bytes]) -> None:
+        """Send these datagrams in order, as :meth:`send` would each (one system call for
+        the lot where the path can)."""
+        ...
+
     def close(self) -> None: ...
 
     async def wait_closed(self) -> None: ...
@@ -100,6 +105,13 @@ class BasePath:
         self._on_datagram, self._on_lost = on_datagram, on_lost
         while self._early:
             on_datagram(self._early.popleft())
+
+    def send(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def send_many(self, datagrams: Sequence[bytes]) -> None:
+        for data in datagrams:
+            self.send(data)
 
     def _deliver(self, data: bytes) -> None:
         self.received += 1
@@ -151,11 +163,17 @@ class UdpPath(BasePath, asyncio.DatagramProtocol):
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER_SIZE)
+        self._drainer.take_over(transport, self.datagrams_received, self.error_received)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self._deliver(data)
         if self._drainer is not None:
             self._drainer.drain(self.datagram_received)
+
+    def datagrams_received(self, datagrams: list[bytes], addr: Any) -> None:
+        """The datagrams of one read (SocketDrainer.take_over)."""
+        for data in datagrams:
+            self.datagram_received(data, addr)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors (port unreachable) can be transient while NATs settle: the switch's
@@ -181,8 +199,19 @@ class UdpPath(BasePath, asyncio.DatagramProtocol):
         t.sendto(data)
         self.sent += 1
 
+    def send_many(self, datagrams: Sequence[bytes]) -> None:
+        t = self._transport
+        if self._closed or t is None or self._paused or self._drainer is None:
+            super().send_many(datagrams)
+            return
+        dropped = self._drainer.send_many(cast(DatagramSender, t), datagrams)
+        self.sent += len(datagrams) - dropped
+        self.dropped += dropped
+
     def close(self) -> None:
         super().close()
+        if self._drainer is not None:  # our reader stops now, as asyncio's does
+            self._drainer.close()
         if self._transport is not None:
             self._transport.close()
 
@@ -252,6 +281,20 @@ class IcePath(BasePath):
                 return
         self._queue.append(data)
         self._wakeup.set()
+
+    def send_many(self, datagrams: Sequence[bytes]) -> None:
+        if self._fast and not self._queue and not self._closed:
+            try:
+                dropped = cast(IceConnection, self.connection).send_many_now(datagrams)
+            except OSError as exc:  # a transient socket error: only these datagrams are lost
+                self.dropped += len(datagrams)
+                log.debug("%r: %s", self, exc)
+                return
+            if dropped is not None:
+                self.sent += len(datagrams) - dropped
+                self.dropped += dropped
+                return
+        super().send_many(datagrams)
 
     def close(self) -> None:
         if self._closer is not None:
@@ -556,10 +599,16 @@ class PathSwitch:
         self._emit(PathEvent("switched", path, previous, reason))
 
     def send(self, data: bytes) -> None:
+        self.send_many((data,))
+
+    def send_many(self, datagrams: Sequence[bytes]) -> None:
+        """Send on the active path, in order."""
+        if not datagrams:
+            return
         w = self._watches[self._active]
         if w.expect_since is None:
             w.expect_since = self._clock()
-        self._active.send(data)
+        self._active.send_many(datagrams)
 
     def check(self, now: float | None = None) -> None:
         """Probe and judge every path (runs by itself every ``probe_after / 2`` seconds)."""

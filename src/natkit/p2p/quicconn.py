@@ -5,8 +5,12 @@ six times faster than aioquic here (bench/results/quic.md). Everything natkit ne
 is in this module, so a qh3 upgrade that changes it breaks here (and in
 tests/unit/test_p2p_quicconn.py), nowhere else. It uses qh3's public API
 (``QuicConnection`` and its events, ``QuicConfiguration``, ``qh3.tls``'s PEM loaders,
-``qh3.quic.packet.pull_quic_header``) and one private name: ``qh3._hazmat.Buffer``, the
-buffer ``pull_quic_header`` reads, which ``qh3.quic.packet`` uses without exporting it.
+``qh3.quic.packet.pull_quic_header``) and a few private names, each checked by the unit
+tests: ``qh3._hazmat.Buffer``, the buffer ``pull_quic_header`` reads, which
+``qh3.quic.packet`` uses without exporting it; and, for the per-datagram cost at line rate,
+``QuicConnection._core.poll_transmit`` (:meth:`NatkitQuic.packets_to_send`),
+``_quic_logger`` and ``_log_packets`` (skipped: qh3 walks every packet's header to log it
+even with no logger).
 
 The channel binding (:meth:`NatkitQuic.channel_binding`, which :mod:`natkit.p2p.proof` binds
 the peers' proofs to). qh3 2.1 has no TLS exporter (RFC 5705 / RFC 8446 7.5): its TLS is
@@ -42,7 +46,7 @@ from cryptography.hazmat.primitives import serialization
 from qh3._hazmat import Buffer  # qh3.quic.packet uses it but does not re-export it
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection, QuicConnectionError
-from qh3.quic.packet import QuicPacketType, pull_quic_header
+from qh3.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
 from qh3.tls import load_pem_private_key, load_pem_x509_certificates
 
 from natkit.p2p.auth import PeerIdentity
@@ -116,6 +120,28 @@ class NatkitQuic(QuicConnection):
         """May we open another bidirectional stream (the peer's MAX_STREAMS allows it)?
         qh3 raises instead of waiting when it does not."""
         return self.get_next_available_stream_id() // 4 < self.max_concurrent_bidi_streams
+
+    def packets_to_send(self, now: float) -> list[bytes]:
+        """``datagrams_to_send()`` without the address (always :data:`PEER_ADDRESS`) and
+        without qh3's Python around each datagram (a wrapper call and two logging calls
+        that do nothing without a QUIC logger): at line rate this loop runs once per
+        datagram, on the busiest side. Raises QuicConnectionError as qh3 does."""
+        core = self._core
+        if core is None or self._quic_logger is not None:
+            return [data for data, _addr in self.datagrams_to_send(now)]
+        poll, packets = core.poll_transmit, []
+        try:
+            while (transmit := poll(now)) is not None:
+                packets.append(transmit[0])
+        except RuntimeError as exc:  # as qh3's _call_core
+            raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
+        return packets
+
+    def _log_packets(self, event: str, data: bytes) -> None:
+        # qh3 2.1 walks every packet's header of every datagram sent to log it, whether or
+        # not a QUIC logger is set (natkit sets none): a tenth of a sender's CPU.
+        if self._quic_logger is not None:
+            super()._log_packets(event, data)
 
     def receive_batch(self, datagrams: list[bytes], now: float) -> None:
         """Feed datagrams in one call into the native core (one per call while handshaking:

@@ -433,12 +433,11 @@ class P2PSession:
             return
         self._datagrams_unflushed = 0
         try:
-            datagrams = quic.datagrams_to_send(now=self._loop.time())
+            datagrams = quic.packets_to_send(now=self._loop.time())
         except QuicConnectionError as exc:
             self._quic_failed(exc)
             return
-        for data, _addr in datagrams:
-            self.switch.send(data)
+        self.switch.send_many(datagrams)
         at = quic.get_timer()
         if self._timer is not None and self._timer_at != at:
             self._timer.cancel()
@@ -488,12 +487,11 @@ class P2PSession:
         try:
             # qh3 sends DATAGRAM frames at once, congestion window or not.
             self._quic.send_datagram_frame(frame + bytes(max(0, pad)))
-            datagrams = self._quic.datagrams_to_send(now=self._loop.time())
+            datagrams = self._quic.packets_to_send(now=self._loop.time())
         except QuicConnectionError as exc:
             self._quic_failed(exc)
             return
-        for data, _addr in datagrams:
-            path.send(data)
+        path.send_many(datagrams)
         self._flush()  # (re)arms the timer
 
     def _on_control_datagram(self, path: DatagramPath | None, data: bytes) -> None:
