@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEBS := iproute2 nftables conntrack miniupnpd-nftables miniupnpc natpmpc coturn stun-client python3-venv curl chromium chromium-driver fonts-liberation
-BENCH_DEBS := openssh-server openssh-client socat wrk apache2-utils nginx-light
+BENCH_DEBS := openssh-server openssh-client socat wrk apache2-utils nginx-light iperf3
 STAMP_DEBS := $(VENV)/.debs-installed
 STAMP_PY := $(VENV)/.py-installed
 

@@ -57,11 +57,13 @@ RELAY_HOST, RELAY_PORT = C.WAN_IPS[0], 7835
 RELAY = f"{RELAY_HOST}:{RELAY_PORT}"
 NATKIT = str(Path(sys.executable).parent / "natkit")
 STREAM_BYTES = 32 << 20
-# Downloads through the forward and their plain TCP reference: large enough that a
-# connection's set-up (across both NATs, and the TCP path's sealed opening) is noise at ~1 GB/s.
+# iperf3 downloads (-R -n) through the forward and their plain TCP reference (iperf3's server
+# on lan2 through rtr2's mapping): large enough that a connection's set-up (across both NATs,
+# and the TCP path's sealed opening) is noise at ~1 GB/s.
 DOWNLOAD_BYTES = 256 << 20
 RTT_SAMPLES = 200
-PLAIN_PORT = 5201
+PLAIN_PORT = 5201  # the plain UDP echo (RTT)
+IPERF_PORT = 5202  # iperf3's server on lan2: plain through rtr2's mapping, and natkit's forwards
 GOAL_DIRECT_S, GOAL_RELAY_S = 1.0, 3.0
 GOAL_TCP_RATIO = 0.5  # issue 16: the direct TCP path at least half of plain TCP
 GOAL_QUIC_MBPS = 100.0  # issue 16: the forward over QUIC streams on the direct path
@@ -235,18 +237,19 @@ def _aioice_case(lab: Lab) -> Sample:
 # ---- plain TCP/UDP through a port mapping on rtr2 ----------------------------------------------
 
 
+def _map_on_rtr2(lab: Lab, port: int, proto: str) -> None:
+    argv = ["natpmpc", "-g", C.RTR2_LAN_IP, "-a", str(port), str(port), proto, "600"]
+    r = lab.run("lan2", argv, timeout=30)
+    if r.returncode != 0:
+        raise BenchError(f"natpmpc on lan2: {r.stdout} {r.stderr}")
+
+
 def _plain(lab: Lab, state: Path) -> dict[str, Any]:
-    for proto in ("tcp", "udp"):
-        r = lab.run(
-            "lan2",
-            ["natpmpc", "-g", C.RTR2_LAN_IP, "-a", str(PLAIN_PORT), str(PLAIN_PORT), proto, "600"],
-            timeout=30,
-        )
-        if r.returncode != 0:
-            raise BenchError(f"natpmpc on lan2: {r.stdout} {r.stderr}")
-    server = lab.popen(
-        "lan2", [sys.executable, "-c", _PLAIN_SERVER, str(PLAIN_PORT), str(DOWNLOAD_BYTES)]
-    )
+    for port, proto in ((PLAIN_PORT, "udp"), (IPERF_PORT, "tcp")):
+        _map_on_rtr2(lab, port, proto)
+    server = lab.popen("lan2", [sys.executable, "-c", _PLAIN_SERVER, str(PLAIN_PORT)])
+    iperf = lab.popen("lan2", ["iperf3", "-s", "-p", str(IPERF_PORT)],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         time.sleep(0.5)
         r = lab.run(
@@ -256,8 +259,8 @@ def _plain(lab: Lab, state: Path) -> dict[str, Any]:
         )
         if r.returncode != 0:
             raise BenchError(f"plain client: {r.stderr}")
-        _, rtt = (float(x) for x in r.stdout.split())
-        plain = [_download(lab, C.RTR2_WAN_IP, PLAIN_PORT) for _ in range(FORWARD_RUNS)]
+        rtt = float(r.stdout)
+        plain = [_download(lab, C.RTR2_WAN_IP, IPERF_PORT) for _ in range(FORWARD_RUNS)]
         mbps = statistics.median(plain)
         # The same server, now through natkit's forward between two CLI processes.
         forwarded, cpu_per_gb = _forwarded(lab, state, "quic")
@@ -269,47 +272,32 @@ def _plain(lab: Lab, state: Path) -> dict[str, Any]:
                 "tcp_forward_mbps": statistics.median(over_tcp), "tcp_forward_runs": over_tcp,
                 "tcp_forward_cpu_s_per_gb": tcp_cpu_per_gb}  # fmt: skip
     finally:
-        server.kill()
-        server.wait()
+        for proc in (server, iperf):
+            proc.kill()
+            proc.wait()
 
 
 _PLAIN_SERVER = """
-import socket, sys, threading
-port, size = int(sys.argv[1]), int(sys.argv[2])
+import socket, sys
+port = int(sys.argv[1])
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", port))
-def echo():
-    while True:
-        d, a = u.recvfrom(2048); u.sendto(d, a)
-threading.Thread(target=echo, daemon=True).start()
-t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-t.bind(("0.0.0.0", port)); t.listen()
-buf = bytes(256 * 1024)
-while True:  # one download per connection: plain, then through natkit's forward
-    c, _ = t.accept(); c.recv(2); sent = 0
-    while sent < size:
-        c.sendall(buf); sent += len(buf)
-    c.close()
-"""
-
-_TCP_CLIENT = """
-import socket, sys, time
-c = socket.create_connection((sys.argv[1], int(sys.argv[2]))); c.sendall(b"go")
-t0 = time.monotonic(); got = 0
-while d := c.recv(1 << 20):
-    got += len(d)
-print(got / (time.monotonic() - t0) / 1e6, got)
+while True:  # a UDP echo: the plain round trip through rtr2's mapping
+    d, a = u.recvfrom(2048); u.sendto(d, a)
 """
 
 
 def _download(lab: Lab, host: str, port: int) -> float:
-    """MB/s of one download from lan of the plain server's DOWNLOAD_BYTES."""
-    r = lab.run("lan", [sys.executable, "-c", _TCP_CLIENT, host, str(port)], timeout=300)
-    if r.returncode != 0:
-        raise BenchError(f"download from {host}:{port}: {r.stderr}")
-    mbps, got = r.stdout.split()
-    if int(got) != DOWNLOAD_BYTES:
-        raise BenchError(f"{host}:{port} delivered {got} of {DOWNLOAD_BYTES} bytes")
-    return float(mbps)
+    """MB/s of one iperf3 download (``-R``: the server on lan2 sends) of DOWNLOAD_BYTES, to
+    lan from ``host:port`` (iperf3's server through rtr2's mapping, or natkit's forward)."""
+    argv = ["iperf3", "-c", host, "-p", str(port), "-R", "-n", str(DOWNLOAD_BYTES), "-J"]
+    r = lab.run("lan", argv, timeout=300)
+    try:
+        end = json.loads(r.stdout)["end"]["sum_received"]
+    except (ValueError, KeyError) as exc:
+        raise BenchError(f"iperf3 to {host}:{port}: {r.stdout[-500:]} {r.stderr}") from exc
+    if int(end["bytes"]) < DOWNLOAD_BYTES:
+        raise BenchError(f"iperf3 to {host}:{port} moved {end['bytes']} of {DOWNLOAD_BYTES} bytes")
+    return float(end["bits_per_second"]) / 8e6
 
 
 FORWARD_RUNS = 3  # downloads through one forward: one alone moves with the machine's load
@@ -339,14 +327,14 @@ def _forwarded(lab: Lab, state: Path, mode: str = "quic") -> tuple[list[float], 
     room = f"fwd-{mode}"
     listen = lab.popen(
         "lan2",
-        [NATKIT, "p2p", "listen", room, *common, "--allow", str(PLAIN_PORT)],
+        [NATKIT, "p2p", "listen", room, *common, "--allow", str(IPERF_PORT)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=env,
     )
     connect = lab.popen(
         "lan",
-        [NATKIT, "p2p", "connect", room, *common, "--forward", f"9100:{PLAIN_PORT}"],
+        [NATKIT, "p2p", "connect", room, *common, "--forward", f"9100:{IPERF_PORT}"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=env,
@@ -395,19 +383,14 @@ def _next_event(proc: subprocess.Popen[bytes], name: str, timeout: float = 5.0) 
 
 
 _PLAIN_CLIENT = """
-import socket, sys, time, statistics
+import socket, sys, statistics, time
 host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-c = socket.create_connection((host, port)); c.sendall(b"go")
-t0 = time.monotonic(); got = 0
-while d := c.recv(1 << 20):
-    got += len(d)
-mbps = got / (time.monotonic() - t0) / 1e6
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(2); u.connect((host, port))
 rtts = []
 for i in range(n):
     t = time.monotonic(); u.send(i.to_bytes(4, "big")); u.recv(64)
     rtts.append(time.monotonic() - t)
-print(mbps, statistics.median(rtts) * 1000)
+print(statistics.median(rtts) * 1000)
 """
 
 
@@ -504,10 +487,10 @@ def run(lab: Lab | None, opts: Options) -> Report:
         f"Direct path, lan → lan2 across both NATs: natkit QUIC stream "
         f"{natkit_link['mbps']:.1f} MB/s with both peers in one process (GIL shared), "
         f"{natkit_link['forward_mbps']:.1f} MB/s through `natkit p2p connect --forward` between "
-        f"two processes (median of {FORWARD_RUNS} downloads of {DOWNLOAD_BYTES >> 20} MiB: "
+        f"two processes (median of {FORWARD_RUNS} `iperf3 -R -n {DOWNLOAD_BYTES >> 20}M` downloads: "
         f"{', '.join(f'{x:.1f}' for x in natkit_link['forward_runs'])}; both natkit processes "
         f"together {natkit_link['forward_cpu_s_per_gb']:.1f} CPU s per GB); datagram RTT {natkit_link['rtt_ms']:.2f} ms (median of "
-        f"{RTT_SAMPLES}); plain TCP {plain_link['mbps']:.0f} MB/s (median of {FORWARD_RUNS}), plain UDP RTT "
+        f"{RTT_SAMPLES}); plain TCP (iperf3, the same downloads) {plain_link['mbps']:.0f} MB/s (median of {FORWARD_RUNS}), plain UDP RTT "
         f"{plain_link['rtt_ms']:.2f} ms through a port mapping on rtr2 "
         f"(natkit/plain throughput {natkit_link['mbps'] / plain_link['mbps']:.3f}x, forwarded "
         f"{natkit_link['forward_mbps'] / plain_link['mbps']:.3f}x; QUIC here is qh3, its packet "
