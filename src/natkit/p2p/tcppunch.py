@@ -58,7 +58,10 @@ log = logging.getLogger("natkit.p2p")
 DIAL_ID_SIZE = 16
 _HEAD = struct.Struct("!4sH")  # the magic and port: the same first six bytes as a forward
 _REST = struct.Struct(f"!{DIAL_ID_SIZE}sB")
-DIAL_TIMEOUT = 3.0  # one dial: the listener's connect, the id's arrival
+# One dial: the listener's connect, the id's arrival. A punch that works completes within a
+# round trip of the listener's SYN (the connector's is out already); one that cannot (a
+# random NAT) holds the session's first forward this long before QUIC takes it.
+DIAL_TIMEOUT = 1.5
 STUN_TIMEOUT = 1.0  # the connector's STUN Binding over TCP for each punch
 MAX_DIALS = 8  # dials a listener runs at once; more are answered FAILED
 
