@@ -1,5 +1,6 @@
 """CPU per GB of the QUIC forward (``natkit p2p connect --forward`` on the hole-punched
-direct path), for one or more natkit source trees, interleaved in one lab run.
+direct path; ``--mode tcp``/``punch``: the direct TCP path), for one or more natkit source
+trees, interleaved in one lab run.
 
 Not a ``bench/run.py`` benchmark: a tool for the question "did this change make the QUIC
 forward cheaper?" on a noisy machine. Each round starts a listen/connect pair per tree (as
@@ -25,9 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_p2p import (
-    _PLAIN_SERVER,
     DOWNLOAD_BYTES,
-    PLAIN_PORT,
+    FORWARD_MODES,
+    IPERF_PORT,
     RELAY,
     SECRET,
     TOKEN,
@@ -41,15 +42,17 @@ from benchlib import BenchError
 from natkit.lab import Lab
 
 
-def _pair(lab: Lab, tree: Path, state: Path, room: str) -> tuple[subprocess.Popen[bytes], ...]:
+def _pair(
+    lab: Lab, tree: Path, state: Path, room: str, mode: str
+) -> tuple[subprocess.Popen[bytes], ...]:
     env = {**os.environ, "NATKIT_STATE_DIR": str(state), "PYTHONPATH": str(tree.resolve())}
     natkit = [sys.executable, "-m", "natkit", "p2p"]
     common = ["--relay", RELAY, "--token", TOKEN, "--secret", SECRET, "--json",
-              "--no-portmap", "--no-tcp"]  # fmt: skip
-    listen = lab.popen("lan2", [*natkit, "listen", room, *common, "--allow", str(PLAIN_PORT)],
+              *FORWARD_MODES[mode]]  # fmt: skip
+    listen = lab.popen("lan2", [*natkit, "listen", room, *common, "--allow", str(IPERF_PORT)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
     connect = lab.popen("lan", [*natkit, "connect", room, *common, "--forward",
-                                f"9100:{PLAIN_PORT}"],
+                                f"9100:{IPERF_PORT}"],
                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
     assert connect.stdout is not None
     while True:
@@ -67,19 +70,21 @@ def main() -> int:
     ap.add_argument("-r", "--rounds", type=int, default=3)
     ap.add_argument("--downloads", type=int, default=2, help="per round and tree")
     ap.add_argument("--lab-name", default="nkbfwd")
+    ap.add_argument("--mode", choices=sorted(FORWARD_MODES), default="quic")
     ap.add_argument("--profile", type=Path, help="py-spy both processes into this directory")
     args = ap.parse_args()
     size = DOWNLOAD_BYTES
     lab = Lab.create(lab_config(args.lab_name), replace=True)
     state = Path(tempfile.mkdtemp(prefix="nkb-fwd-"))
     relay = RelayProc(lab, state / "relay")
-    server = lab.popen("lan2", [sys.executable, "-c", _PLAIN_SERVER, str(PLAIN_PORT), str(size)])
+    server = lab.popen("lan2", ["iperf3", "-s", "-p", str(IPERF_PORT)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     results: dict[Path, list[tuple[float, float, float, float]]] = {t: [] for t in args.tree}
     try:
         time.sleep(0.5)
         for rnd in range(args.rounds):
             for i, tree in enumerate(args.tree):
-                listen, connect = _pair(lab, tree, state / f"t{i}", f"fwd{rnd}x{i}")
+                listen, connect = _pair(lab, tree, state / f"t{i}", f"fwd{rnd}x{i}", args.mode)
                 spies = []
                 try:
                     _download(lab, "127.0.0.1", 9100)  # warm-up (slow start, first stream)
