@@ -202,3 +202,25 @@ async def test_a_connection_naming_no_dial_of_ours_is_dropped() -> None:
         assert not waiting.done()
     finally:
         acceptor.close()
+
+
+async def test_without_so_reuseport_the_path_opens_and_dials_fail_cleanly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Windows has no SO_REUSEPORT: the endpoint still opens; here on Linux a dial from its
+    port then cannot bind (Windows' SO_REUSEADDR would let it) and is answered FAILED,
+    without an exception, and the dialer falls back to QUIC."""
+    monkeypatch.setattr(tcppunch, "_REUSE_PORT", None)
+    listener = Listener(set(), {LOOPBACK})
+    await listener.start()
+    acceptor = DialAcceptor.open()
+    found: list[str] = []
+    dialer = TcpDialer(KEY, [], DialBack(
+        listener.open_stream, stun_server=None, acceptor=acceptor,
+        mapped=lambda: _acceptor_at(acceptor)), on_route=found.append)  # fmt: skip
+    try:
+        assert await bounded(dialer.open(80), 10) is None
+        assert found == ["none"]
+    finally:
+        acceptor.close()
+        listener.close()

@@ -102,6 +102,9 @@ def decode_dial_rest(rest: bytes, address: bytes) -> tuple[bytes, str]:
 # -- sockets --------------------------------------------------------------------------------
 
 
+_REUSE_PORT: int | None = getattr(socket, "SO_REUSEPORT", None)
+
+
 def shared_port_socket(
     family: socket.AddressFamily, port: int, host: str | None = None
 ) -> socket.socket:
@@ -111,7 +114,8 @@ def shared_port_socket(
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if _REUSE_PORT is not None:  # (Windows has none: its SO_REUSEADDR shares the port)
+            sock.setsockopt(socket.SOL_SOCKET, _REUSE_PORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if host is None:
