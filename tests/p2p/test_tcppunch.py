@@ -89,7 +89,7 @@ class Listener:
 
     def __init__(self, allowed: set[int], peer_hosts: set[str]) -> None:
         self.endpoint = TcpEndpoint.open(KEY, LOOPBACK)
-        self.dials = DialServer(self.endpoint.port, peer_hosts, self.endpoint.adopt)
+        self.dials = DialServer(KEY, self.endpoint.port, peer_hosts, self.endpoint.adopt)
         self.allowed = allowed
         self.tasks = [asyncio.ensure_future(
             serve_tcp_forwards(self.endpoint, target_host=LOOPBACK, allowed=allowed))]  # fmt: skip
@@ -134,7 +134,7 @@ async def test_a_reverse_dial_carries_a_forward_end_to_end() -> None:
     acceptor = DialAcceptor.open()
     found: list[str] = []
     dialer = TcpDialer(KEY, [], DialBack(
-        listener.open_stream, stun_server=None, acceptor=acceptor,
+        listener.open_stream, key=KEY, stun_server=None, acceptor=acceptor,
         mapped=lambda: _acceptor_at(acceptor)), on_route=found.append)  # fmt: skip
     try:
         await bounded(dialer.warm_up())  # the route, found before any forward
@@ -162,7 +162,7 @@ async def test_the_listener_dials_only_its_peers_own_addresses(service: tuple[in
     listener = Listener({port}, {"192.0.2.1"})  # the peer announced only this address
     await listener.start()
     acceptor = DialAcceptor.open()
-    back = DialBack(listener.open_stream, stun_server=None, acceptor=acceptor,
+    back = DialBack(listener.open_stream, key=KEY, stun_server=None, acceptor=acceptor,
                     mapped=lambda: _acceptor_at(acceptor))  # fmt: skip
     try:
         with pytest.raises(DialError, match="could not connect"):
@@ -216,7 +216,7 @@ async def test_without_so_reuseport_the_path_opens_and_dials_fail_cleanly(
     acceptor = DialAcceptor.open()
     found: list[str] = []
     dialer = TcpDialer(KEY, [], DialBack(
-        listener.open_stream, stun_server=None, acceptor=acceptor,
+        listener.open_stream, key=KEY, stun_server=None, acceptor=acceptor,
         mapped=lambda: _acceptor_at(acceptor)), on_route=found.append)  # fmt: skip
     try:
         assert await bounded(dialer.open(80), 10) is None
@@ -224,3 +224,43 @@ async def test_without_so_reuseport_the_path_opens_and_dials_fail_cleanly(
     finally:
         acceptor.close()
         listener.close()
+
+
+def test_the_listener_dials_only_global_addresses_not_its_own_networks() -> None:
+    """What ``TcpSide.take`` lets the peer name: its global addresses; never loopback, the
+    unspecified address, link-local (a cloud's metadata service), private ones, our own
+    LAN's neighbours (global IPv6 on our /64) or our own public address."""
+    from natkit.p2p.tcpsetup import dial_targets
+
+    announced = ["127.0.0.1", "::1", "0.0.0.0", "169.254.169.254", "fe80::1", "10.0.0.7",
+                 "192.168.1.1", "fd00::5", "224.0.0.1", "2001:db8:77::20", "100.200.0.4",
+                 "100.200.0.1", "2001:db8:201::2", "2001:DB8:201:0::2"]  # fmt: skip
+    local = ["192.168.1.10", "2001:db8:77::10"]  # our interfaces: a LAN, a global /64
+    public = ["100.200.0.4"]  # our router's public address (the lab's addresses)
+    assert dial_targets(announced, local, public) == ["100.200.0.1", "2001:db8:201::2"]
+
+
+async def test_the_listener_writes_a_mac_of_the_dial_id_not_the_id() -> None:
+    """No peer chooses the bytes a dial sends: the listener writes a MAC of the id under
+    the session key (a peer naming some service cannot make it say FLUSHALL)."""
+    got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        got.set_result(await r.readexactly(16))
+        w.close()
+
+    server = await asyncio.start_server(on_conn, LOOPBACK, 0)
+    port = server.sockets[0].getsockname()[1]
+    listener = Listener(set(), {LOOPBACK})
+    await listener.start()
+    stream = await listener.open_stream()
+    try:
+        chosen = b"FLUSHALL\r\nPING\r\n"
+        stream.write(tcppunch.encode_dial(LOOPBACK, port, chosen))
+        assert await bounded(stream.readexactly(1)) == b"\x00"  # OK: connected
+        sent = await bounded(got)
+        assert sent == tcppunch.dial_answer(KEY, chosen) and sent != chosen
+    finally:
+        stream.close()
+        listener.close()
+        server.close()

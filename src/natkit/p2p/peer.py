@@ -371,6 +371,9 @@ class _Peer:
         assert self.signals is not None
         if not self.opts.tcp:
             return None
+        if not tcppath.loop_can_watch_sockets():
+            log.info("no direct TCP path on this event loop (it cannot watch sockets)")
+            return None
         key = tcppath.session_key(self.opts.secret, self.signals.session)
         stun = self.opts.stun or parse_hostport(self.opts.relay)
         return TcpSide(self.role, key, stun=stun, port_mapping=self.opts.port_mapping)

@@ -25,6 +25,7 @@ sealed bridge (chunks, half-close, a reset passed on as a reset).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -42,7 +43,7 @@ from natkit.p2p.candidates import address_scope
 from natkit.p2p.errors import P2PError
 from natkit.p2p.forward import FAILED, MAGIC, OK, REFUSED, ForwardRefusedError, connect_target
 from natkit.p2p.ice_gather import keep_mapping
-from natkit.p2p.tcppunch import DialBack, family_of, shared_port_socket
+from natkit.p2p.tcppunch import MAX_DIALS, DialBack, family_of, shared_port_socket
 from natkit.portmap.manager import KeptMapping
 from natkit.relay import seal, sealpump
 from natkit.relay.sockframes import recv_exact
@@ -55,11 +56,20 @@ _REQUEST = struct.Struct("!4sH")
 _TICKET = "p2p-tcp"  # the HKDF info's label (seal.derive_keys' "ticket")
 HANDSHAKE_TIMEOUT = 5.0  # an accepted connection must open and ask within this
 CONNECT_TIMEOUT = 2.0  # per announced endpoint, before falling back to QUIC
+MAX_MISSES = 3  # forwards in a row without a connection on the route found: then QUIC only
 DIALBACK_DELAY = 0.2  # the direct routes' head start over the dial backs
 DIALBACK_TIMEOUT = 3.5  # one dial back: STUN, the request, the peer's connect
 MAX_HANDSHAKES = 32  # connections being checked at once; more wait in the kernel's backlog
+MAX_HANDSHAKES_PER_ADDRESS = 8  # of those, from one address (more are closed at once)
 MAX_ENDPOINTS = 8  # announced endpoints taken from the peer
 MAX_NONCES = 1 << 20  # remembered per session (16 bytes each): then the endpoint closes
+
+
+def loop_can_watch_sockets() -> bool:
+    """Does the running loop have add_reader (the sealed bridge's need)? Windows' proactor
+    loop has not."""
+    proactor = getattr(asyncio, "ProactorEventLoop", None)
+    return proactor is None or not isinstance(asyncio.get_running_loop(), proactor)
 
 
 def session_key(secret: str, session: str) -> bytes:
@@ -84,6 +94,7 @@ class TcpEndpoint:
         self._seen: set[bytes] = set()
         self._ready: asyncio.Queue[tuple[sealpump.SealedSocket, int]] = asyncio.Queue(64)
         self._slots = asyncio.Semaphore(MAX_HANDSHAKES)
+        self._pending: collections.Counter[str] = collections.Counter()  # by source address
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting = [asyncio.ensure_future(self._accept_loop(s)) for s in socks]
 
@@ -114,13 +125,9 @@ class TcpEndpoint:
 
     def adopt(self, conn: socket.socket) -> None:
         """A connection we made ourselves (a dial: :mod:`natkit.p2p.tcppunch`): checked
-        exactly as an accepted one."""
-
-        async def check() -> None:
-            await self._slots.acquire()
-            await self._check(conn)
-
-        task = asyncio.ensure_future(check())
+        exactly as an accepted one, but without taking one of the slots strangers can fill
+        (the dials have their own bound)."""
+        task = asyncio.ensure_future(self._check(conn, slot=False))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -129,26 +136,46 @@ class TcpEndpoint:
         while True:
             await self._slots.acquire()
             try:
-                conn, _ = await loop.sock_accept(sock)
+                conn, peer = await loop.sock_accept(sock)
             except OSError as exc:
                 self._slots.release()
                 log.warning("TCP path: accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
+            ip = str(peer[0]) if isinstance(peer, tuple) else "?"
+            if self._pending[ip] >= MAX_HANDSHAKES_PER_ADDRESS:  # one address cannot fill all
+                self._slots.release()
+                conn.close()
+                continue
+            self._pending[ip] += 1
             task = asyncio.ensure_future(self._check(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(functools.partial(self._checked, ip))
 
-    async def _check(self, conn: socket.socket) -> None:
+    def _checked(self, ip: str, _: object) -> None:
+        self._pending[ip] -= 1
+        if not self._pending[ip]:
+            del self._pending[ip]
+
+    async def _check(self, conn: socket.socket, slot: bool = True) -> None:
         try:
             sealed, port = await asyncio.wait_for(self._handshake(conn), HANDSHAKE_TIMEOUT)
         except (NatkitError, OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
             log.info("TCP path: dropped a connection: %s", exc)
             conn.close()
             return
+        except BaseException:  # closed under us (cancelled)
+            conn.close()
+            raise
         finally:
-            self._slots.release()
-        await self._ready.put((sealed, port))
+            if slot:
+                self._slots.release()
+        try:
+            await self._ready.put((sealed, port))
+        except BaseException:
+            sealed.close()
+            raise
 
     async def _handshake(self, conn: socket.socket) -> tuple[sealpump.SealedSocket, int]:
         conn.setblocking(False)
@@ -191,7 +218,7 @@ async def map_port(port: int, timeout: float) -> tuple[KeptMapping, str, int]:
     return kept, mapping.external_ip, mapping.external_port
 
 
-def _same_network(host: str, local_hosts: Iterable[str]) -> bool:
+def on_our_networks(host: str, local_hosts: Iterable[str]) -> bool:
     """Is private ``host`` on one of our own networks (the /24 or /64 of one of our
     addresses: the announcement carries no prefix length)?"""
     ip = ipaddress.ip_address(host)
@@ -226,7 +253,7 @@ def usable_endpoints(announced: object, local_hosts: Iterable[str]) -> list[tupl
             scope = address_scope(host)
         except ValueError:
             continue
-        if scope == "private" and not _same_network(host, local_hosts):
+        if scope == "private" and not on_our_networks(host, local_hosts):
             continue
         if scope == "global" or scope in scopes:
             kept.append((host, port))
@@ -267,10 +294,11 @@ class TcpDialer:
         self.on_route = on_route
         self.route: Route | None = None
         self.remote = ""  # the peer's address on the first connection of the route found
-        self.failed = False
-        self._search: asyncio.Future[tuple[Route, socket.socket] | None] | None = (
-            None  # no route gave a connection: QUIC from now on
-        )
+        self.failed = False  # no route gave a connection: QUIC from now on
+        self.misses = 0  # forwards in a row the route found gave no connection to
+        self._search: asyncio.Future[tuple[Route, socket.socket] | None] | None = None
+        # dials back at once (the listener answers at most tcppunch.MAX_DIALS at a time)
+        self._dialling = asyncio.Semaphore(MAX_DIALS)
 
     @property
     def working(self) -> tuple[str, int] | None:
@@ -301,10 +329,12 @@ class TcpDialer:
         have not answered). One search at a time: a forward that comes during the search
         waits for its route."""
         if self.route is not None:
-            won = await _race([self.route])
-            if won is None:  # the route that worked does not now: QUIC from here on
-                self.failed = True
+            async with self._dialling:
+                won = await _race([self.route])
+            if won is None:  # this one goes over QUIC; a route that keeps failing, all do
+                self._missed()
                 return None
+            self.misses = 0
             return won[1]
         if self._search is not None:
             await asyncio.wait({self._search})
@@ -317,6 +347,18 @@ class TcpDialer:
             search.add_done_callback(_close_found)  # nobody will take its connection
             raise
         return won[1] if won else None
+
+    def _missed(self) -> None:
+        self.misses += 1
+        if self.misses >= MAX_MISSES:
+            log.info("TCP path: %d forwards in a row found no connection; QUIC from now on",
+                     self.misses)  # fmt: skip
+            self.failed = True
+
+    def close(self) -> None:
+        """Stop a route search under way (the session is closing)."""
+        if self._search is not None and not self._search.done():
+            self._search.cancel()
 
     def _found(self, search: asyncio.Future[tuple[Route, socket.socket] | None]) -> None:
         won = None if search.cancelled() or search.exception() else search.result()

@@ -37,8 +37,11 @@ and answers one byte: OK once connected, else FAILED.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
+import hashlib
+import hmac
 import ipaddress
 import logging
 import os
@@ -64,6 +67,7 @@ _REST = struct.Struct(f"!{DIAL_ID_SIZE}sB")
 DIAL_TIMEOUT = 1.5
 STUN_TIMEOUT = 1.0  # the connector's STUN Binding over TCP for each punch
 MAX_DIALS = 8  # dials a listener runs at once; more are answered FAILED
+MAX_SESSION_DIALS = 4096  # dials a listener makes in one session, in all
 
 Addr = tuple[str, int]
 OpenStream = Callable[[], Awaitable[Any]]
@@ -97,6 +101,12 @@ def decode_dial_rest(rest: bytes, address: bytes) -> tuple[bytes, str]:
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError("a dial request names no IP address") from None
     return dial_id, host
+
+
+def dial_answer(key: bytes, dial_id: bytes) -> bytes:
+    """What the listener writes first on a dial's connection: a MAC of the dial id under the
+    session's key (not the id itself: no peer chooses bytes the listener sends elsewhere)."""
+    return hmac.new(key, b"natkit p2p dial " + dial_id, hashlib.sha256).digest()[:DIAL_ID_SIZE]
 
 
 # -- sockets --------------------------------------------------------------------------------
@@ -135,7 +145,7 @@ def family_of(host: str) -> socket.AddressFamily:
 def start_connect(sock: socket.socket, addr: Addr) -> Coroutine[Any, Any, None]:
     """Send the SYN now (not when a task gets to run) and return what waits for the end."""
     err = sock.connect_ex(addr)
-    if err not in (0, errno.EINPROGRESS):
+    if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):  # (Windows: WSAEWOULDBLOCK)
         raise OSError(err, os.strerror(err))
 
     async def done() -> None:
@@ -168,14 +178,17 @@ class DialServer:
 
     def __init__(
         self,
+        key: bytes,
         port: int,
         peer_hosts: Collection[str],
         adopt: Callable[[socket.socket], None],
         ipv6: str | None = None,
     ) -> None:
-        self.port, self.peer_hosts, self.adopt = port, frozenset(peer_hosts), adopt
+        self.key, self.port, self.adopt = key, port, adopt
+        self.peer_hosts = frozenset(ipaddress.ip_address(h).compressed for h in peer_hosts)
         self.ipv6 = ipv6  # the IPv6 address we announced: dials over IPv6 leave from it
         self._running = 0
+        self.dials = 0  # in this session (at most MAX_SESSION_DIALS)
 
     async def serve(self, stream: Any, port: int) -> None:
         """One dial request whose magic and port were read already from ``stream``."""
@@ -190,16 +203,18 @@ class DialServer:
         ok = False
         if host not in self.peer_hosts or port == 0:
             log.info("TCP path: refused a dial to %s (not one of the peer's candidates)", host)
-        elif self._running >= MAX_DIALS:
-            log.info("TCP path: refused a dial: %d running", self._running)
+        elif self._running >= MAX_DIALS or self.dials >= MAX_SESSION_DIALS:
+            log.info("TCP path: refused a dial: %d running, %d made", self._running, self.dials)
         else:
             self._running += 1
+            self.dials += 1
             try:
                 ok = await self._dial(host, port, dial_id)
             finally:
                 self._running -= 1
-        stream.write(bytes([OK if ok else FAILED]))
-        stream.write_eof()
+        with contextlib.suppress(NatkitError, OSError):  # the peer gave up waiting: fine
+            stream.write(bytes([OK if ok else FAILED]))
+            stream.write_eof()
 
     async def _dial(self, host: str, port: int, dial_id: bytes) -> bool:
         loop = asyncio.get_running_loop()
@@ -211,8 +226,10 @@ class DialServer:
             log.info("TCP path: cannot dial from port %d: %s", self.port, exc)
             return False
         try:
+            deadline = loop.time() + DIAL_TIMEOUT  # one limit for both steps
             await asyncio.wait_for(loop.sock_connect(sock, (host, port)), DIAL_TIMEOUT)
-            await asyncio.wait_for(loop.sock_sendall(sock, dial_id), DIAL_TIMEOUT)
+            answer = dial_answer(self.key, dial_id)
+            await asyncio.wait_for(loop.sock_sendall(sock, answer), deadline - loop.time())
         except (OSError, asyncio.TimeoutError) as exc:
             log.info("TCP path: a dial to %s:%d failed: %s", host, port, exc or "no answer")
             sock.close()
@@ -248,10 +265,11 @@ class DialAcceptor:
             raise
         return cls(sock)
 
-    def expect(self, dial_id: bytes) -> asyncio.Future[socket.socket]:
+    def expect(self, answer: bytes) -> asyncio.Future[socket.socket]:
+        """The connection that will come with ``answer`` (the dial's :func:`dial_answer`)."""
         fut: asyncio.Future[socket.socket] = asyncio.get_running_loop().create_future()
-        self._waiting[dial_id] = fut
-        fut.add_done_callback(lambda _: self._waiting.pop(dial_id, None))
+        self._waiting[answer] = fut
+        fut.add_done_callback(lambda _: self._waiting.pop(answer, None))
         return fut
 
     async def _accept_loop(self) -> None:
@@ -273,11 +291,11 @@ class DialAcceptor:
     async def _claim(self, conn: socket.socket) -> None:
         conn.setblocking(False)
         try:
-            dial_id = await asyncio.wait_for(recv_exact(conn, DIAL_ID_SIZE), DIAL_TIMEOUT)
-        except (NatkitError, OSError, asyncio.TimeoutError):
+            answer = await asyncio.wait_for(recv_exact(conn, DIAL_ID_SIZE), DIAL_TIMEOUT)
+        except BaseException:  # (cancelled too: the acceptor is closing)
             conn.close()
             return
-        fut = self._waiting.get(dial_id)
+        fut = self._waiting.get(answer)
         if fut is None or fut.done():
             conn.close()
             return
@@ -303,13 +321,14 @@ class DialBack:
         self,
         open_stream: OpenStream,
         *,
+        key: bytes,
         stun_server: Addr | None,
         punch_to: Sequence[Addr] = (),
         own_ipv6: str | None = None,
         acceptor: DialAcceptor | None = None,
         mapped: Callable[[], Awaitable[Addr | None]] | None = None,
     ) -> None:
-        self.open_stream = open_stream
+        self.open_stream, self.key = open_stream, key
         self.stun_server, self.punch_to, self.own_ipv6 = stun_server, punch_to, own_ipv6
         self.acceptor, self.mapped = acceptor, mapped  # our router's mapping of the acceptor
 
@@ -357,7 +376,7 @@ class DialBack:
             await self._ask(public[0], public[1], dial_id)
             await asyncio.wait_for(connected, DIAL_TIMEOUT)
             got = await asyncio.wait_for(recv_exact(sock, DIAL_ID_SIZE), DIAL_TIMEOUT)
-            if got != dial_id:
+            if not hmac.compare_digest(got, dial_answer(self.key, dial_id)):
                 raise DialError("the punched connection did not name our dial")
         except BaseException:
             if connected is not None:
@@ -372,7 +391,7 @@ class DialBack:
         if mapped is None:
             raise DialError("our router gave no TCP mapping")
         dial_id = os.urandom(DIAL_ID_SIZE)
-        arrived = self.acceptor.expect(dial_id)
+        arrived = self.acceptor.expect(dial_answer(self.key, dial_id))
         try:
             await self._ask(mapped[0], mapped[1], dial_id)
             return await asyncio.wait_for(arrived, DIAL_TIMEOUT)

@@ -14,13 +14,15 @@ the connector announced as ICE candidates.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import ipaddress
 import logging
+import socket
+from collections.abc import Iterable
 from typing import Any
 
 from natkit.errors import NatkitError
 from natkit.p2p import tcppath
-from natkit.p2p.candidates import IceDescription
+from natkit.p2p.candidates import IceDescription, address_scope
 from natkit.p2p.ice_gather import release
 from natkit.p2p.tcppath import TcpDialer, TcpEndpoint
 from natkit.p2p.tcppunch import (
@@ -29,7 +31,6 @@ from natkit.p2p.tcppunch import (
     DialBack,
     DialServer,
     OpenStream,
-    family_of,
     shared_port_socket,
     stun_tcp,
 )
@@ -55,6 +56,7 @@ class TcpSide:
         self.acceptor: DialAcceptor | None = None  # connector
         self.mappings: list[KeptMapping] = []
         self.own_ipv6: str | None = None  # our global IPv6 address (no NAT: our public one)
+        self.own_public: set[str] = set()  # our router's public address (mapping, STUN)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._mapping: asyncio.Task[Addr | None] | None = None
         self._stun: asyncio.Task[Addr | None] | None = None
@@ -86,7 +88,9 @@ class TcpSide:
 
     async def _map(self, port: int, budget: float) -> Addr | None:
         try:
-            kept, ip, public = await asyncio.wait_for(tcppath.map_port(port, budget), budget)
+            # (the outer limit a little later than the router's own: a mapping the router
+            # made just in time is kept, and released with the others, not left behind)
+            kept, ip, public = await asyncio.wait_for(tcppath.map_port(port, budget), budget + 0.5)
         except (NatkitError, OSError, asyncio.TimeoutError) as exc:
             log.info("no TCP port mapping for the direct TCP path: %s", exc or "no answer")
             return None
@@ -96,8 +100,9 @@ class TcpSide:
     async def _public(self, port: int) -> Addr | None:
         """The public address of our TCP port (the punch endpoint), by STUN over TCP."""
         try:
-            server = await resolve(self.stun, timeout=TCP_BUDGET)
-            sock = shared_port_socket(family_of(server[0]), port)
+            # IPv4: the endpoint's IPv6 address is its own public one (no STUN needed)
+            server = await resolve(self.stun, family=socket.AF_INET, timeout=TCP_BUDGET)
+            sock = shared_port_socket(socket.AF_INET, port)
             return await stun_tcp(sock, server, TCP_BUDGET)
         except (NatkitError, OSError) as exc:
             log.info("no public address for the TCP port (no TCP hole punching): %s", exc)
@@ -111,6 +116,7 @@ class TcpSide:
         v6 = [self.own_ipv6] if self.own_ipv6 else []
         mapped = await _result(self._mapping)
         public = await _result(self._stun)
+        self.own_public = {a[0] for a in (mapped, public) if a}
         punch = ([public] if public else []) + self.endpoint.endpoints(v6)
         return {
             "tcp": ([mapped] if mapped else []) + self.endpoint.endpoints([*hosts, *v6]),
@@ -127,13 +133,14 @@ class TcpSide:
         """The peer's offer: the listener learns where it may dial, the connector how it
         may reach the listener."""
         if self.endpoint is not None:
-            peer_hosts = {c.host for c in remote.candidates if c.type in DIAL_TYPES}
-            peer_hosts.update(
-                h for h, _ in tcppath.usable_endpoints([[body.get("tcp6"), 1]], hosts)
-            )
+            announced = [c.host for c in remote.candidates if c.type in DIAL_TYPES]
+            if isinstance(body.get("tcp6"), str):
+                announced.append(body["tcp6"])
+            local = [*hosts, *([self.own_ipv6] if self.own_ipv6 else [])]
             self.dial_server = DialServer(
-                self.endpoint.port, peer_hosts, self.endpoint.adopt, self.own_ipv6
-            )
+                self.key, self.endpoint.port, dial_targets(announced, local, self.own_public),
+                self.endpoint.adopt, self.own_ipv6,
+            )  # fmt: skip
             return
         if self.role != "connect":
             return
@@ -141,6 +148,7 @@ class TcpSide:
         punch = tcppath.usable_endpoints(body.get("punch"), hosts)
         dialback = DialBack(
             open_stream,
+            key=self.key,
             stun_server=self.stun,
             punch_to=punch,
             own_ipv6=self.own_ipv6,
@@ -156,6 +164,8 @@ class TcpSide:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        if self.dialer is not None:
+            self.dialer.close()
         if self.endpoint is not None:
             self.endpoint.close()
         if self.acceptor is not None:
@@ -176,9 +186,43 @@ def _global_ipv6() -> str | None:
 
 
 async def _result(task: asyncio.Task[Addr | None] | None) -> Addr | None:
-    """A budgeted task's answer (None if it had none)."""
+    """A budgeted task's answer (None if it had none, or was cancelled: the session is
+    closing; our own cancellation is not swallowed)."""
     if task is None:
         return None
-    with contextlib.suppress(Exception, asyncio.CancelledError):
+    try:
         return await asyncio.shield(task)
-    return None
+    except asyncio.CancelledError:
+        if task.cancelled():
+            return None
+        raise
+    except Exception:
+        return None
+
+
+def dial_targets(announced: list[str], local: list[str], public: Iterable[str]) -> list[str]:
+    """The peer's announced addresses the listener may dial: global ones (never loopback,
+    link-local — cloud metadata services live there —, private, multicast or reserved
+    addresses), none on the network of one of our own interface addresses ``local`` (a /24
+    or /64: our LAN's neighbours; a peer on our LAN reaches our port without a dial), and
+    none of our own public addresses ``public`` (a hairpin to ourselves)."""
+    ours = {_canonical(h) for h in [*local, *public]}
+    kept: list[str] = []
+    for host in dict.fromkeys(announced):
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            continue
+        if address_scope(host) != "global" or ip.is_multicast or ip.is_reserved:
+            continue
+        if ip.compressed in ours or tcppath.on_our_networks(host, local):
+            continue
+        kept.append(ip.compressed)
+    return list(dict.fromkeys(kept))
+
+
+def _canonical(host: str) -> str:
+    try:
+        return ipaddress.ip_address(host).compressed
+    except ValueError:
+        return host

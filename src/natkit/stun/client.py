@@ -278,8 +278,10 @@ async def binding_tcp_from(sock: socket.socket, server: Addr, timeout: float = T
     socket is closed afterwards."""
     try:
         return await asyncio.wait_for(_binding_tcp(server, None, 0, sock=sock), timeout)
-    except asyncio.TimeoutError:
+    except BaseException as exc:  # (cancelled too: the socket is ours to close)
         sock.close()
+        if not isinstance(exc, asyncio.TimeoutError):
+            raise
         raise StunTimeoutError(
             f"no STUN answer from {format_addr(server)} over TCP within {timeout:g} s"
         ) from None
