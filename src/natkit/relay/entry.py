@@ -100,7 +100,7 @@ class ListenPort:
             if first in seal.PREFIXES:
                 await self._sealed(conn, ip)
             elif first == b"\x00" and self.hub.answers_stun():
-                await self._stun(conn, ip)
+                await self._stun(conn, ip, deadline)
             elif first[0] == 0x16:  # a TLS handshake: a control connection
                 released = True  # the session gives its admission back (see RelayServer)
                 await self._control(conn, ip, deadline)
@@ -125,20 +125,23 @@ class ListenPort:
             if session.transport is None:  # never made: no connection_lost will come
                 self.hub.session_ended(session)
 
-    async def _stun(self, conn: socket.socket, ip: str) -> None:
+    async def _stun(self, conn: socket.socket, ip: str, deadline: float) -> None:
         """One Binding request over TCP: answered (what the UDP responder would say) and
-        the connection closed; anything else is dropped as garbage."""
+        the connection closed, all within the handshake's deadline; anything else is
+        dropped as garbage."""
         loop = asyncio.get_running_loop()
+
+        def left() -> float:
+            return max(0.1, deadline - loop.time())
+
         try:
-            header = await asyncio.wait_for(recv_exact(conn, stuncodec.HEADER_LEN), 5.0)
+            header = await asyncio.wait_for(recv_exact(conn, stuncodec.HEADER_LEN), left())
             size = stuncodec.frame_length(header, max_size=stunserver.MAX_REQUEST)
-            request = header + await asyncio.wait_for(
-                recv_exact(conn, size - stuncodec.HEADER_LEN), 5.0
-            )
-            reply = stunserver.answer(request, conn.getpeername())
+            rest = await asyncio.wait_for(recv_exact(conn, size - stuncodec.HEADER_LEN), left())
+            reply = stunserver.answer(header + rest, conn.getpeername())
             if reply is None:
                 raise ProtocolError("not a plain STUN Binding request")
-            await asyncio.wait_for(loop.sock_sendall(conn, reply), 5.0)
+            await asyncio.wait_for(loop.sock_sendall(conn, reply), left())
             self.hub.stats["stun_tcp"] += 1
         except (asyncio.TimeoutError, OSError, NatkitError) as exc:
             self._garbage(conn, ip, exc)
