@@ -14,7 +14,7 @@ import pytest
 from natkit.p2p import tcppath
 from natkit.p2p.forward import MAGIC, ForwardRefusedError
 from natkit.p2p.tcppath import TcpDialer, TcpEndpoint, serve_tcp_forwards, usable_endpoints
-from natkit.relay import seal
+from natkit.relay import seal, sealpump
 from tests.p2p.test_attacks import ROOM, SECRET, CliPeer, Relay, peers, relay
 from tests.p2p.test_forward import _service, digest_round_trip
 from tests.p2p.test_session import bounded
@@ -30,6 +30,19 @@ async def endpoint() -> AsyncIterator[TcpEndpoint]:
     opened.close()
 
 
+async def forwarded_round_trip(
+    sealed: sealpump.SealedSocket, service: asyncio.Task[bytes], size: int
+) -> None:
+    """:func:`digest_round_trip` through ``sealed`` as ``p2p connect`` bridges it: ``a`` is
+    the local application, ``b`` what the forwarder accepted."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    pump = asyncio.ensure_future(tcppath.bridge_client(sealed, b))
+    await digest_round_trip(a, service, size)
+    await bounded(pump)
+    a.close()
+
+
 def _dialer(endpoint: TcpEndpoint, key: bytes = KEY) -> TcpDialer:
     return TcpDialer(key, endpoint.endpoints(["127.0.0.1"]))
 
@@ -43,14 +56,9 @@ async def test_a_forwarded_connection_runs_over_tcp_both_ways_with_half_close(
     )
     sealed = await bounded(_dialer(endpoint).open(port))
     assert sealed is not None
-    a, b = socket.socketpair()  # a: the local application, b: what the forwarder accepted
-    a.setblocking(False)
-    pump = asyncio.ensure_future(tcppath.bridge_client(sealed, b))
-    await digest_round_trip(a, service, 5 << 20)
-    await bounded(pump)
+    await forwarded_round_trip(sealed, service, 5 << 20)
     serving.cancel()
     listener.close()
-    a.close()
 
 
 async def test_a_port_the_listener_did_not_name_is_refused(endpoint: TcpEndpoint) -> None:
@@ -275,11 +283,6 @@ async def test_forwards_during_the_route_search_share_it(endpoint: TcpEndpoint) 
     assert found == ["direct"]
     for sealed, (listener, _, service) in zip(opened, services, strict=True):
         assert sealed is not None
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        pump = asyncio.ensure_future(tcppath.bridge_client(sealed, b))
-        await digest_round_trip(a, service, 1 << 16)
-        await bounded(pump)
-        a.close()
+        await forwarded_round_trip(sealed, service, 1 << 16)
         listener.close()
     serving.cancel()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,8 +24,9 @@ from natkit.p2p import tcppath, tcppunch
 from natkit.p2p.forward import serve_forward
 from natkit.p2p.tcppath import TcpDialer, TcpEndpoint, serve_tcp_forwards
 from natkit.p2p.tcppunch import DialAcceptor, DialBack, DialError, DialServer
-from tests.p2p.test_forward import _service, digest_round_trip
+from tests.p2p.test_forward import _service
 from tests.p2p.test_session import bounded
+from tests.p2p.test_tcppath import forwarded_round_trip
 
 KEY = tcppath.session_key("a-secret-of-the-two-peers", "nonce-a.nonce-b")
 LOOPBACK = "127.0.0.1"
@@ -127,27 +127,26 @@ async def _acceptor_at(acceptor: DialAcceptor) -> tuple[str, int]:
     return LOOPBACK, acceptor.port  # our "router mapping": the acceptor itself
 
 
+def _reverse(listener: Listener, acceptor: DialAcceptor) -> DialBack:
+    """The connector's dial backs: reverse only, to ``acceptor`` as its own mapping."""
+    return DialBack(listener.open_stream, key=KEY, stun_server=None, acceptor=acceptor,
+                    mapped=lambda: _acceptor_at(acceptor))  # fmt: skip
+
+
 async def test_a_reverse_dial_carries_a_forward_end_to_end() -> None:
     services = [await _service(), await _service()]
     listener = Listener({port for _, port, _ in services}, {LOOPBACK})
     await listener.start()
     acceptor = DialAcceptor.open()
     found: list[str] = []
-    dialer = TcpDialer(KEY, [], DialBack(
-        listener.open_stream, key=KEY, stun_server=None, acceptor=acceptor,
-        mapped=lambda: _acceptor_at(acceptor)), on_route=found.append)  # fmt: skip
+    dialer = TcpDialer(KEY, [], _reverse(listener, acceptor), on_route=found.append)
     try:
         await bounded(dialer.warm_up())  # the route, found before any forward
         assert found == ["reverse"] and dialer.remote == f"{LOOPBACK}:{listener.endpoint.port}"
         for _, port, served in services:  # both take the route found
             sealed = await bounded(dialer.open(port))
             assert sealed is not None
-            a, b = socket.socketpair()
-            a.setblocking(False)
-            pump = asyncio.ensure_future(tcppath.bridge_client(sealed, b))
-            await digest_round_trip(a, served, 1 << 20)
-            await bounded(pump)
-            a.close()
+            await forwarded_round_trip(sealed, served, 1 << 20)
         assert found == ["reverse"]  # reported once, when found
         assert dialer.route is not None and dialer.route.kind == "reverse"
     finally:
@@ -162,8 +161,7 @@ async def test_the_listener_dials_only_its_peers_own_addresses(service: tuple[in
     listener = Listener({port}, {"192.0.2.1"})  # the peer announced only this address
     await listener.start()
     acceptor = DialAcceptor.open()
-    back = DialBack(listener.open_stream, key=KEY, stun_server=None, acceptor=acceptor,
-                    mapped=lambda: _acceptor_at(acceptor))  # fmt: skip
+    back = _reverse(listener, acceptor)
     try:
         with pytest.raises(DialError, match="could not connect"):
             await bounded(back.reverse())
@@ -215,9 +213,7 @@ async def test_without_so_reuseport_the_path_opens_and_dials_fail_cleanly(
     await listener.start()
     acceptor = DialAcceptor.open()
     found: list[str] = []
-    dialer = TcpDialer(KEY, [], DialBack(
-        listener.open_stream, key=KEY, stun_server=None, acceptor=acceptor,
-        mapped=lambda: _acceptor_at(acceptor)), on_route=found.append)  # fmt: skip
+    dialer = TcpDialer(KEY, [], _reverse(listener, acceptor), on_route=found.append)
     try:
         assert await bounded(dialer.open(80), 10) is None
         assert found == ["none"]

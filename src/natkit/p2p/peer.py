@@ -34,6 +34,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
 from natkit.errors import NatkitError, ProtocolError, RelayError
+from natkit.net.loops import watches_sockets
 from natkit.p2p import auth, tcppath
 from natkit.p2p.candidates import IceDescription
 from natkit.p2p.errors import P2PAuthError, P2PError, P2PTimeoutError
@@ -331,11 +332,13 @@ class _Peer:
         task.add_done_callback(self.tasks.discard)
         return task
 
+    def _stun_server(self) -> tuple[str, int]:
+        return self.opts.stun or parse_hostport(self.opts.relay)  # the relay answers STUN
+
     def _ice_agent(self) -> IceAgent:
-        stun = self.opts.stun or parse_hostport(self.opts.relay)
         return IceAgent(
             controlling=self.role == "connect",
-            stun_server=stun,
+            stun_server=self._stun_server(),
             turn=self.opts.turn,
             port_mapping=self.opts.port_mapping,
             use_ipv6=self.opts.use_ipv6,
@@ -371,12 +374,13 @@ class _Peer:
         assert self.signals is not None
         if not self.opts.tcp:
             return None
-        if not tcppath.loop_can_watch_sockets():
+        if not watches_sockets(asyncio.get_running_loop()):
             log.info("no direct TCP path on this event loop (it cannot watch sockets)")
             return None
         key = tcppath.session_key(self.opts.secret, self.signals.session)
-        stun = self.opts.stun or parse_hostport(self.opts.relay)
-        return TcpSide(self.role, key, stun=stun, port_mapping=self.opts.port_mapping)
+        return TcpSide(
+            self.role, key, stun=self._stun_server(), port_mapping=self.opts.port_mapping
+        )
 
     async def start(self) -> P2PSession:
         started = time.monotonic()

@@ -43,10 +43,11 @@ from natkit.p2p.candidates import address_scope
 from natkit.p2p.errors import P2PError
 from natkit.p2p.forward import FAILED, MAGIC, OK, REFUSED, ForwardRefusedError, connect_target
 from natkit.p2p.ice_gather import keep_mapping
-from natkit.p2p.tcppunch import MAX_DIALS, DialBack, family_of, shared_port_socket
+from natkit.p2p.tcppunch import DialBack, shared_port_socket
 from natkit.portmap.manager import KeptMapping
 from natkit.relay import seal, sealpump
 from natkit.relay.sockframes import recv_exact
+from natkit.stun.address import family_of
 
 log = logging.getLogger("natkit.p2p")
 
@@ -63,13 +64,6 @@ MAX_HANDSHAKES = 32  # connections being checked at once; more wait in the kerne
 MAX_HANDSHAKES_PER_ADDRESS = 8  # of those, from one address (more are closed at once)
 MAX_ENDPOINTS = 8  # announced endpoints taken from the peer
 MAX_NONCES = 1 << 20  # remembered per session (16 bytes each): then the endpoint closes
-
-
-def loop_can_watch_sockets() -> bool:
-    """Does the running loop have add_reader (the sealed bridge's need)? Windows' proactor
-    loop has not."""
-    proactor = getattr(asyncio, "ProactorEventLoop", None)
-    return proactor is None or not isinstance(asyncio.get_running_loop(), proactor)
 
 
 def session_key(secret: str, session: str) -> bytes:
@@ -89,8 +83,7 @@ class TcpEndpoint:
 
     def __init__(self, key: bytes, socks: list[socket.socket]) -> None:
         self.key, self.socks = key, socks
-        self.sock = socks[0]
-        self.port: int = self.sock.getsockname()[1]
+        self.port: int = socks[0].getsockname()[1]
         self._seen: set[bytes] = set()
         self._ready: asyncio.Queue[tuple[sealpump.SealedSocket, int]] = asyncio.Queue(64)
         self._slots = asyncio.Semaphore(MAX_HANDSHAKES)
@@ -297,8 +290,6 @@ class TcpDialer:
         self.failed = False  # no route gave a connection: QUIC from now on
         self.misses = 0  # forwards in a row the route found gave no connection to
         self._search: asyncio.Future[tuple[Route, socket.socket] | None] | None = None
-        # dials back at once (the listener answers at most tcppunch.MAX_DIALS at a time)
-        self._dialling = asyncio.Semaphore(MAX_DIALS)
 
     @property
     def working(self) -> tuple[str, int] | None:
@@ -329,8 +320,7 @@ class TcpDialer:
         have not answered). One search at a time: a forward that comes during the search
         waits for its route."""
         if self.route is not None:
-            async with self._dialling:
-                won = await _race([self.route])
+            won = await _race([self.route])
             if won is None:  # this one goes over QUIC; a route that keeps failing, all do
                 self._missed()
                 return None

@@ -55,6 +55,7 @@ from natkit.p2p.errors import P2PError
 from natkit.p2p.forward import DIAL_MAGIC as DIAL
 from natkit.p2p.forward import FAILED, OK
 from natkit.relay.sockframes import recv_exact, wait_ready
+from natkit.stun.address import family_of
 
 log = logging.getLogger("natkit.p2p")
 
@@ -136,10 +137,6 @@ def shared_port_socket(
         sock.close()
         raise
     return sock
-
-
-def family_of(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def start_connect(sock: socket.socket, addr: Addr) -> Coroutine[Any, Any, None]:
@@ -331,6 +328,7 @@ class DialBack:
         self.open_stream, self.key = open_stream, key
         self.stun_server, self.punch_to, self.own_ipv6 = stun_server, punch_to, own_ipv6
         self.acceptor, self.mapped = acceptor, mapped  # our router's mapping of the acceptor
+        self._asking = asyncio.Semaphore(MAX_DIALS)  # the listener answers that many at once
 
     def routes(self) -> list[tuple[str, Callable[[], Awaitable[socket.socket]]]]:
         """(name, attempt) for each way open to us now."""
@@ -344,6 +342,10 @@ class DialBack:
         return ways
 
     async def _ask(self, host: str, port: int, dial_id: bytes) -> None:
+        async with self._asking:
+            await self._ask_now(host, port, dial_id)
+
+    async def _ask_now(self, host: str, port: int, dial_id: bytes) -> None:
         stream = await self.open_stream()
         try:
             stream.write(encode_dial(host, port, dial_id))

@@ -54,7 +54,7 @@ class TcpSide:
         self.dial_server: DialServer | None = None  # listener
         self.dialer: TcpDialer | None = None  # connector
         self.acceptor: DialAcceptor | None = None  # connector
-        self.mappings: list[KeptMapping] = []
+        self.kept: KeptMapping | None = None  # the router's mapping of our TCP port
         self.own_ipv6: str | None = None  # our global IPv6 address (no NAT: our public one)
         self.own_public: set[str] = set()  # our router's public address (mapping, STUN)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -94,7 +94,7 @@ class TcpSide:
         except (NatkitError, OSError, asyncio.TimeoutError) as exc:
             log.info("no TCP port mapping for the direct TCP path: %s", exc or "no answer")
             return None
-        self.mappings.append(kept)
+        self.kept = kept
         return ip, public
 
     async def _public(self, port: int) -> Addr | None:
@@ -170,9 +170,9 @@ class TcpSide:
             self.endpoint.close()
         if self.acceptor is not None:
             self.acceptor.close()
-        for kept in self.mappings:
+        if self.kept is not None:
+            kept, self.kept = self.kept, None
             await release(kept)
-        self.mappings.clear()
 
 
 def _global_ipv6() -> str | None:
