@@ -14,7 +14,7 @@ import click
 
 from natkit.cli.common import emit_event
 from natkit.errors import EXIT_INTERRUPTED, NatkitError
-from natkit.net.sockets import exclusive_listen
+from natkit.net.sockets import exclusive_listen, unpaced_on_loopback
 from natkit.relay.agent import parse_hostport
 
 if TYPE_CHECKING:  # natkit.p2p loads qh3 and aioice: only when a p2p command runs
@@ -352,7 +352,8 @@ def connect(
 
         async def serve(sock: socket.socket, remote: int) -> None:
             while True:
-                client, _ = await loop.sock_accept(sock)
+                client, peer = await loop.sock_accept(sock)
+                unpaced_on_loopback(client, peer[0])
                 task = asyncio.ensure_future(one(client, remote))
                 running.add(task)
                 task.add_done_callback(running.discard)

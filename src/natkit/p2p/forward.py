@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from natkit.errors import NatkitError
-from natkit.net.sockets import reset_on_close
+from natkit.net.sockets import reset_on_close, unpaced_on_loopback
 from natkit.p2p.errors import P2PError
 
 log = logging.getLogger("natkit.p2p")
@@ -96,6 +96,7 @@ async def connect_target(host: str, port: int) -> socket.socket | None:
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setblocking(False)
+    unpaced_on_loopback(sock, host)
     try:
         await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT)
     except (OSError, asyncio.TimeoutError):

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from natkit.errors import ProtocolError
-from natkit.net.sockets import reset_on_close
+from natkit.net.sockets import reset_on_close, unpaced_on_loopback
 from natkit.relay import messages as M
 from natkit.relay import seal
 from natkit.relay.pump import Tap, start_join
@@ -230,6 +230,7 @@ class DataConn:
         local = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         local.setblocking(False)
         local.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        unpaced_on_loopback(local, host)
         self.local = local
         err = local.connect_ex(self.local_addr)
         if err == 0:
