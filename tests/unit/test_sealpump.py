@@ -157,6 +157,51 @@ def test_both_bridges_move_a_big_stream_with_back_pressure_and_half_close(tmp_pa
     run(tmp_path, body)
 
 
+def test_both_ways_at_once_held_back_keep_what_the_socket_did_not_take(tmp_path: Path) -> None:
+    """Both bridges seal at the same time (both far ends send 8 MiB at once and read
+    slowly), so the sealed sockets fill while the other bridge seals on the same thread: the
+    part of a record a socket did not take must survive the next record sealed in the
+    thread's scratch buffer (seal_record's ciphertext lives there)."""
+    up_blob, down_blob = os.urandom(8 << 20), os.urandom(8 << 20)
+
+    async def slow_read(sock: socket.socket) -> bytes:
+        loop = asyncio.get_running_loop()
+        got = bytearray()
+        while chunk := await loop.sock_recv(sock, 8192):
+            got += chunk
+            if len(got) % (1 << 19) < 8192:
+                await asyncio.sleep(0.002)
+        return bytes(got)
+
+    async def send_then_end(sock: socket.socket, blob: bytes) -> None:
+        await asyncio.get_running_loop().sock_sendall(sock, blob)
+        sock.shutdown(socket.SHUT_WR)
+
+    async def body(agent: sealpump.SealedSocket, relay: sealpump.SealedSocket) -> None:
+        visitor_far, visitor = _pair()
+        service, service_far = _pair()
+        for sealed in (agent, relay):  # small buffers: the sealed sockets fill often
+            sealed.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+            sealed.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+        relay_bridge = asyncio.ensure_future(sealpump.bridge(relay, visitor, prefix=START))
+        assert isinstance(await sealpump.read_frame(agent), M.Start)
+        agent_bridge = asyncio.ensure_future(sealpump.bridge(agent, service))
+        _, _, down, up = await asyncio.gather(
+            send_then_end(visitor_far, up_blob),
+            send_then_end(service_far, down_blob),
+            slow_read(visitor_far),
+            slow_read(service_far),
+        )
+        assert hashlib.sha256(up).digest() == hashlib.sha256(up_blob).digest()
+        assert hashlib.sha256(down).digest() == hashlib.sha256(down_blob).digest()
+        assert await relay_bridge == (len(up_blob), len(down_blob))
+        assert await agent_bridge == (len(down_blob), len(up_blob))
+        visitor_far.close()
+        service_far.close()
+
+    run(tmp_path, body)
+
+
 def test_a_data_connection_cut_without_its_end_mark_resets_the_service(tmp_path: Path) -> None:
     async def body(agent: sealpump.SealedSocket, relay: sealpump.SealedSocket) -> None:
         loop = asyncio.get_running_loop()

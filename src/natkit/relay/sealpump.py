@@ -370,11 +370,11 @@ class Bridge:
                 except OSError as exc:
                     self._finish(exc)
                     return
-                if sent != len(header) + len(body):  # sealed is full: keep the rest, wait
-                    sealed.unsent = (
-                        [header[sent:], body]
+                if sent != len(header) + len(body):  # sealed is full: keep (a copy of) the rest
+                    sealed.unsent = (  # (body is the thread's scratch buffer: copied)
+                        [header[sent:], bytes(body)]
                         if sent < len(header)
-                        else [memoryview(body)[sent - len(header) :]]
+                        else [bytes(body[sent - len(header) :])]
                     )
                     self._update()
                 return
