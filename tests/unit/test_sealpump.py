@@ -54,6 +54,17 @@ async def _recv_all(sock: socket.socket) -> bytes:
     return bytes(out)
 
 
+async def _moved_whole(
+    up: bytes, up_blob: bytes, down: bytes, down_blob: bytes,
+    relay_bridge: Awaitable[tuple[int, int]], agent_bridge: Awaitable[tuple[int, int]],
+) -> None:  # fmt: skip
+    """Each way arrived whole, and each bridge counted what it moved."""
+    assert hashlib.sha256(up).digest() == hashlib.sha256(up_blob).digest()
+    assert hashlib.sha256(down).digest() == hashlib.sha256(down_blob).digest()
+    assert await relay_bridge == (len(up_blob), len(down_blob))
+    assert await agent_bridge == (len(down_blob), len(up_blob))
+
+
 Body = Callable[[sealpump.SealedSocket, sealpump.SealedSocket], Awaitable[None]]
 
 
@@ -147,10 +158,7 @@ def test_both_bridges_move_a_big_stream_with_back_pressure_and_half_close(tmp_pa
             return bytes(got)
 
         down, up = await asyncio.gather(visitor_side(), service_side())
-        assert hashlib.sha256(up).digest() == hashlib.sha256(up_blob).digest()
-        assert hashlib.sha256(down).digest() == hashlib.sha256(down_blob).digest()
-        assert await relay_bridge == (len(up_blob), len(down_blob))
-        assert await agent_bridge == (len(down_blob), len(up_blob))
+        await _moved_whole(up, up_blob, down, down_blob, relay_bridge, agent_bridge)
         visitor_far.close()
         service_far.close()
 
@@ -192,10 +200,7 @@ def test_both_ways_at_once_held_back_keep_what_the_socket_did_not_take(tmp_path:
             slow_read(visitor_far),
             slow_read(service_far),
         )
-        assert hashlib.sha256(up).digest() == hashlib.sha256(up_blob).digest()
-        assert hashlib.sha256(down).digest() == hashlib.sha256(down_blob).digest()
-        assert await relay_bridge == (len(up_blob), len(down_blob))
-        assert await agent_bridge == (len(down_blob), len(up_blob))
+        await _moved_whole(up, up_blob, down, down_blob, relay_bridge, agent_bridge)
         visitor_far.close()
         service_far.close()
 
