@@ -325,31 +325,38 @@ def _forwarded(lab: Lab, state: Path, mode: str = "quic") -> tuple[list[float], 
     common = ["--relay", RELAY, "--token", TOKEN, "--secret", SECRET, "--json",
               *FORWARD_MODES[mode]]  # fmt: skip
     room = f"fwd-{mode}"
+    (state / mode).mkdir(parents=True, exist_ok=True)
+    logs = {side: state / mode / f"{side}.err" for side in ("listen", "connect")}
     listen = lab.popen(
         "lan2",
         [NATKIT, "p2p", "listen", room, *common, "--allow", str(IPERF_PORT)],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=logs["listen"].open("wb"),
         env=env,
     )
     connect = lab.popen(
         "lan",
         [NATKIT, "p2p", "connect", room, *common, "--forward", f"9100:{IPERF_PORT}"],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=logs["connect"].open("wb"),
         env=env,
     )
     try:
         assert connect.stdout is not None
+        route: dict[str, Any] | None = None  # tcp_path: the route search starts with the session
         while True:  # waiting, peer, ready, then forwarding (docs/cli.md)
             line = connect.stdout.readline()
             if not line:
-                raise BenchError("natkit p2p connect ended early")
+                said = "; ".join(f"{side}: {path.read_text()[-300:].strip()}"
+                                 for side, path in logs.items())  # fmt: skip
+                raise BenchError(f"{mode} forward: natkit p2p connect ended early ({said})")
             event = json.loads(line)
             if event.get("event") == "ready" and mode == "tcp":
                 mapped = [e for e in event.get("tcp") or [] if e.startswith(f"{C.RTR2_WAN_IP}:")]
                 if not mapped:
                     raise BenchError(f"no TCP mapping on rtr2 offered: {event}")
+            if event.get("event") == "tcp_path":
+                route = event
             if event.get("event") == "forwarding":
                 break
         runs = []
@@ -357,8 +364,8 @@ def _forwarded(lab: Lab, state: Path, mode: str = "quic") -> tuple[list[float], 
         for _ in range(FORWARD_RUNS):
             runs.append(_download(lab, "127.0.0.1", 9100))
         cpu = _cpu_seconds(listen.pid) + _cpu_seconds(connect.pid) - cpu_before
-        if mode in ROUTE_OF_MODE:  # the first forward reported how its TCP path went
-            via = _next_event(connect, "tcp_path").get("via")
+        if mode in ROUTE_OF_MODE:  # how the TCP path's route search went
+            via = (route or _next_event(connect, "tcp_path")).get("via")
             if via != ROUTE_OF_MODE[mode]:
                 raise BenchError(f"{mode} forward: the TCP path went {via!r}")
         return runs, cpu / (FORWARD_RUNS * DOWNLOAD_BYTES / 1e9)
