@@ -340,6 +340,7 @@ def _forwarded(lab: Lab, state: Path, mode: str = "quic") -> tuple[list[float], 
         stdout=subprocess.PIPE,
         stderr=logs["connect"].open("wb"),
         env=env,
+        bufsize=0,  # unbuffered: an event read ahead into a buffer is one select() never sees
     )
     try:
         assert connect.stdout is not None
