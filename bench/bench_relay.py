@@ -60,8 +60,8 @@ from benchlib import (
     Ratio,
     Report,
     machine_info,
+    natkit_of_tree,
     now,
-    venv_script,
 )
 
 NAME = "relay"
@@ -869,7 +869,7 @@ class Env:
         relay = self.start(
             f"relay-{mode}",
             [
-                venv_script("natkit"),
+                *natkit_of_tree(),
                 "relay",
                 "serve",
                 "--listen",
@@ -885,7 +885,7 @@ class Env:
         ready = json.loads(relay.wait_for(r"\{.*\"ready\".*\}").group(0))
         listen = str(ready["listen"])
         argv = [
-            venv_script("natkit"),
+            *natkit_of_tree(),
             "expose",
             str(target or self.svc_port),
             "--via",

@@ -492,6 +492,19 @@ def venv_script(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+# The natkit command of whatever tree PYTHONPATH names: the console script imports
+# natkit.cli.main:entry, which older checkouts (the "before" rows) do not have (their main()).
+_ANY_NATKIT = (
+    "import sys; from natkit.cli import main as m; sys.argv[0] = 'natkit'; "
+    "(getattr(m, 'entry', None) or m.main)()"
+)
+
+
+def natkit_of_tree() -> list[str]:
+    """argv that runs ``natkit`` from the tree on PYTHONPATH, old or new."""
+    return [sys.executable, "-c", _ANY_NATKIT]
+
+
 # ---- proving a mapping works --------------------------------------------------------------
 
 
