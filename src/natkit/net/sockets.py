@@ -39,9 +39,9 @@ def unpaced_on_loopback(sock: socket.socket, host: str) -> None:
 
     BBR paces every burst with a timer, which on loopback has no queue to protect and costs
     the sender CPU. Measured on the Debian VMs this project runs on (BBR their default,
-    inherited by every network namespace): iperf3 over loopback 2,579 MB/s with bbr against
-    6,800 MB/s with cubic, the sender's CPU per GB ~3.7x; in ``natkit p2p connect --forward``
-    the connector's CPU per GB 0.78 -> 0.60 s once its leg to the app was unpaced
+    inherited by every network namespace): iperf3 over loopback ~3,000 MB/s with bbr against
+    ~6,500 with cubic or reno, the sender's CPU per GB ~2.7x; in ``natkit p2p connect
+    --forward`` the connector's CPU per GB 0.85 -> 0.58 s once its leg to the app was unpaced
     (docs/loopback-pacing.md). reno is always allowed to unprivileged processes
     (net.ipv4.tcp_allowed_congestion_control); on a lossless loopback it never leaves slow
     start, so it is as fast as cubic there. Other addresses keep the system's choice.
