@@ -30,14 +30,16 @@ def _with(cc: str) -> socket.socket:
     return sock
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "127.3.2.1", "::1"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.3.2.1", "::1", "::ffff:127.0.0.1"])
 def test_bbr_to_a_loopback_peer_becomes_reno(host: str) -> None:
     with _with("bbr") as sock:
         unpaced_on_loopback(sock, host)
         assert _cc(sock) == "reno"
 
 
-@pytest.mark.parametrize("host", ["192.0.2.7", "2001:db8::7", "10.0.0.1", "not an address"])
+@pytest.mark.parametrize(
+    "host", ["192.0.2.7", "2001:db8::7", "10.0.0.1", "::ffff:192.0.2.7", "not an address"]
+)
 def test_other_peers_keep_the_systems_choice(host: str) -> None:
     with _with("bbr") as sock:
         unpaced_on_loopback(sock, host)

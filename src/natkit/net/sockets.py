@@ -49,7 +49,9 @@ def unpaced_on_loopback(sock: socket.socket, host: str) -> None:
     if _TCP_CONGESTION is None:
         return
     try:
-        if not ipaddress.ip_address(host.split("%", 1)[0]).is_loopback:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+        mapped = getattr(address, "ipv4_mapped", None)  # a dual-stack socket's IPv4 peer
+        if not (mapped or address).is_loopback:
             return
         current = sock.getsockopt(socket.IPPROTO_TCP, _TCP_CONGESTION, 16)
         if current.split(b"\0", 1)[0].startswith(b"bbr"):
