@@ -330,18 +330,19 @@ def _forwarded(lab: Lab, state: Path, mode: str = "quic") -> tuple[list[float], 
     room = f"fwd-{mode}"
     (state / mode).mkdir(parents=True, exist_ok=True)
     logs = {side: state / mode / f"{side}.err" for side in ("listen", "connect")}
+    errs = {side: path.open("wb") for side, path in logs.items()}  # the children's stderr
     listen = lab.popen(
         "lan2",
         [NATKIT, "p2p", "listen", room, *common, "--allow", str(IPERF_PORT)],
         stdout=subprocess.PIPE,
-        stderr=logs["listen"].open("wb"),
+        stderr=errs["listen"],
         env=env,
     )
     connect = lab.popen(
         "lan",
         [NATKIT, "p2p", "connect", room, *common, "--forward", f"9100:{IPERF_PORT}"],
         stdout=subprocess.PIPE,
-        stderr=logs["connect"].open("wb"),
+        stderr=errs["connect"],
         env=env,
         bufsize=0,  # unbuffered: an event read ahead into a buffer is one select() never sees
     )
@@ -351,7 +352,7 @@ def _forwarded(lab: Lab, state: Path, mode: str = "quic") -> tuple[list[float], 
         while True:  # waiting, peer, ready, then forwarding (docs/cli.md)
             line = connect.stdout.readline()
             if not line:
-                said = "; ".join(f"{side}: {path.read_text()[-300:].strip()}"
+                said = "; ".join(f"{side}: {path.read_text(errors='replace')[-300:].strip()}"
                                  for side, path in logs.items())  # fmt: skip
                 raise BenchError(f"{mode} forward: natkit p2p connect ended early ({said})")
             event = json.loads(line)
@@ -383,6 +384,8 @@ def _forwarded(lab: Lab, state: Path, mode: str = "quic") -> tuple[list[float], 
         for proc in (connect, listen):
             proc.terminate()
             proc.wait(10)
+        for err in errs.values():
+            err.close()
 
 
 def _vs_plain(link: dict[str, Any], prefix: str) -> str:

@@ -5,8 +5,10 @@ congestion control, both set up locally."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +57,36 @@ def test_an_unpaced_algorithm_is_left_alone() -> None:
 def test_a_udp_socket_is_no_error() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         unpaced_on_loopback(sock, "127.0.0.1")  # TCP_CONGESTION is TCP's: nothing to do
+
+
+def test_a_loopback_listener_hands_reno_to_what_it_accepts() -> None:
+    """Set on the listening socket, the choice is the accepted connection's from its start
+    (a switch after BBR started would leave the socket paced)."""
+    with _with("bbr") as listener:
+        unpaced_on_loopback(listener, "127.0.0.1")
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with socket.create_connection(listener.getsockname()):
+            accepted, _ = listener.accept()
+            with accepted:
+                assert _cc(accepted) == "reno"
+
+
+def test_the_listeners_target_by_name_is_resolved_and_unpaced() -> None:
+    """``p2p listen --to localhost:PORT``: the name is resolved first, so the leg to a
+    loopback service is unpaced too (where the system's default is BBR)."""
+    from natkit.p2p.forward import connect_target
+
+    default = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+
+    async def main() -> None:
+        with socket.socket() as service:
+            service.bind(("127.0.0.1", 0))
+            service.listen()
+            sock = await connect_target("localhost", service.getsockname()[1])
+            assert sock is not None
+            with sock:
+                assert sock.getpeername()[0] == "127.0.0.1"
+                assert _cc(sock) == ("reno" if default.startswith("bbr") else default)
+
+    asyncio.run(main())

@@ -278,6 +278,9 @@ def _listen(bind: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET)
     try:
         exclusive_listen(sock)
+        # Accepted connections take the listener's congestion control from their start (a
+        # switch after BBR has started leaves the socket paced: BBR marks it so, for good).
+        unpaced_on_loopback(sock, bind)
         sock.bind((bind, port))
         sock.listen(128)
         sock.setblocking(False)
@@ -353,7 +356,7 @@ def connect(
         async def serve(sock: socket.socket, remote: int) -> None:
             while True:
                 client, peer = await loop.sock_accept(sock)
-                unpaced_on_loopback(client, peer[0])
+                unpaced_on_loopback(client, peer[0])  # (a wildcard bind: its loopback peers)
                 task = asyncio.ensure_future(one(client, remote))
                 running.add(task)
                 task.add_done_callback(running.discard)

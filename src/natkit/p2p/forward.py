@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import struct
@@ -91,14 +92,33 @@ async def open_forward(conn: Any, port: int) -> Any:
     return stream
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
 async def connect_target(host: str, port: int) -> socket.socket | None:
     """A connection to the listener's target for one forward, or None when none answers."""
     loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    address: Any = (host, port)
+    if not _is_ip(host):  # a name (--to localhost:PORT): its address decides the pacing
+        try:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM),
+                CONNECT_TIMEOUT,
+            )
+        except (OSError, asyncio.TimeoutError):
+            return None
+        address = infos[0][4]
+    sock = socket.socket(family)
     sock.setblocking(False)
-    unpaced_on_loopback(sock, host)
+    unpaced_on_loopback(sock, address[0])  # before connecting: BBR, once started, stays paced
     try:
-        await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT)
+        await asyncio.wait_for(loop.sock_connect(sock, address), CONNECT_TIMEOUT)
     except (OSError, asyncio.TimeoutError):
         sock.close()
         return None
