@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import socket
 import struct
@@ -21,6 +20,7 @@ from typing import Any
 from natkit.errors import NatkitError
 from natkit.net.sockets import reset_on_close, unpaced_on_loopback
 from natkit.p2p.errors import P2PError
+from natkit.stun.address import resolve
 
 log = logging.getLogger("natkit.p2p")
 
@@ -92,28 +92,14 @@ async def open_forward(conn: Any, port: int) -> Any:
     return stream
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    return True
-
-
 async def connect_target(host: str, port: int) -> socket.socket | None:
     """A connection to the listener's target for one forward, or None when none answers."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    address: Any = (host, port)
-    if not _is_ip(host):  # a name (--to localhost:PORT): its address decides the pacing
-        try:
-            infos = await asyncio.wait_for(
-                loop.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM),
-                CONNECT_TIMEOUT,
-            )
-        except (OSError, asyncio.TimeoutError):
-            return None
-        address = infos[0][4]
+    try:  # a name (--to localhost:PORT) resolved first: its address decides the pacing
+        address = await resolve((host, port), family=family, timeout=CONNECT_TIMEOUT)
+    except NatkitError:
+        return None
     sock = socket.socket(family)
     sock.setblocking(False)
     unpaced_on_loopback(sock, address[0])  # before connecting: BBR, once started, stays paced

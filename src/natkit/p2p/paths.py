@@ -171,9 +171,9 @@ class UdpPath(BasePath, asyncio.DatagramProtocol):
             self._drainer.drain(self.datagram_received)
 
     def datagrams_received(self, datagrams: list[bytes], addr: Any) -> None:
-        """The datagrams of one read (SocketDrainer.take_over)."""
+        """The datagrams of one read (SocketDrainer.take_over: the drainer reads already)."""
         for data in datagrams:
-            self.datagram_received(data, addr)
+            self._deliver(data)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors (port unreachable) can be transient while NATs settle: the switch's

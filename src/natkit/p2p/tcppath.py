@@ -298,7 +298,7 @@ class TcpDialer:
 
     async def _connect(self, endpoint: tuple[str, int]) -> socket.socket:
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET)
+        sock = socket.socket(family_of(endpoint[0]))
         sock.setblocking(False)
         try:
             await asyncio.wait_for(loop.sock_connect(sock, endpoint), CONNECT_TIMEOUT)

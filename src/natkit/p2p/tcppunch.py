@@ -17,9 +17,10 @@ connect to *it*:
   socket in SYN-SENT: both kernels see a simultaneous open and make one connection.
 * **reverse** — the connector's own router maps it a TCP port; the listener connects there.
 
-Either way the listener writes the dial id first (16 random bytes the connector chose,
-carried only inside the session: the connector's acceptor tells its dials apart by it);
-then the connection carries the sealed opening exactly as a direct one does
+Either way the listener first writes a MAC of the dial id (16 random bytes the connector
+chose, carried only inside the session) under the session key: the connector tells its
+dials apart by it (:func:`dial_answer`); then the connection carries the sealed opening
+exactly as a direct one does
 (:mod:`natkit.p2p.tcppath`: nothing is served before that opens under the session key).
 A NAT that gives a port another public address per destination (RFC 4787 "address and
 port-dependent mapping", the lab's ``random``) defeats the punch: the STUN server saw
@@ -343,18 +344,15 @@ class DialBack:
 
     async def _ask(self, host: str, port: int, dial_id: bytes) -> None:
         async with self._asking:
-            await self._ask_now(host, port, dial_id)
-
-    async def _ask_now(self, host: str, port: int, dial_id: bytes) -> None:
-        stream = await self.open_stream()
-        try:
-            stream.write(encode_dial(host, port, dial_id))
-            await stream.drain()
-            answer = await asyncio.wait_for(stream.readexactly(1), DIAL_TIMEOUT + 1)
-        except (NatkitError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
-            raise DialError(f"the peer did not answer a dial: {exc or 'in time'}") from None
-        finally:
-            stream.close()
+            stream = await self.open_stream()
+            try:
+                stream.write(encode_dial(host, port, dial_id))
+                await stream.drain()
+                answer = await asyncio.wait_for(stream.readexactly(1), DIAL_TIMEOUT + 1)
+            except (NatkitError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+                raise DialError(f"the peer did not answer a dial: {exc or 'in time'}") from None
+            finally:
+                stream.close()
         if answer[0] != OK:
             raise DialError(f"the peer could not connect to {host}:{port}")
 

@@ -208,7 +208,7 @@ def dial_targets(announced: list[str], local: list[str], public: Iterable[str]) 
     none of our own public addresses ``public`` (a hairpin to ourselves)."""
     ours = {_canonical(h) for h in [*local, *public]}
     kept: list[str] = []
-    for host in dict.fromkeys(announced):
+    for host in announced:
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:

@@ -301,9 +301,7 @@ async def _binding_tcp(
             reader, writer = await asyncio.open_connection(
                 addr[0], addr[1], local_addr=local, limit=MAX_MESSAGE
             )
-    except OSError as exc:
-        if sock is not None:
-            sock.close()
+    except OSError as exc:  # (a socket of the caller's: binding_tcp_from closes it)
         raise StunTransportError(f"cannot connect to STUN server {where} over TCP: {exc}") from None
     try:
         request = binding_request()
